@@ -1,0 +1,30 @@
+"""fedjax_pers: vectorised federated learning with dynamic aggregation weights and
+personalization, in JAX."""
+
+from fedjax_pers import aggregation, algorithms, core, data, models
+from fedjax_pers.core import (
+    ClientOutput,
+    FederatedAlgorithm,
+    FederatedData,
+    LocalWork,
+    Model,
+    RoundMetrics,
+    ServerState,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClientOutput",
+    "FederatedAlgorithm",
+    "FederatedData",
+    "LocalWork",
+    "Model",
+    "RoundMetrics",
+    "ServerState",
+    "aggregation",
+    "algorithms",
+    "core",
+    "data",
+    "models",
+]

@@ -1,0 +1,96 @@
+"""FedAvg and FedProx, with any optax server optimizer (FedAvgM, FedAdam, ...)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_pers.aggregation._weights import WeightFn, num_examples
+from fedjax_pers.core._batching import LocalWork, check_local_work
+from fedjax_pers.core._client import make_client_update
+from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._model import Model
+from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
+from fedjax_pers.core._sampling import check_cohort
+
+
+def fedavg(
+    model: Model,
+    client_tx: optax.GradientTransformation,
+    server_tx: optax.GradientTransformation,
+    work: LocalWork,
+    *,
+    clients_per_round: int,
+    weighting: WeightFn | None = None,
+    strategy: str = "auto",
+    client_chunk: int | None = None,
+    sampling_probs: np.ndarray | None = None,
+    prox_mu: float | None = None,
+) -> FederatedAlgorithm:
+  """Federated Averaging (McMahan et al., AISTATS 2017) and its server-optimizer kin.
+
+  Each sampled client runs `work` with `client_tx` from the global model w_t and
+  returns Δ_i = w_i − w_t; the server applies `server_tx` to −Σ_i p_i Δ_i with
+  p = `weighting` (default n_i / Σ n_j). `server_tx = optax.sgd(1.0)` is FedAvg;
+  `optax.sgd(lr, momentum=β)` FedAvgM; `optax.adam/yogi/adagrad` FedAdam / FedYogi
+  / FedAdagrad (Reddi et al., ICLR 2021).
+
+  Args:
+    model: The model.
+    client_tx: Client optimizer.
+    server_tx: Server optimizer on the pseudo-gradient.
+    work: Local epochs or steps, and the batch size.
+    clients_per_round: Cohort size.
+    weighting: Aggregation `WeightFn` (default `num_examples()`).
+    strategy: `auto`, `vmap`, `chunked` or `scan` (see `run_cohort`).
+    client_chunk: Clients per chunk for `chunked`.
+    sampling_probs: Optional `[N]` client sampling weights (default uniform).
+    prox_mu: FedProx's μ (None: no proximal term).
+
+  Returns:
+    The `FederatedAlgorithm`.
+  """
+  check_local_work(work)
+  if not isinstance(clients_per_round, int) or clients_per_round < 1:
+    raise ValueError(
+        f"clients_per_round must be a positive int; got {clients_per_round!r}.")
+  if prox_mu is not None and not (np.isfinite(prox_mu) and prox_mu >= 0):
+    raise ValueError(f"prox_mu (FedProx's mu) must be finite and >= 0; got {prox_mu!r}.")
+  weighting = num_examples() if weighting is None else weighting
+
+  def make_client(data: FederatedData):
+    return make_client_update(
+        model, client_tx, work, num_classes=data.num_classes,
+        max_examples=data.max_examples, min_examples=data.min_examples, prox_mu=prox_mu)
+
+  round_fn = make_round(
+      make_client, weighting, server_tx, clients_per_round=clients_per_round,
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs)
+
+  def init(key: jax.Array, data: FederatedData) -> ServerState:
+    check_cohort(clients_per_round, data.num_clients)
+    k_model, k_rounds = jax.random.split(key)
+    params = model.init(k_model)
+    return ServerState(
+        params=params, opt_state=server_tx.init(params),
+        weight_state=weighting.init(data.num_clients), client_states=(),
+        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+
+  return FederatedAlgorithm(init=init, round=round_fn)
+
+
+def fedprox(
+    model: Model,
+    client_tx: optax.GradientTransformation,
+    server_tx: optax.GradientTransformation,
+    work: LocalWork,
+    *,
+    mu: float,
+    **kwargs,
+) -> FederatedAlgorithm:
+  """FedProx (Li et al., MLSys 2020): FedAvg whose clients minimise
+  F_i(w) + (μ/2) ||w − w_t||². Keyword arguments as `fedavg`.
+  """
+  return fedavg(model, client_tx, server_tx, work, prox_mu=mu, **kwargs)

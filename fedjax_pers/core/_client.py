@@ -1,0 +1,179 @@
+"""Local training of one client: optax steps under `lax.scan`, FedProx's proximal term."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_pers.core._batching import BatchPlan, LocalWork, batch_plan
+from fedjax_pers.core._model import Model
+
+Params = Any
+
+
+class ClientData(NamedTuple):
+  """One client's padded rows of a `FederatedData`.
+
+  Attributes:
+    x: `[max_examples, *feature_shape]`.
+    y: `[max_examples]` int32.
+    num_examples: Scalar int32, the number of real examples.
+  """
+
+  x: jax.Array
+  y: jax.Array
+  num_examples: jax.Array
+
+
+class ClientOutput(NamedTuple):
+  """What a client sends back after local training.
+
+  Attributes:
+    delta: Local model minus the model it started from, `w_i - w_t`.
+    num_examples: `n_i`, int32.
+    train_loss: Mean per-example loss over the examples of local training, each
+      measured before the step that used it.
+    num_steps: Local steps that saw at least one real example, int32.
+    label_hist: `[num_classes]` counts of the client's labels.
+    finite: True when every entry of `delta` is finite.
+  """
+
+  delta: Params
+  num_examples: jax.Array
+  train_loss: jax.Array
+  num_steps: jax.Array
+  label_hist: jax.Array
+  finite: jax.Array
+
+
+ClientUpdate = Callable[[Params, ClientData, jax.Array], ClientOutput]
+
+
+def tree_sq_norm(tree: Params) -> jax.Array:
+  """`Σ ||leaf||²` over all leaves."""
+  return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def masked_mean_loss(
+    model: Model, params: Params, x: jax.Array, y: jax.Array, mask: jax.Array,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Mean loss over the real (masked-in) examples of a batch, and their loss sum.
+
+  Padded examples contribute neither to the value nor to its gradient.
+  """
+  losses = model.loss(model.apply(params, x, key=key, train=True), y)
+  losses = jnp.where(mask, losses, 0.0)
+  total = jnp.sum(losses)
+  return total / jnp.maximum(jnp.sum(mask), 1), total
+
+
+def local_train(
+    model: Model,
+    tx: optax.GradientTransformation,
+    params: Params,
+    client: ClientData,
+    plan: BatchPlan,
+    key: jax.Array,
+    *,
+    prox_mu: float | jax.Array | None = None,
+) -> tuple[Params, jax.Array, jax.Array, jax.Array]:
+  """Runs the local steps of `plan` with optimizer `tx` from `params`.
+
+  Each step minimises, on its batch `b` of real examples,
+
+    f_b(w) = (1/|b|) Σ_{j∈b} ℓ(w; x_j, y_j) + (μ/2) ||w − w_t||²,
+
+  where `w_t = params` and the proximal term (FedProx, Li et al., MLSys 2020) is
+  present when `prox_mu` is not None. A step whose batch is all padding leaves
+  the parameters and the optimizer state unchanged.
+
+  Args:
+    model: The model.
+    tx: Client optimizer (any optax transformation).
+    params: Starting point `w_t`.
+    client: The client's padded data.
+    plan: Batches of every step.
+    key: PRNG key (dropout).
+    prox_mu: FedProx's μ, or None for no proximal term.
+
+  Returns:
+    `(w_local, loss_sum, example_count, steps_taken)`.
+  """
+  anchor = params
+  step_keys = jax.random.split(key, plan.idx.shape[0])
+
+  def objective(w, xb, yb, mb, k):
+    mean, total = masked_mean_loss(model, w, xb, yb, mb, k)
+    if prox_mu is not None:
+      diff = jax.tree.map(jnp.subtract, w, anchor)
+      mean = mean + 0.5 * prox_mu * tree_sq_norm(diff)
+    return mean, total
+
+  def step(carry, inputs):
+    w, opt_state, loss_sum, count, steps = carry
+    idx, mb, k = inputs
+    (_, total), grads = jax.value_and_grad(objective, has_aux=True)(
+        w, client.x[idx], client.y[idx], mb, k)
+    updates, new_opt_state = tx.update(grads, opt_state, w)
+    new_w = optax.apply_updates(w, updates)
+    active = jnp.any(mb)
+    keep = lambda new, old: jnp.where(active, new, old)
+    w = jax.tree.map(keep, new_w, w)
+    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    carry = (w, opt_state, loss_sum + total, count + jnp.sum(mb), steps + active)
+    return carry, None
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (params, tx.init(params), zero, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+  (w, _, loss_sum, count, steps), _ = jax.lax.scan(
+      step, init, (plan.idx, plan.mask, step_keys))
+  return w, loss_sum, count, steps
+
+
+def make_client_update(
+    model: Model,
+    tx: optax.GradientTransformation,
+    work: LocalWork,
+    *,
+    num_classes: int,
+    max_examples: int,
+    min_examples: int = 1,
+    prox_mu: float | None = None,
+) -> ClientUpdate:
+  """The FedAvg / FedProx client update, written for one client.
+
+  Args:
+    model: The model.
+    tx: Client optimizer.
+    work: Local epochs or steps and the batch size.
+    num_classes: Size of the label histogram.
+    max_examples: Padded length of the client rows (static).
+    min_examples: Smallest client (static; see `batch_plan`).
+    prox_mu: FedProx's μ (None: plain FedAvg).
+
+  Returns:
+    `client_update(params, client, key) -> ClientOutput`.
+  """
+
+  def client_update(params, client, key):
+    k_plan, k_train = jax.random.split(key)
+    plan = batch_plan(k_plan, client.num_examples, work, max_examples=max_examples,
+                      min_examples=min_examples)
+    w, loss_sum, count, steps = local_train(
+        model, tx, params, client, plan, k_train, prox_mu=prox_mu)
+    delta = jax.tree.map(jnp.subtract, w, params)
+    finite = jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(delta)]))
+    valid = jnp.arange(client.y.shape[0]) < client.num_examples
+    hist = jnp.zeros(num_classes, jnp.float32).at[client.y].add(valid.astype(jnp.float32))
+    return ClientOutput(
+        delta=delta, num_examples=client.num_examples,
+        train_loss=loss_sum / jnp.maximum(count, 1), num_steps=steps,
+        label_hist=hist, finite=finite)
+
+  return client_update

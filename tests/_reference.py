@@ -1,0 +1,66 @@
+"""Plain NumPy references the vectorised engine must match."""
+
+import jax
+import numpy as np
+
+import fedjax_pers as fp
+
+
+def softmax(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def logreg_sgd(w, b, x, y, plan_idx, plan_mask, lr, mu=None):
+  """SGD on multinomial logistic regression over a batch plan, in float64 loops."""
+  w0, b0 = w.copy(), b.copy()
+  loss_sum, count, steps = 0.0, 0, 0
+  for idx, mask in zip(plan_idx, plan_mask):
+    sel = idx[mask]
+    if len(sel) == 0:
+      continue
+    xb, yb = x[sel], y[sel]
+    p = softmax(xb @ w + b)
+    loss_sum += -np.log(p[np.arange(len(yb)), yb]).sum()
+    count += len(sel)
+    steps += 1
+    p[np.arange(len(yb)), yb] -= 1.0
+    gw = xb.T @ p / len(sel)
+    gb = p.sum(0) / len(sel)
+    if mu is not None:
+      gw = gw + mu * (w - w0)
+      gb = gb + mu * (b - b0)
+    w, b = w - lr * gw, b - lr * gb
+  return w, b, loss_sum / max(count, 1), steps
+
+
+def fedavg_round(params, data, rng, work, lr, clients_per_round, mu=None,
+                 weighting="num_examples"):
+  """One FedAvg/FedProx round (server SGD(1.0)) with the engine's batches.
+
+  Uses the engine's documented randomness: the round key splits into
+  (next, sample, clients); client i's key is fold_in(clients, i), split into
+  (plan, train).
+  """
+  w = np.asarray(params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(params["Dense_0"]["bias"], np.float64)
+  _, k_sample, k_clients = jax.random.split(rng, 3)
+  idx = np.asarray(fp.core.sample_clients(k_sample, data.num_clients, clients_per_round))
+  deltas, weights, losses = [], [], []
+  for c in idx:
+    k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, int(c)))
+    n = int(data.num_examples[c])
+    plan = fp.core.batch_plan(k_plan, n, work, max_examples=data.max_examples,
+                              min_examples=data.min_examples)
+    x = np.asarray(data.x[c], np.float64)
+    y = np.asarray(data.y[c])
+    wi, bi, loss, _ = logreg_sgd(w, b, x, y, np.asarray(plan.idx),
+                                 np.asarray(plan.mask), lr, mu)
+    deltas.append((wi - w, bi - b))
+    weights.append(n if weighting == "num_examples" else 1.0)
+    losses.append(loss)
+  weights = np.asarray(weights, np.float64) / np.sum(weights)
+  dw = sum(p * d[0] for p, d in zip(weights, deltas))
+  db = sum(p * d[1] for p, d in zip(weights, deltas))
+  return w + dw, b + db, weights, np.asarray(losses)
