@@ -1,0 +1,22 @@
+"""The experiment driver: run loop, evaluation, metrics, checkpoints, plots."""
+
+from fedjax_pers.experiment._outputs import read_jsonl, summary_table
+from fedjax_pers.experiment._registry import (
+    make_algorithm,
+    make_data,
+    make_local_work,
+    make_model,
+    make_optimizer,
+)
+from fedjax_pers.experiment._train import train_and_evaluate
+
+__all__ = [
+    "make_algorithm",
+    "make_data",
+    "make_local_work",
+    "make_model",
+    "make_optimizer",
+    "read_jsonl",
+    "summary_table",
+    "train_and_evaluate",
+]

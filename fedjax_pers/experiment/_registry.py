@@ -1,0 +1,91 @@
+"""The one table from config names to library objects (configs stay at the edge)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+import optax
+
+from fedjax_pers import aggregation, algorithms, data, models
+from fedjax_pers.core import FederatedAlgorithm, FederatedData, LocalWork, Model
+
+
+def _pick(table: Mapping[str, Any], name: str, what: str) -> Any:
+  if name not in table:
+    raise ValueError(f"Unknown {what} {name!r}; expected one of {sorted(table)}.")
+  return table[name]
+
+
+def _sgd(c):
+  return optax.sgd(c.learning_rate, momentum=c.get("momentum") or None)
+
+
+OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict], optax.GradientTransformation]] = {
+    "sgd": _sgd,
+    "momentum": lambda c: optax.sgd(c.learning_rate, momentum=c.get("momentum", 0.9)),
+    "adam": lambda c: optax.adam(c.learning_rate, b1=c.get("b1", 0.9), b2=c.get("b2", 0.99),
+                                 eps=c.get("eps", 1e-3)),
+    "yogi": lambda c: optax.yogi(c.learning_rate, b1=c.get("b1", 0.9), b2=c.get("b2", 0.99),
+                                 eps=c.get("eps", 1e-3)),
+    "adagrad": lambda c: optax.adagrad(c.learning_rate, eps=c.get("eps", 1e-3)),
+}
+
+WEIGHTINGS: dict[str, Callable[[], aggregation.WeightFn]] = {
+    "num_examples": aggregation.num_examples,
+    "uniform": aggregation.uniform,
+}
+
+
+def make_optimizer(c: ml_collections.ConfigDict, where: str) -> optax.GradientTransformation:
+  """An optax optimizer from `c.optimizer`, `c.learning_rate` (and its options).
+
+  Server defaults follow Reddi et al. (ICLR 2021): adaptive optimizers with
+  β1 = 0.9, β2 = 0.99 and ε = 1e-3.
+  """
+  if not c.learning_rate > 0:
+    raise ValueError(f"{where}.learning_rate must be > 0; got {c.learning_rate!r}.")
+  return _pick(OPTIMIZERS, c.optimizer, f"{where}.optimizer")(c)
+
+
+def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedData]:
+  """`(train, test)` from `config.data` (`name` and its options)."""
+  if c.name == "synthetic":
+    return data.synthetic(
+        c.alpha, c.beta, num_clients=c.num_clients, dim=c.dim, num_classes=c.num_classes,
+        sample_scale=c.sample_scale, iid=c.iid, seed=c.seed, test_fraction=c.test_fraction)
+  raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['synthetic'].")
+
+
+def make_model(c: ml_collections.ConfigDict, feature_shape, num_classes: int) -> Model:
+  """A `Model` from `config.model` (`name` and its options)."""
+  table = {
+      "logistic_regression": lambda: models.logistic_regression(feature_shape, num_classes),
+      "mlp": lambda: models.mlp(feature_shape, num_classes, hidden=tuple(c.hidden)),
+      "cnn": lambda: models.cnn(feature_shape, num_classes),
+  }
+  return _pick(table, c.name, "model.name")()
+
+
+def make_local_work(c: ml_collections.ConfigDict) -> LocalWork:
+  """`LocalWork` from `config.client` (`batch_size`, `local_epochs` or `local_steps`)."""
+  return LocalWork(batch_size=c.batch_size, epochs=c.get("local_epochs"),
+                   steps=c.get("local_steps"))
+
+
+def make_algorithm(config: ml_collections.ConfigDict, model: Model) -> FederatedAlgorithm:
+  """The `FederatedAlgorithm` named by `config.algorithm`."""
+  kwargs = dict(
+      clients_per_round=config.clients_per_round,
+      weighting=_pick(WEIGHTINGS, config.aggregation.weighting, "aggregation.weighting")(),
+      strategy=config.strategy, client_chunk=config.get("client_chunk"))
+  client_tx = make_optimizer(config.client, "client")
+  server_tx = make_optimizer(config.server, "server")
+  work = make_local_work(config.client)
+  table = {
+      "fedavg": lambda: algorithms.fedavg(model, client_tx, server_tx, work, **kwargs),
+      "fedprox": lambda: algorithms.fedprox(model, client_tx, server_tx, work,
+                                            mu=config.fedprox.mu, **kwargs),
+  }
+  return _pick(table, config.algorithm, "algorithm")()

@@ -1,0 +1,68 @@
+"""The default experiment, and the keys every experiment config shares.
+
+`python -m fedjax_pers` with no `--config` runs `get_config()` from this file: FedAvg
+on Synthetic(1, 1) (generated, no download). Files in `configs/` start from
+`base_config()` and change what their experiment needs.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The keys shared by every experiment config, with FedAvg defaults."""
+  c = ml_collections.ConfigDict()
+  c.algorithm = "fedavg"          # fedavg | fedprox
+  c.num_rounds = 100
+  c.clients_per_round = 10
+  c.eval_every = 5
+  c.eval_train = True             # also evaluate the global model on the train splits
+  c.seed = 0
+  c.strategy = "auto"             # auto | vmap | chunked | scan
+  c.client_chunk = placeholder(int)
+  c.checkpoint_every = 0          # 0: only at the end
+  c.progress = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"
+  c.data.alpha = 1.0
+  c.data.beta = 1.0
+  c.data.num_clients = 30
+  c.data.dim = 60
+  c.data.num_classes = 10
+  c.data.sample_scale = 1
+  c.data.iid = False
+  c.data.seed = 0
+  c.data.test_fraction = 0.1
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "logistic_regression"   # logistic_regression | mlp | cnn
+  c.model.hidden = (200, 200)
+
+  c.client = ml_collections.ConfigDict()
+  c.client.optimizer = "sgd"
+  c.client.learning_rate = 0.01
+  c.client.momentum = 0.0
+  c.client.batch_size = 10
+  c.client.local_epochs = placeholder(int)
+  c.client.local_steps = placeholder(int)
+
+  c.server = ml_collections.ConfigDict()
+  c.server.optimizer = "sgd"      # sgd (FedAvg) | momentum (FedAvgM) | adam | yogi | adagrad
+  c.server.learning_rate = 1.0
+  c.server.momentum = 0.0
+
+  c.aggregation = ml_collections.ConfigDict()
+  c.aggregation.weighting = "num_examples"   # num_examples | uniform
+
+  c.fedprox = ml_collections.ConfigDict()
+  c.fedprox.mu = 0.0
+  return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """FedAvg on Synthetic(1, 1): 30 clients, 10 per round, 20 epochs of batch 10, 60 rounds."""
+  c = base_config()
+  c.num_rounds = 60
+  c.client.local_epochs = 20
+  return c

@@ -1,0 +1,83 @@
+"""The CLI end to end on a shrunken default config, resume, and config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedjax_pers.experiment import train_and_evaluate
+from fedjax_pers.experiment.default_config import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  c = get_config()
+  c.num_rounds = 4
+  c.eval_every = 2
+  c.data.num_clients = 8
+  c.clients_per_round = 3
+  c.client.local_epochs = 1
+  c.progress = False
+  return c
+
+
+def test_cli_runs_and_writes_outputs(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "fedjax_pers", f"--workdir={workdir}",
+         "--config.num_rounds=3", "--config.eval_every=1", "--config.data.num_clients=6",
+         "--config.clients_per_round=2", "--config.client.local_epochs=1",
+         "--config.progress=False"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "final test accuracy" in out.stdout
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
+  summary = json.loads((workdir / "summary.json").read_text())
+  for key in ("final_test_accuracy", "mean_client_test_accuracy",
+              "worst10_client_test_accuracy", "per_client_test_accuracy", "final_test_loss",
+              "rounds", "wall_seconds", "config"):
+    assert key in summary
+  assert summary["rounds"] == 3 and len(summary["per_client_test_accuracy"]) == 6
+  assert summary["config"]["data"]["num_clients"] == 6
+  assert (workdir / "curves.png").stat().st_size > 1000
+
+
+def test_config_file_and_bad_override(tmp_path):
+  cmd = [sys.executable, "-m", "fedjax_pers", "--config=configs/synthetic_fedprox.py",
+         f"--workdir={tmp_path}", "--config.num_rounds=1", "--config.data.num_clients=4",
+         "--config.clients_per_round=5", "--config.progress=False"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "clients_per_round must be an int in [1, num_clients] = [1, 4]; got 5" in out.stderr
+
+
+def test_resume_from_checkpoint(tmp_path):
+  c = tiny_config()
+  s1 = train_and_evaluate(c, str(tmp_path))
+  c.num_rounds = 6
+  s2 = train_and_evaluate(c, str(tmp_path))
+  rounds = [json.loads(x)["round"] for x in open(tmp_path / "metrics.jsonl")]
+  assert rounds == [0, 2, 4, 6]
+  assert s2["rounds"] == 6 and s1["rounds"] == 4
+  # A straight 6-round run ends in the same place.
+  s3 = train_and_evaluate(c, str(tmp_path / "straight"))
+  assert s3["final_test_accuracy"] == pytest.approx(s2["final_test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("client.optimizer", "sgdd", "Unknown client.optimizer 'sgdd'"),
+    ("server.optimizer", "lamb", "Unknown server.optimizer"),
+    ("strategy", "pmap", "strategy must be one of"),
+    ("aggregation.weighting", "magic", "Unknown aggregation.weighting"),
+    ("algorithm", "fedsgd", "Unknown algorithm"),
+    ("model.name", "resnet", "Unknown model.name"),
+])
+def test_unknown_names_raise(tmp_path, key, value, match):
+  c = tiny_config()
+  section, _, leaf = key.rpartition(".")
+  (c[section] if section else c)[leaf] = value
+  with pytest.raises(ValueError, match=match):
+    train_and_evaluate(c, str(tmp_path))

@@ -1,0 +1,24 @@
+"""The public surface imports and holds only what is meant."""
+
+import doctest
+
+import fedjax_pers as fp
+from fedjax_pers import aggregation, algorithms, core, data, models
+
+
+def test_surfaces():
+  assert set(algorithms.__all__) == {"fedavg", "fedprox"}
+  assert set(models.__all__) == {"cnn", "logistic_regression", "mlp"}
+  assert {"num_examples", "uniform", "WeightFn"} <= set(aggregation.__all__)
+  for mod in (fp, aggregation, algorithms, core, data, models):
+    for name in mod.__all__:
+      assert hasattr(mod, name), (mod.__name__, name)
+      assert not name.startswith("_")
+
+
+def test_docstring_examples_run():
+  from fedjax_pers.aggregation import _weights
+  from fedjax_pers.core import _model
+  for mod in (_weights, _model):
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, mod.__name__
