@@ -7,7 +7,10 @@ strategy (`vmap`, `chunked` with 10 and 25 clients per chunk, `scan`, `auto`)
 and its round is compiled whole with `jax.jit(alg.round)`. The first call
 (compile + one round) is timed on its own and excluded; then `--rounds` rounds
 are timed one by one (`time.perf_counter` around the call and
-`jax.block_until_ready` on the new state) and the median is reported.
+`jax.block_until_ready` on the new state) and the median is reported. Timed
+rounds are interleaved round-robin across the rows of a workload (round 1 of
+every row, then round 2, ...), so a slow phase of a shared machine is spread
+over all rows rather than charged to one.
 
 The `baseline` row runs the same FedAvg round the way FedJAX's default backend
 does: a Python loop over clients and, inside it, over local steps, each step one
@@ -26,8 +29,8 @@ All 100 clients train every round.
 
 Reading the output
 ------------------
-* `round_s` is the median seconds per round; `first_s` is the first call
-  (compile + one round).
+* `round s (median)` is the median seconds per round, `round s (min)` the
+  fastest; `first call s` is the first call (compile + one round).
 * `speedup` is baseline seconds / strategy seconds (> 1: faster than the loop).
 * `flop_frac` (w2 only) is the fraction of the float32 matmul floor reached:
   (FLOPs per round / measured matmul FLOP rate) / round seconds. FLOPs per round
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -117,6 +121,7 @@ class Row(NamedTuple):
   workload: str
   strategy: str
   round_s_median: float
+  round_s_min: float
   first_call_s: float
   rounds_timed: int
   round_s_all: list[float]
@@ -167,28 +172,51 @@ def matmul_flop_rate(n: int = MATMUL_N, runs: int = 7) -> float:
 # ----------------------------------------------------------------------------- timing
 
 
-def time_rounds(run_round: Callable[[Any], Any], state: Any, rounds: int
-                ) -> tuple[float, list[float]]:
-  """Times the first call (compile + round), then `rounds` rounds one by one."""
-  t0 = time.perf_counter()
-  state = jax.block_until_ready(run_round(state))
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(rounds):
+class Runner:
+  """One strategy's round function and its evolving state, timed call by call."""
+
+  def __init__(self, name: str, run_round: Callable[[Any], Any], state: Any):
+    self.name, self.run_round, self.state = name, run_round, state
+    self.first_call_s = math.nan
+    self.times: list[float] = []
+
+  def call(self) -> float:
+    """Runs one round to completion; returns its wall-clock seconds."""
     t0 = time.perf_counter()
-    state = jax.block_until_ready(run_round(state))
-    times.append(time.perf_counter() - t0)
-  return first, times
+    self.state = jax.block_until_ready(self.run_round(self.state))
+    return time.perf_counter() - t0
+
+  def warm_up(self) -> None:
+    """The first call: compile + one round, timed but not counted."""
+    self.first_call_s = self.call()
+
+  def time_round(self) -> None:
+    self.times.append(self.call())
 
 
-def time_strategy(w: Workload, model: Model, data: FederatedData, strategy: str,
-                  client_chunk: int | None, rounds: int) -> tuple[float, list[float]]:
-  """First-call and per-round seconds of `jax.jit(fedavg(...).round)`."""
+def strategy_runner(w: Workload, model: Model, data: FederatedData, name: str, strategy: str,
+                    client_chunk: int | None) -> Runner:
+  """A `Runner` of `jax.jit(fedavg(...).round)`."""
   alg = fedavg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr), w.work,
                clients_per_round=w.num_clients, strategy=strategy, client_chunk=client_chunk)
-  state = alg.init(jax.random.key(0), data)
   round_fn = jax.jit(alg.round)
-  return time_rounds(lambda s: round_fn(s, data)[0], state, rounds)
+  return Runner(name, lambda s: round_fn(s, data)[0], alg.init(jax.random.key(0), data))
+
+
+def time_interleaved(runners: Sequence[Runner], rounds: Sequence[int]) -> None:
+  """Warms every runner up, then times rounds round-robin across runners.
+
+  Interleaving spreads slow drifts of the machine (other processes, clock
+  changes) over all strategies instead of charging them to whichever ran then.
+  `rounds[i]` is the number of timed rounds of `runners[i]`.
+  """
+  for r in runners:
+    log(f"  compile + first round: {r.name}")
+    r.warm_up()
+  for i in range(max(rounds)):
+    for r, n in zip(runners, rounds, strict=True):
+      if i < n:
+        r.time_round()
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -247,9 +275,9 @@ def make_baseline(w: Workload, model: Model, xs: Sequence[np.ndarray],
   return run_round, init
 
 
-def time_baseline(w: Workload, model: Model, xs, ys, rounds: int) -> tuple[float, list[float]]:
-  run_round, state = make_baseline(w, model, xs, ys)
-  return time_rounds(run_round, state, rounds)
+def baseline_runner(w: Workload, model: Model, xs: Sequence[np.ndarray],
+                    ys: Sequence[np.ndarray]) -> Runner:
+  return Runner("baseline", *make_baseline(w, model, xs, ys))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -265,14 +293,12 @@ def run_workload(w: Workload, rounds: int, baseline_rounds: int) -> tuple[list[R
   xs, ys = make_client_arrays(w)
   data = FederatedData.from_clients(xs, ys, num_classes=w.num_classes)
   auto_choice = resolve_strategy("auto", model.init(jax.random.key(0)))
-  rows = []
-  log(f"[{w.name}] baseline ...")
-  first, times = time_baseline(w, model, xs, ys, baseline_rounds)
-  rows.append(Row(w.name, "baseline", statistics.median(times), first, len(times), times))
-  for name, strategy, chunk in STRATEGY_ROWS:
-    log(f"[{w.name}] {name} ...")
-    first, times = time_strategy(w, model, data, strategy, chunk, rounds)
-    rows.append(Row(w.name, name, statistics.median(times), first, len(times), times))
+  log(f"[{w.name}]")
+  runners = [baseline_runner(w, model, xs, ys)] + [
+      strategy_runner(w, model, data, *row) for row in STRATEGY_ROWS]
+  time_interleaved(runners, [baseline_rounds] + [rounds] * len(STRATEGY_ROWS))
+  rows = [Row(w.name, r.name, statistics.median(r.times), min(r.times), r.first_call_s,
+              len(r.times), r.times) for r in runners]
   return rows, auto_choice
 
 
@@ -292,13 +318,15 @@ def print_table(w: Workload, rows: list[Row], auto_choice: str, flops: float, ra
       f"; FLOPs/round = {flops / 1e9:.2f} GFLOP; floor = {flops / rate * 1e3:.1f} ms"
       if w.flop_floor else ""))
   print()
-  head = "| strategy | round_s (median) | rounds | first call s | speedup vs baseline |"
+  head = ("| strategy | round s (median) | round s (min) | rounds | first call s |"
+          " speedup vs baseline |")
   head += " FLOP fraction |" if w.flop_floor else ""
   print(head)
   print("|" + "---|" * (head.count("|") - 1))
   for row in rows:
     ex = row_extras(row, base_s, w, flops, rate)
-    line = (f"| {row.strategy} | {row.round_s_median:.4f} | {row.rounds_timed} | "
+    line = (f"| {row.strategy} | {row.round_s_median:.4f} | {row.round_s_min:.4f} | "
+            f"{row.rounds_timed} | "
             f"{row.first_call_s:.2f} | {ex['speedup_vs_baseline']:.2f}x |")
     if w.flop_floor:
       line += f" {ex['flop_fraction']:.3f} |"
@@ -310,7 +338,8 @@ def print_json(w: Workload, rows: list[Row], auto_choice: str, flops: float, rat
   base_s = rows[0].round_s_median
   for row in rows:
     obj = {"workload": row.workload, "strategy": row.strategy,
-           "round_s_median": row.round_s_median, "first_call_s": row.first_call_s,
+           "round_s_median": row.round_s_median, "round_s_min": row.round_s_min,
+           "first_call_s": row.first_call_s,
            "rounds_timed": row.rounds_timed, "round_s_all": row.round_s_all,
            **row_extras(row, base_s, w, flops, rate),
            "auto_resolved": auto_choice,
