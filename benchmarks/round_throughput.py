@@ -40,8 +40,15 @@ Reading the output
   process by timing a jitted 2048x2048 @ 2048x2048 float32 matmul.
 * The header line names the strategy that `auto` resolved to.
 
+Devices: on CPU the script splits the machine into `--devices` XLA devices
+(default: one per core, via `XLA_FLAGS=--xla_force_host_platform_device_count`,
+set before JAX starts). Rows without a suffix run on one device, as a user's
+round does by default; rows named `...@Ndev` pass `mesh=client_mesh(N)`, so the
+cohort is sharded over the devices and independent clients run on every core.
+`auto` is compared with the best row of the same device setting.
+
 Usage:
-  python benchmarks/round_throughput.py [--workload w1|w2] [--rounds N] [--json]
+  python benchmarks/round_throughput.py [--workload w1|w2] [--rounds N] [--devices N] [--json]
 
 With `--json`, each row is one JSON object per line on stdout (keys `workload`,
 `strategy`, `round_s_median`, ...); progress goes to stderr.
@@ -52,9 +59,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
+
+
+def _devices_from_argv(argv: list[str]) -> int:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--devices="):
+      return int(arg.split("=", 1)[1])
+    if arg == "--devices" and i + 1 < len(argv):
+      return int(argv[i + 1])
+  return os.cpu_count() or 1
+
+
+# Must happen before JAX initialises its CPU backend.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={_devices_from_argv(sys.argv)}").strip()
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -65,6 +88,7 @@ import optax
 
 from fedjax_pers.algorithms import fedavg
 from fedjax_pers.core import FederatedData, LocalWork, Model, resolve_strategy
+from fedjax_pers.distributed import client_mesh
 from fedjax_pers.models import logistic_regression, mlp
 
 Params = Any
@@ -195,10 +219,13 @@ class Runner:
 
 
 def strategy_runner(w: Workload, model: Model, data: FederatedData, name: str, strategy: str,
-                    client_chunk: int | None) -> Runner:
-  """A `Runner` of `jax.jit(fedavg(...).round)`."""
+                    client_chunk: int | None, devices: int = 1) -> Runner:
+  """A `Runner` of `jax.jit(fedavg(...).round)`, sharded over `devices` if > 1."""
+  mesh = client_mesh(devices) if devices > 1 else None
   alg = fedavg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr), w.work,
-               clients_per_round=w.num_clients, strategy=strategy, client_chunk=client_chunk)
+               clients_per_round=w.num_clients, strategy=strategy, client_chunk=client_chunk,
+               mesh=mesh)
+  name = f"{name}@{devices}dev" if devices > 1 else name
   round_fn = jax.jit(alg.round)
   return Runner(name, lambda s: round_fn(s, data)[0], alg.init(jax.random.key(0), data))
 
@@ -294,9 +321,11 @@ def run_workload(w: Workload, rounds: int, baseline_rounds: int) -> tuple[list[R
   data = FederatedData.from_clients(xs, ys, num_classes=w.num_classes)
   auto_choice = resolve_strategy("auto", model.init(jax.random.key(0)))
   log(f"[{w.name}]")
+  device_counts = [1] + ([jax.device_count()] if jax.device_count() > 1 else [])
   runners = [baseline_runner(w, model, xs, ys)] + [
-      strategy_runner(w, model, data, *row) for row in STRATEGY_ROWS]
-  time_interleaved(runners, [baseline_rounds] + [rounds] * len(STRATEGY_ROWS))
+      strategy_runner(w, model, data, *row, devices=d)
+      for d in device_counts for row in STRATEGY_ROWS]
+  time_interleaved(runners, [baseline_rounds] + [rounds] * (len(runners) - 1))
   rows = [Row(w.name, r.name, statistics.median(r.times), min(r.times), r.first_call_s,
               len(r.times), r.times) for r in runners]
   return rows, auto_choice
@@ -331,6 +360,14 @@ def print_table(w: Workload, rows: list[Row], auto_choice: str, flops: float, ra
     if w.flop_floor:
       line += f" {ex['flop_fraction']:.3f} |"
     print(line)
+  print()
+  for suffix in sorted({r.strategy.partition("@")[2] for r in rows[1:]}):
+    group = [r for r in rows[1:] if r.strategy.partition("@")[2] == suffix]
+    best = min(group, key=lambda r: r.round_s_median)
+    auto = next(r for r in group if r.strategy.startswith("auto"))
+    print(f"{suffix or '1 device'}: best {best.strategy} {best.round_s_median:.4f} s; "
+          f"auto {auto.round_s_median:.4f} s ({auto.round_s_median / best.round_s_median - 1:+.1%}"
+          " vs best)")
 
 
 def print_json(w: Workload, rows: list[Row], auto_choice: str, flops: float, rate: float,
@@ -357,6 +394,9 @@ def main() -> None:
   parser.add_argument("--baseline-rounds", type=int, default=None,
                       help="Timed rounds of the Python-loop baseline (default: --rounds).")
   parser.add_argument("--json", action="store_true", help="One JSON object per row.")
+  parser.add_argument("--devices", type=int, default=os.cpu_count() or 1,
+                      help="CPU devices to split the machine into (default: one per core); "
+                           "rows @Ndev shard the cohort over them.")
   args = parser.parse_args()
   if args.rounds < 1:
     parser.error("--rounds must be >= 1")

@@ -1,7 +1,7 @@
 """fedjax_pers: vectorised federated learning with dynamic aggregation weights and
 personalization, in JAX."""
 
-from fedjax_pers import aggregation, algorithms, core, data, models
+from fedjax_pers import aggregation, algorithms, core, data, distributed, models
 from fedjax_pers.core import (
     ClientOutput,
     FederatedAlgorithm,
@@ -26,5 +26,6 @@ __all__ = [
     "algorithms",
     "core",
     "data",
+    "distributed",
     "models",
 ]

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
 from fedjax_pers.core._batching import LocalWork, check_local_work
@@ -28,6 +29,7 @@ def fedavg(
     client_chunk: int | None = None,
     sampling_probs: np.ndarray | None = None,
     prox_mu: float | None = None,
+    mesh: Mesh | None = None,
 ) -> FederatedAlgorithm:
   """Federated Averaging (McMahan et al., AISTATS 2017) and its server-optimizer kin.
 
@@ -48,6 +50,9 @@ def fedavg(
     client_chunk: Clients per chunk for `chunked`.
     sampling_probs: Optional `[N]` client sampling weights (default uniform).
     prox_mu: FedProx's μ (None: no proximal term).
+    mesh: Optional `jax.sharding.Mesh` with a `clients` axis (see
+      `fedjax_pers.distributed.client_mesh`): the cohort is sharded over its
+      devices and the aggregate becomes a cross-device sum.
 
   Returns:
     The `FederatedAlgorithm`.
@@ -67,7 +72,8 @@ def fedavg(
 
   round_fn = make_round(
       make_client, weighting, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs)
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs,
+      mesh=mesh)
 
   def init(key: jax.Array, data: FederatedData) -> ServerState:
     check_cohort(clients_per_round, data.num_clients)

@@ -11,18 +11,18 @@ from fedjax_pers.core._client import (
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._evaluate import ClientEval, evaluate, summarize, worst_fraction_mean
 from fedjax_pers.core._model import Model, accuracy, from_flax, softmax_cross_entropy
-from fedjax_pers.core._round import (
+from fedjax_pers.core._cohort import (
+    CLIENTS_AXIS,
     STRATEGIES,
-    FederatedAlgorithm,
-    RoundMetrics,
-    ServerState,
-    make_round,
+    execute_cohort,
     resolve_strategy,
     run_cohort,
 )
+from fedjax_pers.core._round import FederatedAlgorithm, RoundMetrics, ServerState, make_round
 from fedjax_pers.core._sampling import sample_clients
 
 __all__ = [
+    "CLIENTS_AXIS",
     "STRATEGIES",
     "BatchPlan",
     "ClientData",
@@ -37,6 +37,7 @@ __all__ = [
     "accuracy",
     "batch_plan",
     "evaluate",
+    "execute_cohort",
     "from_flax",
     "local_train",
     "make_client_update",

@@ -81,6 +81,7 @@ def local_train(
     key: jax.Array,
     *,
     prox_mu: float | jax.Array | None = None,
+    guard_empty_steps: bool = True,
 ) -> tuple[Params, jax.Array, jax.Array, jax.Array]:
   """Runs the local steps of `plan` with optimizer `tx` from `params`.
 
@@ -100,6 +101,9 @@ def local_train(
     plan: Batches of every step.
     key: PRNG key (dropout).
     prox_mu: FedProx's μ, or None for no proximal term.
+    guard_empty_steps: Keep the state of all-padding steps unchanged. Only
+      plans that can have such steps (local epochs) need it; with local steps
+      every step holds a real example and the select is skipped.
 
   Returns:
     `(w_local, loss_sum, example_count, steps_taken)`.
@@ -122,10 +126,11 @@ def local_train(
     updates, new_opt_state = tx.update(grads, opt_state, w)
     new_w = optax.apply_updates(w, updates)
     active = jnp.any(mb)
-    keep = lambda new, old: jnp.where(active, new, old)
-    w = jax.tree.map(keep, new_w, w)
-    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-    carry = (w, opt_state, loss_sum + total, count + jnp.sum(mb), steps + active)
+    if guard_empty_steps:
+      keep = lambda new, old: jnp.where(active, new, old)
+      new_w = jax.tree.map(keep, new_w, w)
+      new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    carry = (new_w, new_opt_state, loss_sum + total, count + jnp.sum(mb), steps + active)
     return carry, None
 
   zero = jnp.zeros((), jnp.float32)
@@ -165,12 +170,14 @@ def make_client_update(
     plan = batch_plan(k_plan, client.num_examples, work, max_examples=max_examples,
                       min_examples=min_examples)
     w, loss_sum, count, steps = local_train(
-        model, tx, params, client, plan, k_train, prox_mu=prox_mu)
+        model, tx, params, client, plan, k_train, prox_mu=prox_mu,
+        guard_empty_steps=work.epochs is not None)
     delta = jax.tree.map(jnp.subtract, w, params)
     finite = jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(delta)]))
     valid = jnp.arange(client.y.shape[0]) < client.num_examples
-    hist = jnp.zeros(num_classes, jnp.float32).at[client.y].add(valid.astype(jnp.float32))
+    onehot = (client.y[:, None] == jnp.arange(num_classes)[None, :]) & valid[:, None]
+    hist = jnp.sum(onehot, axis=0, dtype=jnp.float32)
     return ClientOutput(
         delta=delta, num_examples=client.num_examples,
         train_loss=loss_sum / jnp.maximum(count, 1), num_steps=steps,

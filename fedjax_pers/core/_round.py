@@ -14,16 +14,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from fedjax_pers.core._client import ClientData, ClientOutput, ClientUpdate
+from fedjax_pers.core._client import ClientData, ClientUpdate
+from fedjax_pers.core._cohort import (
+    check_mesh,
+    check_strategy,
+    execute_cohort,
+    pad_cohort,
+    resolve_strategy,
+    weighted_sum,
+    zero_nonfinite,
+)
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._sampling import check_cohort, check_probs, sample_clients
 
 Params = Any
-STRATEGIES = ("auto", "vmap", "chunked", "scan")
-# On CPU, a cohort of models with at least this many parameters runs faster as a
-# loop over clients than as batched matmuls (see benchmarks/round_throughput.py).
-AUTO_SCAN_MIN_PARAMS = 20_000
 
 
 class ServerState(NamedTuple):
@@ -77,95 +83,6 @@ class FederatedAlgorithm(NamedTuple):
   round: Callable[[ServerState, FederatedData], tuple[ServerState, RoundMetrics]]
 
 
-def check_strategy(strategy: str, client_chunk: int | None) -> None:
-  """Raises `ValueError` for an unknown cohort strategy or a bad chunk size."""
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
-  if strategy == "chunked" and (not isinstance(client_chunk, int) or client_chunk < 1):
-    raise ValueError(
-        f"strategy='chunked' needs client_chunk, a positive int; got {client_chunk!r}.")
-
-
-def resolve_strategy(strategy: str, params: Params) -> str:
-  """Picks a concrete strategy for `'auto'`.
-
-  Accelerators: `vmap` (a cohort fills the device). CPU: `vmap` for small models,
-  where batching many tiny matmuls wins by far; `scan` from
-  `AUTO_SCAN_MIN_PARAMS` parameters on, where XLA:CPU's batched matmuls are
-  slower than one client's plain matmuls run in turn.
-  """
-  if strategy != "auto":
-    return strategy
-  if jax.default_backend() != "cpu":
-    return "vmap"
-  size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-  return "scan" if size >= AUTO_SCAN_MIN_PARAMS else "vmap"
-
-
-def run_cohort(
-    client_update: ClientUpdate, params: Params, clients: ClientData, keys: jax.Array,
-    *, strategy: str, client_chunk: int | None = None,
-) -> ClientOutput:
-  """Runs `client_update` for every client of a cohort; outputs are stacked.
-
-  Args:
-    client_update: The one-client function.
-    params: Global params broadcast to all clients.
-    clients: Stacked `ClientData` of the cohort, leading axis `k`.
-    keys: `[k]` PRNG keys.
-    strategy: `vmap`, `chunked` (`lax.map` over chunks of `client_chunk`
-      clients, vmapped inside a chunk) or `scan` (one client at a time).
-    client_chunk: Chunk size for `chunked`.
-
-  Returns:
-    Stacked `ClientOutput`, leading axis `k`.
-  """
-  fn = lambda args: client_update(params, *args)
-  if strategy == "vmap":
-    return jax.vmap(fn)((clients, keys))
-  if strategy == "chunked":
-    return jax.lax.map(fn, (clients, keys), batch_size=client_chunk)
-  if strategy == "scan":
-    return jax.lax.map(fn, (clients, keys))
-  raise ValueError(f"strategy must be one of {STRATEGIES[1:]}; got {strategy!r}.")
-
-
-def weighted_sum(weights: jax.Array, deltas: Params) -> Params:
-  """`Σ_i w_i Δ_i` over the leading axis of each leaf."""
-  return jax.tree.map(lambda d: jnp.tensordot(weights, d, axes=1), deltas)
-
-
-def zero_nonfinite(outputs: ClientOutput) -> Params:
-  """Stacked deltas with non-finite clients' updates replaced by zeros."""
-  mask = lambda d: outputs.finite.reshape((-1,) + (1,) * (d.ndim - 1))
-  return jax.tree.map(lambda d: jnp.where(mask(d), d, 0.0), outputs.delta)
-
-
-def scan_weighted_sum(
-    client_update: ClientUpdate, params: Params, clients: ClientData, keys: jax.Array,
-    score: Callable[[ClientOutput], jax.Array],
-) -> tuple[Params, ClientOutput, jax.Array]:
-  """Runs clients one at a time, accumulating `Σ u_i Δ_i` instead of stacking.
-
-  Returns:
-    `(Σ_i w_i Δ_i, outputs without delta, weights)` with `w_i = u_i / Σ u_j`
-    over finite clients.
-  """
-
-  def body(carry, args):
-    acc, total = carry
-    out = client_update(params, *args)
-    u = jnp.where(out.finite, score(out), 0.0)
-    acc = jax.tree.map(lambda a, d: a + u * jnp.where(out.finite, d, 0.0), acc, out.delta)
-    return (acc, total + u), (out._replace(delta=None), u)
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  (acc, total), (outputs, u) = jax.lax.scan(body, (zeros, jnp.zeros(())), (clients, keys))
-  safe = jnp.where(total > 0, total, 1.0)
-  agg = jax.tree.map(lambda a: jnp.where(total > 0, a / safe, 0.0), acc)
-  return agg, outputs, jnp.where(total > 0, u / safe, 0.0)
-
-
 def make_round(
     make_client: Callable[[FederatedData], ClientUpdate],
     weighting,
@@ -175,6 +92,7 @@ def make_round(
     strategy: str = "auto",
     client_chunk: int | None = None,
     sampling_probs: np.ndarray | None = None,
+    mesh: Mesh | None = None,
 ) -> Callable[[ServerState, FederatedData], tuple[ServerState, RoundMetrics]]:
   """Builds the round of the FedAvg family around a one-client update.
 
@@ -185,6 +103,10 @@ def make_round(
   momentum / adam / yogi / adagrad give FedAvgM / FedAdam / FedYogi / FedAdagrad
   (Reddi et al., ICLR 2021).
 
+  Randomness: the state's key splits into (next round, sampling, clients), and
+  client c's key is `fold_in(clients key, c)`, so a client's batches depend on
+  its id, not on its position in the cohort or on the strategy.
+
   Args:
     make_client: `make_client(data) -> client_update`, called at trace time with
       the round's data (for its static shapes).
@@ -194,32 +116,39 @@ def make_round(
     strategy: How the cohort runs (`auto`, `vmap`, `chunked`, `scan`).
     client_chunk: Chunk size for `chunked`.
     sampling_probs: Optional `[N]` client sampling weights.
+    mesh: Optional mesh with a `clients` axis: the cohort is sharded over it.
 
   Returns:
     `round(state, data) -> (state, RoundMetrics)`.
   """
   check_strategy(strategy, client_chunk)
+  check_mesh(mesh)
   probs = None if sampling_probs is None else jnp.asarray(sampling_probs, jnp.float32)
 
   def round_fn(state: ServerState, data: FederatedData):
     check_cohort(clients_per_round, data.num_clients)
     if probs is not None:
       check_probs(np.asarray(probs), data.num_clients)
+    k = clients_per_round
     rng, k_sample, k_clients = jax.random.split(state.rng, 3)
-    idx = sample_clients(k_sample, data.num_clients, clients_per_round, probs=probs)
+    idx = sample_clients(k_sample, data.num_clients, k, probs=probs)
+    padded, valid = pad_cohort(idx, mesh)
     clients = ClientData(data.x, data.y, data.num_examples)
-    if clients_per_round < data.num_clients or probs is not None:
-      clients = jax.tree.map(lambda a: a[idx], clients)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(k_clients, idx)
-    client_update = make_client(data)
+    if padded.shape[0] != data.num_clients or probs is not None or k < data.num_clients:
+      clients = jax.tree.map(lambda a: a[padded], clients)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(k_clients, padded)
     how = resolve_strategy(strategy, state.params)
+    result = execute_cohort(
+        make_client(data), state.params, clients, keys, valid, strategy=how,
+        client_chunk=client_chunk, score=weighting.score, mesh=mesh)
+    outputs = jax.tree.map(lambda a: a[:k], result.outputs)
     weight_state = state.weight_state
-    if how == "scan" and weighting.score is not None:
-      agg, outputs, weights = scan_weighted_sum(
-          client_update, state.params, clients, keys, weighting.score)
+    if result.score_sum is not None:
+      acc, total = result.score_sum
+      safe = jnp.where(total > 0, total, 1.0)
+      agg = jax.tree.map(lambda a: jnp.where(total > 0, a / safe, 0.0), acc)
+      weights = jnp.where(total > 0, result.scores[:k] / safe, 0.0)
     else:
-      outputs = run_cohort(client_update, state.params, clients, keys,
-                           strategy=how, client_chunk=client_chunk)
       weights, weight_state = weighting.apply(outputs, weight_state)
       weights = jnp.where(outputs.finite, weights, 0.0)
       total = jnp.sum(weights)
