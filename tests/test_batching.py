@@ -4,7 +4,6 @@ import jax
 import numpy as np
 import pytest
 
-import fedjax_pers as fp
 from fedjax_pers.core import LocalWork, batch_plan, num_steps, shuffle_valid
 
 

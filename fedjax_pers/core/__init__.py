@@ -8,9 +8,6 @@ from fedjax_pers.core._client import (
     make_client_update,
     masked_mean_loss,
 )
-from fedjax_pers.core._data import FederatedData
-from fedjax_pers.core._evaluate import ClientEval, evaluate, summarize, worst_fraction_mean
-from fedjax_pers.core._model import Model, accuracy, from_flax, softmax_cross_entropy
 from fedjax_pers.core._cohort import (
     CLIENTS_AXIS,
     STRATEGIES,
@@ -18,6 +15,9 @@ from fedjax_pers.core._cohort import (
     resolve_strategy,
     run_cohort,
 )
+from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._evaluate import ClientEval, evaluate, summarize, worst_fraction_mean
+from fedjax_pers.core._model import Model, accuracy, from_flax, softmax_cross_entropy
 from fedjax_pers.core._round import FederatedAlgorithm, RoundMetrics, ServerState, make_round
 from fedjax_pers.core._sampling import sample_clients
 
