@@ -19,6 +19,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default ./wor
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  n = config.get("num_devices", 1)
+  if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # On CPU, split the machine into n devices (before JAX starts its backend) so the
+    # cohort can be sharded over the cores; no effect on GPU/TPU device counts.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={n}").strip()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # keep orbax's INFO lines off the console
   import jax
@@ -26,7 +33,6 @@ def main(argv):
   jax.config.config_with_absl()
   from fedjax_pers.experiment import summary_table, train_and_evaluate
 
-  config = _CONFIG.value
   workdir = _WORKDIR.value
   if workdir is None:
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]

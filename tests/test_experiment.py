@@ -54,6 +54,13 @@ def test_config_file_and_bad_override(tmp_path):
   assert "clients_per_round must be an int in [1, num_clients] = [1, 4]; got 5" in out.stderr
 
 
+def test_sampling_proportional_to_examples_runs(tmp_path):
+  c = tiny_config()
+  c.sampling = "num_examples"
+  s = train_and_evaluate(c, str(tmp_path))
+  assert s["rounds"] == 4 and 0.0 <= s["final_test_accuracy"] <= 1.0
+
+
 def test_resume_from_checkpoint(tmp_path):
   c = tiny_config()
   s1 = train_and_evaluate(c, str(tmp_path))
@@ -74,6 +81,7 @@ def test_resume_from_checkpoint(tmp_path):
     ("aggregation.weighting", "magic", "Unknown aggregation.weighting"),
     ("algorithm", "fedsgd", "Unknown algorithm"),
     ("model.name", "resnet", "Unknown model.name"),
+    ("sampling", "greedy", "Unknown sampling 'greedy'"),
 ])
 def test_unknown_names_raise(tmp_path, key, value, match):
   c = tiny_config()
@@ -81,3 +89,18 @@ def test_unknown_names_raise(tmp_path, key, value, match):
   (c[section] if section else c)[leaf] = value
   with pytest.raises(ValueError, match=match):
     train_and_evaluate(c, str(tmp_path))
+
+
+def test_cli_num_devices_shards_and_matches(tmp_path):
+  base = [sys.executable, "-m", "fedjax_pers", "--config.num_rounds=2", "--config.eval_every=2",
+          "--config.data.num_clients=6", "--config.clients_per_round=4",
+          "--config.client.local_epochs=1", "--config.progress=False",
+          "--config.strategy=scan"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  accs = []
+  for n in (1, 2):
+    out = subprocess.run(base + [f"--workdir={tmp_path / str(n)}", f"--config.num_devices={n}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    accs.append(json.loads((tmp_path / str(n) / "summary.json").read_text())["final_test_loss"])
+  assert accs[0] == pytest.approx(accs[1], rel=1e-5)

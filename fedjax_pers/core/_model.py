@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -82,8 +83,6 @@ def from_flax(
 
 
 def _takes_train(module: Any) -> bool:
-  import inspect
-
   try:
     return "train" in inspect.signature(type(module).__call__).parameters
   except (TypeError, ValueError):

@@ -24,8 +24,7 @@ def synthetic_arrays(
     ones when iid), x ~ N(v_k, Σ) (n_k rows), y = argmax(x W_k + b_k).
 
   Returns:
-    `(xs, ys)`: float64 `[n_k, dim]` and int64 `[n_k]` arrays per client, and the
-    `RandomState` is left where the generation ended (see `synthetic`).
+    `(xs, ys)`: float64 `[n_k, dim]` and int64 `[n_k]` arrays per client.
   """
   rs = np.random.RandomState(seed)
   return _generate(rs, alpha, beta, num_clients, dim, num_classes, sample_scale, iid)

@@ -6,9 +6,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 import optax
 
-from fedjax_pers import aggregation, algorithms, data, models
+from fedjax_pers import aggregation, algorithms, data, distributed, models
 from fedjax_pers.core import FederatedAlgorithm, FederatedData, LocalWork, Model
 
 
@@ -74,12 +75,23 @@ def make_local_work(c: ml_collections.ConfigDict) -> LocalWork:
                    steps=c.get("local_steps"))
 
 
-def make_algorithm(config: ml_collections.ConfigDict, model: Model) -> FederatedAlgorithm:
-  """The `FederatedAlgorithm` named by `config.algorithm`."""
+def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData
+                   ) -> FederatedAlgorithm:
+  """The `FederatedAlgorithm` named by `config.algorithm`.
+
+  `config.sampling`: `uniform` cohorts, or `num_examples` (clients drawn with
+  probability ∝ n_i without replacement, as FedProx's code samples).
+  """
+  sampling = config.get("sampling", "uniform")
+  probs = _pick({"uniform": None, "num_examples": np.asarray(train.num_examples, np.float64)},
+                sampling, "sampling")
   kwargs = dict(
+      sampling_probs=probs,
       clients_per_round=config.clients_per_round,
       weighting=_pick(WEIGHTINGS, config.aggregation.weighting, "aggregation.weighting")(),
-      strategy=config.strategy, client_chunk=config.get("client_chunk"))
+      strategy=config.strategy, client_chunk=config.get("client_chunk"),
+      mesh=distributed.client_mesh(config.num_devices) if config.get("num_devices", 1) > 1
+      else None)
   client_tx = make_optimizer(config.client, "client")
   server_tx = make_optimizer(config.server, "server")
   work = make_local_work(config.client)

@@ -48,7 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train, test = _registry.make_data(config.data)
   _check_config(config, train.num_clients)
   model = _registry.make_model(config.model, train.x.shape[2:], train.num_classes)
-  alg = _registry.make_algorithm(config, model)
+  alg = _registry.make_algorithm(config, model, train)
 
   state = alg.init(jax.random.key(config.seed), train)
   mngr = _checkpoint.manager(workdir)

@@ -15,11 +15,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.algorithm = "fedavg"          # fedavg | fedprox
   c.num_rounds = 100
   c.clients_per_round = 10
+  c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)
   c.eval_every = 5
   c.eval_train = True             # also evaluate the global model on the train splits
   c.seed = 0
   c.strategy = "auto"             # auto | vmap | chunked | scan
   c.client_chunk = placeholder(int)
+  c.num_devices = 1               # > 1: shard each cohort over a `clients` mesh of this
+                                  # many devices (on CPU the CLI splits the cores)
   c.checkpoint_every = 0          # 0: only at the end
   c.progress = True
 
