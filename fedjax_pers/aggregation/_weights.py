@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_pers.core._client import ClientOutput
+from fedjax_pers.core._cohort import normalize
 
 
 class WeightFn(NamedTuple):
@@ -27,13 +28,6 @@ class WeightFn(NamedTuple):
   init: Callable[[int], Any]
   apply: Callable[[ClientOutput, Any], tuple[jax.Array, Any]]
   score: Callable[[ClientOutput], jax.Array] | None = None
-
-
-def normalize(scores: jax.Array, finite: jax.Array) -> jax.Array:
-  """`u_i / Σ u_j` over finite clients; all zeros if nothing is left."""
-  u = jnp.where(finite, scores, 0.0)
-  total = jnp.sum(u)
-  return jnp.where(total > 0, u / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def from_score(score: Callable[[ClientOutput], jax.Array]) -> WeightFn:

@@ -196,6 +196,18 @@ def weighted_sum(weights: jax.Array, deltas: Params) -> Params:
   return jax.tree.map(lambda d: jnp.tensordot(weights, d, axes=1), deltas)
 
 
+def safe_divide(x: jax.Array, total: jax.Array) -> jax.Array:
+  """`x / total`, or zeros where `total` is not positive (nothing left to weight)."""
+  ok = total > 0
+  return jnp.where(ok, x / jnp.where(ok, total, 1.0), 0.0)
+
+
+def normalize(scores: jax.Array, keep: jax.Array) -> jax.Array:
+  """`u_i / Σ_j u_j` over the clients with `keep`; all zeros if none is left."""
+  u = jnp.where(keep, scores, 0.0)
+  return safe_divide(u, jnp.sum(u))
+
+
 def zero_nonfinite(outputs: ClientOutput) -> Params:
   """Stacked deltas with non-finite clients' updates replaced by zeros."""
   mask = lambda d: outputs.finite.reshape((-1,) + (1,) * (d.ndim - 1))

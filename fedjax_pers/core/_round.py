@@ -21,8 +21,10 @@ from fedjax_pers.core._cohort import (
     check_mesh,
     check_strategy,
     execute_cohort,
+    normalize,
     pad_cohort,
     resolve_strategy,
+    safe_divide,
     weighted_sum,
     zero_nonfinite,
 )
@@ -145,14 +147,11 @@ def make_round(
     weight_state = state.weight_state
     if result.score_sum is not None:
       acc, total = result.score_sum
-      safe = jnp.where(total > 0, total, 1.0)
-      agg = jax.tree.map(lambda a: jnp.where(total > 0, a / safe, 0.0), acc)
-      weights = jnp.where(total > 0, result.scores[:k] / safe, 0.0)
+      agg = jax.tree.map(lambda a: safe_divide(a, total), acc)
+      weights = safe_divide(result.scores[:k], total)
     else:
       weights, weight_state = weighting.apply(outputs, weight_state)
-      weights = jnp.where(outputs.finite, weights, 0.0)
-      total = jnp.sum(weights)
-      weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
+      weights = normalize(weights, outputs.finite)
       agg = weighted_sum(weights, zero_nonfinite(outputs))
     pseudo_grad = jax.tree.map(jnp.negative, agg)
     updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
