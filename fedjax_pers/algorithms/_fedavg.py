@@ -9,6 +9,7 @@ import optax
 from jax.sharding import Mesh
 
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
+from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._batching import LocalWork, check_local_work
 from fedjax_pers.core._client import make_client_update
 from fedjax_pers.core._data import FederatedData
@@ -24,7 +25,7 @@ def fedavg(
     work: LocalWork,
     *,
     clients_per_round: int,
-    weighting: WeightFn | None = None,
+    weighting: WeightFn | Aggregator | None = None,
     strategy: str = "auto",
     client_chunk: int | None = None,
     sampling_probs: np.ndarray | None = None,
@@ -35,7 +36,8 @@ def fedavg(
 
   Each sampled client runs `work` with `client_tx` from the global model w_t and
   returns Δ_i = w_i − w_t; the server applies `server_tx` to −Σ_i p_i Δ_i with
-  p = `weighting` (default n_i / Σ n_j). `server_tx = optax.sgd(1.0)` is FedAvg;
+  p = `weighting` (default n_i / Σ n_j), or to −Δ of a robust, fair or learned
+  `Aggregator`. `server_tx = optax.sgd(1.0)` is FedAvg;
   `optax.sgd(lr, momentum=β)` FedAvgM; `optax.adam/yogi/adagrad` FedAdam / FedYogi
   / FedAdagrad (Reddi et al., ICLR 2021).
 
@@ -45,7 +47,8 @@ def fedavg(
     server_tx: Server optimizer on the pseudo-gradient.
     work: Local epochs or steps, and the batch size.
     clients_per_round: Cohort size.
-    weighting: Aggregation `WeightFn` (default `num_examples()`).
+    weighting: A `WeightFn` for a weighted mean (default `num_examples()`) or an
+      `Aggregator` (see `fedjax_pers.aggregation`).
     strategy: `auto`, `vmap`, `chunked` or `scan` (see `run_cohort`).
     client_chunk: Clients per chunk for `chunked`.
     sampling_probs: Optional `[N]` client sampling weights (default uniform).
@@ -63,15 +66,16 @@ def fedavg(
         f"clients_per_round must be a positive int; got {clients_per_round!r}.")
   if prox_mu is not None and not (np.isfinite(prox_mu) and prox_mu >= 0):
     raise ValueError(f"prox_mu (FedProx's mu) must be finite and >= 0; got {prox_mu!r}.")
-  weighting = num_examples() if weighting is None else weighting
+  aggregator = as_aggregator(num_examples() if weighting is None else weighting)
 
   def make_client(data: FederatedData):
     return make_client_update(
         model, client_tx, work, num_classes=data.num_classes,
-        max_examples=data.max_examples, min_examples=data.min_examples, prox_mu=prox_mu)
+        max_examples=data.max_examples, min_examples=data.min_examples, prox_mu=prox_mu,
+        client_losses=aggregator.client_losses)
 
   round_fn = make_round(
-      make_client, weighting, server_tx, clients_per_round=clients_per_round,
+      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
       strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs,
       mesh=mesh)
 
@@ -81,7 +85,7 @@ def fedavg(
     params = model.init(k_model)
     return ServerState(
         params=params, opt_state=server_tx.init(params),
-        weight_state=weighting.init(data.num_clients), client_states=(),
+        weight_state=aggregator.init(data.num_clients), client_states=(),
         round=jnp.zeros((), jnp.int32), rng=k_rounds)
 
   return FederatedAlgorithm(init=init, round=round_fn)

@@ -40,6 +40,11 @@ class ClientOutput(NamedTuple):
     num_steps: Local steps that saw at least one real example, int32.
     label_hist: `[num_classes]` counts of the client's labels.
     finite: True when every entry of `delta` is finite.
+    loss_before: Mean loss of `w_t` over the client's data (only when the
+      aggregator asks for `client_losses`, else None).
+    loss_after: Mean loss of the local model over the client's data (idem).
+    client_id: The client's index in the population; set by the round, None
+      inside the client update.
   """
 
   delta: Params
@@ -48,6 +53,9 @@ class ClientOutput(NamedTuple):
   num_steps: jax.Array
   label_hist: jax.Array
   finite: jax.Array
+  loss_before: jax.Array | None = None
+  loss_after: jax.Array | None = None
+  client_id: jax.Array | None = None
 
 
 ClientUpdate = Callable[[Params, ClientData, jax.Array], ClientOutput]
@@ -70,6 +78,13 @@ def masked_mean_loss(
   losses = jnp.where(mask, losses, 0.0)
   total = jnp.sum(losses)
   return total / jnp.maximum(jnp.sum(mask), 1), total
+
+
+def full_loss(model: Model, params: Params, client: ClientData) -> jax.Array:
+  """Mean loss of `params` over all real examples of a client (no training mode)."""
+  losses = model.loss(model.apply(params, client.x), client.y)
+  valid = jnp.arange(client.y.shape[0]) < client.num_examples
+  return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(client.num_examples, 1)
 
 
 def local_train(
@@ -149,6 +164,7 @@ def make_client_update(
     max_examples: int,
     min_examples: int = 1,
     prox_mu: float | None = None,
+    client_losses: bool = False,
 ) -> ClientUpdate:
   """The FedAvg / FedProx client update, written for one client.
 
@@ -160,6 +176,8 @@ def make_client_update(
     max_examples: Padded length of the client rows (static).
     min_examples: Smallest client (static; see `batch_plan`).
     prox_mu: FedProx's μ (None: plain FedAvg).
+    client_losses: Also report `loss_before` and `loss_after` (see
+      `ClientOutput`), for weightings and aggregators that use them.
 
   Returns:
     `client_update(params, client, key) -> ClientOutput`.
@@ -178,9 +196,11 @@ def make_client_update(
     valid = jnp.arange(client.y.shape[0]) < client.num_examples
     onehot = (client.y[:, None] == jnp.arange(num_classes)[None, :]) & valid[:, None]
     hist = jnp.sum(onehot, axis=0, dtype=jnp.float32)
+    losses = (full_loss(model, params, client), full_loss(model, w, client)
+              ) if client_losses else (None, None)
     return ClientOutput(
         delta=delta, num_examples=client.num_examples,
         train_loss=loss_sum / jnp.maximum(count, 1), num_steps=steps,
-        label_hist=hist, finite=finite)
+        label_hist=hist, finite=finite, loss_before=losses[0], loss_after=losses[1])
 
   return client_update

@@ -16,17 +16,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._client import ClientData, ClientUpdate
 from fedjax_pers.core._cohort import (
     check_mesh,
     check_strategy,
     execute_cohort,
-    normalize,
     pad_cohort,
     resolve_strategy,
     safe_divide,
-    weighted_sum,
-    zero_nonfinite,
 )
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._sampling import check_cohort, check_probs, sample_clients
@@ -87,7 +85,7 @@ class FederatedAlgorithm(NamedTuple):
 
 def make_round(
     make_client: Callable[[FederatedData], ClientUpdate],
-    weighting,
+    aggregator: Aggregator,
     server_tx: optax.GradientTransformation,
     *,
     clients_per_round: int,
@@ -99,9 +97,9 @@ def make_round(
   """Builds the round of the FedAvg family around a one-client update.
 
   Round t: sample a cohort S_t; each client i ∈ S_t trains from w_t and returns
-  Δ_i; weights w_i come from `weighting` (zero for non-finite Δ_i); the server
-  treats g_t = −Σ_i w_i Δ_i as a gradient: (u, s) = server_tx.update(g_t, s, w_t),
-  w_{t+1} = w_t + u. FedAvg is server_tx = sgd(1.0): w_{t+1} = w_t + Σ_i w_i Δ_i;
+  Δ_i; the aggregator combines them into Δ (for a weighting, Δ = Σ_i w_i Δ_i
+  with w_i = 0 for non-finite Δ_i); the server treats g_t = −Δ as a gradient:
+  (u, s) = server_tx.update(g_t, s, w_t), w_{t+1} = w_t + u. FedAvg is server_tx = sgd(1.0): w_{t+1} = w_t + Σ_i w_i Δ_i;
   momentum / adam / yogi / adagrad give FedAvgM / FedAdam / FedYogi / FedAdagrad
   (Reddi et al., ICLR 2021).
 
@@ -112,7 +110,7 @@ def make_round(
   Args:
     make_client: `make_client(data) -> client_update`, called at trace time with
       the round's data (for its static shapes).
-    weighting: A `WeightFn`.
+    aggregator: An `Aggregator`, or a `WeightFn` for a weighted mean.
     server_tx: Server optimizer.
     clients_per_round: Cohort size `k`.
     strategy: How the cohort runs (`auto`, `vmap`, `chunked`, `scan`).
@@ -125,6 +123,7 @@ def make_round(
   """
   check_strategy(strategy, client_chunk)
   check_mesh(mesh)
+  aggregator = as_aggregator(aggregator)
   probs = None if sampling_probs is None else jnp.asarray(sampling_probs, jnp.float32)
 
   def round_fn(state: ServerState, data: FederatedData):
@@ -142,17 +141,15 @@ def make_round(
     how = resolve_strategy(strategy, state.params)
     result = execute_cohort(
         make_client(data), state.params, clients, keys, valid, strategy=how,
-        client_chunk=client_chunk, score=weighting.score, mesh=mesh)
-    outputs = jax.tree.map(lambda a: a[:k], result.outputs)
+        client_chunk=client_chunk, score=aggregator.score, mesh=mesh)
+    outputs = jax.tree.map(lambda a: a[:k], result.outputs)._replace(client_id=idx)
     weight_state = state.weight_state
     if result.score_sum is not None:
       acc, total = result.score_sum
       agg = jax.tree.map(lambda a: safe_divide(a, total), acc)
       weights = safe_divide(result.scores[:k], total)
     else:
-      weights, weight_state = weighting.apply(outputs, weight_state)
-      weights = normalize(weights, outputs.finite)
-      agg = weighted_sum(weights, zero_nonfinite(outputs))
+      agg, weights, weight_state = aggregator.apply(outputs, weight_state, state.params)
     pseudo_grad = jax.tree.map(jnp.negative, agg)
     updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
