@@ -99,7 +99,8 @@ def make_round(
   Round t: sample a cohort S_t; each client i ∈ S_t trains from w_t and returns
   Δ_i; the aggregator combines them into Δ (for a weighting, Δ = Σ_i w_i Δ_i
   with w_i = 0 for non-finite Δ_i); the server treats g_t = −Δ as a gradient:
-  (u, s) = server_tx.update(g_t, s, w_t), w_{t+1} = w_t + u. FedAvg is server_tx = sgd(1.0): w_{t+1} = w_t + Σ_i w_i Δ_i;
+  (u, s) = server_tx.update(g_t, s, w_t), w_{t+1} = w_t + u. FedAvg is
+  server_tx = sgd(1.0): w_{t+1} = w_t + Σ_i w_i Δ_i;
   momentum / adam / yogi / adagrad give FedAvgM / FedAdam / FedYogi / FedAdagrad
   (Reddi et al., ICLR 2021).
 
