@@ -35,19 +35,28 @@ def logreg_sgd(w, b, x, y, plan_idx, plan_mask, lr, mu=None):
   return w, b, loss_sum / max(count, 1), steps
 
 
-def fedavg_round(params, data, rng, work, lr, clients_per_round, mu=None,
-                 weighting="num_examples"):
-  """One FedAvg/FedProx round (server SGD(1.0)) with the engine's batches.
+def logreg_loss(w, b, x, y):
+  """Mean cross-entropy of multinomial logistic regression."""
+  p = softmax(x @ w + b)
+  return float(-np.log(p[np.arange(len(y)), y]).mean())
+
+
+def client_deltas(params, data, rng, work, lr, clients_per_round, mu=None):
+  """Each sampled client's local training, with the engine's batches.
 
   Uses the engine's documented randomness: the round key splits into
   (next, sample, clients); client i's key is fold_in(clients, i), split into
   (plan, train).
+
+  Returns:
+    `(w, b, clients)` with the global float64 params and, per sampled client,
+    a dict of `id, n, dw, db, train_loss, loss_before, loss_after`.
   """
   w = np.asarray(params["Dense_0"]["kernel"], np.float64)
   b = np.asarray(params["Dense_0"]["bias"], np.float64)
   _, k_sample, k_clients = jax.random.split(rng, 3)
   idx = np.asarray(fp.core.sample_clients(k_sample, data.num_clients, clients_per_round))
-  deltas, weights, losses = [], [], []
+  clients = []
   for c in idx:
     k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, int(c)))
     n = int(data.num_examples[c])
@@ -57,10 +66,19 @@ def fedavg_round(params, data, rng, work, lr, clients_per_round, mu=None,
     y = np.asarray(data.y[c])
     wi, bi, loss, _ = logreg_sgd(w, b, x, y, np.asarray(plan.idx),
                                  np.asarray(plan.mask), lr, mu)
-    deltas.append((wi - w, bi - b))
-    weights.append(n if weighting == "num_examples" else 1.0)
-    losses.append(loss)
-  weights = np.asarray(weights, np.float64) / np.sum(weights)
-  dw = sum(p * d[0] for p, d in zip(weights, deltas))
-  db = sum(p * d[1] for p, d in zip(weights, deltas))
-  return w + dw, b + db, weights, np.asarray(losses)
+    clients.append(dict(id=int(c), n=n, dw=wi - w, db=bi - b, train_loss=loss,
+                        loss_before=logreg_loss(w, b, x[:n], y[:n]),
+                        loss_after=logreg_loss(wi, bi, x[:n], y[:n])))
+  return w, b, clients
+
+
+def fedavg_round(params, data, rng, work, lr, clients_per_round, mu=None,
+                 weighting="num_examples"):
+  """One FedAvg/FedProx round (server SGD(1.0)) with the engine's batches."""
+  w, b, clients = client_deltas(params, data, rng, work, lr, clients_per_round, mu)
+  weights = np.asarray([c["n"] if weighting == "num_examples" else 1.0 for c in clients],
+                       np.float64)
+  weights = weights / np.sum(weights)
+  dw = sum(p * c["dw"] for p, c in zip(weights, clients))
+  db = sum(p * c["db"] for p, c in zip(weights, clients))
+  return w + dw, b + db, weights, np.asarray([c["train_loss"] for c in clients])

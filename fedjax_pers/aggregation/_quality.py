@@ -111,8 +111,8 @@ def gompertz(theta: jax.Array, alpha: float = 5.0) -> jax.Array:
   """FedAdp's map `f(θ) = α (1 − exp(−exp(−α (θ − 1))))`.
 
   Example:
-    >>> [round(float(gompertz(t)), 5) for t in (0.0, 1.0, 3.14159265 / 2)]
-    [5.0, 3.16060, 0.27993]
+    >>> [f"{float(gompertz(t)):.5f}" for t in (0.0, 1.0, 3.14159265 / 2)]
+    ['5.00000', '3.16060', '0.27993']
   """
   return alpha * (1.0 - jnp.exp(-jnp.exp(-alpha * (theta - 1.0))))
 
@@ -144,8 +144,9 @@ def fedadp(alpha: float = 5.0) -> WeightFn:
     smooth = (t - 1.0) / t * state.angle[ids] + theta / t
     logits = jnp.log(outputs.num_examples.astype(jnp.float32)) + gompertz(smooth, alpha)
     w = masked_softmax(logits, ok & (outputs.num_examples > 0))
+    # `add` of zero for non-finite clients, so a repeated id cannot undo an update.
     state = FedAdpState(
-        angle=state.angle.at[ids].set(jnp.where(ok, smooth, state.angle[ids])),
+        angle=state.angle.at[ids].add(jnp.where(ok, smooth - state.angle[ids], 0.0)),
         count=state.count.at[ids].add(ok.astype(jnp.int32)))
     return w, state
 

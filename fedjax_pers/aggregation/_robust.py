@@ -108,7 +108,8 @@ def multi_krum(f: int, m: int | None = None) -> Aggregator:
 
   Args:
     f: Number of Byzantine clients to tolerate (the cohort needs k ≥ 2f + 3).
-    m: How many updates to average (default: k − f).
+    m: How many updates to average (default: m_finite − f, with m_finite the
+      number of finite updates in the cohort).
   """
   _check_f(f, "multi_krum")
   if m is not None and not (isinstance(m, int) and m >= 1):
@@ -118,7 +119,7 @@ def multi_krum(f: int, m: int | None = None) -> Aggregator:
     del params
     k = outputs.finite.shape[0]
     _check_cohort(k, f, "multi_krum")
-    keep = k - f if m is None else min(m, k)
+    keep = jnp.sum(outputs.finite) - f if m is None else m
     scores = krum_scores(outputs, f)
     rank = jnp.argsort(jnp.argsort(scores))
     w = normalize(jnp.ones((k,), jnp.float32), (rank < keep) & outputs.finite)
