@@ -63,7 +63,9 @@ def summarize(ev: ClientEval, prefix: str = "test") -> dict[str, Any]:
 
   Returns keys `{prefix}_accuracy` and `{prefix}_loss` (example-weighted over all
   clients), `mean_client_{prefix}_accuracy`, `worst10_client_{prefix}_accuracy`
-  (mean of the lowest 10% of clients) and `per_client_{prefix}_accuracy`.
+  (mean of the lowest 10% of clients), `variance_client_{prefix}_accuracy`
+  (variance over clients, as q-FFL reports fairness) and
+  `per_client_{prefix}_accuracy`.
   """
   n = np.asarray(ev.num_examples, np.float64)
   acc = np.asarray(ev.accuracy, np.float64)
@@ -73,5 +75,6 @@ def summarize(ev: ClientEval, prefix: str = "test") -> dict[str, Any]:
       f"{prefix}_loss": float(np.sum(n * loss) / np.sum(n)),
       f"mean_client_{prefix}_accuracy": float(acc.mean()),
       f"worst10_client_{prefix}_accuracy": worst_fraction_mean(acc, 0.1),
+      f"variance_client_{prefix}_accuracy": float(acc.var()),
       f"per_client_{prefix}_accuracy": [round(float(a), 6) for a in acc],
   }

@@ -59,6 +59,47 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str = "") -> No
   plt.close(fig)
 
 
+def weight_matrix(rows: list[dict[str, Any]], num_clients: int):
+  """`[rounds, num_clients]` weights from `round_weights.jsonl` rows (NaN: not sampled)."""
+  import numpy as np
+
+  w = np.full((len(rows), num_clients), np.nan)
+  for t, r in enumerate(rows):
+    w[t, r["clients"]] = r["weights"]
+  return w
+
+
+def plot_weights(rows: list[dict[str, Any]], num_clients: int, path: str,
+                 marked=None, title: str = "") -> None:
+  """Heatmap of each client's aggregation weight by round (blank: not sampled).
+
+  `marked`: optional `[num_clients]` bool; those clients' columns are labelled
+  in red (for instance the corrupted clients of a robustness study).
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  w = weight_matrix(rows, num_clients)
+  fig, ax = plt.subplots(figsize=(min(4 + num_clients * 0.15, 16), 4.5))
+  im = ax.imshow(np.ma.masked_invalid(w.T), aspect="auto", interpolation="nearest",
+                 cmap="viridis", extent=(0.5, len(rows) + 0.5, num_clients - 0.5, -0.5))
+  fig.colorbar(im, ax=ax, label="weight")
+  ax.set_xlabel("round")
+  ax.set_ylabel("client")
+  if marked is not None and np.any(marked):
+    for c in np.flatnonzero(marked):
+      ax.axhline(c, color="red", alpha=0.25, linewidth=3)
+    ax.set_title((title + "  " if title else "") + "(red rows: corrupted clients)")
+  elif title:
+    ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def summary_table(summary: dict[str, Any]) -> str:
   """A short Markdown table of the headline numbers."""
   rows = [
@@ -66,11 +107,19 @@ def summary_table(summary: dict[str, Any]) -> str:
       ("final test accuracy (example-weighted)", f"{summary['final_test_accuracy']:.4f}"),
       ("mean client test accuracy", f"{summary['mean_client_test_accuracy']:.4f}"),
       ("worst-10% client test accuracy", f"{summary['worst10_client_test_accuracy']:.4f}"),
+      ("variance of client test accuracy",
+       f"{summary['variance_client_test_accuracy']:.5f}"),
       ("final test loss", f"{summary['final_test_loss']:.4f}"),
       ("best test accuracy over rounds", f"{summary['best_test_accuracy']:.4f}"),
       ("wall seconds", f"{summary['wall_seconds']:.1f}"),
       ("seconds per round (after compile)", f"{summary['seconds_per_round']:.4f}"),
   ]
+  if "clean_client_test_accuracy" in summary:
+    rows += [
+        ("test accuracy on clean clients", f"{summary['clean_client_test_accuracy']:.4f}"),
+        ("weight share of corrupted clients", f"{summary['corrupted_weight_share']:.4f}"),
+        ("data share of corrupted clients", f"{summary['corrupted_data_share']:.4f}"),
+    ]
   width = max(len(k) for k, _ in rows)
   lines = [f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
   lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
 import optax
 
-from fedjax_pers import aggregation, algorithms, data, distributed, models
+from fedjax_pers import algorithms, data, distributed, models
 from fedjax_pers.core import FederatedAlgorithm, FederatedData, LocalWork, Model
+from fedjax_pers.experiment._weighting import make_weighting
 
 
 def _pick(table: Mapping[str, Any], name: str, what: str) -> Any:
@@ -33,12 +34,6 @@ OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict], optax.GradientTransf
     "adagrad": lambda c: optax.adagrad(c.learning_rate, eps=c.get("eps", 1e-3)),
 }
 
-WEIGHTINGS: dict[str, Callable[[], aggregation.WeightFn]] = {
-    "num_examples": aggregation.num_examples,
-    "uniform": aggregation.uniform,
-}
-
-
 def make_optimizer(c: ml_collections.ConfigDict, where: str) -> optax.GradientTransformation:
   """An optax optimizer from `c.optimizer`, `c.learning_rate` (and its options).
 
@@ -59,6 +54,46 @@ def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedDat
   raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['synthetic'].")
 
 
+class ExperimentData(NamedTuple):
+  """The data of a run after the server hold-out and the corruptions.
+
+  Attributes:
+    train: Training population (labels shuffled for `noisy` clients).
+    test: Test splits (never corrupted; without the held-out proxy examples).
+    proxy: `(x, y)` server proxy set, or None.
+    noisy: `[N]` bool, clients whose training labels are shuffled.
+    attackers: `[N]` bool, clients that send scaled updates.
+  """
+
+  train: FederatedData
+  test: FederatedData
+  proxy: tuple[np.ndarray, np.ndarray] | None
+  noisy: np.ndarray
+  attackers: np.ndarray
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
+  """`make_data`, then `data.proxy_examples` held out of the test splits for the server,
+  and `config.corruption` applied (label shuffling, attackers; see `data.shuffle_labels`).
+
+  The corrupted clients are drawn with `corruption.seed`; label-noise and attack
+  clients come from the same seeded order, so the smaller set is inside the larger.
+  """
+  train, test = make_data(config.data)
+  proxy = None
+  m = config.data.get("proxy_examples", 0)
+  if m:
+    test, px, py = data.holdout(test, m, seed=config.data.seed)
+    proxy = (px, py)
+  c = config.get("corruption") or ml_collections.ConfigDict(
+      dict(label_shuffle_fraction=0.0, attack_fraction=0.0, seed=0))
+  noisy = data.choose_clients(train.num_clients, c.label_shuffle_fraction, c.seed)
+  attackers = data.choose_clients(train.num_clients, c.attack_fraction, c.seed)
+  if noisy.any():
+    train = data.shuffle_labels(train, noisy, seed=c.seed)
+  return ExperimentData(train, test, proxy, noisy, attackers)
+
+
 def make_model(c: ml_collections.ConfigDict, feature_shape, num_classes: int) -> Model:
   """A `Model` from `config.model` (`name` and its options)."""
   table = {
@@ -75,12 +110,13 @@ def make_local_work(c: ml_collections.ConfigDict) -> LocalWork:
                    steps=c.get("local_steps"))
 
 
-def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData
-                   ) -> FederatedAlgorithm:
+def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
+                   *, proxy=None, attackers: np.ndarray | None = None) -> FederatedAlgorithm:
   """The `FederatedAlgorithm` named by `config.algorithm`.
 
   `config.sampling`: `uniform` cohorts, or `num_examples` (clients drawn with
   probability ∝ n_i without replacement, as FedProx's code samples).
+  `config.aggregation.weighting`: see `make_weighting`.
   """
   sampling = config.get("sampling", "uniform")
   probs = _pick({"uniform": None, "num_examples": np.asarray(train.num_examples, np.float64)},
@@ -88,7 +124,7 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
   kwargs = dict(
       sampling_probs=probs,
       clients_per_round=config.clients_per_round,
-      weighting=_pick(WEIGHTINGS, config.aggregation.weighting, "aggregation.weighting")(),
+      weighting=make_weighting(config, model, train, proxy, attackers),
       strategy=config.strategy, client_chunk=config.get("client_chunk"),
       mesh=distributed.client_mesh(config.num_devices) if config.get("num_devices", 1) > 1
       else None)

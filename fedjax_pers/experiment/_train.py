@@ -28,13 +28,37 @@ def _check_config(config: ml_collections.ConfigDict, num_clients: int) -> None:
         f" got {k!r}.")
 
 
+def _corruption_summary(final, weight_rows, corrupted, train) -> dict[str, Any]:
+  """Clean-client accuracy and the corrupted clients' mean share of weight and of data."""
+  n = np.asarray(train.num_examples, np.float64)
+  w_share, n_share = [], []
+  for row in weight_rows:
+    ids = np.asarray(row["clients"])
+    bad = corrupted[ids]
+    w_share.append(float(np.sum(np.asarray(row["weights"])[bad])))
+    n_share.append(float(np.sum(n[ids][bad]) / np.sum(n[ids])))
+  return {
+      "corrupted_clients": np.flatnonzero(corrupted).tolist(),
+      "clean_client_test_accuracy": final["clean_client_test_accuracy"],
+      "mean_clean_client_test_accuracy": final["mean_clean_client_test_accuracy"],
+      "corrupted_weight_share": float(np.mean(w_share)) if w_share else 0.0,
+      "corrupted_data_share": float(np.mean(n_share)) if n_share else 0.0,
+  }
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `config.num_rounds` rounds, evaluating every `config.eval_every`.
 
   Writes into `workdir`: `metrics.jsonl` (one object per evaluation),
-  `summary.json`, `curves.png`, and orbax checkpoints (`checkpoints/`) every
-  `config.checkpoint_every` rounds and at the end; a rerun with the same workdir
-  resumes from the latest checkpoint.
+  `round_weights.jsonl` (each round's sampled clients and their aggregation
+  weights), `summary.json`, `curves.png`, `weights.png` (heatmap of weight by
+  client and round), and orbax checkpoints (`checkpoints/`) every
+  `config.checkpoint_every` rounds and at the end; a rerun with the same
+  workdir resumes from the latest checkpoint.
+
+  With `config.corruption`, the summary adds the accuracy on the clean
+  clients' test data and the share of weight and data the corrupted clients
+  had in their rounds.
 
   Args:
     config: The experiment config (see `configs/default.py`).
@@ -45,22 +69,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   os.makedirs(workdir, exist_ok=True)
   t_start = time.perf_counter()
-  train, test = _registry.make_data(config.data)
+  prepared = _registry.prepare_data(config)
+  train, test = prepared.train, prepared.test
+  corrupted = prepared.noisy | prepared.attackers
   _check_config(config, train.num_clients)
   model = _registry.make_model(config.model, train.x.shape[2:], train.num_classes)
-  alg = _registry.make_algorithm(config, model, train)
+  alg = _registry.make_algorithm(config, model, train, proxy=prepared.proxy,
+                                 attackers=prepared.attackers)
 
   state = alg.init(jax.random.key(config.seed), train)
   mngr = _checkpoint.manager(workdir)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  weights_path = os.path.join(workdir, "round_weights.jsonl")
   restored = _checkpoint.restore_latest(mngr, state)
-  if restored is not None:
-    state = restored
-    records = [r for r in _outputs.read_jsonl(metrics_path) if r["round"] <= int(state.round)]
-  else:
-    records = []
-  with open(metrics_path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  state = state if restored is None else restored
+  done_before = int(state.round) if restored is not None else -1
+  records, weight_rows = ([r for r in _outputs.read_jsonl(path) if r["round"] <= done_before]
+                          for path in (metrics_path, weights_path))
+  for path, rows in ((metrics_path, records), (weights_path, weight_rows)):
+    with open(path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
 
   round_fn = jax.jit(alg.round)
   eval_fn = jax.jit(lambda params, data: evaluate(model, params, data))
@@ -70,6 +98,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rec = {"round": int(state.round)}
     rec.update(summarize(eval_fn(state.params, test), "test"))
     per_client = rec.pop("per_client_test_accuracy")
+    if corrupted.any():
+      clean = ~corrupted
+      acc = np.asarray(per_client)
+      n = np.asarray(test.num_examples, np.float64)
+      rec["clean_client_test_accuracy"] = float(np.sum((n * acc)[clean]) / np.sum(n[clean]))
+      rec["mean_clean_client_test_accuracy"] = float(acc[clean].mean())
     if config.get("eval_train", True):
       tr = summarize(eval_fn(state.params, train), "train")
       rec["train_loss"], rec["train_accuracy"] = tr["train_loss"], tr["train_accuracy"]
@@ -91,6 +125,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, m = round_fn(state, train)
     train_losses.append(m.train_loss)
     jax.block_until_ready(state)
+    clients, weights = jax.device_get((m.clients, m.weights))
+    row = {"round": r + 1, "clients": clients.tolist(),
+           "weights": [round(float(w), 6) for w in weights]}
+    weight_rows.append(row)
+    _outputs.append_jsonl(weights_path, row)
     if r == first:
       compile_seconds = time.perf_counter() - t0
     else:
@@ -115,6 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "final_test_accuracy": final["test_accuracy"],
       "mean_client_test_accuracy": final["mean_client_test_accuracy"],
       "worst10_client_test_accuracy": final["worst10_client_test_accuracy"],
+      "variance_client_test_accuracy": final["variance_client_test_accuracy"],
       "per_client_test_accuracy": per_client,
       "final_test_loss": final["test_loss"],
       "final_train_loss": final.get("train_loss"),
@@ -130,7 +170,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "backend": jax.default_backend(),
       "config": config.to_dict(),
   }
-  _outputs.write_json(os.path.join(workdir, "summary.json"), summary)
+  if corrupted.any():
+    summary.update(_corruption_summary(final, weight_rows, corrupted, train))
+  summary_path = os.path.join(workdir, "summary.json")
+  if not round_seconds and os.path.exists(summary_path):   # resumed a finished run
+    with open(summary_path) as f:
+      before = json.load(f)
+    for key in ("compile_and_first_round_seconds", "seconds_per_round"):
+      summary[key] = before.get(key, summary[key])
+  _outputs.write_json(summary_path, summary)
+  _outputs.plot_weights(weight_rows, train.num_clients, os.path.join(workdir, "weights.png"),
+                        marked=corrupted, title=f"aggregation weights: "
+                        f"{config.aggregation.weighting}")
   _outputs.plot_curves(records, os.path.join(workdir, "curves.png"),
                        title=f"{config.algorithm} on {config.data.name}")
   return summary

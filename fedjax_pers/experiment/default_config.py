@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.iid = False
   c.data.seed = 0
   c.data.test_fraction = 0.1
+  c.data.proxy_examples = 0       # > 0: hold this many test examples out for the server
+                                  # (FedLAW's proxy set); evaluation uses the rest
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "logistic_regression"   # logistic_regression | mlp | cnn
@@ -56,7 +58,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.server.momentum = 0.0
 
   c.aggregation = ml_collections.ConfigDict()
-  c.aggregation.weighting = "num_examples"   # num_examples | uniform
+  # Weighted means: num_examples | uniform | loss | loss_improvement | cosine | fedadp |
+  # label_divergence | label_entropy, or several joined by '*' (product, renormalised).
+  # Aggregators: q_ffl | fedlaw | median | trimmed_mean | krum | multi_krum | clip_norm.
+  c.aggregation.weighting = "num_examples"
+  c.aggregation.temperature = 1.0     # loss, loss_improvement, label_divergence, label_entropy
+  c.aggregation.power = 1.0           # w ∝ w^power (weight functions only)
+  c.aggregation.floor = 0.0           # w ← (1 − floor) w + floor / m
+  c.aggregation.population = "cohort"  # label_divergence's reference: cohort | data
+  c.aggregation.fedadp_alpha = 5.0
+  c.aggregation.q = 1.0               # q_ffl
+  c.aggregation.trim_beta = 0.1       # trimmed_mean
+  c.aggregation.byzantine_f = 1       # krum, multi_krum
+  c.aggregation.multi_krum_m = placeholder(int)
+  c.aggregation.max_norm = 1.0        # clip_norm
+  c.aggregation.fedlaw_steps = 100
+  c.aggregation.fedlaw_learning_rate = 0.05
+
+  c.corruption = ml_collections.ConfigDict()
+  c.corruption.label_shuffle_fraction = 0.0   # clients whose train labels are shuffled
+  c.corruption.attack_fraction = 0.0          # clients that send attack_scale × update
+  c.corruption.attack_scale = -10.0
+  c.corruption.seed = 0
 
   c.fedprox = ml_collections.ConfigDict()
   c.fedprox.mu = 0.0

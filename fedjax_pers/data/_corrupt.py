@@ -1,0 +1,85 @@
+"""Corrupted populations for robustness studies: label noise and a server hold-out set."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedjax_pers.core._data import FederatedData
+
+
+def choose_clients(num_clients: int, fraction: float, seed: int = 0) -> np.ndarray:
+  """A seeded `[num_clients]` bool mask with `round(fraction · num_clients)` True entries."""
+  if not 0 <= fraction <= 1:
+    raise ValueError(f"fraction must be in [0, 1]; got {fraction!r}.")
+  chosen = np.random.default_rng(seed).permutation(num_clients)[:round(fraction * num_clients)]
+  mask = np.zeros(num_clients, bool)
+  mask[chosen] = True
+  return mask
+
+
+def derangement(rng: np.random.Generator, n: int) -> np.ndarray:
+  """A uniformly drawn permutation of `range(n)` with no fixed point (n ≥ 2)."""
+  while True:
+    p = rng.permutation(n)
+    if not np.any(p == np.arange(n)):
+      return p
+
+
+def shuffle_labels(data: FederatedData, clients: np.ndarray, seed: int = 0) -> FederatedData:
+  """Relabels each chosen client's data by its own random shuffle of the classes.
+
+  Client c's labels become `π_c(y)`, with π_c a random permutation of the
+  classes without fixed points: every label is wrong, consistently within the
+  client (an annotator who swapped the class names). Shuffling the labels
+  among a client's own examples instead would barely change clients that hold
+  one or two classes, as most do in non-IID data.
+
+  Args:
+    data: The population (at least two classes).
+    clients: `[num_clients]` bool mask of the clients to corrupt.
+    seed: Seed of the permutations.
+
+  Returns:
+    A new `FederatedData` (the other clients unchanged).
+  """
+  clients = np.asarray(clients)
+  if clients.shape != (data.num_clients,) or clients.dtype != bool:
+    raise ValueError(f"clients must be a bool mask of shape ({data.num_clients},); got "
+                     f"{clients.dtype} {clients.shape}.")
+  if data.num_classes < 2:
+    raise ValueError(f"shuffle_labels needs at least 2 classes; got {data.num_classes}.")
+  rng = np.random.default_rng(seed)
+  xs, ys = zip(*(data.client(c) for c in range(data.num_clients)))
+  ys = [derangement(rng, data.num_classes)[y] if bad else y for y, bad in zip(ys, clients)]
+  return FederatedData.from_clients(list(xs), ys, num_classes=data.num_classes)
+
+
+def holdout(data: FederatedData, num_examples: int, seed: int = 0
+            ) -> tuple[FederatedData, np.ndarray, np.ndarray]:
+  """Moves `num_examples` examples, drawn uniformly from the pooled data, to a server set.
+
+  Used for the small proxy set a server-side method (FedLAW) trains on; the
+  examples are removed from `data`, so an evaluation on the rest never sees them.
+
+  Returns:
+    `(rest, x, y)`; every client keeps at least one example.
+  """
+  total = int(np.sum(data.num_examples))
+  if not (isinstance(num_examples, int) and 0 < num_examples < total - data.num_clients):
+    raise ValueError(
+        f"num_examples must be an int in (0, {total - data.num_clients}) (each client keeps"
+        f" one example); got {num_examples!r}.")
+  rng = np.random.default_rng(seed)
+  clients = [data.client(c) for c in range(data.num_clients)]
+  owner = np.concatenate([np.full(len(y), c) for c, (_, y) in enumerate(clients)])
+  first = np.concatenate([[True] + [False] * (len(y) - 1) for _, y in clients])
+  pick = rng.choice(np.flatnonzero(~first), num_examples, replace=False)
+  take = np.zeros(total, bool)
+  take[pick] = True
+  x_all = np.concatenate([x for x, _ in clients])
+  y_all = np.concatenate([y for _, y in clients])
+  keep = [~take[owner == c] for c in range(data.num_clients)]
+  rest = FederatedData.from_clients(
+      [x[k] for (x, _), k in zip(clients, keep)],
+      [y[k] for (_, y), k in zip(clients, keep)], num_classes=data.num_classes)
+  return rest, x_all[take], y_all[take]

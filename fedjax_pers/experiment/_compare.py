@@ -1,0 +1,170 @@
+"""Several strategies on the same data, clients and seeds: a table and a plot."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from fedjax_pers.experiment import _outputs
+from fedjax_pers.experiment._train import train_and_evaluate
+
+LAST_EVALS = 5   # the table also averages the last few evaluations: one is a noisy end
+
+
+def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
+  """`'label: key=value, key=value'` into `(label, {key: value})`.
+
+  Values are Python literals where they parse (`0.5`, `True`, `(1, 2)`), else
+  strings. Keys are dotted config paths (`aggregation.weighting`).
+  """
+  label, sep, rest = spec.partition(":")
+  label = label.strip()
+  if not sep or not label or not all(c.isalnum() or c in "_-." for c in label):
+    raise ValueError(
+        f"compare.strategies entries must read 'label: key=value, ...' with a label of "
+        f"letters, digits, '_', '-' or '.'; got {spec!r}.")
+  overrides = {}
+  for item in filter(None, (s.strip() for s in rest.split(","))):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"In compare strategy {label!r}: expected key=value; got {item!r}.")
+    try:
+      overrides[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      overrides[key.strip()] = value.strip()
+  return label, overrides
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
+                    ) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted `overrides` set (unknown keys raise)."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    for key, value in overrides.items():
+      *path, leaf = key.split(".")
+      node = c
+      for p in path:
+        node = node[p]
+      if leaf not in node:
+        raise ValueError(f"Unknown config key {key!r} in a compare strategy.")
+      node[leaf] = value
+  return c
+
+
+def rounds_to_target(records: list[dict[str, Any]], key: str, target: float) -> int | None:
+  """The first evaluated round whose `key` reaches `target` (None if none does)."""
+  return next((r["round"] for r in records if r[key] >= target), None)
+
+
+def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs every `config.compare.strategies` entry from the same base config.
+
+  Every strategy uses the same data, seeds and hence the same sampled clients
+  in every round (cohorts depend only on `config.seed` and the population),
+  and is run by `train_and_evaluate` into `workdir/<label>`.
+
+  Writes `comparison.json`, `comparison.md` (final accuracy and its mean over
+  the last 5 evaluations, mean, worst-10% and variance over clients, rounds to
+  reach `compare.target_accuracy`; with corrupted clients also the clean
+  clients' accuracy and the corrupted clients' weight share) and
+  `comparison.png` (accuracy against round; per-client final accuracy
+  distribution). A rerun with the same workdir resumes each strategy from its
+  checkpoints.
+
+  Returns:
+    The comparison dict written to `comparison.json`.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  specs = [parse_strategy(s) for s in config.compare.strategies]
+  labels = [label for label, _ in specs]
+  if len(set(labels)) != len(labels) or not labels:
+    raise ValueError(f"compare.strategies needs distinct labels, at least one; got {labels}.")
+  runs = [(label, overrides, apply_overrides(config, overrides)) for label, overrides in specs]
+  target = config.compare.target_accuracy
+  results = []
+  for label, overrides, c in runs:
+    summary = train_and_evaluate(c, os.path.join(workdir, label))
+    records = _outputs.read_jsonl(os.path.join(workdir, label, "metrics.jsonl"))
+    key = "clean_client_test_accuracy" if "clean_client_test_accuracy" in summary \
+        else "test_accuracy"
+    results.append({
+        "label": label, "overrides": overrides, "accuracy_key": key,
+        "final_accuracy": summary["final_test_accuracy"],
+        "last_evals_accuracy": float(np.mean([r[key] for r in records[-LAST_EVALS:]])),
+        "mean_client_accuracy": summary["mean_client_test_accuracy"],
+        "worst10_client_accuracy": summary["worst10_client_test_accuracy"],
+        "variance_client_accuracy": summary["variance_client_test_accuracy"],
+        "best_accuracy": summary["best_test_accuracy"],
+        "clean_client_accuracy": summary.get("clean_client_test_accuracy"),
+        "corrupted_weight_share": summary.get("corrupted_weight_share"),
+        "corrupted_data_share": summary.get("corrupted_data_share"),
+        "rounds_to_target": rounds_to_target(records, key, target),
+        "wall_seconds": summary["wall_seconds"],
+        "seconds_per_round": summary["seconds_per_round"],
+        "curve": [[r["round"], r[key]] for r in records],
+        "per_client_accuracy": summary["per_client_test_accuracy"],
+    })
+  out = {"target_accuracy": target, "strategies": results, "config": config.to_dict()}
+  _outputs.write_json(os.path.join(workdir, "comparison.json"), out)
+  with open(os.path.join(workdir, "comparison.md"), "w") as f:
+    f.write(comparison_table(out) + "\n")
+  plot_comparison(out, os.path.join(workdir, "comparison.png"))
+  return out
+
+
+def comparison_table(out: dict[str, Any]) -> str:
+  """The comparison as a Markdown table."""
+  res = out["strategies"]
+  corrupted = any(r["clean_client_accuracy"] is not None for r in res)
+  head = ["strategy", "final acc", f"last {LAST_EVALS} evals", "mean client", "worst-10%",
+          "variance",
+          f"rounds to {out['target_accuracy']:g}"]
+  if corrupted:
+    head += ["clean clients' acc", "corrupted weight / data share"]
+  head += ["s/round"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+  for r in res:
+    cells = [r["label"], f"{r['final_accuracy']:.4f}", f"{r['last_evals_accuracy']:.4f}",
+             f"{r['mean_client_accuracy']:.4f}",
+             f"{r['worst10_client_accuracy']:.4f}", f"{r['variance_client_accuracy']:.4f}",
+             "—" if r["rounds_to_target"] is None else str(r["rounds_to_target"])]
+    if corrupted and r["clean_client_accuracy"] is None:
+      cells += ["—", "—"]
+    elif corrupted:
+      cells += [f"{r['clean_client_accuracy']:.4f}",
+                f"{r['corrupted_weight_share']:.3f} / {r['corrupted_data_share']:.3f}"]
+    cells += [f"{r['seconds_per_round']:.4f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_comparison(out: dict[str, Any], path: str) -> None:
+  """Accuracy against round per strategy, and the per-client final accuracy spread."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  res = out["strategies"]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for r in res:
+    curve = np.asarray(r["curve"])
+    ax1.plot(curve[:, 0], curve[:, 1], label=r["label"])
+  ax1.axhline(out["target_accuracy"], color="gray", linestyle=":", linewidth=1)
+  key = res[0]["accuracy_key"].replace("_", " ")
+  ax1.set_xlabel("round")
+  ax1.set_ylabel(key)
+  ax1.grid(alpha=0.3)
+  ax1.legend(fontsize=8)
+  ax2.boxplot([r["per_client_accuracy"] for r in res], showmeans=True)
+  ax2.set_xticks(range(1, len(res) + 1), [r["label"] for r in res], rotation=30, ha="right")
+  ax2.set_ylabel("final test accuracy per client")
+  ax2.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,92 @@
+"""Config names to weight functions and aggregators (`config.aggregation`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+
+from fedjax_pers import aggregation
+from fedjax_pers.core import FederatedData, Model
+
+
+def _population(c: ml_collections.ConfigDict, train: FederatedData):
+  if c.population == "cohort":
+    return None
+  if c.population == "data":
+    hist = np.bincount(np.concatenate([train.client(i)[1] for i in range(train.num_clients)]),
+                       minlength=train.num_classes)
+    return hist / hist.sum()
+  raise ValueError(
+      f"aggregation.population must be 'cohort' or 'data'; got {c.population!r}.")
+
+
+def weighting_table(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
+                    proxy) -> dict[str, Callable[[], object]]:
+  """Every name `config.aggregation.weighting` accepts, with its options from the config."""
+  c = config.aggregation
+
+  def fedlaw():
+    if proxy is None:
+      raise ValueError("aggregation.weighting='fedlaw' needs a server proxy set: set "
+                       "data.proxy_examples > 0.")
+    import optax
+
+    return aggregation.fedlaw(model, *proxy, steps=c.fedlaw_steps,
+                              optimizer=optax.adam(c.fedlaw_learning_rate))
+
+  return {
+      # weighted means (WeightFn): composable with '*', power and floor
+      "num_examples": aggregation.num_examples,
+      "uniform": aggregation.uniform,
+      "loss": lambda: aggregation.loss(c.temperature),
+      "loss_improvement": lambda: aggregation.loss_improvement(c.temperature),
+      "cosine": aggregation.cosine,
+      "fedadp": lambda: aggregation.fedadp(c.fedadp_alpha),
+      "label_divergence": lambda: aggregation.label_divergence(
+          c.temperature, _population(c, train)),
+      "label_entropy": lambda: aggregation.label_entropy(c.temperature),
+      # aggregators
+      "q_ffl": lambda: aggregation.q_ffl(c.q, config.client.learning_rate),
+      "fedlaw": fedlaw,
+      "median": aggregation.median,
+      "trimmed_mean": lambda: aggregation.trimmed_mean(c.trim_beta),
+      "krum": lambda: aggregation.krum(c.byzantine_f),
+      "multi_krum": lambda: aggregation.multi_krum(c.byzantine_f, c.get("multi_krum_m")),
+      "clip_norm": lambda: aggregation.clip_norm(c.max_norm),
+  }
+
+
+def make_weighting(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
+                   proxy=None, attackers: np.ndarray | None = None):
+  """The `WeightFn` or `Aggregator` named by `config.aggregation.weighting`.
+
+  Names joined by `*` multiply weight functions (`num_examples*label_divergence`);
+  `aggregation.power` and `aggregation.floor` then sharpen/flatten and floor
+  them. With `attackers` (a client mask), those clients send
+  `corruption.attack_scale` times their update.
+  """
+  c = config.aggregation
+  table = weighting_table(config, model, train, proxy)
+  names = c.weighting.split("*")
+  for name in names:
+    if name not in table:
+      raise ValueError(
+          f"Unknown aggregation.weighting {name!r}; expected one of {sorted(table)}, or "
+          "weight functions joined by '*'.")
+  parts = [table[name]() for name in names]
+  is_weight = [isinstance(p, aggregation.WeightFn) for p in parts]
+  if not all(is_weight) and (len(parts) > 1 or c.power != 1.0 or c.floor != 0.0):
+    raise ValueError(
+        f"aggregation.weighting={c.weighting!r}: only weight functions (not aggregators) "
+        "combine with '*', aggregation.power and aggregation.floor.")
+  how = parts[0] if len(parts) == 1 else aggregation.product(*parts)
+  if all(is_weight):
+    if c.power != 1.0:
+      how = aggregation.power(how, c.power)
+    if c.floor != 0.0:
+      how = aggregation.floor(how, c.floor)
+  if attackers is not None and attackers.any():
+    how = aggregation.scaled_updates(how, attackers, config.corruption.attack_scale)
+  return how
