@@ -5,6 +5,7 @@ epochs, and asserts the outcome the full-size run shows.
 """
 
 import importlib
+import os
 
 import pytest
 
@@ -42,9 +43,14 @@ def test_label_noise_quality_and_learned_weights_beat_data_size(tmp_path):
   assert r["fedlaw"]["corrupted_weight_share"] < r["fedlaw"]["corrupted_data_share"]
 
 
+SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="../shared/data/mnist is absent")
 def test_scaled_sign_flip_attack_robust_aggregators_stay_close(tmp_path):
-  c = config("compare_byzantine", num_rounds=40, client__local_epochs=5)
+  c = config("compare_byzantine", num_rounds=40, eval_every=10)
+  c.data.data_dir = SHARED_MNIST
   c.compare.strategies = (
       "no_attack: corruption.attack_scale=1.0",
       "mean: aggregation.weighting=num_examples",

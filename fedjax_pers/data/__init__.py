@@ -1,6 +1,18 @@
-"""Data sets as `FederatedData`: synthetic generators, and corrupted populations."""
+"""Data sets as `FederatedData`: synthetic generators, files, partitioners, corruptions."""
 
 from fedjax_pers.data._corrupt import choose_clients, holdout, shuffle_labels
+from fedjax_pers.data._files import mnist_idx, read_idx
+from fedjax_pers.data._partition import iid, split_clients
 from fedjax_pers.data._synthetic import synthetic, synthetic_arrays
 
-__all__ = ["choose_clients", "holdout", "shuffle_labels", "synthetic", "synthetic_arrays"]
+__all__ = [
+    "choose_clients",
+    "holdout",
+    "iid",
+    "mnist_idx",
+    "read_idx",
+    "shuffle_labels",
+    "split_clients",
+    "synthetic",
+    "synthetic_arrays",
+]

@@ -46,12 +46,22 @@ def make_optimizer(c: ml_collections.ConfigDict, where: str) -> optax.GradientTr
 
 
 def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedData]:
-  """`(train, test)` from `config.data` (`name` and its options)."""
+  """`(train, test)` from `config.data` (`name` and its options).
+
+  `synthetic`: Synthetic(α, β). `mnist_idx`: MNIST IDX files in `data_dir`
+  (`images`, `labels`), partitioned IID over `num_clients` clients, each split
+  into train and test by `test_fraction`.
+  """
   if c.name == "synthetic":
     return data.synthetic(
         c.alpha, c.beta, num_clients=c.num_clients, dim=c.dim, num_classes=c.num_classes,
         sample_scale=c.sample_scale, iid=c.iid, seed=c.seed, test_fraction=c.test_fraction)
-  raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['synthetic'].")
+  if c.name == "mnist_idx":
+    x, y = data.mnist_idx(c.data_dir, c.images, c.labels)
+    parts = data.iid(len(y), c.num_clients, seed=c.seed)
+    return data.split_clients(x, y, parts, test_fraction=c.test_fraction, num_classes=10,
+                              seed=c.seed)
+  raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['mnist_idx', 'synthetic'].")
 
 
 class ExperimentData(NamedTuple):
