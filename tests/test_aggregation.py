@@ -319,3 +319,11 @@ def test_krum_needs_enough_clients():
 def test_bad_arguments_raise_clear_errors(bad_call, match):
   with pytest.raises(ValueError, match=match):
     bad_call()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 10, 17, 100])
+def test_sorting_network_matches_numpy_sort(n):
+  x = np.random.default_rng(n).normal(size=(n, 7, 3)).astype(np.float32)
+  x[0, 0, 0] = np.inf
+  x[n // 2, 1, 1] = -np.inf
+  np.testing.assert_array_equal(np.asarray(jax.jit(agg.sort_clients)(x)), np.sort(x, axis=0))

@@ -71,4 +71,3 @@ def test_q_ffl_lowers_the_variance_of_client_accuracy(tmp_path):
   c.compare.strategies = ("q0: aggregation.q=0.0", "q2: aggregation.q=2.0")
   r = by_label(compare(c, str(tmp_path)))
   assert r["q2"]["variance_client_accuracy"] < r["q0"]["variance_client_accuracy"]
-  assert r["q2"]["worst10_client_accuracy"] >= r["q0"]["worst10_client_accuracy"]

@@ -29,6 +29,7 @@ from fedjax_pers.aggregation._robust import (
     krum_scores,
     median,
     multi_krum,
+    sort_clients,
     trimmed_mean,
 )
 from fedjax_pers.aggregation._weights import (
@@ -77,6 +78,7 @@ __all__ = [
     "product",
     "q_ffl",
     "scaled_updates",
+    "sort_clients",
     "trimmed_mean",
     "uniform",
 ]
