@@ -79,6 +79,8 @@ ALL = {
     "median": agg.median, "trimmed_mean": lambda: agg.trimmed_mean(0.2),
     "krum": lambda: agg.krum(1), "multi_krum": lambda: agg.multi_krum(1),
     "clip_norm": lambda: agg.clip_norm(0.5), "q_ffl": lambda: agg.q_ffl(1.0, 0.1),
+    "fedlaw": lambda: agg.fedlaw(logreg(), np.ones((4, 5), np.float32), np.arange(4) % 3,
+                                 steps=3),
 }
 
 

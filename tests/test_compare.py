@@ -136,7 +136,7 @@ def test_compare_command_writes_table_and_plot(tmp_path):
     assert [p[0] for p in r["curve"]] == [0, 2, 4]
     assert len(r["per_client_accuracy"]) == 8
   table = (tmp_path / "comparison.md").read_text()
-  assert table.count("\n") == 5 and "clean clients' acc" in table and "| median |" in table
+  assert "clean clients' test data" in table and "| median |" in table
   assert (tmp_path / "comparison.png").stat().st_size > 5000
   # The same cohorts in every strategy.
   rows = [[json.loads(line)["clients"] for line in

@@ -118,28 +118,30 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def comparison_table(out: dict[str, Any]) -> str:
-  """The comparison as a Markdown table."""
+  """The comparison as a Markdown table, with a line saying which accuracy it shows."""
   res = out["strategies"]
   corrupted = any(r["clean_client_accuracy"] is not None for r in res)
   head = ["strategy", "final acc", f"last {LAST_EVALS} evals", "mean client", "worst-10%",
-          "variance",
-          f"rounds to {out['target_accuracy']:g}"]
+          "variance", f"rounds to {out['target_accuracy']:g}"]
   if corrupted:
-    head += ["clean clients' acc", "corrupted weight / data share"]
+    head += ["corrupted weight / data share"]
   head += ["s/round"]
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   for r in res:
-    cells = [r["label"], f"{r['final_accuracy']:.4f}", f"{r['last_evals_accuracy']:.4f}",
-             f"{r['mean_client_accuracy']:.4f}",
-             f"{r['worst10_client_accuracy']:.4f}", f"{r['variance_client_accuracy']:.4f}",
+    cells = [r["label"], f"{r['curve'][-1][1]:.4f}", f"{r['last_evals_accuracy']:.4f}",
+             f"{r['mean_client_accuracy']:.4f}", f"{r['worst10_client_accuracy']:.4f}",
+             f"{r['variance_client_accuracy']:.4f}",
              "—" if r["rounds_to_target"] is None else str(r["rounds_to_target"])]
-    if corrupted and r["clean_client_accuracy"] is None:
-      cells += ["—", "—"]
-    elif corrupted:
-      cells += [f"{r['clean_client_accuracy']:.4f}",
+    if corrupted:
+      cells += ["—" if r["corrupted_weight_share"] is None else
                 f"{r['corrupted_weight_share']:.3f} / {r['corrupted_data_share']:.3f}"]
     cells += [f"{r['seconds_per_round']:.4f}"]
     lines.append("| " + " | ".join(cells) + " |")
+  what = ("test accuracy on the clean clients' test data (example-weighted)" if corrupted
+          else "test accuracy (example-weighted over all clients)")
+  lines.append(f"\nfinal acc, last {LAST_EVALS} evals and rounds to target: {what}; mean "
+               "client, worst-10% and variance: the final per-client test accuracy over all "
+               "clients.")
   return "\n".join(lines)
 
 
