@@ -1,7 +1,15 @@
 """fedjax_pers: vectorised federated learning with dynamic aggregation weights and
 personalization, in JAX."""
 
-from fedjax_pers import aggregation, algorithms, core, data, distributed, models
+from fedjax_pers import (
+    aggregation,
+    algorithms,
+    core,
+    data,
+    distributed,
+    models,
+    personalization,
+)
 from fedjax_pers.core import (
     ClientOutput,
     FederatedAlgorithm,
@@ -28,4 +36,5 @@ __all__ = [
     "data",
     "distributed",
     "models",
+    "personalization",
 ]

@@ -26,16 +26,27 @@ def write_json(path: str, obj: Any) -> None:
     json.dump(obj, f, indent=2)
 
 
-def plot_curves(records: list[dict[str, Any]], path: str, title: str = "") -> None:
-  """Test accuracy and train/test loss against round, as a PNG."""
+def plot_curves(records: list[dict[str, Any]], path: str, title: str = "",
+                gains=None) -> None:
+  """Test accuracy and train/test loss against round, as a PNG.
+
+  With personalized evaluations in `records`, the accuracy panel also shows the
+  personalized accuracy, and `gains` (per-client accuracy gain of the
+  personalized model) adds a histogram panel.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   rounds = [r["round"] for r in records]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  panels = 3 if gains is not None else 2
+  fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+  ax1, ax2 = axes[0], axes[1]
   ax1.plot(rounds, [r["test_accuracy"] for r in records], label="test (global model)")
+  if records and "personalized_test_accuracy" in records[0]:
+    ax1.plot(rounds, [r["personalized_test_accuracy"] for r in records],
+             label="test (personalized)")
   if records and "mean_client_test_accuracy" in records[0]:
     ax1.plot(rounds, [r["mean_client_test_accuracy"] for r in records], "--",
              label="mean over clients")
@@ -53,6 +64,11 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str = "") -> No
   ax2.set_yscale("log")
   ax2.legend()
   ax2.grid(alpha=0.3)
+  if gains is not None:
+    axes[2].hist(gains, bins=20, color="tab:green", alpha=0.8)
+    axes[2].axvline(0.0, color="black", linewidth=1)
+    axes[2].set_xlabel("personalized − global accuracy (final, per client)")
+    axes[2].set_ylabel("clients")
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -114,6 +130,15 @@ def summary_table(summary: dict[str, Any]) -> str:
       ("wall seconds", f"{summary['wall_seconds']:.1f}"),
       ("seconds per round (after compile)", f"{summary['seconds_per_round']:.4f}"),
   ]
+  if "personalized_test_accuracy" in summary:
+    rows += [
+        ("personalized test accuracy (fine-tuned)",
+         f"{summary['personalized_test_accuracy']:.4f}"),
+        ("mean / worst-10% client personalized accuracy",
+         f"{summary['mean_client_personalized_accuracy']:.4f} / "
+         f"{summary['worst10_client_personalized_accuracy']:.4f}"),
+        ("fraction of clients improved", f"{summary['fraction_clients_improved']:.3f}"),
+    ]
   if "clean_client_test_accuracy" in summary:
     rows += [
         ("test accuracy on clean clients", f"{summary['clean_client_test_accuracy']:.4f}"),

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import ml_collections
 import numpy as np
 import optax
 
-from fedjax_pers import algorithms, data, distributed, models
+from fedjax_pers import algorithms, data, distributed, models, personalization
 from fedjax_pers.core import FederatedAlgorithm, FederatedData, LocalWork, Model
 from fedjax_pers.experiment._weighting import make_weighting
 
@@ -141,9 +142,37 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
   client_tx = make_optimizer(config.client, "client")
   server_tx = make_optimizer(config.server, "server")
   work = make_local_work(config.client)
+  if config.algorithm == "finetune" and not config.personalization.finetune_steps:
+    raise ValueError("algorithm='finetune' needs personalization.finetune_steps > 0; got "
+                     f"{config.personalization.finetune_steps!r}.")
   table = {
       "fedavg": lambda: algorithms.fedavg(model, client_tx, server_tx, work, **kwargs),
+      # FedAvg's global model, fine-tuned by every client at each evaluation.
+      "finetune": lambda: algorithms.fedavg(model, client_tx, server_tx, work, **kwargs),
       "fedprox": lambda: algorithms.fedprox(model, client_tx, server_tx, work,
                                             mu=config.fedprox.mu, **kwargs),
   }
   return _pick(table, config.algorithm, "algorithm")()
+
+
+def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
+                           train: FederatedData, test: FederatedData):
+  """`fn(params, round) -> PersonalizedEval` (jitted) when
+  `config.personalization.finetune_steps > 0`, else None.
+
+  Every client fine-tunes the global model for `finetune_steps` steps of
+  `personalization.optimizer` on its train split and is evaluated on its test
+  split; the key depends on the seed and the round only.
+  """
+  c = config.get("personalization")
+  if c is None or not c.finetune_steps:
+    return None
+  if not (isinstance(c.finetune_steps, int) and c.finetune_steps > 0):
+    raise ValueError(
+        f"personalization.finetune_steps must be an int >= 0; got {c.finetune_steps!r}.")
+  tx = make_optimizer(c, "personalization")
+  work = LocalWork(batch_size=c.batch_size, steps=c.finetune_steps)
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  return jax.jit(lambda params, r: personalization.personalize(
+      model, tx, params, train, test, jax.random.fold_in(key, r), work,
+      client_chunk=c.get("client_chunk")))

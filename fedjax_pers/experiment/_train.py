@@ -14,6 +14,7 @@ import tqdm
 
 from fedjax_pers.core import evaluate, resolve_strategy, summarize
 from fedjax_pers.experiment import _checkpoint, _outputs, _registry
+from fedjax_pers.personalization import summarize_personalization
 
 
 def _check_config(config: ml_collections.ConfigDict, num_clients: int) -> None:
@@ -92,12 +93,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   round_fn = jax.jit(alg.round)
   eval_fn = jax.jit(lambda params, data: evaluate(model, params, data))
+  pers_fn = _registry.make_personalized_eval(config, model, train, test)
   strategy = resolve_strategy(config.strategy, state.params)
 
   def evaluate_now(state, train_losses):
     rec = {"round": int(state.round)}
     rec.update(summarize(eval_fn(state.params, test), "test"))
     per_client = rec.pop("per_client_test_accuracy")
+    lists = {"per_client_test_accuracy": per_client}
+    if pers_fn is not None:
+      pers = summarize_personalization(pers_fn(state.params, state.round))
+      lists.update({k: pers.pop(k) for k in list(pers) if k.startswith("per_client")})
+      rec.update(pers)
     if corrupted.any():
       clean = ~corrupted
       acc = np.asarray(per_client)
@@ -110,11 +117,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if train_losses:
       rec["local_train_loss"] = float(np.mean(jax.device_get(train_losses)))
     rec["elapsed_seconds"] = round(time.perf_counter() - t_start, 3)
-    return rec, per_client
+    return rec, lists
 
   first = int(state.round)
   if first == 0:
-    rec, per_client = evaluate_now(state, [])
+    rec, lists = evaluate_now(state, [])
     records.append(rec)
     _outputs.append_jsonl(metrics_path, rec)
   compile_seconds, round_seconds, train_losses = 0.0, [], []
@@ -136,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       round_seconds.append(time.perf_counter() - t0)
     done = r + 1
     if done % config.eval_every == 0 or done == config.num_rounds:
-      rec, per_client = evaluate_now(state, train_losses)
+      rec, lists = evaluate_now(state, train_losses)
       train_losses = []
       records.append(rec)
       _outputs.append_jsonl(metrics_path, rec)
@@ -147,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mngr.wait_until_finished()
 
   if int(state.round) == first:   # nothing left to run: evaluate the restored state
-    rec, per_client = evaluate_now(state, [])
+    rec, lists = evaluate_now(state, [])
     records[-1:] = [rec]
   final = records[-1]
   summary = {
@@ -155,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "mean_client_test_accuracy": final["mean_client_test_accuracy"],
       "worst10_client_test_accuracy": final["worst10_client_test_accuracy"],
       "variance_client_test_accuracy": final["variance_client_test_accuracy"],
-      "per_client_test_accuracy": per_client,
+      **lists,
       "final_test_loss": final["test_loss"],
       "final_train_loss": final.get("train_loss"),
       "best_test_accuracy": max(r["test_accuracy"] for r in records),
@@ -170,6 +177,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "backend": jax.default_backend(),
       "config": config.to_dict(),
   }
+  if pers_fn is not None:
+    summary.update({k: final[k] for k in final if "personalized" in k or k in (
+        "fraction_clients_improved", "mean_client_gain")})
+    summary["best_personalized_test_accuracy"] = max(
+        r["personalized_test_accuracy"] for r in records)
+    summary["best_personalized_test_accuracy_note"] = (
+        "max over evaluated rounds of the fine-tuned models' accuracy (as papers report)")
   if corrupted.any():
     summary.update(_corruption_summary(final, weight_rows, corrupted, train))
   summary_path = os.path.join(workdir, "summary.json")
@@ -183,5 +197,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         marked=corrupted, title=f"aggregation weights: "
                         f"{config.aggregation.weighting}")
   _outputs.plot_curves(records, os.path.join(workdir, "curves.png"),
-                       title=f"{config.algorithm} on {config.data.name}")
+                       title=f"{config.algorithm} on {config.data.name}",
+                       gains=summary.get("per_client_gain"))
   return summary

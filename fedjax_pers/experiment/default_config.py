@@ -12,7 +12,7 @@ from ml_collections.config_dict import placeholder
 def base_config() -> ml_collections.ConfigDict:
   """The keys shared by every experiment config, with FedAvg defaults."""
   c = ml_collections.ConfigDict()
-  c.algorithm = "fedavg"          # fedavg | fedprox
+  c.algorithm = "fedavg"          # fedavg | fedprox | finetune
   c.num_rounds = 100
   c.clients_per_round = 10
   c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)
@@ -74,6 +74,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.aggregation.max_norm = 1.0        # clip_norm
   c.aggregation.fedlaw_steps = 100
   c.aggregation.fedlaw_learning_rate = 0.05
+
+  c.personalization = ml_collections.ConfigDict()
+  c.personalization.finetune_steps = 0   # > 0: at every evaluation each client fine-tunes
+                                         # the global model (train split) and is tested
+  c.personalization.optimizer = "sgd"
+  c.personalization.learning_rate = 0.01
+  c.personalization.momentum = 0.0
+  c.personalization.batch_size = 10
+  c.personalization.client_chunk = placeholder(int)
 
   c.corruption = ml_collections.ConfigDict()
   c.corruption.label_shuffle_fraction = 0.0   # clients whose train labels are shuffled

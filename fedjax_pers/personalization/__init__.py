@@ -1,0 +1,10 @@
+"""Personalization: per-client models and the evaluation protocol that measures them."""
+
+from fedjax_pers.personalization._finetune import (
+    PersonalizedEval,
+    finetune,
+    personalize,
+    summarize_personalization,
+)
+
+__all__ = ["PersonalizedEval", "finetune", "personalize", "summarize_personalization"]

@@ -1,0 +1,110 @@
+"""Fine-tuning personalization against a NumPy reference, and its invariants."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from _reference import logreg_sgd
+from test_engine import logreg, small_data
+
+import fedjax_pers as fp
+from fedjax_pers.core import ClientEval
+from fedjax_pers.personalization import (
+    PersonalizedEval,
+    personalize,
+    summarize_personalization,
+)
+
+
+def setup(seed=0):
+  train = small_data(num_clients=5, seed=seed)
+  test = small_data(num_clients=5, seed=seed + 10)
+  model = logreg()
+  params = model.init(jax.random.key(seed))
+  return model, params, train, test
+
+
+def test_zero_steps_is_the_global_model():
+  model, params, train, test = setup()
+  ev = jax.jit(lambda p: personalize(model, optax.sgd(0.5), p, train, test,
+                                     jax.random.key(0), None))(params)
+  np.testing.assert_array_equal(ev.personal.accuracy, ev.global_.accuracy)
+  np.testing.assert_array_equal(ev.personal.loss, ev.global_.loss)
+  glob = fp.core.evaluate(model, params, test)
+  np.testing.assert_allclose(ev.global_.accuracy, glob.accuracy, rtol=1e-6)
+  s = summarize_personalization(ev)
+  assert s["fraction_clients_improved"] == 0.0 and s["mean_client_gain"] == 0.0
+
+
+@pytest.mark.parametrize("work", [fp.LocalWork(3, steps=1), fp.LocalWork(4, steps=5),
+                                  fp.LocalWork(4, epochs=2)])
+def test_finetuning_matches_numpy_sgd(work):
+  model, params, train, test = setup(1)
+  key = jax.random.key(7)
+  ev = jax.jit(lambda p: personalize(model, optax.sgd(0.3), p, train, test, key, work))(params)
+  w0 = np.asarray(params["Dense_0"]["kernel"], np.float64)
+  b0 = np.asarray(params["Dense_0"]["bias"], np.float64)
+  for c in range(train.num_clients):
+    k_plan, _ = jax.random.split(jax.random.fold_in(key, c))
+    plan = fp.core.batch_plan(k_plan, train.num_examples[c], work,
+                              max_examples=train.max_examples, min_examples=train.min_examples)
+    w, b, _, _ = logreg_sgd(w0, b0, np.asarray(train.x[c], np.float64), np.asarray(train.y[c]),
+                            np.asarray(plan.idx), np.asarray(plan.mask), 0.3)
+    xt, yt = test.client(c)
+    acc = np.mean(np.argmax(xt @ w + b, axis=1) == yt)
+    z = xt @ w + b
+    z = z - z.max(1, keepdims=True)
+    loss = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(yt)), yt])
+    assert abs(float(ev.personal.accuracy[c]) - acc) < 1e-6
+    assert abs(float(ev.personal.loss[c]) - loss) < 1e-4
+
+
+def test_chunked_equals_all_at_once():
+  model, params, train, test = setup(2)
+  work = fp.LocalWork(3, steps=4)
+  a = personalize(model, optax.sgd(0.2), params, train, test, jax.random.key(1), work)
+  b = personalize(model, optax.sgd(0.2), params, train, test, jax.random.key(1), work,
+                  client_chunk=2)
+  np.testing.assert_allclose(a.personal.loss, b.personal.loss, rtol=1e-6)
+
+
+def test_summary_by_hand():
+  n = np.array([10, 30, 20, 40])
+  glob = ClientEval(np.zeros(4), np.array([0.5, 0.6, 0.7, 0.2]), n)
+  pers = ClientEval(np.zeros(4), np.array([0.6, 0.6, 0.5, 0.9]), n)
+  s = summarize_personalization(PersonalizedEval(glob, pers))
+  assert s["personalized_test_accuracy"] == pytest.approx((6 + 18 + 10 + 36) / 100)
+  assert s["fraction_clients_improved"] == 0.5               # 0.6 = 0.6 is not a gain
+  assert s["mean_client_gain"] == pytest.approx((0.1 + 0 - 0.2 + 0.7) / 4)
+  assert s["worst10_client_personalized_accuracy"] == pytest.approx(0.5)
+  assert s["per_client_gain"] == pytest.approx([0.1, 0.0, -0.2, 0.7])
+
+
+def test_mismatched_clients_raise():
+  model, params, train, _ = setup()
+  with pytest.raises(ValueError, match="same clients"):
+    personalize(model, optax.sgd(0.1), params, train, small_data(num_clients=3),
+                jax.random.key(0), None)
+
+
+def test_finetune_algorithm_from_the_cli_config(tmp_path):
+  from test_experiment import tiny_config
+
+  from fedjax_pers.experiment import train_and_evaluate
+
+  c = tiny_config()
+  c.algorithm = "finetune"
+  c.personalization.finetune_steps = 3
+  s = train_and_evaluate(c, str(tmp_path))
+  for key in ("personalized_test_accuracy", "mean_client_personalized_accuracy",
+              "worst10_client_personalized_accuracy", "fraction_clients_improved",
+              "best_personalized_test_accuracy", "per_client_personalized_accuracy",
+              "per_client_gain"):
+    assert key in s, key
+  assert len(s["per_client_gain"]) == 8
+  np.testing.assert_allclose(
+      np.array(s["per_client_personalized_accuracy"]) - np.array(s["per_client_test_accuracy"]),
+      s["per_client_gain"], atol=2e-6)
+  c.personalization.finetune_steps = 0
+  with pytest.raises(ValueError, match="finetune_steps > 0"):
+    train_and_evaluate(c, str(tmp_path / "again"))
