@@ -12,9 +12,13 @@ def softmax(z):
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def logreg_sgd(w, b, x, y, plan_idx, plan_mask, lr, mu=None):
-  """SGD on multinomial logistic regression over a batch plan, in float64 loops."""
-  w0, b0 = w.copy(), b.copy()
+def logreg_sgd(w, b, x, y, plan_idx, plan_mask, lr, mu=None, anchor=None):
+  """SGD on multinomial logistic regression over a batch plan, in float64 loops.
+
+  The proximal term (mu/2)||(w, b) − anchor||² is centred at `anchor` (default
+  the starting point).
+  """
+  w0, b0 = (w.copy(), b.copy()) if anchor is None else anchor
   loss_sum, count, steps = 0.0, 0, 0
   for idx, mask in zip(plan_idx, plan_mask):
     sel = idx[mask]

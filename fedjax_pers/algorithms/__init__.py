@@ -1,5 +1,6 @@
-"""Federated algorithms, each a factory returning `FederatedAlgorithm(init, round)`."""
+"""Federated algorithms, one short factory per file, each returning a `FederatedAlgorithm`."""
 
+from fedjax_pers.algorithms._ditto import ditto
 from fedjax_pers.algorithms._fedavg import fedavg, fedprox
 
-__all__ = ["fedavg", "fedprox"]
+__all__ = ["ditto", "fedavg", "fedprox"]

@@ -22,11 +22,14 @@ class ClientData(NamedTuple):
     x: `[max_examples, *feature_shape]`.
     y: `[max_examples]` int32.
     num_examples: Scalar int32, the number of real examples.
+    state: The client's own state kept across rounds (personal parameters of
+      Ditto, pFedMe, personal layers...), or None.
   """
 
   x: jax.Array
   y: jax.Array
   num_examples: jax.Array
+  state: Any = None
 
 
 class ClientOutput(NamedTuple):
@@ -45,6 +48,8 @@ class ClientOutput(NamedTuple):
     loss_after: Mean loss of the local model over the client's data (idem).
     client_id: The client's index in the population; set by the round, None
       inside the client update.
+    client_state: The client's new state (written back into the server state
+      for the sampled clients), or None for algorithms without one.
   """
 
   delta: Params
@@ -56,6 +61,7 @@ class ClientOutput(NamedTuple):
   loss_before: jax.Array | None = None
   loss_after: jax.Array | None = None
   client_id: jax.Array | None = None
+  client_state: Any = None
 
 
 ClientUpdate = Callable[[Params, ClientData, jax.Array], ClientOutput]
@@ -96,6 +102,7 @@ def local_train(
     key: jax.Array,
     *,
     prox_mu: float | jax.Array | None = None,
+    anchor: Params | None = None,
     guard_empty_steps: bool = True,
 ) -> tuple[Params, jax.Array, jax.Array, jax.Array]:
   """Runs the local steps of `plan` with optimizer `tx` from `params`.
@@ -104,8 +111,9 @@ def local_train(
 
     f_b(w) = (1/|b|) Σ_{j∈b} ℓ(w; x_j, y_j) + (μ/2) ||w − w_t||²,
 
-  where `w_t = params` and the proximal term (FedProx, Li et al., MLSys 2020) is
-  present when `prox_mu` is not None. A step whose batch is all padding leaves
+  where `w_t = anchor` (default `params`) and the proximal term (FedProx, Li et
+  al., MLSys 2020; Ditto's λ with the global model as anchor) is present when
+  `prox_mu` is not None. A step whose batch is all padding leaves
   the parameters and the optimizer state unchanged.
 
   Args:
@@ -116,6 +124,7 @@ def local_train(
     plan: Batches of every step.
     key: PRNG key (dropout).
     prox_mu: FedProx's μ, or None for no proximal term.
+    anchor: Centre of the proximal term (default: the starting `params`).
     guard_empty_steps: Keep the state of all-padding steps unchanged. Only
       plans that can have such steps (local epochs) need it; with local steps
       every step holds a real example and the select is skipped.
@@ -123,7 +132,7 @@ def local_train(
   Returns:
     `(w_local, loss_sum, example_count, steps_taken)`.
   """
-  anchor = params
+  anchor = params if anchor is None else anchor
   step_keys = jax.random.split(key, plan.idx.shape[0])
 
   def objective(w, xb, yb, mb, k):

@@ -71,16 +71,19 @@ class RoundMetrics(NamedTuple):
 
 
 class FederatedAlgorithm(NamedTuple):
-  """A federated algorithm as two pure functions.
+  """A federated algorithm as two pure functions (and, if it personalizes, a third).
 
   Attributes:
     init: `init(key, data) -> ServerState`.
     round: `round(state, data) -> (state, RoundMetrics)`; jittable and
       differentiable.
+    personal: Optional `personal(state) -> params` stacked over all clients:
+      each client's personalized model (Ditto's v_k, ...), for evaluation.
   """
 
   init: Callable[[jax.Array, FederatedData], ServerState]
   round: Callable[[ServerState, FederatedData], tuple[ServerState, RoundMetrics]]
+  personal: Callable[[ServerState], Any] | None = None
 
 
 def make_round(
@@ -135,7 +138,8 @@ def make_round(
     rng, k_sample, k_clients = jax.random.split(state.rng, 3)
     idx = sample_clients(k_sample, data.num_clients, k, probs=probs)
     padded, valid = pad_cohort(idx, mesh)
-    clients = ClientData(data.x, data.y, data.num_examples)
+    personal = state.client_states if jax.tree.leaves(state.client_states) else None
+    clients = ClientData(data.x, data.y, data.num_examples, personal)
     if padded.shape[0] != data.num_clients or probs is not None or k < data.num_clients:
       clients = jax.tree.map(lambda a: a[padded], clients)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(k_clients, padded)
@@ -151,6 +155,14 @@ def make_round(
       weights = safe_divide(result.scores[:k], total)
     else:
       agg, weights, weight_state = aggregator.apply(outputs, weight_state, state.params)
+    client_states = state.client_states
+    if outputs.client_state is not None:
+      # Sampled clients with a finite update write their new state back; the
+      # others keep theirs bit for bit.
+      def scatter(all_, new):
+        ok = outputs.finite.reshape((-1,) + (1,) * (new.ndim - 1))
+        return all_.at[idx].set(jnp.where(ok, new, all_[idx]))
+      client_states = jax.tree.map(scatter, client_states, outputs.client_state)
     pseudo_grad = jax.tree.map(jnp.negative, agg)
     updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -162,7 +174,7 @@ def make_round(
         clients=idx, weights=weights, client_train_loss=outputs.train_loss)
     new_state = ServerState(
         params=params, opt_state=opt_state, weight_state=weight_state,
-        client_states=state.client_states, round=state.round + 1, rng=rng)
+        client_states=client_states, round=state.round + 1, rng=rng)
     return new_state, metrics
 
   return round_fn

@@ -132,7 +132,7 @@ def summary_table(summary: dict[str, Any]) -> str:
   ]
   if "personalized_test_accuracy" in summary:
     rows += [
-        ("personalized test accuracy (fine-tuned)",
+        ("personalized test accuracy",
          f"{summary['personalized_test_accuracy']:.4f}"),
         ("mean / worst-10% client personalized accuracy",
          f"{summary['mean_client_personalized_accuracy']:.4f} / "

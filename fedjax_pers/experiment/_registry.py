@@ -151,20 +151,27 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
       "finetune": lambda: algorithms.fedavg(model, client_tx, server_tx, work, **kwargs),
       "fedprox": lambda: algorithms.fedprox(model, client_tx, server_tx, work,
                                             mu=config.fedprox.mu, **kwargs),
+      "ditto": lambda: algorithms.ditto(model, client_tx, server_tx, work,
+                                        lam=config.ditto.lam, **kwargs),
   }
   return _pick(table, config.algorithm, "algorithm")()
 
 
 def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
-                           train: FederatedData, test: FederatedData):
-  """`fn(params, round) -> PersonalizedEval` (jitted) when
-  `config.personalization.finetune_steps > 0`, else None.
+                           alg: FederatedAlgorithm, train: FederatedData, test: FederatedData):
+  """`fn(state) -> PersonalizedEval` (jitted), or None when nothing is personalized.
 
-  Every client fine-tunes the global model for `finetune_steps` steps of
-  `personalization.optimizer` on its train split and is evaluated on its test
-  split; the key depends on the seed and the round only.
+  An algorithm with personal models (`alg.personal`, e.g. Ditto) is evaluated
+  with them. Otherwise, with `config.personalization.finetune_steps > 0`, every
+  client fine-tunes the global model for that many steps of
+  `personalization.optimizer` on its train split; the key depends on the seed
+  and the round only. Either way each client is tested on its test split.
   """
   c = config.get("personalization")
+  chunk = None if c is None else c.get("client_chunk")
+  if alg.personal is not None:
+    return jax.jit(lambda state: personalization.evaluate_personal(
+        model, alg.personal(state), state.params, test, client_chunk=chunk))
   if c is None or not c.finetune_steps:
     return None
   if not (isinstance(c.finetune_steps, int) and c.finetune_steps > 0):
@@ -173,6 +180,6 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
   tx = make_optimizer(c, "personalization")
   work = LocalWork(batch_size=c.batch_size, steps=c.finetune_steps)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  return jax.jit(lambda params, r: personalization.personalize(
-      model, tx, params, train, test, jax.random.fold_in(key, r), work,
-      client_chunk=c.get("client_chunk")))
+  return jax.jit(lambda state: personalization.personalize(
+      model, tx, state.params, train, test, jax.random.fold_in(key, state.round), work,
+      client_chunk=chunk))

@@ -93,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   round_fn = jax.jit(alg.round)
   eval_fn = jax.jit(lambda params, data: evaluate(model, params, data))
-  pers_fn = _registry.make_personalized_eval(config, model, train, test)
+  pers_fn = _registry.make_personalized_eval(config, model, alg, train, test)
   strategy = resolve_strategy(config.strategy, state.params)
 
   def evaluate_now(state, train_losses):
@@ -102,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     per_client = rec.pop("per_client_test_accuracy")
     lists = {"per_client_test_accuracy": per_client}
     if pers_fn is not None:
-      pers = summarize_personalization(pers_fn(state.params, state.round))
+      pers = summarize_personalization(pers_fn(state))
       lists.update({k: pers.pop(k) for k in list(pers) if k.startswith("per_client")})
       rec.update(pers)
     if corrupted.any():

@@ -12,7 +12,7 @@ from ml_collections.config_dict import placeholder
 def base_config() -> ml_collections.ConfigDict:
   """The keys shared by every experiment config, with FedAvg defaults."""
   c = ml_collections.ConfigDict()
-  c.algorithm = "fedavg"          # fedavg | fedprox | finetune
+  c.algorithm = "fedavg"          # fedavg | fedprox | finetune | ditto
   c.num_rounds = 100
   c.clients_per_round = 10
   c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)
@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.corruption.attack_fraction = 0.0          # clients that send attack_scale × update
   c.corruption.attack_scale = -10.0
   c.corruption.seed = 0
+
+  c.ditto = ml_collections.ConfigDict()
+  c.ditto.lam = 0.1               # Ditto's λ (personal steps as client.*)
 
   c.fedprox = ml_collections.ConfigDict()
   c.fedprox.mu = 0.0

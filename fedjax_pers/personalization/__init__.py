@@ -2,9 +2,16 @@
 
 from fedjax_pers.personalization._finetune import (
     PersonalizedEval,
+    evaluate_personal,
     finetune,
     personalize,
     summarize_personalization,
 )
 
-__all__ = ["PersonalizedEval", "finetune", "personalize", "summarize_personalization"]
+__all__ = [
+    "PersonalizedEval",
+    "evaluate_personal",
+    "finetune",
+    "personalize",
+    "summarize_personalization",
+]

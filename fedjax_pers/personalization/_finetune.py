@@ -119,6 +119,35 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
   return PersonalizedEval(ClientEval(gl, ga, n), ClientEval(pl, pa, n))
 
 
+def evaluate_personal(model: Model, personal: Params, params: Params, test: FederatedData,
+                      *, client_chunk: int | None = None) -> PersonalizedEval:
+  """Each client's own model (stacked over clients) and the global model on its test split.
+
+  Args:
+    model: The model.
+    personal: Per-client parameters, leading axis `num_clients` (Ditto's v_k, ...).
+    params: The global model.
+    test: The clients' test splits.
+    client_chunk: Clients per chunk (default all at once).
+
+  Returns:
+    A `PersonalizedEval`.
+  """
+  sizes = {leaf.shape[0] for leaf in jax.tree.leaves(personal)}
+  if sizes != {test.num_clients}:
+    raise ValueError(f"personal params must be stacked over the {test.num_clients} clients; "
+                     f"got leading sizes {sorted(sizes)}.")
+
+  def one(args):
+    v, x, y, n = args
+    return _client_eval(model, params, x, y, n), _client_eval(model, v, x, y, n)
+
+  (gl, ga), (pl, pa) = jax.lax.map(one, (personal, test.x, test.y, test.num_examples),
+                                   batch_size=client_chunk or test.num_clients)
+  n = test.num_examples
+  return PersonalizedEval(ClientEval(gl, ga, n), ClientEval(pl, pa, n))
+
+
 def summarize_personalization(ev: PersonalizedEval, prefix: str = "test") -> dict[str, Any]:
   """The personalization figures of a `PersonalizedEval`, as plain Python numbers.
 

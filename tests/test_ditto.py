@@ -1,0 +1,101 @@
+"""Ditto against a NumPy reference, per-client state invariants, and its limits in λ."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from _reference import logreg_sgd
+from test_engine import logreg, small_data
+
+import fedjax_pers as fp
+from fedjax_pers.algorithms import ditto
+
+WORK = fp.LocalWork(3, steps=4)
+
+
+def make(lam, k=3, lr=0.1, work=WORK):
+  return ditto(logreg(), optax.sgd(lr), optax.sgd(1.0), work, lam=lam, clients_per_round=k,
+               strategy="vmap")
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_unsampled_clients_keep_their_personal_models_bit_for_bit():
+  data = small_data(num_clients=6)
+  alg = make(0.5)
+  state = alg.init(jax.random.key(0), data)
+  step = jax.jit(alg.round)
+  for _ in range(3):
+    before = leaves(state.client_states)
+    state, m = step(state, data)
+    after = leaves(state.client_states)
+    sampled = set(np.asarray(m.clients).tolist())
+    for c in range(6):
+      same = all(np.array_equal(a[c], b[c]) for a, b in zip(before, after))
+      assert same == (c not in sampled), c
+  assert step._cache_size() == 1
+
+
+def test_one_client_one_round_matches_numpy():
+  data = small_data(num_clients=1, sizes=[7])
+  work = fp.LocalWork(3, steps=1)
+  lam, lr = 0.7, 0.2
+  alg = make(lam, k=1, lr=lr, work=work)
+  s0 = alg.init(jax.random.key(3), data)
+  # Give the personal model a different start than the global one.
+  s0 = s0._replace(client_states=jax.tree.map(lambda v: v + 0.3, s0.client_states))
+  s1, _ = jax.jit(alg.round)(s0, data)
+  _, _, k_clients = jax.random.split(s0.rng, 3)
+  key = jax.random.fold_in(k_clients, 0)
+  k_global, k_plan, _ = jax.random.split(key, 3)
+  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
+  x, y = np.asarray(data.x[0], np.float64), np.asarray(data.y[0])
+  gplan = fp.core.batch_plan(jax.random.split(k_global)[0], 7, work, max_examples=7)
+  wg, bg, _, _ = logreg_sgd(w, b, x, y, np.asarray(gplan.idx), np.asarray(gplan.mask), lr)
+  pplan = fp.core.batch_plan(k_plan, 7, work, max_examples=7)
+  v = np.asarray(s0.client_states["Dense_0"]["kernel"][0], np.float64)
+  c = np.asarray(s0.client_states["Dense_0"]["bias"][0], np.float64)
+  wv, bv, _, _ = logreg_sgd(v, c, x, y, np.asarray(pplan.idx), np.asarray(pplan.mask), lr,
+                            mu=lam, anchor=(w, b))
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], wg, atol=1e-5)
+  np.testing.assert_allclose(s1.client_states["Dense_0"]["kernel"][0], wv, atol=1e-5)
+  np.testing.assert_allclose(s1.client_states["Dense_0"]["bias"][0], bv, atol=1e-5)
+
+
+def test_large_lambda_pins_personal_models_to_the_global_one():
+  # Each personal step is v ← v − η∇F(v) − ηλ(v − w_t); with ηλ = 1 it lands at
+  # w_t − η∇F(v) = w_t − ∇F(v)/λ, so the gap to the global model shrinks like 1/λ.
+  data = small_data(num_clients=4)
+  gaps = []
+  for lam in (10.0, 100.0, 1000.0, 10000.0):
+    alg = ditto(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, lam=lam, clients_per_round=4,
+                personal_tx=optax.sgd(1.0 / lam), strategy="vmap")
+    state = alg.init(jax.random.key(1), data)
+    params0 = state.params
+    state, _ = jax.jit(alg.round)(state, data)
+    gaps.append(max(float(np.max(np.abs(np.asarray(v) - np.asarray(w)[None])))
+                    for v, w in zip(jax.tree.leaves(state.client_states),
+                                    jax.tree.leaves(params0))))
+  ratios = [a / b for a, b in zip(gaps, gaps[1:])]
+  assert all(5 < r < 20 for r in ratios), (gaps, ratios)
+  assert gaps[-1] < 1e-3, gaps
+
+
+def test_ditto_from_the_config_reports_personal_accuracy(tmp_path):
+  from test_experiment import tiny_config
+
+  from fedjax_pers.experiment import train_and_evaluate
+
+  c = tiny_config()
+  c.algorithm = "ditto"
+  c.ditto.lam = 0.1
+  s = train_and_evaluate(c, str(tmp_path))
+  assert 0 <= s["personalized_test_accuracy"] <= 1 and len(s["per_client_gain"]) == 8
+
+
+def test_bad_lambda():
+  with pytest.raises(ValueError, match="lam"):
+    make(-1.0)
