@@ -153,6 +153,9 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
                                             mu=config.fedprox.mu, **kwargs),
       "ditto": lambda: algorithms.ditto(model, client_tx, server_tx, work,
                                         lam=config.ditto.lam, **kwargs),
+      # Personal layers: the model's last layer (its head) is personal / shared.
+      "fedper": lambda: algorithms.fedper(model, client_tx, server_tx, work, **kwargs),
+      "lg_fedavg": lambda: algorithms.lg_fedavg(model, client_tx, server_tx, work, **kwargs),
   }
   return _pick(table, config.algorithm, "algorithm")()
 

@@ -12,7 +12,7 @@ from ml_collections.config_dict import placeholder
 def base_config() -> ml_collections.ConfigDict:
   """The keys shared by every experiment config, with FedAvg defaults."""
   c = ml_collections.ConfigDict()
-  c.algorithm = "fedavg"          # fedavg | fedprox | finetune | ditto
+  c.algorithm = "fedavg"          # fedavg | fedprox | finetune | ditto | fedper | lg_fedavg
   c.num_rounds = 100
   c.clients_per_round = 10
   c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)

@@ -1,0 +1,118 @@
+"""Personal layers: FedPer (Arivazhagan et al., 2019) and LG-FedAvg (Liang et al., 2020)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from fedjax_pers.aggregation._weights import WeightFn, num_examples
+from fedjax_pers.core._aggregate import Aggregator, as_aggregator
+from fedjax_pers.core._batching import LocalWork, check_local_work
+from fedjax_pers.core._client import make_client_update
+from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._model import Model
+from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
+from fedjax_pers.core._sampling import check_cohort
+from fedjax_pers.personalization._layers import (
+    Predicate,
+    last_layer,
+    merge,
+    path_mask,
+    personal_part,
+    zero_personal,
+)
+
+
+def fedper(
+    model: Model,
+    client_tx: optax.GradientTransformation,
+    server_tx: optax.GradientTransformation,
+    work: LocalWork,
+    *,
+    clients_per_round: int,
+    personal: Predicate | None = None,
+    weighting: WeightFn | Aggregator | None = None,
+    strategy: str = "auto",
+    client_chunk: int | None = None,
+    sampling_probs: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+) -> FederatedAlgorithm:
+  """FedPer: every client keeps its own copy of the personal layers; only the rest is averaged.
+
+  A sampled client trains all parameters jointly from (shared w_t, its own
+  personal layers); the personal part of the result becomes its new personal
+  layers (kept stacked over clients in `ServerState.client_states`), and the
+  shared part's update is aggregated as in FedAvg. The server's copy of the
+  personal layers is never updated. An empty personal set is FedAvg.
+
+  Args:
+    model: The model.
+    client_tx, server_tx, work: As `fedavg`.
+    clients_per_round: Cohort size.
+    personal: Predicate over parameter paths (`jax.tree_util.keystr`, e.g.
+      `"['Dense_1']['kernel']"`) naming the personal leaves; default the last
+      top-level layer (FedPer's personalized head). LG-FedAvg is the complement
+      (`lg_fedavg`).
+    weighting, strategy, client_chunk, sampling_probs, mesh: As `fedavg`.
+
+  Returns:
+    The `FederatedAlgorithm`; `personal(state)` gives each client's full model.
+  """
+  check_local_work(work)
+  if not isinstance(clients_per_round, int) or clients_per_round < 1:
+    raise ValueError(
+        f"clients_per_round must be a positive int; got {clients_per_round!r}.")
+  aggregator = as_aggregator(num_examples() if weighting is None else weighting)
+  template = model.init(jax.random.key(0))
+  mask = path_mask(template, last_layer(template) if personal is None else personal)
+
+  def make_client(data: FederatedData):
+    base = make_client_update(
+        model, client_tx, work, num_classes=data.num_classes, max_examples=data.max_examples,
+        min_examples=data.min_examples, client_losses=aggregator.client_losses)
+
+    def client_update(params, client, key):
+      start = merge(params, () if client.state is None else client.state, mask)
+      out = base(start, client, key)
+      local = jax.tree.map(jnp.add, start, out.delta)
+      return out._replace(delta=zero_personal(out.delta, mask),
+                          client_state=personal_part(local, mask))
+
+    return client_update
+
+  round_fn = make_round(
+      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
+
+  def init(key: jax.Array, data: FederatedData) -> ServerState:
+    check_cohort(clients_per_round, data.num_clients)
+    k_model, k_rounds = jax.random.split(key)
+    params = model.init(k_model)
+    stacked = tuple(jnp.broadcast_to(p, (data.num_clients,) + p.shape).copy()
+                    for p in personal_part(params, mask))
+    return ServerState(
+        params=params, opt_state=server_tx.init(params),
+        weight_state=aggregator.init(data.num_clients), client_states=stacked,
+        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+
+  def personal_models(state: ServerState):
+    return jax.vmap(lambda own: merge(state.params, own, mask))(state.client_states)
+
+  return FederatedAlgorithm(init=init, round=round_fn, personal=personal_models)
+
+
+def lg_fedavg(model: Model, client_tx, server_tx, work: LocalWork, *,
+              clients_per_round: int, shared: Predicate | None = None, **kwargs
+              ) -> FederatedAlgorithm:
+  """LG-FedAvg (Liang et al., 2020): personal lower layers (the representation), a shared head.
+
+  `fedper` with the personal set reversed: `shared` names the averaged leaves
+  (default the last layer); every other leaf stays with its client.
+  """
+  template = model.init(jax.random.key(0))
+  is_shared = last_layer(template) if shared is None else shared
+  return fedper(model, client_tx, server_tx, work, clients_per_round=clients_per_round,
+                personal=lambda path: not is_shared(path), **kwargs)

@@ -1,0 +1,96 @@
+"""Personal layers: FedPer and LG-FedAvg against FedAvg and a NumPy reference."""
+
+import jax
+import numpy as np
+import optax
+from _reference import logreg_sgd
+from test_engine import logreg, small_data
+
+import fedjax_pers as fp
+from fedjax_pers.algorithms import fedavg, fedper, lg_fedavg
+from fedjax_pers.personalization._layers import last_layer, merge, path_mask, personal_part
+
+WORK = fp.LocalWork(3, steps=4)
+
+
+def run(alg, data, rounds=2):
+  state = alg.init(jax.random.key(0), data)
+  step = jax.jit(alg.round)
+  for _ in range(rounds):
+    state, m = step(state, data)
+  return state, m
+
+
+def test_empty_personal_set_is_fedavg():
+  data = small_data(num_clients=6)
+  kw = dict(clients_per_round=3, strategy="vmap")
+  s1, m1 = run(fedper(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK,
+                      personal=lambda path: False, **kw), data)
+  s2, m2 = run(fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, **kw), data)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_array_equal(a, b)
+  assert s1.client_states == ()
+
+
+def test_predicates_and_merge():
+  params = fp.models.mlp((4,), 3, hidden=(5,)).init(jax.random.key(0))
+  head = last_layer(params)
+  assert head("['Dense_1']['kernel']") and not head("['Dense_0']['bias']")
+  mask = path_mask(params, head)
+  assert sum(mask) == 2
+  own = tuple(p + 1.0 for p in personal_part(params, mask))
+  merged = merge(params, own, mask)
+  np.testing.assert_array_equal(merged["Dense_1"]["kernel"], params["Dense_1"]["kernel"] + 1)
+  np.testing.assert_array_equal(merged["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+
+
+def test_fedper_one_client_matches_numpy_and_keeps_the_head_local():
+  data = small_data(num_clients=1, sizes=[7])
+  work = fp.LocalWork(3, steps=2)
+  alg = fedper(logreg(), optax.sgd(0.2), optax.sgd(1.0), work, clients_per_round=1,
+               personal=lambda path: "bias" in path)           # the bias is personal
+  s0 = alg.init(jax.random.key(2), data)
+  s0 = s0._replace(client_states=(s0.client_states[0] + 0.5,))
+  s1, _ = jax.jit(alg.round)(s0, data)
+  _, _, k_clients = jax.random.split(s0.rng, 3)
+  k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, 0))
+  plan = fp.core.batch_plan(k_plan, 7, work, max_examples=7)
+  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
+  b_own = np.asarray(s0.client_states[0][0], np.float64)
+  wl, bl, _, _ = logreg_sgd(w, b_own, np.asarray(data.x[0], np.float64), np.asarray(data.y[0]),
+                            np.asarray(plan.idx), np.asarray(plan.mask), 0.2)
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], wl, atol=1e-5)   # shared: averaged
+  np.testing.assert_array_equal(s1.params["Dense_0"]["bias"], s0.params["Dense_0"]["bias"])
+  np.testing.assert_allclose(s1.client_states[0][0], bl, atol=1e-5)           # personal: kept
+
+
+def test_unsampled_clients_keep_their_layers_and_personal_models_evaluate():
+  data = small_data(num_clients=6)
+  model = fp.models.mlp((5,), 3, hidden=(4,))
+  alg = lg_fedavg(model, optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=2,
+                  strategy="vmap")
+  state = alg.init(jax.random.key(0), data)
+  before = [np.asarray(x) for x in state.client_states]
+  state, m = jax.jit(alg.round)(state, data)
+  sampled = set(np.asarray(m.clients).tolist())
+  for c in range(6):
+    same = all(np.array_equal(b[c], np.asarray(a)[c]) for a, b in zip(state.client_states,
+                                                                          before))
+    assert same == (c not in sampled)
+  assert len(state.client_states) == 2          # LG: the lower layer (kernel, bias) is local
+  ev = fp.personalization.evaluate_personal(model, alg.personal(state), state.params, data)
+  assert ev.personal.accuracy.shape == (6,)
+
+
+def test_personal_layer_algorithms_from_the_config(tmp_path):
+  from test_experiment import tiny_config
+
+  from fedjax_pers.experiment import train_and_evaluate
+
+  for name in ("fedper", "lg_fedavg"):
+    c = tiny_config()
+    c.algorithm = name
+    c.model.name = "mlp"
+    c.model.hidden = (8,)
+    s = train_and_evaluate(c, str(tmp_path / name))
+    assert len(s["per_client_personalized_accuracy"]) == 8, name
