@@ -12,11 +12,12 @@ def softmax(z):
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def logreg_sgd(w, b, x, y, plan_idx, plan_mask, lr, mu=None, anchor=None):
+def logreg_sgd(w, b, x, y, plan_idx, plan_mask, lr, mu=None, anchor=None, train_w=True,
+               train_b=True):
   """SGD on multinomial logistic regression over a batch plan, in float64 loops.
 
   The proximal term (mu/2)||(w, b) − anchor||² is centred at `anchor` (default
-  the starting point).
+  the starting point). `train_w` / `train_b` False freeze that part.
   """
   w0, b0 = (w.copy(), b.copy()) if anchor is None else anchor
   loss_sum, count, steps = 0.0, 0, 0
@@ -35,7 +36,8 @@ def logreg_sgd(w, b, x, y, plan_idx, plan_mask, lr, mu=None, anchor=None):
     if mu is not None:
       gw = gw + mu * (w - w0)
       gb = gb + mu * (b - b0)
-    w, b = w - lr * gw, b - lr * gb
+    w = w - lr * gw if train_w else w
+    b = b - lr * gb if train_b else b
   return w, b, loss_sum / max(count, 1), steps
 
 

@@ -87,10 +87,36 @@ def test_personal_layer_algorithms_from_the_config(tmp_path):
 
   from fedjax_pers.experiment import train_and_evaluate
 
-  for name in ("fedper", "lg_fedavg"):
+  for name in ("fedper", "lg_fedavg", "fedrep"):
     c = tiny_config()
     c.algorithm = name
     c.model.name = "mlp"
     c.model.hidden = (8,)
     s = train_and_evaluate(c, str(tmp_path / name))
     assert len(s["per_client_personalized_accuracy"]) == 8, name
+
+
+def test_fedrep_one_client_trains_head_then_body_like_numpy():
+  data = small_data(num_clients=1, sizes=[7])
+  body_work, head_work = fp.LocalWork(3, steps=2), fp.LocalWork(4, steps=3)
+  alg = fp.algorithms.fedrep(logreg(), optax.sgd(0.2), optax.sgd(1.0), body_work,
+                             clients_per_round=1, head_work=head_work,
+                             head=lambda path: "bias" in path, strategy="vmap")
+  s0 = alg.init(jax.random.key(4), data)
+  s0 = s0._replace(client_states=(s0.client_states[0] - 0.3,))
+  s1, _ = jax.jit(alg.round)(s0, data)
+  _, _, k_clients = jax.random.split(s0.rng, 3)
+  k_plan, _, k_body = jax.random.split(jax.random.fold_in(k_clients, 0), 3)
+  x, y = np.asarray(data.x[0], np.float64), np.asarray(data.y[0])
+  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(s0.client_states[0][0], np.float64)
+  hp = fp.core.batch_plan(k_plan, 7, head_work, max_examples=7)
+  w1, b1, _, _ = logreg_sgd(w, b, x, y, np.asarray(hp.idx), np.asarray(hp.mask), 0.2,
+                            train_w=False)
+  bp = fp.core.batch_plan(jax.random.split(k_body)[0], 7, body_work, max_examples=7)
+  w2, b2, _, _ = logreg_sgd(w1, b1, x, y, np.asarray(bp.idx), np.asarray(bp.mask), 0.2,
+                            train_b=False)
+  np.testing.assert_array_equal(w1, w)
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], w2, atol=1e-5)
+  np.testing.assert_allclose(s1.client_states[0][0], b2, atol=1e-5)
+  np.testing.assert_array_equal(s1.params["Dense_0"]["bias"], s0.params["Dense_0"]["bias"])

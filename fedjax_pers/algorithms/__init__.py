@@ -2,6 +2,6 @@
 
 from fedjax_pers.algorithms._ditto import ditto
 from fedjax_pers.algorithms._fedavg import fedavg, fedprox
-from fedjax_pers.algorithms._fedper import fedper, lg_fedavg
+from fedjax_pers.algorithms._fedper import fedper, fedrep, lg_fedavg
 
-__all__ = ["ditto", "fedavg", "fedper", "fedprox", "lg_fedavg"]
+__all__ = ["ditto", "fedavg", "fedper", "fedprox", "fedrep", "lg_fedavg"]

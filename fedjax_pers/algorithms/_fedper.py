@@ -1,4 +1,5 @@
-"""Personal layers: FedPer (Arivazhagan et al., 2019) and LG-FedAvg (Liang et al., 2020)."""
+"""Personal layers: FedPer (Arivazhagan et al., 2019), LG-FedAvg (Liang et al., 2020) and
+FedRep (Collins et al., ICML 2021)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from jax.sharding import Mesh
 
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
-from fedjax_pers.core._batching import LocalWork, check_local_work
-from fedjax_pers.core._client import make_client_update
+from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
+from fedjax_pers.core._client import local_train, make_client_update
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
@@ -62,21 +63,34 @@ def fedper(
     The `FederatedAlgorithm`; `personal(state)` gives each client's full model.
   """
   check_local_work(work)
+  template = model.init(jax.random.key(0))
+  mask = path_mask(template, last_layer(template) if personal is None else personal)
+
+  def make_local(data, client_losses):
+    return make_client_update(
+        model, client_tx, work, num_classes=data.num_classes, max_examples=data.max_examples,
+        min_examples=data.min_examples, client_losses=client_losses)
+
+  return _personal_layers(model, server_tx, mask, make_local, clients_per_round=clients_per_round,
+                          weighting=weighting, strategy=strategy, client_chunk=client_chunk,
+                          sampling_probs=sampling_probs, mesh=mesh)
+
+
+def _personal_layers(model, server_tx, mask, make_local, *, clients_per_round, weighting,
+                     strategy, client_chunk, sampling_probs, mesh) -> FederatedAlgorithm:
+  """The round of the personal-layer family around `make_local(data, client_losses)`, a
+  client update from the merged (shared + own personal) parameters."""
   if not isinstance(clients_per_round, int) or clients_per_round < 1:
     raise ValueError(
         f"clients_per_round must be a positive int; got {clients_per_round!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
-  template = model.init(jax.random.key(0))
-  mask = path_mask(template, last_layer(template) if personal is None else personal)
 
   def make_client(data: FederatedData):
-    base = make_client_update(
-        model, client_tx, work, num_classes=data.num_classes, max_examples=data.max_examples,
-        min_examples=data.min_examples, client_losses=aggregator.client_losses)
+    local_update = make_local(data, aggregator.client_losses)
 
     def client_update(params, client, key):
       start = merge(params, () if client.state is None else client.state, mask)
-      out = base(start, client, key)
+      out = local_update(start, client, key)
       local = jax.tree.map(jnp.add, start, out.delta)
       return out._replace(delta=zero_personal(out.delta, mask),
                           client_state=personal_part(local, mask))
@@ -116,3 +130,60 @@ def lg_fedavg(model: Model, client_tx, server_tx, work: LocalWork, *,
   is_shared = last_layer(template) if shared is None else shared
   return fedper(model, client_tx, server_tx, work, clients_per_round=clients_per_round,
                 personal=lambda path: not is_shared(path), **kwargs)
+
+
+def _frozen(tx: optax.GradientTransformation, params, trainable: list[bool]):
+  """`tx` on the `trainable` leaves, zero updates on the others."""
+  leaves, treedef = jax.tree.flatten(params)
+  labels = jax.tree.unflatten(treedef, ["train" if t else "freeze" for t in trainable])
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def fedrep(model: Model, client_tx, server_tx, work: LocalWork, *, clients_per_round: int,
+           head_work: LocalWork, head: Predicate | None = None, **kwargs
+           ) -> FederatedAlgorithm:
+  """FedRep: a shared representation (body) and a personal head, trained in turn.
+
+  A sampled client first trains its own head with the body frozen
+  (`head_work`, e.g. several epochs), then the body with the head frozen
+  (`work`, e.g. one epoch), both with `client_tx`; the body's update is
+  averaged by the server and the head stays with the client.
+
+  Args:
+    model: The model.
+    client_tx, server_tx: As `fedavg`.
+    work: Local work of the body phase.
+    clients_per_round: Cohort size.
+    head_work: Local work of the head phase.
+    head: Predicate naming the head leaves (default the last layer).
+    **kwargs: `weighting`, `strategy`, `client_chunk`, `sampling_probs`, `mesh`.
+  """
+  check_local_work(work)
+  check_local_work(head_work)
+  template = model.init(jax.random.key(0))
+  mask = path_mask(template, last_layer(template) if head is None else head)
+  head_tx = _frozen(client_tx, template, mask)
+  body_tx = _frozen(client_tx, template, [not m for m in mask])
+
+  def make_local(data, client_losses):
+    body = make_client_update(
+        model, body_tx, work, num_classes=data.num_classes, max_examples=data.max_examples,
+        min_examples=data.min_examples, client_losses=client_losses)
+
+    def local_update(start, client, key):
+      k_plan, k_train, k_body = jax.random.split(key, 3)
+      plan = batch_plan(k_plan, client.num_examples, head_work,
+                        max_examples=data.max_examples, min_examples=data.min_examples)
+      adapted, *_ = local_train(model, head_tx, start, client, plan, k_train,
+                                guard_empty_steps=head_work.epochs is not None)
+      out = body(adapted, client, k_body)
+      local = jax.tree.map(jnp.add, adapted, out.delta)
+      return out._replace(delta=jax.tree.map(jnp.subtract, local, start))
+
+    return local_update
+
+  kwargs.setdefault("weighting", None)
+  for name in ("strategy", "client_chunk", "sampling_probs", "mesh"):
+    kwargs.setdefault(name, {"strategy": "auto"}.get(name))
+  return _personal_layers(model, server_tx, mask, make_local,
+                          clients_per_round=clients_per_round, **kwargs)

@@ -12,7 +12,8 @@ from ml_collections.config_dict import placeholder
 def base_config() -> ml_collections.ConfigDict:
   """The keys shared by every experiment config, with FedAvg defaults."""
   c = ml_collections.ConfigDict()
-  c.algorithm = "fedavg"          # fedavg | fedprox | finetune | ditto | fedper | lg_fedavg
+  c.algorithm = "fedavg"          # fedavg | fedprox | finetune | ditto |
+                                  # fedper | lg_fedavg | fedrep
   c.num_rounds = 100
   c.clients_per_round = 10
   c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)
@@ -92,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.ditto = ml_collections.ConfigDict()
   c.ditto.lam = 0.1               # Ditto's λ (personal steps as client.*)
+
+  c.fedrep = ml_collections.ConfigDict()
+  c.fedrep.head_steps = 10        # FedRep's head phase (body frozen); the body phase is
+                                  # client.local_epochs / local_steps with the head frozen
 
   c.fedprox = ml_collections.ConfigDict()
   c.fedprox.mu = 0.0
