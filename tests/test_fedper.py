@@ -87,7 +87,7 @@ def test_personal_layer_algorithms_from_the_config(tmp_path):
 
   from fedjax_pers.experiment import train_and_evaluate
 
-  for name in ("fedper", "lg_fedavg", "fedrep"):
+  for name in ("fedper", "lg_fedavg", "fedrep", "apfl"):
     c = tiny_config()
     c.algorithm = name
     c.model.name = "mlp"

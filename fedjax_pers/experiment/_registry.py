@@ -156,6 +156,8 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
       # Personal layers: the model's last layer (its head) is personal / shared.
       "fedper": lambda: algorithms.fedper(model, client_tx, server_tx, work, **kwargs),
       "lg_fedavg": lambda: algorithms.lg_fedavg(model, client_tx, server_tx, work, **kwargs),
+      "apfl": lambda: algorithms.apfl(model, client_tx, server_tx, work,
+                                      alpha=config.apfl.alpha, **kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,
           head_work=LocalWork(batch_size=config.client.batch_size,

@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   """The keys shared by every experiment config, with FedAvg defaults."""
   c = ml_collections.ConfigDict()
   c.algorithm = "fedavg"          # fedavg | fedprox | finetune | ditto |
-                                  # fedper | lg_fedavg | fedrep
+                                  # fedper | lg_fedavg | fedrep | apfl
   c.num_rounds = 100
   c.clients_per_round = 10
   c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)
@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.ditto = ml_collections.ConfigDict()
   c.ditto.lam = 0.1               # Ditto's λ (personal steps as client.*)
+
+  c.apfl = ml_collections.ConfigDict()
+  c.apfl.alpha = 0.25             # APFL's mixture α v + (1 − α) w
 
   c.fedrep = ml_collections.ConfigDict()
   c.fedrep.head_steps = 10        # FedRep's head phase (body frozen); the body phase is

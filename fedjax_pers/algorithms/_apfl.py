@@ -1,0 +1,134 @@
+"""APFL, adaptive personalized federated learning (Deng, Kamani & Mahdavi, 2020)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from fedjax_pers.aggregation._weights import WeightFn, num_examples
+from fedjax_pers.core._aggregate import Aggregator, as_aggregator
+from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
+from fedjax_pers.core._client import ClientOutput, masked_mean_loss
+from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._model import Model
+from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
+from fedjax_pers.core._sampling import check_cohort
+
+
+def mix(alpha, v, w):
+  """The personalized model `α v + (1 − α) w`."""
+  return jax.tree.map(lambda a, b: alpha * a + (1 - alpha) * b, v, w)
+
+
+def apfl(
+    model: Model,
+    client_tx: optax.GradientTransformation,
+    server_tx: optax.GradientTransformation,
+    work: LocalWork,
+    *,
+    alpha: float,
+    clients_per_round: int,
+    weighting: WeightFn | Aggregator | None = None,
+    strategy: str = "auto",
+    client_chunk: int | None = None,
+    sampling_probs: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+) -> FederatedAlgorithm:
+  """APFL with a fixed mixing weight α: each client's model is α v_k + (1 − α) w.
+
+  On every local batch of a sampled client, with learning-rate-η SGD
+  (`client_tx`),
+
+    w ← w − η ∇F(w),      v_k ← v_k − η ∇_v F(α v_k + (1 − α) w)
+                              = v_k − η α ∇F(α v_k + (1 − α) w),
+
+  both gradients at the parameters before the step. The server averages the
+  updates of w as FedAvg does; v_k stays with the client (stacked in
+  `ServerState.client_states`, starting at w_0). α = 0 is FedAvg.
+
+  Args:
+    model: The model.
+    client_tx: Optimizer of both w and v_k on the client.
+    server_tx, work: As `fedavg`.
+    alpha: α in [0, 1].
+    clients_per_round: Cohort size.
+    weighting, strategy, client_chunk, sampling_probs, mesh: As `fedavg`.
+
+  Returns:
+    The `FederatedAlgorithm`; `personal(state)` gives each client's mixture.
+  """
+  check_local_work(work)
+  if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+    raise ValueError(f"alpha (APFL's mixing weight) must be in [0, 1]; got {alpha!r}.")
+  if not isinstance(clients_per_round, int) or clients_per_round < 1:
+    raise ValueError(
+        f"clients_per_round must be a positive int; got {clients_per_round!r}.")
+  aggregator = as_aggregator(num_examples() if weighting is None else weighting)
+  if aggregator.client_losses:
+    raise ValueError("apfl does not report the client losses this weighting needs.")
+
+  def make_client(data: FederatedData):
+    def client_update(params, client, key):
+      k_plan, k_train = jax.random.split(key)
+      plan = batch_plan(k_plan, client.num_examples, work, max_examples=data.max_examples,
+                        min_examples=data.min_examples)
+      step_keys = jax.random.split(k_train, plan.idx.shape[0])
+
+      def loss(p, xb, yb, mb, k):
+        return masked_mean_loss(model, p, xb, yb, mb, k)
+
+      def step(carry, inputs):
+        w, v, sw, sv, loss_sum, count, steps = carry
+        idx, mb, k = inputs
+        xb, yb = client.x[idx], client.y[idx]
+        (_, total), gw = jax.value_and_grad(loss, has_aux=True)(w, xb, yb, mb, k)
+        gv = jax.grad(lambda v_: loss(mix(alpha, v_, w), xb, yb, mb, k)[0])(v)
+        uw, sw2 = client_tx.update(gw, sw, w)
+        uv, sv2 = client_tx.update(gv, sv, v)
+        active = jnp.any(mb)
+        keep = lambda new, old: jnp.where(active, new, old)
+        w2 = jax.tree.map(keep, optax.apply_updates(w, uw), w)
+        v2 = jax.tree.map(keep, optax.apply_updates(v, uv), v)
+        sw2, sv2 = jax.tree.map(keep, sw2, sw), jax.tree.map(keep, sv2, sv)
+        return (w2, v2, sw2, sv2, loss_sum + total, count + jnp.sum(mb), steps + active), None
+
+      zero = jnp.zeros((), jnp.float32)
+      izero = jnp.zeros((), jnp.int32)
+      init = (params, client.state, client_tx.init(params), client_tx.init(client.state),
+              zero, izero, izero)
+      (w, v, _, _, loss_sum, count, steps), _ = jax.lax.scan(
+          step, init, (plan.idx, plan.mask, step_keys))
+      delta = jax.tree.map(jnp.subtract, w, params)
+      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
+                                  for leaf in jax.tree.leaves((delta, v))]))
+      valid = jnp.arange(client.y.shape[0]) < client.num_examples
+      hist = jnp.sum((client.y[:, None] == jnp.arange(data.num_classes)[None, :])
+                     & valid[:, None], axis=0, dtype=jnp.float32)
+      return ClientOutput(delta=delta, num_examples=client.num_examples,
+                          train_loss=loss_sum / jnp.maximum(count, 1), num_steps=steps,
+                          label_hist=hist, finite=finite, client_state=v)
+
+    return client_update
+
+  round_fn = make_round(
+      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
+
+  def init(key: jax.Array, data: FederatedData) -> ServerState:
+    check_cohort(clients_per_round, data.num_clients)
+    k_model, k_rounds = jax.random.split(key)
+    params = model.init(k_model)
+    stacked = jax.tree.map(
+        lambda p: jnp.broadcast_to(p, (data.num_clients,) + p.shape).copy(), params)
+    return ServerState(
+        params=params, opt_state=server_tx.init(params),
+        weight_state=aggregator.init(data.num_clients), client_states=stacked,
+        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+
+  def personal(state: ServerState):
+    return jax.vmap(lambda v: mix(alpha, v, state.params))(state.client_states)
+
+  return FederatedAlgorithm(init=init, round=round_fn, personal=personal)
