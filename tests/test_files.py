@@ -71,3 +71,17 @@ def test_iid_partition_and_split():
   assert np.asarray(test.num_examples).tolist() == [3 if len(p) == 11 else 2 for p in parts]
   with pytest.raises(ValueError, match="num_clients must be an int"):
     fp.data.iid(5, 6)
+
+
+def test_dirichlet_partition_covers_is_seeded_and_skews():
+  labels = np.repeat(np.arange(10), 100)
+  parts = fp.data.dirichlet(labels, 20, 0.1, min_size=5, seed=3)
+  assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+  assert min(len(p) for p in parts) >= 5
+  again = fp.data.dirichlet(labels, 20, 0.1, min_size=5, seed=3)
+  assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+  classes = [len(np.unique(labels[p])) for p in parts]
+  wide = fp.data.dirichlet(labels, 20, 100.0, seed=3)
+  assert np.mean(classes) < np.mean([len(np.unique(labels[p])) for p in wide])
+  with pytest.raises(ValueError, match="alpha must be"):
+    fp.data.dirichlet(labels, 20, 0.0)

@@ -2,11 +2,12 @@
 
 from fedjax_pers.data._corrupt import choose_clients, holdout, shuffle_labels
 from fedjax_pers.data._files import mnist_idx, read_idx
-from fedjax_pers.data._partition import iid, split_clients
+from fedjax_pers.data._partition import dirichlet, iid, split_clients
 from fedjax_pers.data._synthetic import synthetic, synthetic_arrays
 
 __all__ = [
     "choose_clients",
+    "dirichlet",
     "holdout",
     "iid",
     "mnist_idx",

@@ -17,6 +17,47 @@ def iid(num_examples: int, num_clients: int, seed: int = 0) -> list[np.ndarray]:
   return np.array_split(np.random.default_rng(seed).permutation(num_examples), num_clients)
 
 
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, *, min_size: int = 1,
+              seed: int = 0, max_tries: int = 1000) -> list[np.ndarray]:
+  """Dirichlet label skew (Hsu, Qi & Brown, 2019): class c's examples are dealt to
+  the clients in proportions p_c ~ Dir(α·1_N).
+
+  Small α gives clients few classes each; α → ∞ approaches IID. The draw is
+  repeated (same seeded stream) until every client has at least `min_size`
+  examples. Every example is used exactly once.
+
+  Args:
+    labels: `[n]` int labels.
+    num_clients: N.
+    alpha: Concentration α > 0.
+    min_size: Smallest allowed client.
+    seed: Seed.
+    max_tries: Draws before giving up.
+
+  Returns:
+    Per-client index arrays (sorted).
+  """
+  labels = np.asarray(labels)
+  if not (isinstance(alpha, (int, float)) and alpha > 0):
+    raise ValueError(f"alpha must be a number > 0; got {alpha!r}.")
+  if not (isinstance(num_clients, int) and 1 <= num_clients * min_size <= len(labels)):
+    raise ValueError(f"num_clients x min_size must be in [1, {len(labels)}]; got "
+                     f"{num_clients!r} x {min_size!r}.")
+  rng = np.random.default_rng(seed)
+  by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+  for _ in range(max_tries):
+    parts = [[] for _ in range(num_clients)]
+    for idx in by_class:
+      idx = rng.permutation(idx)
+      cuts = (np.cumsum(rng.dirichlet(alpha * np.ones(num_clients))) * len(idx)).astype(int)
+      for i, chunk in enumerate(np.split(idx, cuts[:-1])):
+        parts[i].extend(chunk.tolist())
+    if min(len(p) for p in parts) >= min_size:
+      return [np.sort(np.asarray(p, np.int64)) for p in parts]
+  raise ValueError(f"No Dirichlet({alpha}) draw gave every one of {num_clients} clients "
+                   f"{min_size}+ examples in {max_tries} tries; lower min_size or raise alpha.")
+
+
 def split_clients(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], *,
                   test_fraction: float, num_classes: int, seed: int = 0
                   ) -> tuple[FederatedData, FederatedData]:

@@ -50,8 +50,9 @@ def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedDat
   """`(train, test)` from `config.data` (`name` and its options).
 
   `synthetic`: Synthetic(α, β). `mnist_idx`: MNIST IDX files in `data_dir`
-  (`images`, `labels`), partitioned IID over `num_clients` clients, each split
-  into train and test by `test_fraction`.
+  (`images`, `labels`), partitioned over `num_clients` clients by `partition`
+  (`iid`, or `dirichlet` with `dirichlet_alpha` and `min_client_examples`),
+  each client split into train and test by `test_fraction`.
   """
   if c.name == "synthetic":
     return data.synthetic(
@@ -59,7 +60,14 @@ def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedDat
         sample_scale=c.sample_scale, iid=c.iid, seed=c.seed, test_fraction=c.test_fraction)
   if c.name == "mnist_idx":
     x, y = data.mnist_idx(c.data_dir, c.images, c.labels)
-    parts = data.iid(len(y), c.num_clients, seed=c.seed)
+    partition = c.get("partition", "iid")
+    if partition == "iid":
+      parts = data.iid(len(y), c.num_clients, seed=c.seed)
+    elif partition == "dirichlet":
+      parts = data.dirichlet(y, c.num_clients, c.dirichlet_alpha,
+                             min_size=c.get("min_client_examples", 10), seed=c.seed)
+    else:
+      raise ValueError(f"Unknown data.partition {partition!r}; expected 'iid' or 'dirichlet'.")
     return data.split_clients(x, y, parts, test_fraction=c.test_fraction, num_classes=10,
                               seed=c.seed)
   raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['mnist_idx', 'synthetic'].")

@@ -174,6 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "strategy": strategy,
       "num_clients": train.num_clients,
       "train_padding_fraction": round(train.padding_fraction, 4),
+      "client_state_bytes": int(sum(leaf.nbytes for leaf in
+                                    jax.tree.leaves(state.client_states))),
       "backend": jax.default_backend(),
       "config": config.to_dict(),
   }
