@@ -71,3 +71,16 @@ def test_q_ffl_lowers_the_variance_of_client_accuracy(tmp_path):
   c.compare.strategies = ("q0: aggregation.q=0.0", "q2: aggregation.q=2.0")
   r = by_label(compare(c, str(tmp_path)))
   assert r["q2"]["variance_client_accuracy"] < r["q0"]["variance_client_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="../shared/data/mnist is absent")
+def test_fine_tuning_helps_most_clients_on_mnist_dirichlet(tmp_path):
+  from fedjax_pers.experiment import train_and_evaluate
+
+  c = config("mnist_dirichlet_personal", num_rounds=30)
+  c.data.data_dir = SHARED_MNIST
+  s = train_and_evaluate(c, str(tmp_path))
+  assert s["personalized_test_accuracy"] > s["final_test_accuracy"] + 0.03
+  assert s["fraction_clients_improved"] >= 0.7
+  assert s["worst10_client_personalized_accuracy"] > s["worst10_client_test_accuracy"]
