@@ -3,14 +3,16 @@
 import doctest
 
 import fedjax_pers as fp
-from fedjax_pers import aggregation, algorithms, core, data, models
+from fedjax_pers import aggregation, algorithms, core, data, models, personalization
 
 
 def test_surfaces():
-  assert set(algorithms.__all__) == {"fedavg", "fedprox"}
+  assert set(algorithms.__all__) == {"apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep",
+                                     "lg_fedavg"}
+  assert {"personalize", "evaluate_personal"} <= set(personalization.__all__)
   assert set(models.__all__) == {"cnn", "logistic_regression", "mlp"}
   assert {"num_examples", "uniform", "WeightFn"} <= set(aggregation.__all__)
-  for mod in (fp, aggregation, algorithms, core, data, models):
+  for mod in (fp, aggregation, algorithms, core, data, models, personalization):
     for name in mod.__all__:
       assert hasattr(mod, name), (mod.__name__, name)
       assert not name.startswith("_")
