@@ -8,7 +8,7 @@ from fedjax_pers import aggregation, algorithms, core, data, models, personaliza
 
 def test_surfaces():
   assert set(algorithms.__all__) == {"apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep",
-                                     "lg_fedavg"}
+                                     "lg_fedavg", "pfedme"}
   assert {"personalize", "evaluate_personal"} <= set(personalization.__all__)
   assert set(models.__all__) == {"cnn", "logistic_regression", "mlp"}
   assert {"num_examples", "uniform", "WeightFn"} <= set(aggregation.__all__)

@@ -4,5 +4,6 @@ from fedjax_pers.algorithms._apfl import apfl
 from fedjax_pers.algorithms._ditto import ditto
 from fedjax_pers.algorithms._fedavg import fedavg, fedprox
 from fedjax_pers.algorithms._fedper import fedper, fedrep, lg_fedavg
+from fedjax_pers.algorithms._pfedme import pfedme
 
-__all__ = ["apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep", "lg_fedavg"]
+__all__ = ["apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep", "lg_fedavg", "pfedme"]

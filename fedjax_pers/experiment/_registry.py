@@ -164,6 +164,12 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
       # Personal layers: the model's last layer (its head) is personal / shared.
       "fedper": lambda: algorithms.fedper(model, client_tx, server_tx, work, **kwargs),
       "lg_fedavg": lambda: algorithms.lg_fedavg(model, client_tx, server_tx, work, **kwargs),
+      "pfedme": lambda: algorithms.pfedme(
+          model, work, learning_rate=config.client.learning_rate,
+          personal_learning_rate=config.pfedme.personal_learning_rate, lam=config.pfedme.lam,
+          inner_steps=config.pfedme.inner_steps, beta=config.pfedme.beta,
+          clients_per_round=config.clients_per_round, strategy=config.strategy,
+          client_chunk=config.get("client_chunk"), mesh=kwargs["mesh"]),
       "apfl": lambda: algorithms.apfl(model, client_tx, server_tx, work,
                                       alpha=config.apfl.alpha, **kwargs),
       "fedrep": lambda: algorithms.fedrep(

@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   """The keys shared by every experiment config, with FedAvg defaults."""
   c = ml_collections.ConfigDict()
   c.algorithm = "fedavg"          # fedavg | fedprox | finetune | ditto |
-                                  # fedper | lg_fedavg | fedrep | apfl
+                                  # fedper | lg_fedavg | fedrep | apfl | pfedme
   c.num_rounds = 100
   c.clients_per_round = 10
   c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)
@@ -93,6 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.ditto = ml_collections.ConfigDict()
   c.ditto.lam = 0.1               # Ditto's λ (personal steps as client.*)
+
+  c.pfedme = ml_collections.ConfigDict()   # η = client.learning_rate, R = client.local_steps
+  c.pfedme.personal_learning_rate = 0.01  # η_p
+  c.pfedme.lam = 20.0
+  c.pfedme.inner_steps = 5                # K
+  c.pfedme.beta = 1.0
 
   c.apfl = ml_collections.ConfigDict()
   c.apfl.alpha = 0.25             # APFL's mixture α v + (1 − α) w

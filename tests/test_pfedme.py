@@ -1,0 +1,76 @@
+"""pFedMe against a NumPy reference; every client personalizes, k are averaged."""
+
+import jax
+import numpy as np
+import pytest
+from _reference import softmax
+from test_engine import logreg, small_data
+
+import fedjax_pers as fp
+from fedjax_pers.algorithms import pfedme
+
+
+def grad_logreg(w, b, x, y):
+  p = softmax(x @ w + b)
+  p[np.arange(len(y)), y] -= 1.0
+  return x.T @ p / len(y), p.sum(0) / len(y)
+
+
+def test_one_client_one_local_round_matches_numpy():
+  data = small_data(num_clients=1, sizes=[7])
+  work = fp.LocalWork(4, steps=1)
+  eta, eta_p, lam, k_inner, beta = 0.05, 0.1, 3.0, 2, 0.7
+  alg = pfedme(logreg(), work, learning_rate=eta, personal_learning_rate=eta_p, lam=lam,
+               inner_steps=k_inner, beta=beta, clients_per_round=1)
+  s0 = alg.init(jax.random.key(0), data)
+  s1, m = jax.jit(alg.round)(s0, data)
+  _, _, k_clients = jax.random.split(s0.rng, 3)
+  k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, 0))
+  plan = fp.core.batch_plan(k_plan, 7, work, max_examples=7)
+  sel = np.asarray(plan.idx[0])[np.asarray(plan.mask[0])]
+  x, y = np.asarray(data.x[0], np.float64)[sel], np.asarray(data.y[0])[sel]
+  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
+  tw, tb = w.copy(), b.copy()
+  for _ in range(k_inner):
+    gw, gb = grad_logreg(tw, tb, x, y)
+    tw, tb = tw - eta_p * (gw + lam * (tw - w)), tb - eta_p * (gb + lam * (tb - b))
+  lw, lb = w - eta * lam * (w - tw), b - eta * lam * (b - tb)
+  np.testing.assert_allclose(s1.client_states["Dense_0"]["kernel"][0], tw, atol=1e-5)
+  np.testing.assert_allclose(s1.client_states["Dense_0"]["bias"][0], tb, atol=1e-5)
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], (1 - beta) * w + beta * lw,
+                             atol=1e-5)
+  np.testing.assert_allclose(s1.params["Dense_0"]["bias"], (1 - beta) * b + beta * lb, atol=1e-5)
+
+
+def test_every_client_personalizes_and_k_are_averaged():
+  data = small_data(num_clients=5)
+  alg = pfedme(logreg(), fp.LocalWork(3, steps=2), learning_rate=0.05,
+               personal_learning_rate=0.05, lam=5.0, inner_steps=2, clients_per_round=2)
+  state = alg.init(jax.random.key(1), data)
+  step = jax.jit(alg.round)
+  for _ in range(2):
+    before = np.asarray(state.client_states["Dense_0"]["kernel"])
+    state, m = step(state, data)
+    after = np.asarray(state.client_states["Dense_0"]["kernel"])
+    assert all(not np.array_equal(before[c], after[c]) for c in range(5))
+    w = np.asarray(m.weights)
+    assert (w > 0).sum() == 2 and abs(w.sum() - 1) < 1e-6
+  assert step._cache_size() == 1
+  with pytest.raises(ValueError, match="steps=R"):
+    pfedme(logreg(), fp.LocalWork(3, epochs=1), learning_rate=0.1,
+           personal_learning_rate=0.1, lam=1.0, inner_steps=1, clients_per_round=1)
+
+
+def test_pfedme_from_the_config(tmp_path):
+  from test_experiment import tiny_config
+
+  from fedjax_pers.experiment import train_and_evaluate
+
+  c = tiny_config()
+  c.algorithm = "pfedme"
+  c.client.local_epochs = None
+  c.client.local_steps = 2
+  s = train_and_evaluate(c, str(tmp_path))
+  assert len(s["per_client_personalized_accuracy"]) == 8
+  assert s["client_state_bytes"] == 8 * (60 * 10 + 10) * 4
