@@ -165,7 +165,9 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
       "fedper": lambda: algorithms.fedper(model, client_tx, server_tx, work, **kwargs),
       "lg_fedavg": lambda: algorithms.lg_fedavg(model, client_tx, server_tx, work, **kwargs),
       "pfedme": lambda: algorithms.pfedme(
-          model, work, learning_rate=config.client.learning_rate,
+          model, work if config.pfedme.get("local_rounds") is None else LocalWork(
+              batch_size=config.client.batch_size, steps=config.pfedme.local_rounds),
+          learning_rate=config.client.learning_rate,
           personal_learning_rate=config.pfedme.personal_learning_rate, lam=config.pfedme.lam,
           inner_steps=config.pfedme.inner_steps, beta=config.pfedme.beta,
           clients_per_round=config.clients_per_round, strategy=config.strategy,

@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pfedme.lam = 20.0
   c.pfedme.inner_steps = 5                # K
   c.pfedme.beta = 1.0
+  c.pfedme.local_rounds = placeholder(int)  # R; default client.local_steps
 
   c.apfl = ml_collections.ConfigDict()
   c.apfl.alpha = 0.25             # APFL's mixture α v + (1 − α) w
