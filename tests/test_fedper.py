@@ -120,3 +120,25 @@ def test_fedrep_one_client_trains_head_then_body_like_numpy():
   np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], w2, atol=1e-5)
   np.testing.assert_allclose(s1.client_states[0][0], b2, atol=1e-5)
   np.testing.assert_array_equal(s1.params["Dense_0"]["bias"], s0.params["Dense_0"]["bias"])
+
+
+def test_lg_fedavg_one_client_keeps_the_lower_part_and_averages_the_head():
+  # Logistic regression has one layer; call its bias the "head" (shared) and its
+  # kernel the personal "lower layer".
+  data = small_data(num_clients=1, sizes=[7])
+  work = fp.LocalWork(3, steps=2)
+  alg = lg_fedavg(logreg(), optax.sgd(0.2), optax.sgd(1.0), work, clients_per_round=1,
+                  shared=lambda path: "bias" in path)
+  s0 = alg.init(jax.random.key(5), data)
+  s0 = s0._replace(client_states=(s0.client_states[0] * 0.5,))
+  s1, _ = jax.jit(alg.round)(s0, data)
+  _, _, k_clients = jax.random.split(s0.rng, 3)
+  k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, 0))
+  plan = fp.core.batch_plan(k_plan, 7, work, max_examples=7)
+  w_own = np.asarray(s0.client_states[0][0], np.float64)
+  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
+  wl, bl, _, _ = logreg_sgd(w_own, b, np.asarray(data.x[0], np.float64), np.asarray(data.y[0]),
+                            np.asarray(plan.idx), np.asarray(plan.mask), 0.2)
+  np.testing.assert_allclose(s1.params["Dense_0"]["bias"], bl, atol=1e-5)      # shared head
+  np.testing.assert_allclose(s1.client_states[0][0], wl, atol=1e-5)            # own layer
+  np.testing.assert_array_equal(s1.params["Dense_0"]["kernel"], s0.params["Dense_0"]["kernel"])
