@@ -11,7 +11,13 @@ from jax.sharding import Mesh
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
-from fedjax_pers.core._client import ClientOutput, masked_mean_loss
+from fedjax_pers.core._client import (
+    ClientOutput,
+    all_finite,
+    label_histogram,
+    masked_mean_loss,
+    stack_clients,
+)
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
@@ -102,11 +108,8 @@ def apfl(
       (w, v, _, _, loss_sum, count, steps), _ = jax.lax.scan(
           step, init, (plan.idx, plan.mask, step_keys))
       delta = jax.tree.map(jnp.subtract, w, params)
-      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
-                                  for leaf in jax.tree.leaves((delta, v))]))
-      valid = jnp.arange(client.y.shape[0]) < client.num_examples
-      hist = jnp.sum((client.y[:, None] == jnp.arange(data.num_classes)[None, :])
-                     & valid[:, None], axis=0, dtype=jnp.float32)
+      finite = all_finite((delta, v))
+      hist = label_histogram(client, data.num_classes)
       return ClientOutput(delta=delta, num_examples=client.num_examples,
                           train_loss=loss_sum / jnp.maximum(count, 1), num_steps=steps,
                           label_hist=hist, finite=finite, client_state=v)
@@ -121,8 +124,7 @@ def apfl(
     check_cohort(clients_per_round, data.num_clients)
     k_model, k_rounds = jax.random.split(key)
     params = model.init(k_model)
-    stacked = jax.tree.map(
-        lambda p: jnp.broadcast_to(p, (data.num_clients,) + p.shape).copy(), params)
+    stacked = stack_clients(params, data.num_clients)
     return ServerState(
         params=params, opt_state=server_tx.init(params),
         weight_state=aggregator.init(data.num_clients), client_states=stacked,

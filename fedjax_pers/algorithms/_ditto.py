@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
-from fedjax_pers.core._client import local_train, make_client_update
+from fedjax_pers.core._client import local_train, make_client_update, stack_clients
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
@@ -98,8 +98,7 @@ def ditto(
     check_cohort(clients_per_round, data.num_clients)
     k_model, k_rounds = jax.random.split(key)
     params = model.init(k_model)
-    stacked = jax.tree.map(
-        lambda p: jnp.broadcast_to(p, (data.num_clients,) + p.shape).copy(), params)
+    stacked = stack_clients(params, data.num_clients)
     return ServerState(
         params=params, opt_state=server_tx.init(params),
         weight_state=aggregator.init(data.num_clients), client_states=stacked,

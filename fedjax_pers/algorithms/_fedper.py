@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
-from fedjax_pers.core._client import local_train, make_client_update
+from fedjax_pers.core._client import local_train, make_client_update, stack_clients
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
@@ -105,8 +105,7 @@ def _personal_layers(model, server_tx, mask, make_local, *, clients_per_round, w
     check_cohort(clients_per_round, data.num_clients)
     k_model, k_rounds = jax.random.split(key)
     params = model.init(k_model)
-    stacked = tuple(jnp.broadcast_to(p, (data.num_clients,) + p.shape).copy()
-                    for p in personal_part(params, mask))
+    stacked = stack_clients(personal_part(params, mask), data.num_clients)
     return ServerState(
         params=params, opt_state=server_tx.init(params),
         weight_state=aggregator.init(data.num_clients), client_states=stacked,

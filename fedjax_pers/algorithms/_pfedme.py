@@ -11,7 +11,13 @@ from jax.sharding import Mesh
 
 from fedjax_pers.core._aggregate import Aggregator
 from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
-from fedjax_pers.core._client import ClientOutput, masked_mean_loss
+from fedjax_pers.core._client import (
+    ClientOutput,
+    all_finite,
+    label_histogram,
+    masked_mean_loss,
+    stack_clients,
+)
 from fedjax_pers.core._cohort import normalize, weighted_sum, zero_nonfinite
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
@@ -125,11 +131,8 @@ def pfedme(
           local_round, (params, params, zero, jnp.zeros((), jnp.int32)),
           (plan.idx, plan.mask, keys))
       delta = jax.tree.map(jnp.subtract, w, params)
-      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
-                                  for leaf in jax.tree.leaves((delta, theta))]))
-      valid = jnp.arange(client.y.shape[0]) < client.num_examples
-      hist = jnp.sum((client.y[:, None] == jnp.arange(data.num_classes)[None, :])
-                     & valid[:, None], axis=0, dtype=jnp.float32)
+      finite = all_finite((delta, theta))
+      hist = label_histogram(client, data.num_classes)
       return ClientOutput(delta=delta, num_examples=client.num_examples,
                           train_loss=loss_sum / jnp.maximum(count, 1),
                           num_steps=jnp.asarray(plan.idx.shape[0], jnp.int32),
@@ -151,8 +154,7 @@ def pfedme(
     check_cohort(clients_per_round, data.num_clients)
     k_model, k_rounds, k_agg = jax.random.split(key, 3)
     params = model.init(k_model)
-    stacked = jax.tree.map(
-        lambda p: jnp.broadcast_to(p, (data.num_clients,) + p.shape).copy(), params)
+    stacked = stack_clients(params, data.num_clients)
     return ServerState(
         params=params, opt_state=server_tx.init(params),
         weight_state=SampledState(k_agg), client_states=stacked,

@@ -86,6 +86,23 @@ def masked_mean_loss(
   return total / jnp.maximum(jnp.sum(mask), 1), total
 
 
+def all_finite(tree: Params) -> jax.Array:
+  """True when every entry of every leaf is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def label_histogram(client: ClientData, num_classes: int) -> jax.Array:
+  """`[num_classes]` counts of the client's real labels (float32)."""
+  valid = jnp.arange(client.y.shape[0]) < client.num_examples
+  onehot = (client.y[:, None] == jnp.arange(num_classes)[None, :]) & valid[:, None]
+  return jnp.sum(onehot, axis=0, dtype=jnp.float32)
+
+
+def stack_clients(tree: Params, num_clients: int) -> Params:
+  """`num_clients` copies of every leaf along a new leading axis (per-client state)."""
+  return jax.tree.map(lambda p: jnp.broadcast_to(p, (num_clients,) + p.shape).copy(), tree)
+
+
 def full_loss(model: Model, params: Params, client: ClientData) -> jax.Array:
   """Mean loss of `params` over all real examples of a client (no training mode)."""
   losses = model.loss(model.apply(params, client.x), client.y)
@@ -200,11 +217,8 @@ def make_client_update(
         model, tx, params, client, plan, k_train, prox_mu=prox_mu,
         guard_empty_steps=work.epochs is not None)
     delta = jax.tree.map(jnp.subtract, w, params)
-    finite = jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(delta)]))
-    valid = jnp.arange(client.y.shape[0]) < client.num_examples
-    onehot = (client.y[:, None] == jnp.arange(num_classes)[None, :]) & valid[:, None]
-    hist = jnp.sum(onehot, axis=0, dtype=jnp.float32)
+    finite = all_finite(delta)
+    hist = label_histogram(client, num_classes)
     losses = (full_loss(model, params, client), full_loss(model, w, client)
               ) if client_losses else (None, None)
     return ClientOutput(
