@@ -85,3 +85,31 @@ def test_dirichlet_partition_covers_is_seeded_and_skews():
   assert np.mean(classes) < np.mean([len(np.unique(labels[p])) for p in wide])
   with pytest.raises(ValueError, match="alpha must be"):
     fp.data.dirichlet(labels, 20, 0.0)
+
+
+def test_leaf_json_round_trip(tmp_path):
+  xs, ys = fp.data.synthetic_arrays(0.5, 0.5, num_clients=4, dim=6, num_classes=3)
+  users = [f"f_{i:05d}" for i in range(4)]
+  fp.data.write_leaf(str(tmp_path / "all.json"), users, xs, ys)
+  got_users, got_x, got_y = fp.data.read_leaf(str(tmp_path / "all.json"))
+  assert got_users == users
+  for a, b in zip(got_x, xs):
+    np.testing.assert_array_equal(a, b.astype(np.float32))
+  for a, b in zip(got_y, ys):
+    np.testing.assert_array_equal(a, b)
+  # A folder of files (as pFedMe and LEAF write them), test users in another order.
+  (tmp_path / "train").mkdir()
+  (tmp_path / "test").mkdir()
+  fp.data.write_leaf(str(tmp_path / "train" / "a.json"), users[:2], xs[:2], ys[:2])
+  fp.data.write_leaf(str(tmp_path / "train" / "b.json"), users[2:], xs[2:], ys[2:])
+  fp.data.write_leaf(str(tmp_path / "test" / "t.json"), users[::-1], xs[::-1], ys[::-1])
+  train, test = fp.data.from_leaf(str(tmp_path / "train"), str(tmp_path / "test"))
+  assert train.num_clients == test.num_clients == 4 and train.num_classes == 3
+  for c in range(4):
+    np.testing.assert_array_equal(train.client(c)[1], test.client(c)[1])   # matched by user
+  bad = tmp_path / "bad.json"
+  bad.write_text('{"users": ["u"], "num_samples": [3], "user_data": {"u": {"x": [[1]], "y": [0]}}}')
+  with pytest.raises(ValueError, match="num_samples says 3"):
+    fp.data.read_leaf(str(bad))
+  with pytest.raises(FileNotFoundError, match="No LEAF JSON"):
+    fp.data.read_leaf(str(tmp_path / "nothing.json"))

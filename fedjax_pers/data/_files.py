@@ -1,11 +1,15 @@
-"""Data in the files users already have: MNIST's IDX format."""
+"""Data in the files users already have: MNIST's IDX format and LEAF's JSON."""
 
 from __future__ import annotations
 
+import glob
 import gzip
+import json
 import os
 
 import numpy as np
+
+from fedjax_pers.core._data import FederatedData
 
 # IDX type codes (the third byte of the magic number) and their big-endian dtypes.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -57,3 +61,66 @@ def mnist_idx(data_dir: str, images: str = "t10k-images-idx3-ubyte.gz",
     raise ValueError(f"MNIST images {x.shape} and labels {y.shape} do not match in "
                      f"{data_dir!r}.")
   return (x[..., None].astype(np.float32) / 255.0), y.astype(np.int32)
+
+
+def write_leaf(path: str, users: list[str], xs: list[np.ndarray], ys: list[np.ndarray]) -> None:
+  """Writes clients in LEAF's JSON format (`users`, `num_samples`, `user_data`).
+
+  The format LEAF, FedProx and pFedMe store their generated data sets in:
+  `user_data[u] = {"x": [[features], ...], "y": [labels]}`.
+  """
+  if not len(users) == len(xs) == len(ys):
+    raise ValueError(f"users, xs and ys must have one entry per client; got {len(users)}, "
+                     f"{len(xs)} and {len(ys)}.")
+  doc = {"users": list(users), "num_samples": [int(len(y)) for y in ys],
+         "user_data": {u: {"x": np.asarray(x).tolist(), "y": np.asarray(y).tolist()}
+                       for u, x, y in zip(users, xs, ys)}}
+  with open(path, "w") as f:
+    json.dump(doc, f)
+
+
+def read_leaf(path: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+  """Reads LEAF JSON: one file, or every `*.json` in a folder (users concatenated).
+
+  Returns:
+    `(users, xs, ys)` with `xs[i]` float32 `[n_i, ...]` and `ys[i]` int32 `[n_i]`.
+  """
+  files = sorted(glob.glob(os.path.join(path, "*.json"))) if os.path.isdir(path) else [path]
+  if not files or not all(os.path.exists(f) for f in files):
+    raise FileNotFoundError(f"No LEAF JSON file at {path!r}.")
+  users, xs, ys = [], [], []
+  for name in files:
+    with open(name) as f:
+      doc = json.load(f)
+    missing = {"users", "user_data"} - set(doc)
+    if missing:
+      raise ValueError(f"{name!r} is not LEAF JSON: missing {sorted(missing)}.")
+    for i, u in enumerate(doc["users"]):
+      d = doc["user_data"][u]
+      x, y = np.asarray(d["x"], np.float32), np.asarray(d["y"], np.int32)
+      if "num_samples" in doc and doc["num_samples"][i] != len(y):
+        raise ValueError(f"{name!r}: user {u!r} has {len(y)} samples, num_samples says "
+                         f"{doc['num_samples'][i]}.")
+      users.append(u)
+      xs.append(x)
+      ys.append(y)
+  return users, xs, ys
+
+
+def from_leaf(train_path: str, test_path: str, num_classes: int | None = None
+              ) -> tuple[FederatedData, FederatedData]:
+  """Train and test `FederatedData` from LEAF JSON, clients matched by user name."""
+  tr_users, tr_x, tr_y = read_leaf(train_path)
+  te_users, te_x, te_y = read_leaf(test_path)
+  if set(tr_users) != set(te_users):
+    odd = sorted(set(tr_users) ^ set(te_users))
+    raise ValueError(f"train and test hold different users, e.g. {odd[:5]}.")
+  where = {u: i for i, u in enumerate(te_users)}
+  order = [where[u] for u in tr_users]
+  if num_classes is None:
+    num_classes = int(max(max(y.max(initial=0) for y in tr_y),
+                          max(y.max(initial=0) for y in te_y))) + 1
+  train = FederatedData.from_clients(tr_x, tr_y, num_classes=num_classes)
+  test = FederatedData.from_clients([te_x[i] for i in order], [te_y[i] for i in order],
+                                    num_classes=num_classes)
+  return train, test
