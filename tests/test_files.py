@@ -113,3 +113,21 @@ def test_leaf_json_round_trip(tmp_path):
     fp.data.read_leaf(str(bad))
   with pytest.raises(FileNotFoundError, match="No LEAF JSON"):
     fp.data.read_leaf(str(tmp_path / "nothing.json"))
+
+
+def test_shards_quantity_and_natural_partitions():
+  labels = np.repeat(np.arange(10), 60)
+  parts = fp.data.shards(labels, 20, 2, seed=1)
+  assert sorted(np.concatenate(parts).tolist()) == list(range(600))
+  assert all(len(p) == 30 for p in parts)
+  assert max(len(np.unique(labels[p])) for p in parts) <= 3     # two shards, maybe a border
+  assert all(np.array_equal(a, b) for a, b in zip(parts, fp.data.shards(labels, 20, 2, seed=1)))
+  sizes = [len(p) for p in fp.data.quantity_skew(1000, 20, 1.5, min_size=5, seed=2)]
+  assert sum(sizes) == 1000 and min(sizes) >= 5 and max(sizes) > 4 * np.median(sizes)
+  flat = [len(p) for p in fp.data.quantity_skew(1000, 20, 0.0, seed=2)]
+  assert max(flat) - min(flat) <= 1
+  keys, groups = fp.data.natural(["bob", "amy", "bob", "cy", "amy"])
+  assert keys == ["bob", "amy", "cy"]
+  assert [g.tolist() for g in groups] == [[0, 2], [1, 4], [3]]
+  with pytest.raises(ValueError, match="shards_per_client"):
+    fp.data.shards(labels, 400, 2)

@@ -2,7 +2,14 @@
 
 from fedjax_pers.data._corrupt import choose_clients, holdout, shuffle_labels
 from fedjax_pers.data._files import from_leaf, mnist_idx, read_idx, read_leaf, write_leaf
-from fedjax_pers.data._partition import dirichlet, iid, split_clients
+from fedjax_pers.data._partition import (
+    dirichlet,
+    iid,
+    natural,
+    quantity_skew,
+    shards,
+    split_clients,
+)
 from fedjax_pers.data._synthetic import synthetic, synthetic_arrays
 
 __all__ = [
@@ -12,8 +19,11 @@ __all__ = [
     "holdout",
     "iid",
     "mnist_idx",
+    "natural",
+    "quantity_skew",
     "read_idx",
     "read_leaf",
+    "shards",
     "shuffle_labels",
     "split_clients",
     "synthetic",

@@ -58,6 +58,58 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, *, min_size: i
                    f"{min_size}+ examples in {max_tries} tries; lower min_size or raise alpha.")
 
 
+def shards(labels: np.ndarray, num_clients: int, shards_per_client: int = 2, *,
+           seed: int = 0) -> list[np.ndarray]:
+  """Pathological label skew (McMahan et al., AISTATS 2017): examples sorted by label are
+  cut into `num_clients · shards_per_client` equal shards, each client gets that many
+  at random, so a client sees about `shards_per_client` classes.
+
+  Every example is used exactly once.
+  """
+  labels = np.asarray(labels)
+  total = num_clients * shards_per_client
+  if not (isinstance(num_clients, int) and isinstance(shards_per_client, int)
+          and 1 <= total <= len(labels)):
+    raise ValueError(f"num_clients x shards_per_client must be in [1, {len(labels)}]; got "
+                     f"{num_clients!r} x {shards_per_client!r}.")
+  rng = np.random.default_rng(seed)
+  order = np.lexsort((rng.permutation(len(labels)), labels))   # by label, ties shuffled
+  pieces = np.array_split(order, total)
+  deal = rng.permutation(total).reshape(num_clients, shards_per_client)
+  return [np.sort(np.concatenate([pieces[j] for j in row])) for row in deal]
+
+
+def quantity_skew(num_examples: int, num_clients: int, sigma: float = 1.0, *,
+                  min_size: int = 1, seed: int = 0) -> list[np.ndarray]:
+  """IID examples in lognormal sizes: n_i ∝ exp(N(0, σ²)), each at least `min_size`.
+
+  Every example is used exactly once; σ = 0 gives near-equal clients.
+  """
+  if not (isinstance(num_clients, int) and 1 <= num_clients * min_size <= num_examples):
+    raise ValueError(f"num_clients x min_size must be in [1, {num_examples}]; got "
+                     f"{num_clients!r} x {min_size!r}.")
+  if not sigma >= 0:
+    raise ValueError(f"sigma must be >= 0; got {sigma!r}.")
+  rng = np.random.default_rng(seed)
+  share = rng.lognormal(0.0, sigma, num_clients)
+  spare = num_examples - num_clients * min_size
+  sizes = min_size + np.floor(share / share.sum() * spare).astype(int)
+  sizes[np.argsort(-share)[:num_examples - sizes.sum()]] += 1       # hand out the remainder
+  return np.split(rng.permutation(num_examples), np.cumsum(sizes)[:-1])
+
+
+def natural(keys) -> tuple[list, list[np.ndarray]]:
+  """Groups examples by a natural key (a writer, a speaker), in order of first appearance.
+
+  Returns:
+    `(key values, per-client index arrays)`.
+  """
+  keys = np.asarray(keys)
+  values, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+  order = np.argsort(first)
+  return [values[i].item() for i in order], [np.flatnonzero(inverse == i) for i in order]
+
+
 def split_clients(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], *,
                   test_fraction: float, num_classes: int, seed: int = 0
                   ) -> tuple[FederatedData, FederatedData]:
