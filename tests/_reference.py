@@ -41,6 +41,13 @@ def logreg_sgd(w, b, x, y, plan_idx, plan_mask, lr, mu=None, anchor=None, train_
   return w, b, loss_sum / max(count, 1), steps
 
 
+def logreg_grad(w, b, x, y):
+  """Gradient of the mean cross-entropy of multinomial logistic regression."""
+  p = softmax(x @ w + b)
+  p[np.arange(len(y)), y] -= 1.0
+  return x.T @ p / len(y), p.sum(0) / len(y)
+
+
 def logreg_loss(w, b, x, y):
   """Mean cross-entropy of multinomial logistic regression."""
   p = softmax(x @ w + b)

@@ -20,8 +20,7 @@ from fedjax_pers.core._client import (
 )
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
-from fedjax_pers.core._sampling import check_cohort
+from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_init, make_round
 
 
 def mix(alpha, v, w):
@@ -69,9 +68,6 @@ def apfl(
   check_local_work(work)
   if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
     raise ValueError(f"alpha (APFL's mixing weight) must be in [0, 1]; got {alpha!r}.")
-  if not isinstance(clients_per_round, int) or clients_per_round < 1:
-    raise ValueError(
-        f"clients_per_round must be a positive int; got {clients_per_round!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
   if aggregator.client_losses:
     raise ValueError("apfl does not report the client losses this weighting needs.")
@@ -120,15 +116,8 @@ def apfl(
       make_client, aggregator, server_tx, clients_per_round=clients_per_round,
       strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
 
-  def init(key: jax.Array, data: FederatedData) -> ServerState:
-    check_cohort(clients_per_round, data.num_clients)
-    k_model, k_rounds = jax.random.split(key)
-    params = model.init(k_model)
-    stacked = stack_clients(params, data.num_clients)
-    return ServerState(
-        params=params, opt_state=server_tx.init(params),
-        weight_state=aggregator.init(data.num_clients), client_states=stacked,
-        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
+      client_states=stack_clients)
 
   def personal(state: ServerState):
     return jax.vmap(lambda v: mix(alpha, v, state.params))(state.client_states)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -14,8 +13,7 @@ from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
 from fedjax_pers.core._client import local_train, make_client_update, stack_clients
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
-from fedjax_pers.core._sampling import check_cohort
+from fedjax_pers.core._round import FederatedAlgorithm, make_init, make_round
 
 
 def ditto(
@@ -67,9 +65,6 @@ def ditto(
   check_local_work(personal_work)
   if not (isinstance(lam, (int, float)) and lam >= 0):
     raise ValueError(f"lam (Ditto's λ) must be a number >= 0; got {lam!r}.")
-  if not isinstance(clients_per_round, int) or clients_per_round < 1:
-    raise ValueError(
-        f"clients_per_round must be a positive int; got {clients_per_round!r}.")
   personal_tx = client_tx if personal_tx is None else personal_tx
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
 
@@ -94,14 +89,7 @@ def ditto(
       make_client, aggregator, server_tx, clients_per_round=clients_per_round,
       strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
 
-  def init(key: jax.Array, data: FederatedData) -> ServerState:
-    check_cohort(clients_per_round, data.num_clients)
-    k_model, k_rounds = jax.random.split(key)
-    params = model.init(k_model)
-    stacked = stack_clients(params, data.num_clients)
-    return ServerState(
-        params=params, opt_state=server_tx.init(params),
-        weight_state=aggregator.init(data.num_clients), client_states=stacked,
-        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
+      client_states=stack_clients)
 
   return FederatedAlgorithm(init=init, round=round_fn, personal=lambda s: s.client_states)

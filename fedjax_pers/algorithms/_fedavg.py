@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -14,8 +12,7 @@ from fedjax_pers.core._batching import LocalWork, check_local_work
 from fedjax_pers.core._client import make_client_update
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
-from fedjax_pers.core._sampling import check_cohort
+from fedjax_pers.core._round import FederatedAlgorithm, make_init, make_round
 
 
 def fedavg(
@@ -61,9 +58,6 @@ def fedavg(
     The `FederatedAlgorithm`.
   """
   check_local_work(work)
-  if not isinstance(clients_per_round, int) or clients_per_round < 1:
-    raise ValueError(
-        f"clients_per_round must be a positive int; got {clients_per_round!r}.")
   if prox_mu is not None and not (np.isfinite(prox_mu) and prox_mu >= 0):
     raise ValueError(f"prox_mu (FedProx's mu) must be finite and >= 0; got {prox_mu!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
@@ -79,14 +73,7 @@ def fedavg(
       strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs,
       mesh=mesh)
 
-  def init(key: jax.Array, data: FederatedData) -> ServerState:
-    check_cohort(clients_per_round, data.num_clients)
-    k_model, k_rounds = jax.random.split(key)
-    params = model.init(k_model)
-    return ServerState(
-        params=params, opt_state=server_tx.init(params),
-        weight_state=aggregator.init(data.num_clients), client_states=(),
-        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round)
 
   return FederatedAlgorithm(init=init, round=round_fn)
 

@@ -15,8 +15,7 @@ from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
 from fedjax_pers.core._client import local_train, make_client_update, stack_clients
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
-from fedjax_pers.core._sampling import check_cohort
+from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_init, make_round
 from fedjax_pers.personalization._layers import (
     Predicate,
     last_layer,
@@ -80,9 +79,6 @@ def _personal_layers(model, server_tx, mask, make_local, *, clients_per_round, w
                      strategy, client_chunk, sampling_probs, mesh) -> FederatedAlgorithm:
   """The round of the personal-layer family around `make_local(data, client_losses)`, a
   client update from the merged (shared + own personal) parameters."""
-  if not isinstance(clients_per_round, int) or clients_per_round < 1:
-    raise ValueError(
-        f"clients_per_round must be a positive int; got {clients_per_round!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
 
   def make_client(data: FederatedData):
@@ -101,15 +97,8 @@ def _personal_layers(model, server_tx, mask, make_local, *, clients_per_round, w
       make_client, aggregator, server_tx, clients_per_round=clients_per_round,
       strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
 
-  def init(key: jax.Array, data: FederatedData) -> ServerState:
-    check_cohort(clients_per_round, data.num_clients)
-    k_model, k_rounds = jax.random.split(key)
-    params = model.init(k_model)
-    stacked = stack_clients(personal_part(params, mask), data.num_clients)
-    return ServerState(
-        params=params, opt_state=server_tx.init(params),
-        weight_state=aggregator.init(data.num_clients), client_states=stacked,
-        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
+      client_states=lambda params, n: stack_clients(personal_part(params, mask), n))
 
   def personal_models(state: ServerState):
     return jax.vmap(lambda own: merge(state.params, own, mask))(state.client_states)

@@ -18,7 +18,13 @@ from fedjax_pers.core._cohort import (
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._evaluate import ClientEval, evaluate, summarize, worst_fraction_mean
 from fedjax_pers.core._model import Model, accuracy, from_flax, softmax_cross_entropy
-from fedjax_pers.core._round import FederatedAlgorithm, RoundMetrics, ServerState, make_round
+from fedjax_pers.core._round import (
+    FederatedAlgorithm,
+    RoundMetrics,
+    ServerState,
+    make_init,
+    make_round,
+)
 from fedjax_pers.core._sampling import sample_clients
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "from_flax",
     "local_train",
     "make_client_update",
+    "make_init",
     "make_round",
     "masked_mean_loss",
     "num_steps",

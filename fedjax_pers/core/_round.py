@@ -125,6 +125,9 @@ def make_round(
   Returns:
     `round(state, data) -> (state, RoundMetrics)`.
   """
+  if not isinstance(clients_per_round, int) or clients_per_round < 1:
+    raise ValueError(
+        f"clients_per_round must be a positive int; got {clients_per_round!r}.")
   check_strategy(strategy, client_chunk)
   check_mesh(mesh)
   aggregator = as_aggregator(aggregator)
@@ -178,3 +181,31 @@ def make_round(
     return new_state, metrics
 
   return round_fn
+
+
+def make_init(
+    model,
+    server_tx: optax.GradientTransformation,
+    aggregator: Aggregator,
+    *,
+    clients_per_round: int,
+    client_states: Callable[[Params, int], Any] | None = None,
+) -> Callable[[jax.Array, FederatedData], ServerState]:
+  """`init(key, data) -> ServerState` of the FedAvg family.
+
+  The key splits into (model, rounds); the model's params start the server
+  optimizer, `aggregator.init` the weight state, and `client_states(params,
+  num_clients)` the per-client state (default none: `()`).
+  """
+
+  def init(key: jax.Array, data: FederatedData) -> ServerState:
+    check_cohort(clients_per_round, data.num_clients)
+    k_model, k_rounds = jax.random.split(key)
+    params = model.init(k_model)
+    states = () if client_states is None else client_states(params, data.num_clients)
+    return ServerState(
+        params=params, opt_state=server_tx.init(params),
+        weight_state=aggregator.init(data.num_clients), client_states=states,
+        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+
+  return init
