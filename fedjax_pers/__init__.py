@@ -7,6 +7,7 @@ from fedjax_pers import (
     core,
     data,
     distributed,
+    hypergrad,
     models,
     personalization,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "core",
     "data",
     "distributed",
+    "hypergrad",
     "models",
     "personalization",
 ]

@@ -8,8 +8,10 @@ from fedjax_pers import aggregation, algorithms, core, data, models, personaliza
 
 def test_surfaces():
   assert set(algorithms.__all__) == {"apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep",
-                                     "lg_fedavg", "pfedme"}
-  assert {"personalize", "evaluate_personal"} <= set(personalization.__all__)
+                                     "lg_fedavg", "per_fedavg", "pfedme", "reptile"}
+  assert {"personalize", "evaluate_personal", "meta_gradient", "hvp"} <= set(
+      personalization.__all__)
+  assert {"hypergradient", "unrolled_objective"} <= set(dir(fp.hypergrad))
   assert set(models.__all__) == {"cnn", "logistic_regression", "mlp"}
   assert {"num_examples", "uniform", "WeightFn"} <= set(aggregation.__all__)
   for mod in (fp, aggregation, algorithms, core, data, models, personalization):

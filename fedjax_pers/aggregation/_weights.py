@@ -83,6 +83,20 @@ def uniform() -> WeightFn:
   return from_score(lambda out: jnp.ones((), jnp.float32))
 
 
+def logits(theta: jax.Array) -> WeightFn:
+  """Weights from per-client logits: `w_i = exp(θ_{c_i}) / Σ_j exp(θ_{c_j})` over the cohort.
+
+  `theta` is `[num_clients]`, indexed by each sampled client's id; it may be a
+  traced value, so the aggregation weights can be learned by differentiating
+  through whole rounds (see `fedjax_pers.hypergrad`).
+  """
+
+  def apply(outputs, state):
+    return masked_softmax(theta[outputs.client_id], outputs.finite), state
+
+  return WeightFn(init=stateless, apply=apply)
+
+
 def product(*fns: WeightFn) -> WeightFn:
   """`w_i ∝ Π_f w_i^(f)`: the weight functions' weights multiplied, renormalised.
 

@@ -4,6 +4,11 @@ from fedjax_pers.algorithms._apfl import apfl
 from fedjax_pers.algorithms._ditto import ditto
 from fedjax_pers.algorithms._fedavg import fedavg, fedprox
 from fedjax_pers.algorithms._fedper import fedper, fedrep, lg_fedavg
+from fedjax_pers.algorithms._per_fedavg import per_fedavg
 from fedjax_pers.algorithms._pfedme import pfedme
+from fedjax_pers.algorithms._reptile import reptile
 
-__all__ = ["apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep", "lg_fedavg", "pfedme"]
+__all__ = [
+    "apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep", "lg_fedavg", "per_fedavg",
+    "pfedme", "reptile",
+]

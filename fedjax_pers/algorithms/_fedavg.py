@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -58,7 +59,9 @@ def fedavg(
     The `FederatedAlgorithm`.
   """
   check_local_work(work)
-  if prox_mu is not None and not (np.isfinite(prox_mu) and prox_mu >= 0):
+  # A traced μ (a hyperparameter being differentiated) is not checked.
+  if (prox_mu is not None and not isinstance(prox_mu, jax.core.Tracer)
+      and not (np.isfinite(prox_mu) and prox_mu >= 0)):
     raise ValueError(f"prox_mu (FedProx's mu) must be finite and >= 0; got {prox_mu!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
 

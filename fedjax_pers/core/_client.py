@@ -171,10 +171,11 @@ def local_train(
       keep = lambda new, old: jnp.where(active, new, old)
       new_w = jax.tree.map(keep, new_w, w)
       new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-    carry = (new_w, new_opt_state, loss_sum + total, count + jnp.sum(mb), steps + active)
+    carry = (new_w, new_opt_state, loss_sum + total.astype(loss_sum.dtype),
+             count + jnp.sum(mb, dtype=jnp.int32), steps + active)
     return carry, None
 
-  zero = jnp.zeros((), jnp.float32)
+  zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
   init = (params, tx.init(params), zero, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
   (w, _, loss_sum, count, steps), _ = jax.lax.scan(
       step, init, (plan.idx, plan.mask, step_keys))

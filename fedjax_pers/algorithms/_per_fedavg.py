@@ -1,0 +1,150 @@
+"""Per-FedAvg (Fallah, Mokhtari, Ozdaglar, NeurIPS 2020): a meta-learned initialization."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from fedjax_pers.aggregation._weights import WeightFn, uniform
+from fedjax_pers.core._aggregate import Aggregator, as_aggregator
+from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
+from fedjax_pers.core._client import ClientOutput, all_finite, label_histogram
+from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._model import Model
+from fedjax_pers.core._round import FederatedAlgorithm, make_init, make_round
+from fedjax_pers.personalization._meta import (
+  METHODS,
+  MetaSGDParams,
+  batch_loss,
+  check_method,
+  meta_gradient,
+  meta_sgd_model,
+)
+
+
+def per_fedavg(
+    model: Model,
+    client_tx: optax.GradientTransformation,
+    server_tx: optax.GradientTransformation,
+    work: LocalWork,
+    *,
+    inner_lr: float,
+    clients_per_round: int,
+    variant: str = "second_order",
+    hvp: str = "finite_difference",
+    delta: float = 1e-3,
+    inner_steps: int = 1,
+    meta_sgd: bool = False,
+    remat: bool = False,
+    weighting: WeightFn | Aggregator | None = None,
+    strategy: str = "auto",
+    client_chunk: int | None = None,
+    sampling_probs: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+) -> FederatedAlgorithm:
+  """Per-FedAvg: clients take τ meta-steps on the MAML objective; the server averages.
+
+  Each of the τ = `work.steps` local steps of client i draws independent batches
+  D (K = `inner_steps` of them), D′ and D″ (K of them) and updates
+
+    w ← w − β (I − α ∇²f_i(w; D″)) ∇f_i(w − α ∇f_i(w; D); D′)
+
+  with β the step of `client_tx` (`optax.sgd(β)` in the paper) and α =
+  `inner_lr` (for K > 1, the product of the K steps' Jacobians; see
+  `personalization.meta_gradient`). Variants: `second_order` (the Hessian term
+  by automatic differentiation, exact), `first_order` (Per-FedAvg (FO): the
+  Hessian term dropped, no D″) and `hessian_free` (Per-FedAvg (HF): the
+  Hessian-vector product by `hvp`, the paper's central finite difference
+  [∇f(w + δg; D″) − ∇f(w − δg; D″)] / 2δ by default, or `exact`). The server
+  applies `server_tx` to the mean of w_i − w_t (uniform weights, as the paper's
+  (1/rn) Σ w_i; `sgd(1.0)` averages the models). A client's personalized model
+  is the global one after a few steps of SGD with rate α on its own data
+  (`personalization.personalize`).
+
+  With `meta_sgd=True` the inner rate is one learned α per parameter (Meta-SGD,
+  Li et al., 2017): the global parameters become `MetaSGDParams(θ, α)`, α
+  starts at `inner_lr` and is meta-trained and averaged with θ; evaluate with
+  `meta_sgd_model(model, inner_lr)` and adapt with `meta_sgd_tx()`.
+
+  Args:
+    model: The model.
+    client_tx: The outer (meta) optimizer of local training, `optax.sgd(β)`.
+    server_tx: Server optimizer on the mean update.
+    work: `LocalWork(batch_size, steps=τ)`: τ meta-steps of batches of this size.
+    inner_lr: α.
+    clients_per_round: Cohort size.
+    variant: `second_order`, `first_order` or `hessian_free`.
+    hvp: For `hessian_free`: `finite_difference` (the paper's) or `exact` (`jax.jvp`).
+    delta: The finite difference's δ.
+    inner_steps: K, adaptation steps inside the meta-objective (the paper: 1).
+    meta_sgd: Learn one inner rate per parameter.
+    remat: Rematerialise the inner steps in the backward pass (`jax.checkpoint`).
+    weighting: Aggregation (default uniform, as the paper).
+    strategy: Cohort strategy (`auto`, `vmap`, `chunked`, `scan`).
+    client_chunk: Clients per chunk for `chunked`.
+    sampling_probs: Optional `[N]` client sampling weights.
+    mesh: Optional mesh with a `clients` axis.
+
+  Returns:
+    The `FederatedAlgorithm`.
+  """
+  check_local_work(work)
+  if work.steps is None:
+    raise ValueError(f"Per-FedAvg counts local meta-steps: work must set steps (τ); got {work}.")
+  if variant not in METHODS:
+    raise ValueError(f"variant must be one of {METHODS}; got {variant!r}.")
+  check_method(variant, hvp, delta)
+  if not (isinstance(inner_steps, int) and inner_steps >= 1):
+    raise ValueError(f"inner_steps (K) must be an int >= 1; got {inner_steps!r}.")
+  if isinstance(inner_lr, int | float) and not inner_lr > 0:
+    raise ValueError(f"inner_lr (alpha) must be > 0; got {inner_lr!r}.")
+  aggregator = as_aggregator(uniform() if weighting is None else weighting)
+  k = inner_steps
+  per_step = k + 1 + (0 if variant == "first_order" else k)
+  plan_work = LocalWork(work.batch_size, steps=work.steps * per_step)
+  init_model = meta_sgd_model(model, inner_lr) if meta_sgd else model
+  loss_fn = batch_loss(model)
+
+  def meta_step(w, batches):
+    support = jax.tree.map(lambda a: a[:k], batches)
+    query = jax.tree.map(lambda a: a[k], batches)
+    curvature = None if variant == "first_order" else jax.tree.map(lambda a: a[k + 1:], batches)
+    theta, lr = (w.model, w.inner_lr) if meta_sgd else (w, inner_lr)
+    mg = meta_gradient(loss_fn, theta, lr, support, query, curvature, method=variant,
+                       hvp_method=hvp, delta=delta, remat=remat)
+    grads = MetaSGDParams(mg.params, mg.inner_lr) if meta_sgd else mg.params
+    return grads, mg.loss
+
+  def make_client(data: FederatedData):
+    def client_update(params, client, key):
+      plan = batch_plan(key, client.num_examples, plan_work, max_examples=data.max_examples,
+                        min_examples=data.min_examples)
+      shape = (work.steps, per_step, work.batch_size)
+      idx, mask = plan.idx.reshape(shape), plan.mask.reshape(shape)
+
+      def step(carry, inputs):
+        w, opt_state, loss_sum = carry
+        i, m = inputs
+        grads, loss = meta_step(w, (client.x[i], client.y[i], m))
+        updates, opt_state = client_tx.update(grads, opt_state, w)
+        return (optax.apply_updates(w, updates), opt_state, loss_sum + loss), None
+
+      zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
+      (w, _, loss_sum), _ = jax.lax.scan(
+          step, (params, client_tx.init(params), zero), (idx, mask))
+      delta_ = jax.tree.map(jnp.subtract, w, params)
+      return ClientOutput(
+          delta=delta_, num_examples=client.num_examples,
+          train_loss=loss_sum / work.steps, num_steps=jnp.asarray(work.steps, jnp.int32),
+          label_hist=label_histogram(client, data.num_classes), finite=all_finite(delta_))
+
+    return client_update
+
+  round_fn = make_round(
+      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
+  init = make_init(init_model, server_tx, aggregator, clients_per_round=clients_per_round)
+  return FederatedAlgorithm(init=init, round=round_fn)

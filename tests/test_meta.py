@@ -1,0 +1,319 @@
+"""MAML meta-gradients in float64: finite differences, Hessians, NumPy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _reference import fedavg_round, logreg_grad, softmax
+from jax.flatten_util import ravel_pytree
+from test_engine import logreg, small_data
+
+import fedjax_pers as fp
+from fedjax_pers.algorithms import per_fedavg, reptile
+from fedjax_pers.personalization import (
+    adapt,
+    batch_loss,
+    hvp,
+    meta_gradient,
+    meta_sgd_model,
+    meta_sgd_tx,
+)
+
+DIM, CLASSES, B, K = 4, 3, 5, 2
+
+
+def f64(tree):
+  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def batches(seed, k=None):
+  """`k` stacked batches (or one) of B examples, the last example of each masked out."""
+  rs = np.random.RandomState(seed)
+  shape = (B,) if k is None else (k, B)
+  x = rs.normal(size=shape + (DIM,))
+  y = rs.randint(0, CLASSES, shape)
+  mask = np.ones(shape, bool)
+  mask[..., -1] = False
+  return jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.int32), jnp.asarray(mask)
+
+
+def setup(model_name="logreg"):
+  model = (logreg(DIM, CLASSES) if model_name == "logreg"
+           else fp.models.mlp((DIM,), CLASSES, hidden=(6,)))
+  params = f64(model.init(jax.random.key(0)))
+  return model, batch_loss(model), params
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+
+
+def directional_fd(fn, x, u, eps=1e-6):
+  plus = fn(jax.tree.map(lambda a, d: a + eps * d, x, u))
+  minus = fn(jax.tree.map(lambda a, d: a - eps * d, x, u))
+  return (plus - minus) / (2 * eps)
+
+
+def random_like(tree, seed):
+  flat, unravel = ravel_pytree(tree)
+  return unravel(jnp.asarray(np.random.RandomState(seed).normal(size=flat.shape), flat.dtype))
+
+
+def dot(a, b):
+  return float(sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+@pytest.mark.parametrize("model_name", ["logreg", "mlp"])
+@pytest.mark.parametrize("remat", [False, True])
+def test_second_order_meta_gradient_matches_finite_differences(model_name, remat):
+  with jax.enable_x64(True):
+    model, loss_fn, params = setup(model_name)
+    support, query, lr = batches(1, K), batches(2), 0.3
+    objective = lambda p, a: loss_fn(adapt(loss_fn, p, a, support), query)
+    mg = meta_gradient(loss_fn, params, lr, support, query, remat=remat)
+    assert jax.tree.leaves(mg.params)[0].dtype == jnp.float64
+    np.testing.assert_allclose(mg.loss, objective(params, lr), rtol=1e-12)
+    # Every coordinate of θ, and α.
+    flat, unravel = ravel_pytree(params)
+    fd = np.array([directional_fd(lambda v: objective(unravel(v), lr), flat,
+                                  jnp.eye(flat.size)[i]) for i in range(flat.size)])
+    assert rel_err(ravel_pytree(mg.params)[0], fd) < 1e-4
+    fd_lr = directional_fd(lambda a: objective(params, a), jnp.float64(lr), jnp.float64(1.0))
+    assert rel_err(mg.inner_lr, fd_lr) < 1e-4
+
+
+def test_meta_sgd_gradient_matches_finite_differences():
+  with jax.enable_x64(True):
+    _, loss_fn, params = setup("mlp")
+    lr = jax.tree.map(lambda p: 0.1 + 0.2 * jnp.abs(p), params)
+    support, query = batches(3, K), batches(4)
+    objective = lambda p, a: loss_fn(adapt(loss_fn, p, a, support), query)
+    for method in ("second_order", "hessian_free"):
+      mg = meta_gradient(loss_fn, params, lr, support, query, method=method)
+      for seed in range(3):
+        u = random_like(lr, 10 + seed)
+        fd = directional_fd(lambda a: objective(params, a), lr, u)
+        assert abs(dot(mg.inner_lr, u) - fd) < 1e-4 * max(abs(fd), 1e-3), method
+
+
+def test_exact_hvp_matches_the_hessian():
+  with jax.enable_x64(True):
+    _, loss_fn, params = setup("mlp")
+    batch = batches(5)
+    v = random_like(params, 6)
+    flat, unravel = ravel_pytree(params)
+    hess = jax.hessian(lambda z: loss_fn(unravel(z), batch))(flat)
+    got = ravel_pytree(hvp(loss_fn, params, batch, v))[0]
+    np.testing.assert_allclose(got, hess @ ravel_pytree(v)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_finite_difference_hvp_converges_to_the_exact_one():
+  with jax.enable_x64(True):
+    _, loss_fn, params = setup("mlp")
+    batch, v = batches(7), random_like(params, 8)
+    exact = ravel_pytree(hvp(loss_fn, params, batch, v))[0]
+    errs = [rel_err(ravel_pytree(hvp(loss_fn, params, batch, v, method="finite_difference",
+                                     delta=d))[0], exact) for d in (1e-1, 1e-2, 1e-3)]
+    # Central differences: error O(δ²), so ~100x smaller per decade.
+    assert errs[1] < errs[0] / 30 and errs[2] < errs[1] / 30, errs
+    assert errs[2] < 1e-5, errs
+
+
+def numpy_sgd(w, b, x, y, mask, lr):
+  for xb, yb, mb in zip(x, y, mask):
+    gw, gb = logreg_grad(w, b, xb[mb], yb[mb])
+    w, b = w - lr * gw, b - lr * gb
+  return w, b
+
+
+def numpy_hvp(w, b, x, y, vw, vb):
+  """∇²f(w, b) (vw, vb) of the mean cross-entropy of softmax regression."""
+  p = softmax(x @ w + b)
+  dz = x @ vw + vb
+  dp = p * dz - p * np.sum(p * dz, axis=1, keepdims=True)
+  return x.T @ dp / len(y), dp.sum(0) / len(y)
+
+
+def unpack(batch):
+  return tuple(np.asarray(a) for a in batch)
+
+
+def test_first_order_is_the_query_gradient_at_the_adapted_point():
+  with jax.enable_x64(True):
+    _, loss_fn, params = setup()
+    support, query, lr = batches(9, K), batches(10), 0.2
+    mg = meta_gradient(loss_fn, params, lr, support, query, method="first_order")
+    w, b = np.asarray(params["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["bias"])
+    wk, bk = numpy_sgd(w, b, *unpack(support), lr)
+    qx, qy, qm = unpack(query)
+    gw, gb = logreg_grad(wk, bk, qx[qm], qy[qm])
+    np.testing.assert_allclose(mg.params["Dense_0"]["kernel"], gw, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(mg.params["Dense_0"]["bias"], gb, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_second_order_matches_numpy_product_of_jacobians(independent):
+  with jax.enable_x64(True):
+    _, loss_fn, params = setup()
+    support, query, lr = batches(11, K), batches(12), 0.2
+    curvature = batches(13, K) if independent else None
+    w, b = np.asarray(params["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["bias"])
+    sx, sy, sm = unpack(support)
+    cx, cy, cm = unpack(curvature if independent else support)
+    ws = [(w, b)]
+    for j in range(K):
+      ws.append(numpy_sgd(*ws[-1], sx[j:j + 1], sy[j:j + 1], sm[j:j + 1], lr))
+    qx, qy, qm = unpack(query)
+    vw, vb = logreg_grad(*ws[-1], qx[qm], qy[qm])
+    for j in reversed(range(K)):
+      hw, hb = numpy_hvp(*ws[j], cx[j][cm[j]], cy[j][cm[j]], vw, vb)
+      vw, vb = vw - lr * hw, vb - lr * hb
+    for method in ("second_order", "hessian_free"):
+      mg = meta_gradient(loss_fn, params, lr, support, query, curvature, method=method)
+      np.testing.assert_allclose(mg.params["Dense_0"]["kernel"], vw, rtol=1e-9, atol=1e-12)
+      np.testing.assert_allclose(mg.params["Dense_0"]["bias"], vb, rtol=1e-9, atol=1e-12)
+
+
+def test_hessian_free_exact_equals_second_order_and_fd_is_close():
+  with jax.enable_x64(True):
+    _, loss_fn, params = setup("mlp")
+    support, query, curvature = batches(14, K), batches(15), batches(16, K)
+    for lr in (0.3, jax.tree.map(lambda p: 0.1 + 0.1 * jnp.abs(p), params)):
+      so = meta_gradient(loss_fn, params, lr, support, query, curvature)
+      hf = meta_gradient(loss_fn, params, lr, support, query, curvature, method="hessian_free")
+      fd = meta_gradient(loss_fn, params, lr, support, query, curvature, method="hessian_free",
+                         hvp_method="finite_difference", delta=1e-5)
+      for a, b in zip(jax.tree.leaves(hf), jax.tree.leaves(so)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+      for a, b in zip(jax.tree.leaves(fd), jax.tree.leaves(so)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_bad_options_are_named():
+  model = logreg(DIM, CLASSES)
+  loss_fn, params = batch_loss(model), model.init(jax.random.key(0))
+  with pytest.raises(ValueError, match="method must be one of"):
+    meta_gradient(loss_fn, params, 0.1, (), (), method="third_order")
+  with pytest.raises(ValueError, match="delta"):
+    meta_gradient(loss_fn, params, 0.1, (), (), delta=0.0)
+  with pytest.raises(ValueError, match="steps"):
+    per_fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(4, epochs=1),
+               inner_lr=0.1, clients_per_round=1)
+  with pytest.raises(ValueError, match="variant"):
+    per_fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(4, steps=1),
+               inner_lr=0.1, clients_per_round=1, variant="hf")
+
+
+# ------------------------------------------------------------------------ Per-FedAvg
+
+
+def client_batches(state, data, work, per_step):
+  """The engine's batches of client 0 (a one-client population), per meta-step."""
+  _, _, k_clients = jax.random.split(state.rng, 3)
+  plan = fp.core.batch_plan(jax.random.fold_in(k_clients, 0), data.num_examples[0],
+                            fp.LocalWork(work.batch_size, steps=work.steps * per_step),
+                            max_examples=data.max_examples, min_examples=data.min_examples)
+  idx = np.asarray(plan.idx).reshape(work.steps, per_step, -1)
+  mask = np.asarray(plan.mask).reshape(work.steps, per_step, -1)
+  x, y = np.asarray(data.x[0], np.float64), np.asarray(data.y[0])
+  return [[(x[i[m]], y[i[m]]) for i, m in zip(ii, mm)] for ii, mm in zip(idx, mask)]
+
+
+@pytest.mark.parametrize("variant,hvp_method", [
+    ("second_order", "exact"), ("hessian_free", "exact"),
+    ("hessian_free", "finite_difference"), ("first_order", "exact")])
+def test_per_fedavg_one_client_matches_numpy(variant, hvp_method):
+  data = small_data(num_clients=1, sizes=[11])
+  work, alpha, beta = fp.LocalWork(3, steps=2), 0.3, 0.5
+  alg = per_fedavg(logreg(), optax.sgd(beta), optax.sgd(1.0), work, inner_lr=alpha,
+                   clients_per_round=1, variant=variant, hvp=hvp_method, delta=1e-3)
+  s0 = alg.init(jax.random.key(0), data)
+  s1, m = jax.jit(alg.round)(s0, data)
+  per_step = 2 if variant == "first_order" else 3
+  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
+  query_losses = []
+  for step in client_batches(s0, data, work, per_step):
+    (dx, dy), (qx, qy) = step[0], step[1]
+    gw, gb = logreg_grad(w, b, dx, dy)
+    tw, tb = w - alpha * gw, b - alpha * gb
+    vw, vb = logreg_grad(tw, tb, qx, qy)
+    p = softmax(qx @ tw + tb)
+    query_losses.append(-np.log(p[np.arange(len(qy)), qy]).mean())
+    if variant != "first_order":
+      hx, hy = step[2]
+      hw, hb = numpy_hvp(w, b, hx, hy, vw, vb)
+      vw, vb = vw - alpha * hw, vb - alpha * hb
+    w, b = w - beta * vw, b - beta * vb
+  tol = 1e-5 if hvp_method == "exact" else 2e-4
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], w, atol=tol)
+  np.testing.assert_allclose(s1.params["Dense_0"]["bias"], b, atol=tol)
+  np.testing.assert_allclose(m.train_loss, np.mean(query_losses), rtol=1e-5)
+
+
+def test_per_fedavg_batches_are_disjoint_within_a_step():
+  # 24 examples: 6 batches an epoch, so each meta-step's 3 batches lie in one epoch.
+  data = small_data(num_clients=1, sizes=[24])
+  work = fp.LocalWork(4, steps=3)
+  alg = per_fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), work, inner_lr=0.1,
+                   clients_per_round=1)
+  s0 = alg.init(jax.random.key(1), data)
+  _, _, k_clients = jax.random.split(s0.rng, 3)
+  plan = fp.core.batch_plan(jax.random.fold_in(k_clients, 0), 24, fp.LocalWork(4, steps=9),
+                            max_examples=24)
+  for step in np.asarray(plan.idx).reshape(3, 12):
+    assert len(set(step.tolist())) == 12   # D, D′, D″ share no example
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "scan"])
+def test_per_fedavg_strategies_agree_and_do_not_recompile(strategy):
+  data = small_data(num_clients=6)
+  mk = lambda s: per_fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=2),
+                            inner_lr=0.1, clients_per_round=4, strategy=s)
+  ref, alg = mk("vmap"), mk(strategy)
+  s_ref = s = alg.init(jax.random.key(0), data)
+  step = jax.jit(alg.round)
+  for _ in range(3):
+    s, _ = step(s, data)
+    s_ref, _ = jax.jit(ref.round)(s_ref, data)
+  assert step._cache_size() == 1
+  for a, b in zip(jax.tree.leaves(s.params), jax.tree.leaves(s_ref.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_meta_sgd_learns_rates_and_adapts_with_them():
+  data = small_data(num_clients=4, sizes=[12] * 4)
+  alpha = 0.1
+  alg = per_fedavg(logreg(), optax.sgd(0.5), optax.sgd(1.0), fp.LocalWork(3, steps=2),
+                   inner_lr=alpha, clients_per_round=4, meta_sgd=True)
+  s0 = alg.init(jax.random.key(0), data)
+  assert all(np.all(a == alpha) for a in jax.tree.leaves(s0.params.inner_lr))
+  s1, _ = jax.jit(alg.round)(s0, data)
+  moved = [np.max(np.abs(np.asarray(a) - alpha)) for a in jax.tree.leaves(s1.params.inner_lr)]
+  assert min(moved) > 0
+  # The evaluation model and the Meta-SGD step: θ − α ∘ ∇θ, α unchanged.
+  model = meta_sgd_model(logreg(), alpha)
+  x, y = data.client(0)
+  grads = jax.grad(lambda p: jnp.mean(model.loss(model.apply(p, x), y)))(s1.params)
+  upd, _ = meta_sgd_tx().update(grads, meta_sgd_tx().init(s1.params), s1.params)
+  new = optax.apply_updates(s1.params, upd)
+  for t, a, g, n in zip(*(jax.tree.leaves(v) for v in (s1.params.model, s1.params.inner_lr,
+                                                       grads.model, new.model))):
+    np.testing.assert_allclose(n, t - a * g, rtol=1e-6, atol=1e-7)
+  assert jax.tree.all(jax.tree.map(np.array_equal, new.inner_lr, s1.params.inner_lr))
+
+
+def test_reptile_round_matches_numpy():
+  data = small_data(num_clients=6)
+  work, lr, eps = fp.LocalWork(4, steps=3), 0.1, 0.4
+  alg = reptile(logreg(), optax.sgd(lr), work, outer_lr=eps, clients_per_round=4)
+  s0 = alg.init(jax.random.key(0), data)
+  s1, _ = jax.jit(alg.round)(s0, data)
+  # φ + ε · mean_i (W_i − φ): FedAvg's uniform mean, scaled by ε.
+  w_avg, b_avg, _, _ = fedavg_round(s0.params, data, s0.rng, work, lr, 4, weighting="uniform")
+  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], w + eps * (w_avg - w), atol=1e-5)
+  np.testing.assert_allclose(s1.params["Dense_0"]["bias"], b + eps * (b_avg - b), atol=1e-5)
