@@ -12,19 +12,29 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class FederatedData:
-  """Examples of all clients, padded to a common length.
+  """Examples of all clients, padded to a common length, or capped in a flat store.
 
-  Row `c` of `x`/`y` holds client `c`'s examples in its first `num_examples[c]`
-  slots; the remaining slots are padding, which every computation masks out.
-  Build one with `FederatedData.from_clients`, which validates its input.
+  Padded (the default): row `c` of `x`/`y` holds client `c`'s examples in its
+  first `num_examples[c]` slots; the remaining slots are padding, which every
+  computation masks out. Build one with `FederatedData.from_clients`, which
+  validates its input.
+
+  Capped (`cap` set, see `with_cap`): `x`/`y` hold every client's examples one
+  after the other (client `c` at `offsets[c] : offsets[c] + num_examples[c]`,
+  shuffled once when built), with no padding. Each round, `cohort` gives every
+  sampled client a fresh random subset of `min(n_c, cap)` of its examples,
+  padded to `cap` slots, while aggregation weights keep the true `n_c`.
 
   Attributes:
-    x: Features, `[num_clients, max_examples, *feature_shape]`.
-    y: Integer labels, `[num_clients, max_examples]`.
+    x: Features, `[num_clients, max_examples, *feature_shape]` (capped:
+      `[total, *feature_shape]`).
+    y: Integer labels, `[num_clients, max_examples]` (capped: `[total]`).
     num_examples: `[num_clients]` int32, the number of real examples per client.
     num_classes: Number of label classes (static).
     min_examples: `min(num_examples)` (static; bounds how many epochs a fixed
-      number of local steps can touch).
+      number of local steps can touch); capped: `min(min(num_examples), cap)`.
+    offsets: Capped only: `[num_clients]` int32, where each client starts in `x`.
+    cap: Capped only: examples a client trains on per round (static).
   """
 
   x: jax.Array
@@ -32,25 +42,115 @@ class FederatedData:
   num_examples: jax.Array
   num_classes: int = dataclasses.field(metadata=dict(static=True))
   min_examples: int = dataclasses.field(metadata=dict(static=True))
+  offsets: jax.Array | None = None
+  cap: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def num_clients(self) -> int:
-    return self.x.shape[0]
+    return self.num_examples.shape[0]
 
   @property
   def max_examples(self) -> int:
-    return self.x.shape[1]
+    """Slots of a client's rows in a round: the padded length, or the cap."""
+    return self.x.shape[1] if self.cap is None else self.cap
+
+  @property
+  def feature_shape(self) -> tuple[int, ...]:
+    return tuple(self.x.shape[2:] if self.cap is None else self.x.shape[1:])
 
   @property
   def padding_fraction(self) -> float:
-    """Fraction of the stored example slots that are padding."""
-    total = self.num_clients * self.max_examples
+    """Fraction of the stored example slots that are padding (0 for a capped store)."""
+    total = int(np.prod(self.y.shape))
     return 1.0 - float(np.sum(np.asarray(self.num_examples))) / total
+
+  @property
+  def stored_bytes(self) -> int:
+    """Bytes of the stored arrays (features, labels, sizes, offsets)."""
+    return int(sum(a.nbytes for a in jax.tree.leaves(self)))
 
   def client(self, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Client `c`'s real examples as NumPy arrays `(x, y)` (padding removed)."""
     n = int(self.num_examples[c])
+    if self.cap is not None:
+      start = int(self.offsets[c])
+      return np.asarray(self.x[start:start + n]), np.asarray(self.y[start:start + n])
     return np.asarray(self.x[c, :n]), np.asarray(self.y[c, :n])
+
+  def cohort(self, idx: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The rows of clients `idx` for a round: `(x [k, M, ...], y [k, M], n [k])`.
+
+    Padded data: the clients' rows as stored (`key` unused), `M = max_examples`.
+
+    Capped data (`M = cap`): client c with n_c > cap gets a stratified random
+    sample of `cap` of its (shuffled once) examples: the circle of its n_c
+    examples, rotated by r_c uniform in [0, n_c), is cut into `cap` strata
+    `[⌊j n_c / cap⌋, ⌊(j+1) n_c / cap⌋)` and one example is drawn uniformly from
+    each, all from `fold_in(key, c)`. The examples are distinct, each is included
+    with probability exactly cap / n_c, the subset changes every round and every
+    example is reached; the cost is O(cap) per client. Clients with n_c ≤ cap get
+    all their examples, padded. `n` is the TRUE n_c (see `cap_update` for how
+    local training sees min(n_c, cap)).
+    """
+    if self.cap is None:
+      return self.x[idx], self.y[idx], self.num_examples[idx]
+    cap = self.cap
+    n = self.num_examples[idx]
+    m = jnp.minimum(n, cap)
+
+    def positions(key, n, m):
+      k_rot, k_pick = jax.random.split(key)
+      j = jnp.arange(cap + 1)
+      q, rem = n // m, n % m
+      edge = j * q + (j * rem) // m            # ⌊j n / m⌋ without int32 overflow
+      width = jnp.maximum(edge[1:] - edge[:-1], 1)
+      pick = jax.random.randint(k_pick, (cap,), 0, width)
+      rot = jax.random.randint(k_rot, (), 0, jnp.maximum(n, 1))
+      pos = jnp.where(n > cap, (rot + edge[:-1] + pick) % n, j[:-1])
+      return jnp.where(j[:-1] < m, pos, 0)
+
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
+    rows = self.offsets[idx][:, None] + jax.vmap(positions)(keys, n, m)
+    return self.x[rows], self.y[rows], n
+
+  def cap_update(self, update):
+    """Wraps a one-client update so that it trains on `min(n, cap)` examples of its
+    capped rows and reports the true `n` (the aggregation weights' n_i).
+
+    Padded data: `update` itself.
+    """
+    if self.cap is None:
+      return update
+    cap = self.cap
+
+    def capped(params, client, key):
+      out = update(params, client._replace(
+          num_examples=jnp.minimum(client.num_examples, cap)), key)
+      return out._replace(num_examples=client.num_examples)
+
+    return capped
+
+  def with_cap(self, cap: int, *, seed: int = 0) -> FederatedData:
+    """The same clients in a capped flat store (see the class docstring).
+
+    Args:
+      cap: Examples a client trains on per round; clients larger than it train on
+        a fresh random subset of `cap` of their examples every round.
+      seed: Seed of the one-time shuffle of each client's examples.
+
+    Returns:
+      Capped `FederatedData`; `self` unchanged when `cap` is at least the largest
+      client (nothing to cap).
+    """
+    if not (isinstance(cap, (int, np.integer)) and cap >= 1):
+      raise ValueError(f"cap must be an int >= 1; got {cap!r}.")
+    sizes = np.asarray(self.num_examples)
+    if self.cap is None and cap >= int(sizes.max()):
+      return self
+    pairs = [self.client(c) for c in range(self.num_clients)]
+    return FederatedData.from_clients(
+        [p[0] for p in pairs], [p[1] for p in pairs], num_classes=self.num_classes,
+        dtype=self.x.dtype, example_cap=int(cap), seed=seed)
 
   @classmethod
   def from_clients(
@@ -61,6 +161,8 @@ class FederatedData:
       num_classes: int | None = None,
       max_examples: int | None = None,
       dtype=jnp.float32,
+      example_cap: int | None = None,
+      seed: int = 0,
   ) -> FederatedData:
     """Stacks per-client arrays into padded device arrays, checking them first.
 
@@ -71,7 +173,11 @@ class FederatedData:
       num_classes: Labels must lie in `[0, num_classes)`; default `max(y) + 1`.
       max_examples: Pad every client to this many slots (default: the largest
         client). Must be at least the largest client.
-      dtype: Floating dtype of the stored features.
+      dtype: Dtype of the stored features (float32; an integer dtype such as
+        int32 keeps token ids exact).
+      example_cap: If set and smaller than the largest client: a capped flat
+        store (see the class docstring; `max_examples` must then be None).
+      seed: Seed of the capped store's one-time shuffle of each client.
 
     Returns:
       The `FederatedData`.
@@ -128,6 +234,22 @@ class FederatedData:
           f"got values in [{int(ys[c].min())}, {int(ys[c].max())}].")
     sizes = np.array([len(y) for y in ys], np.int32)
     longest = int(sizes.max())
+    if example_cap is not None:
+      if not (isinstance(example_cap, (int, np.integer)) and example_cap >= 1):
+        raise ValueError(f"example_cap must be an int >= 1; got {example_cap!r}.")
+      if max_examples is not None:
+        raise ValueError(f"max_examples={max_examples} and example_cap={example_cap} "
+                         "exclude each other; pass one.")
+      if example_cap < longest:
+        rng = np.random.default_rng(seed)
+        orders = [rng.permutation(len(y)) for y in ys]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+        return cls(
+            x=jnp.asarray(np.concatenate([x[o] for x, o in zip(xs, orders)]).astype(dtype)),
+            y=jnp.asarray(np.concatenate([y[o] for y, o in zip(ys, orders)]).astype(np.int32)),
+            num_examples=jnp.asarray(sizes), num_classes=int(num_classes),
+            min_examples=int(min(sizes.min(), example_cap)), offsets=jnp.asarray(offsets),
+            cap=int(example_cap))
     if max_examples is None:
       max_examples = longest
     if max_examples < longest:

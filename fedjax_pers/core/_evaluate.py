@@ -33,7 +33,9 @@ def evaluate(
   """Loss and accuracy of `params` on every client, padding masked out.
 
   Clients are processed by `lax.map` in chunks of `client_chunk` (vmapped inside a
-  chunk; default all at once), which bounds the activations held at a time.
+  chunk; default all at once), which bounds the activations held at a time. A
+  capped store (`FederatedData.with_cap`) is evaluated on ALL of every client's
+  examples (not the per-round subsets), 1024 examples at a time.
   Jittable; `data` is an argument, so one compilation serves every round.
   """
 
@@ -46,9 +48,29 @@ def evaluate(
     denom = jnp.maximum(n, 1).astype(jnp.float32)
     return loss / denom, hits / denom
 
+  if data.cap is not None:
+    return _evaluate_flat(model, params, data)
   chunk = client_chunk or data.num_clients
   loss, acc = jax.lax.map(one, (data.x, data.y, data.num_examples), batch_size=chunk)
   return ClientEval(loss=loss, accuracy=acc, num_examples=data.num_examples)
+
+
+def _evaluate_flat(model: Model, params: Any, data: FederatedData,
+                   batch_size: int = 1024) -> ClientEval:
+  """`evaluate` of a capped (flat) store: every example, in batches, summed per client."""
+
+  def one(xy):
+    x, y = xy
+    logits = model.apply(params, x[None])
+    return model.loss(logits, y[None])[0], model.metrics(logits, y[None])[0]
+
+  total = data.y.shape[0]
+  loss, hits = jax.lax.map(one, (data.x, data.y), batch_size=min(batch_size, total))
+  owner = jnp.repeat(jnp.arange(data.num_clients), data.num_examples,
+                     total_repeat_length=total)
+  denom = jnp.maximum(data.num_examples, 1).astype(jnp.float32)
+  per = lambda v: jax.ops.segment_sum(v, owner, num_segments=data.num_clients) / denom
+  return ClientEval(loss=per(loss), accuracy=per(hits), num_examples=data.num_examples)
 
 
 def worst_fraction_mean(values: np.ndarray, fraction: float = 0.1) -> float:

@@ -142,13 +142,17 @@ def make_round(
     idx = sample_clients(k_sample, data.num_clients, k, probs=probs)
     padded, valid = pad_cohort(idx, mesh)
     personal = state.client_states if jax.tree.leaves(state.client_states) else None
-    clients = ClientData(data.x, data.y, data.num_examples, personal)
-    if padded.shape[0] != data.num_clients or probs is not None or k < data.num_clients:
-      clients = jax.tree.map(lambda a: a[padded], clients)
+    if data.cap is None:
+      clients = ClientData(data.x, data.y, data.num_examples, personal)
+      if padded.shape[0] != data.num_clients or probs is not None or k < data.num_clients:
+        clients = jax.tree.map(lambda a: a[padded], clients)
+    else:   # capped store: a fresh random subset of each large client (FederatedData.cohort)
+      clients = ClientData(*data.cohort(padded, jax.random.fold_in(k_sample, 1)),
+                           jax.tree.map(lambda a: a[padded], personal))
     keys = jax.vmap(jax.random.fold_in, (None, 0))(k_clients, padded)
     how = resolve_strategy(strategy, state.params)
     result = execute_cohort(
-        make_client(data), state.params, clients, keys, valid, strategy=how,
+        data.cap_update(make_client(data)), state.params, clients, keys, valid, strategy=how,
         client_chunk=client_chunk, score=aggregator.score, mesh=mesh)
     outputs = jax.tree.map(lambda a: a[:k], result.outputs)._replace(client_id=idx)
     weight_state = state.weight_state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -47,6 +48,18 @@ def _corruption_summary(final, weight_rows, corrupted, train) -> dict[str, Any]:
   }
 
 
+def _padding_report(train, test) -> dict[str, Any]:
+  """Padding share and stored bytes of the train and test data, and a one-line summary."""
+  parts = []
+  for name, d in (("train", train), ("test", test)):
+    n = int(np.sum(np.asarray(d.num_examples)))
+    what = (f"capped store, {d.cap} per client per round" if d.cap is not None
+            else f"{100 * d.padding_fraction:.1f}% padding")
+    parts.append(f"{name} {d.num_clients} clients, {n} examples, {what}, "
+                 f"{d.stored_bytes / 2**20:.1f} MiB")
+  return {"line": "; ".join(parts)}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `config.num_rounds` rounds, evaluating every `config.eval_every`.
 
@@ -74,7 +87,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train, test = prepared.train, prepared.test
   corrupted = prepared.noisy | prepared.attackers
   _check_config(config, train.num_clients)
-  model = _registry.make_model(config.model, train.x.shape[2:], train.num_classes)
+  if train.cap is not None and config.personalization.get("finetune_steps"):
+    raise ValueError(
+        f"data.example_cap={train.cap} and personalization.finetune_steps="
+        f"{config.personalization.finetune_steps} exclude each other: fine-tuning reads the "
+        "padded train rows; drop the cap or the fine-tuning.")
+  padding = _padding_report(train, test)
+  logging.info("data: %s", padding["line"])
+  if config.get("progress", True):
+    print(f"data: {padding['line']}")
+  model = _registry.make_model(config.model, train.feature_shape, train.num_classes)
   alg = _registry.make_algorithm(config, model, train, proxy=prepared.proxy,
                                  attackers=prepared.attackers)
 
@@ -174,6 +196,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "strategy": strategy,
       "num_clients": train.num_clients,
       "train_padding_fraction": round(train.padding_fraction, 4),
+      "test_padding_fraction": round(test.padding_fraction, 4),
+      "train_stored_bytes": train.stored_bytes,
+      "test_stored_bytes": test.stored_bytes,
+      "train_example_cap": train.cap,
       "client_state_bytes": int(sum(leaf.nbytes for leaf in
                                     jax.tree.leaves(state.client_states))),
       "backend": jax.default_backend(),

@@ -1,0 +1,98 @@
+"""The example cap: a flat store, a fresh random subset per round, true-n weights,
+evaluation over all examples, and uncapped data unchanged."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_pers as fp
+from fedjax_pers.core import FederatedData
+
+SIZES = [3, 50, 7, 23]
+
+
+def make(cap=None, seed=0):
+  rng = np.random.default_rng(seed)
+  # Feature 0 is a unique example id (client * 1000 + index), feature 1 noise.
+  xs = [np.stack([c * 1000 + np.arange(n), rng.normal(size=n)], 1).astype(np.float32)
+        for c, n in enumerate(SIZES)]
+  ys = [rng.integers(0, 3, n) for n in SIZES]
+  return FederatedData.from_clients(xs, ys, num_classes=3, example_cap=cap), xs, ys
+
+
+def test_flat_store_holds_every_example_once():
+  d, xs, ys = make(cap=10)
+  assert d.cap == 10 and d.max_examples == 10 and d.padding_fraction == 0.0
+  assert d.x.shape == (sum(SIZES), 2) and d.min_examples == 3
+  for c in range(4):
+    x, y = d.client(c)
+    order = np.argsort(x[:, 0])
+    np.testing.assert_array_equal(x[order], xs[c])
+    np.testing.assert_array_equal(y[order], ys[c])
+  assert d.stored_bytes < make()[0].stored_bytes
+
+
+def test_cohort_subsets_distinct_fresh_and_covering():
+  d, xs, _ = make(cap=10)
+  cohort = jax.jit(d.cohort)
+  idx = jnp.array([1, 0, 3])
+  seen, subsets = set(), []
+  for r in range(60):
+    x, y, n = cohort(idx, jax.random.key(r))
+    np.testing.assert_array_equal(n, [50, 3, 23])            # the TRUE sizes
+    ids = np.asarray(x[0, :, 0]).astype(int)                  # client 1: 10 of its 50
+    assert len(set(ids)) == 10 and all(1000 <= i < 1050 for i in ids)
+    subsets.append(frozenset(ids))
+    seen |= set(ids)
+    small = np.asarray(x[1, :3, 0]).astype(int)               # client 0: all 3 of them
+    assert sorted(small) == [0, 1, 2]
+  assert len(set(subsets)) > 20                               # changes across rounds
+  assert seen == set(range(1000, 1050))                       # all visited
+
+
+def test_round_weights_use_true_sizes_and_training_sees_cap():
+  d, _, _ = make(cap=10)
+  model = fp.models.logistic_regression((2,), 3)
+  alg = fp.algorithms.fedavg(model, optax.sgd(0.01), optax.sgd(1.0),
+                             fp.core.LocalWork(batch_size=5, epochs=1), clients_per_round=4)
+  state = alg.init(jax.random.key(0), d)
+  state, m = jax.jit(alg.round)(state, d)
+  sizes = np.asarray(SIZES, np.float64)[np.asarray(m.clients)]
+  np.testing.assert_allclose(np.asarray(m.weights), sizes / sizes.sum(), rtol=1e-6)
+  ev = fp.core.evaluate(model, state.params, d)
+  np.testing.assert_array_equal(ev.num_examples, SIZES)
+
+
+def test_evaluation_of_capped_covers_all_examples():
+  capped, _, _ = make(cap=10)
+  padded, _, _ = make()
+  model = fp.models.logistic_regression((2,), 3)
+  params = model.init(jax.random.key(3))
+  a = fp.core.evaluate(model, params, capped)
+  b = fp.core.evaluate(model, params, padded)
+  np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
+  np.testing.assert_allclose(a.accuracy, b.accuracy, rtol=1e-6)
+
+
+def test_uncapped_round_bit_identical_and_cap_above_largest_is_a_no_op():
+  padded, _, _ = make()
+  assert padded.with_cap(50) is padded and padded.cap is None
+  model = fp.models.logistic_regression((2,), 3)
+  alg = fp.algorithms.fedavg(model, optax.sgd(0.05), optax.sgd(1.0),
+                             fp.core.LocalWork(batch_size=5, epochs=1), clients_per_round=2)
+  s1, _ = jax.jit(alg.round)(alg.init(jax.random.key(0), padded), padded)
+  rebuilt, _, _ = make(cap=None)
+  s2, _ = jax.jit(alg.round)(alg.init(jax.random.key(0), rebuilt), rebuilt)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_cap_errors():
+  d, _, _ = make()
+  with pytest.raises(ValueError, match="cap"):
+    d.with_cap(0)
+  with pytest.raises(ValueError, match="exclude"):
+    FederatedData.from_clients([np.zeros((3, 1))], [np.zeros(3, int)], max_examples=4,
+                               example_cap=2)
