@@ -12,7 +12,9 @@ def test_surfaces():
   assert {"personalize", "evaluate_personal", "meta_gradient", "hvp"} <= set(
       personalization.__all__)
   assert {"hypergradient", "unrolled_objective"} <= set(dir(fp.hypergrad))
-  assert set(models.__all__) == {"cnn", "logistic_regression", "mlp"}
+  assert set(models.__all__) == {"char_rnn", "cnn", "logistic_regression", "mlp"}
+  assert {"from_tfds", "from_arrays", "shakespeare", "partition", "mnist_idx"} <= set(
+      data.__all__)
   assert {"num_examples", "uniform", "WeightFn"} <= set(aggregation.__all__)
   for mod in (fp, aggregation, algorithms, core, data, models, personalization):
     for name in mod.__all__:

@@ -1,32 +1,53 @@
-"""Data sets as `FederatedData`: synthetic generators, files, partitioners, corruptions."""
+"""Data sets as `FederatedData`: synthetic generators, files, TFDS, partitioners, corruptions."""
 
 from fedjax_pers.data._corrupt import choose_clients, holdout, shuffle_labels
 from fedjax_pers.data._files import from_leaf, mnist_idx, read_idx, read_leaf, write_leaf
 from fedjax_pers.data._partition import (
     dirichlet,
+    from_arrays,
     iid,
     natural,
+    partition,
     quantity_skew,
     shards,
     split_clients,
 )
+from fedjax_pers.data._shakespeare import (
+    OOV_ID,
+    VOCAB,
+    VOCAB_SIZE,
+    shakespeare,
+    shakespeare_from_text,
+)
 from fedjax_pers.data._synthetic import synthetic, synthetic_arrays
+from fedjax_pers.data._tfds import from_tfds, prepared_builder, tfds_examples, tfds_image_arrays
 
 __all__ = [
+    "OOV_ID",
+    "VOCAB",
+    "VOCAB_SIZE",
     "choose_clients",
     "dirichlet",
+    "from_arrays",
     "from_leaf",
+    "from_tfds",
     "holdout",
     "iid",
     "mnist_idx",
     "natural",
+    "partition",
+    "prepared_builder",
     "quantity_skew",
     "read_idx",
     "read_leaf",
+    "shakespeare",
+    "shakespeare_from_text",
     "shards",
     "shuffle_labels",
     "split_clients",
     "synthetic",
     "synthetic_arrays",
+    "tfds_examples",
+    "tfds_image_arrays",
     "write_leaf",
 ]

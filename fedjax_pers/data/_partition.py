@@ -132,3 +132,81 @@ def split_clients(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], *,
   build = lambda ids: FederatedData.from_clients([x[i] for i in ids], [y[i] for i in ids],
                                                  num_classes=num_classes)
   return build(train), build(test)
+
+
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew")
+
+
+def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed: int = 0,
+              alpha: float = 0.5, shards_per_client: int = 2, sigma: float = 1.0,
+              min_size: int = 1) -> list[np.ndarray]:
+  """Index arrays of `num_clients` clients over a pooled data set, by a named scheme.
+
+  Args:
+    labels: `[n]` int labels (only `dirichlet` and `shards` look at them).
+    num_clients: Number of clients.
+    scheme: `iid`, `dirichlet` (`alpha`, `min_size`), `shards`
+      (`shards_per_client`) or `quantity_skew` (`sigma`, `min_size`).
+    seed: Seed.
+    alpha: Dirichlet concentration.
+    shards_per_client: Label-sorted shards per client.
+    sigma: Lognormal σ of the client sizes.
+    min_size: Smallest client (dirichlet, quantity_skew).
+
+  Returns:
+    Per-client index arrays; every example is used exactly once.
+  """
+  labels = np.asarray(labels)
+  if scheme == "iid":
+    return iid(len(labels), num_clients, seed=seed)
+  if scheme == "dirichlet":
+    return dirichlet(labels, num_clients, alpha, min_size=min_size, seed=seed)
+  if scheme == "shards":
+    return shards(labels, num_clients, shards_per_client, seed=seed)
+  if scheme == "quantity_skew":
+    return quantity_skew(len(labels), num_clients, sigma, min_size=min_size, seed=seed)
+  raise ValueError(f"Unknown partition {scheme!r}; expected one of {list(PARTITIONS)}.")
+
+
+def from_arrays(x: np.ndarray, y: np.ndarray, client_ids, *, test_fraction: float = 0.2,
+                seed: int = 0, num_classes: int | None = None
+                ) -> tuple[FederatedData, FederatedData]:
+  """Train and test `FederatedData` from pooled arrays with a client-id column.
+
+  Examples are grouped by `client_ids` with `natural` (clients in order of first
+  appearance), then each client's examples are shuffled and split as
+  `split_clients` does.
+
+  Args:
+    x: `[n, ...]` features.
+    y: `[n]` int labels.
+    client_ids: `[n]` client of each example (any hashable NumPy dtype: ints, strings).
+    test_fraction: Share of each client's examples in its test split.
+    seed: Seed of the per-client shuffles.
+    num_classes: Labels lie in `[0, num_classes)`; default `max(y) + 1`.
+
+  Returns:
+    `(train, test)`; client c is the c-th distinct id in order of first appearance.
+
+  Example:
+    >>> x = np.arange(6, dtype=np.float32)[:, None]
+    >>> train, test = from_arrays(x, np.zeros(6, int), ["b", "a", "b", "a", "b", "a"],
+    ...                           test_fraction=0.4)
+    >>> [int(n) for n in train.num_examples], [int(n) for n in test.num_examples]
+    ([1, 1], [2, 2])
+  """
+  x, y, ids = np.asarray(x), np.asarray(y), np.asarray(client_ids)
+  if not (x.ndim >= 1 and y.shape == (len(x),) and ids.shape == (len(x),)):
+    raise ValueError(f"x [n, ...], y [n] and client_ids [n] must share n; got shapes "
+                     f"{x.shape}, {y.shape}, {ids.shape}.")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"y must hold integer labels; got dtype {y.dtype}.")
+  _, parts = natural(ids)
+  small = [i for i, p in enumerate(parts) if len(p) < 2]
+  if small:
+    raise ValueError(f"every client needs at least 2 examples to split; client ids "
+                     f"{[natural(ids)[0][i] for i in small[:5]]} have 1.")
+  if num_classes is None:
+    num_classes = int(y.max()) + 1
+  return split_clients(x, y, parts, test_fraction=test_fraction, num_classes=num_classes,
+                       seed=seed)

@@ -46,31 +46,56 @@ def make_optimizer(c: ml_collections.ConfigDict, where: str) -> optax.GradientTr
   return _pick(OPTIMIZERS, c.optimizer, f"{where}.optimizer")(c)
 
 
+def _partition(c: ml_collections.ConfigDict, y: np.ndarray) -> list[np.ndarray]:
+  return data.partition(
+      y, c.num_clients, c.get("partition", "iid"), seed=c.seed,
+      alpha=c.get("dirichlet_alpha", 0.5), shards_per_client=c.get("shards_per_client", 2),
+      sigma=c.get("quantity_sigma", 1.0), min_size=c.get("min_client_examples", 10))
+
+
 def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedData]:
   """`(train, test)` from `config.data` (`name` and its options).
 
   `synthetic`: Synthetic(α, β). `mnist_idx`: MNIST IDX files in `data_dir`
-  (`images`, `labels`), partitioned over `num_clients` clients by `partition`
-  (`iid`, or `dirichlet` with `dirichlet_alpha` and `min_client_examples`),
-  each client split into train and test by `test_fraction`.
+  (`images`, `labels`). `tfds`: the prepared TFDS set `tfds_name` (`tfds_split`,
+  `tfds_data_dir`; never downloaded). Both are partitioned over `num_clients`
+  clients by `partition`: `iid`, `dirichlet` (`dirichlet_alpha`,
+  `min_client_examples`), `shards` (`shards_per_client`) or `quantity_skew`
+  (`quantity_sigma`, `min_client_examples`), each client split into train and
+  test by `test_fraction`. `shakespeare`: the play text at `path`, one client per
+  role with `min_chars`+ characters (`seq_len`, `stride`). `example_cap`: train
+  clients larger than it train on a fresh random `example_cap` of their
+  examples each round (see `FederatedData.with_cap`).
   """
   if c.name == "synthetic":
-    return data.synthetic(
+    train, test = data.synthetic(
         c.alpha, c.beta, num_clients=c.num_clients, dim=c.dim, num_classes=c.num_classes,
         sample_scale=c.sample_scale, iid=c.iid, seed=c.seed, test_fraction=c.test_fraction)
-  if c.name == "mnist_idx":
+  elif c.name == "mnist_idx":
     x, y = data.mnist_idx(c.data_dir, c.images, c.labels)
-    partition = c.get("partition", "iid")
-    if partition == "iid":
-      parts = data.iid(len(y), c.num_clients, seed=c.seed)
-    elif partition == "dirichlet":
-      parts = data.dirichlet(y, c.num_clients, c.dirichlet_alpha,
-                             min_size=c.get("min_client_examples", 10), seed=c.seed)
-    else:
-      raise ValueError(f"Unknown data.partition {partition!r}; expected 'iid' or 'dirichlet'.")
-    return data.split_clients(x, y, parts, test_fraction=c.test_fraction, num_classes=10,
-                              seed=c.seed)
-  raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['mnist_idx', 'synthetic'].")
+    train, test = data.split_clients(x, y, _partition(c, y), test_fraction=c.test_fraction,
+                                     num_classes=10, seed=c.seed)
+  elif c.name == "tfds":
+    train, test = data.from_tfds(
+        c.tfds_name, split=c.get("tfds_split", "train"), partition=c.get("partition", "iid"),
+        num_clients=c.num_clients, data_dir=c.get("tfds_data_dir"), seed=c.seed,
+        test_fraction=c.test_fraction, alpha=c.get("dirichlet_alpha", 0.5),
+        shards_per_client=c.get("shards_per_client", 2), sigma=c.get("quantity_sigma", 1.0),
+        min_client_examples=c.get("min_client_examples", 10),
+        min_chars=c.get("min_chars", 1000), seq_len=c.get("seq_len", 80),
+        stride=c.get("stride", 1))
+  elif c.name == "shakespeare":
+    train, test = data.shakespeare(
+        c.path, min_chars=c.get("min_chars", 1000), seq_len=c.get("seq_len", 80),
+        test_fraction=c.test_fraction, stride=c.get("stride", 1),
+        max_clients=c.get("max_clients"))
+  else:
+    raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['mnist_idx', "
+                     "'shakespeare', 'synthetic', 'tfds'].")
+  cap = c.get("example_cap")
+  if cap is not None:
+    train = train.with_cap(cap, seed=c.seed)
+  return train, test
 
 
 class ExperimentData(NamedTuple):
@@ -116,6 +141,10 @@ def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
 def make_model(c: ml_collections.ConfigDict, feature_shape, num_classes: int) -> Model:
   """A `Model` from `config.model` (`name` and its options)."""
   table = {
+      "char_rnn": lambda: models.char_rnn(
+          int(feature_shape[0]), num_classes, embed=c.get("embed", 8),
+          hidden=c.get("rnn_hidden", 128), layers=c.get("rnn_layers", 1),
+          cell=c.get("cell", "lstm")),
       "logistic_regression": lambda: models.logistic_regression(feature_shape, num_classes),
       "mlp": lambda: models.mlp(feature_shape, num_classes, hidden=tuple(c.hidden)),
       "cnn": lambda: models.cnn(feature_shape, num_classes),
@@ -127,6 +156,33 @@ def make_local_work(c: ml_collections.ConfigDict) -> LocalWork:
   """`LocalWork` from `config.client` (`batch_size`, `local_epochs` or `local_steps`)."""
   return LocalWork(batch_size=c.batch_size, epochs=c.get("local_epochs"),
                    steps=c.get("local_steps"))
+
+
+# Algorithms whose global model is an initialization that clients adapt before testing.
+ADAPTING = ("finetune", "per_fedavg", "per_fedavg_fo", "per_fedavg_hf", "reptile")
+
+
+def _meta_sgd(config: ml_collections.ConfigDict) -> bool:
+  return config.algorithm.startswith("per_fedavg") and config.per_fedavg.meta_sgd
+
+
+def make_run_model(config: ml_collections.ConfigDict, feature_shape, num_classes: int) -> Model:
+  """`make_model(config.model, ...)`, with Meta-SGD's per-parameter rates when asked."""
+  model = make_model(config.model, feature_shape, num_classes)
+  if _meta_sgd(config):
+    model = personalization.meta_sgd_model(model, config.per_fedavg.inner_lr)
+  return model
+
+
+def _per_fedavg(config, model, client_tx, server_tx, work, kwargs, variant):
+  """Per-FedAvg from `config.per_fedavg`; `client` is the outer step β (see `per_fedavg`).
+
+  With `meta_sgd`, `model` comes from `make_run_model` (params `MetaSGDParams`).
+  """
+  c = config.per_fedavg
+  return algorithms.per_fedavg(
+      model, client_tx, server_tx, work, inner_lr=c.inner_lr, variant=variant, hvp=c.hvp,
+      delta=c.delta, inner_steps=c.inner_steps, meta_sgd=c.meta_sgd, remat=c.remat, **kwargs)
 
 
 def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
@@ -150,8 +206,9 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
   client_tx = make_optimizer(config.client, "client")
   server_tx = make_optimizer(config.server, "server")
   work = make_local_work(config.client)
-  if config.algorithm == "finetune" and not config.personalization.finetune_steps:
-    raise ValueError("algorithm='finetune' needs personalization.finetune_steps > 0; got "
+  if config.algorithm in ADAPTING and not config.personalization.finetune_steps:
+    raise ValueError(f"algorithm={config.algorithm!r} is evaluated after adaptation and needs "
+                     "personalization.finetune_steps > 0; got "
                      f"{config.personalization.finetune_steps!r}.")
   table = {
       "fedavg": lambda: algorithms.fedavg(model, client_tx, server_tx, work, **kwargs),
@@ -174,6 +231,14 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
           client_chunk=config.get("client_chunk"), mesh=kwargs["mesh"]),
       "apfl": lambda: algorithms.apfl(model, client_tx, server_tx, work,
                                       alpha=config.apfl.alpha, **kwargs),
+      "per_fedavg": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
+                                        "second_order"),
+      "per_fedavg_fo": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
+                                           "first_order"),
+      "per_fedavg_hf": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
+                                           "hessian_free"),
+      "reptile": lambda: algorithms.reptile(model, client_tx, work,
+                                            outer_lr=config.reptile.outer_lr, **kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,
           head_work=LocalWork(batch_size=config.client.batch_size,
@@ -202,7 +267,9 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
   if not (isinstance(c.finetune_steps, int) and c.finetune_steps > 0):
     raise ValueError(
         f"personalization.finetune_steps must be an int >= 0; got {c.finetune_steps!r}.")
-  tx = make_optimizer(c, "personalization")
+  # Meta-SGD adapts with its learned per-parameter rates.
+  tx = personalization.meta_sgd_tx() if _meta_sgd(config) else make_optimizer(
+      c, "personalization")
   work = LocalWork(batch_size=c.batch_size, steps=c.finetune_steps)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   return jax.jit(lambda state: personalization.personalize(

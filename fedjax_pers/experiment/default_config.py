@@ -13,7 +13,8 @@ def base_config() -> ml_collections.ConfigDict:
   """The keys shared by every experiment config, with FedAvg defaults."""
   c = ml_collections.ConfigDict()
   c.algorithm = "fedavg"          # fedavg | fedprox | finetune | ditto |
-                                  # fedper | lg_fedavg | fedrep | apfl | pfedme
+                                  # fedper | lg_fedavg | fedrep | apfl | pfedme |
+                                  # per_fedavg | per_fedavg_fo | per_fedavg_hf | reptile
   c.num_rounds = 100
   c.clients_per_round = 10
   c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)
@@ -40,9 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.1
   c.data.proxy_examples = 0       # > 0: hold this many test examples out for the server
                                   # (FedLAW's proxy set); evaluation uses the rest
+  c.data.example_cap = placeholder(int)   # train clients larger than this train on a fresh
+                                          # random subset of this many examples each round
+                                          # (weights keep the true n_i); None: no cap
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "logistic_regression"   # logistic_regression | mlp | cnn
+  c.model.name = "logistic_regression"   # logistic_regression | mlp | cnn | char_rnn
   c.model.hidden = (200, 200)
 
   c.client = ml_collections.ConfigDict()
@@ -110,6 +114,20 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.fedprox = ml_collections.ConfigDict()
   c.fedprox.mu = 0.0
+
+  # per_fedavg | per_fedavg_fo | per_fedavg_hf: the outer step β is client.*, the server
+  # averages; evaluation adapts with personalization.finetune_steps steps of SGD
+  # (personalization.learning_rate, usually α).
+  c.per_fedavg = ml_collections.ConfigDict()
+  c.per_fedavg.inner_lr = 0.005           # α
+  c.per_fedavg.inner_steps = 1            # K adaptation steps inside the meta-objective
+  c.per_fedavg.hvp = "finite_difference"  # per_fedavg_hf: finite_difference | exact
+  c.per_fedavg.delta = 1e-3               # the finite difference's δ
+  c.per_fedavg.meta_sgd = False           # learn one α per parameter (Meta-SGD)
+  c.per_fedavg.remat = False              # jax.checkpoint the inner steps
+
+  c.reptile = ml_collections.ConfigDict()
+  c.reptile.outer_lr = 1.0                # ε; clients run client.* steps from φ
   return c
 
 
