@@ -60,18 +60,6 @@ def _padding_report(train, test) -> dict[str, Any]:
   return {"line": "; ".join(parts)}
 
 
-def _padding_report(train, test) -> dict[str, Any]:
-  """Padding share and stored bytes of the train and test data, and a one-line summary."""
-  parts = []
-  for name, d in (("train", train), ("test", test)):
-    n = int(np.sum(np.asarray(d.num_examples)))
-    what = (f"capped store, {d.cap} per client per round" if d.cap is not None
-            else f"{100 * d.padding_fraction:.1f}% padding")
-    parts.append(f"{name} {d.num_clients} clients, {n} examples, {what}, "
-                 f"{d.stored_bytes / 2**20:.1f} MiB")
-  return {"line": "; ".join(parts)}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `config.num_rounds` rounds, evaluating every `config.eval_every`.
 
@@ -208,10 +196,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "strategy": strategy,
       "num_clients": train.num_clients,
       "train_padding_fraction": round(train.padding_fraction, 4),
-      "test_padding_fraction": round(test.padding_fraction, 4),
-      "train_stored_bytes": train.stored_bytes,
-      "test_stored_bytes": test.stored_bytes,
-      "train_example_cap": train.cap,
       "test_padding_fraction": round(test.padding_fraction, 4),
       "train_stored_bytes": train.stored_bytes,
       "test_stored_bytes": test.stored_bytes,
