@@ -286,7 +286,11 @@ def test_per_fedavg_strategies_agree_and_do_not_recompile(strategy):
 def test_meta_sgd_learns_rates_and_adapts_with_them():
   data = small_data(num_clients=4, sizes=[12] * 4)
   alpha = 0.1
-  alg = per_fedavg(logreg(), optax.sgd(0.5), optax.sgd(1.0), fp.LocalWork(3, steps=2),
+  model = meta_sgd_model(logreg(), alpha)
+  with pytest.raises(ValueError, match="meta_sgd_model"):
+    per_fedavg(logreg(), optax.sgd(0.5), optax.sgd(1.0), fp.LocalWork(3, steps=2),
+               inner_lr=alpha, clients_per_round=4, meta_sgd=True)
+  alg = per_fedavg(model, optax.sgd(0.5), optax.sgd(1.0), fp.LocalWork(3, steps=2),
                    inner_lr=alpha, clients_per_round=4, meta_sgd=True)
   s0 = alg.init(jax.random.key(0), data)
   assert all(np.all(a == alpha) for a in jax.tree.leaves(s0.params.inner_lr))
@@ -294,7 +298,6 @@ def test_meta_sgd_learns_rates_and_adapts_with_them():
   moved = [np.max(np.abs(np.asarray(a) - alpha)) for a in jax.tree.leaves(s1.params.inner_lr)]
   assert min(moved) > 0
   # The evaluation model and the Meta-SGD step: θ − α ∘ ∇θ, α unchanged.
-  model = meta_sgd_model(logreg(), alpha)
   x, y = data.client(0)
   grads = jax.grad(lambda p: jnp.mean(model.loss(model.apply(p, x), y)))(s1.params)
   upd, _ = meta_sgd_tx().update(grads, meta_sgd_tx().init(s1.params), s1.params)
@@ -317,3 +320,20 @@ def test_reptile_round_matches_numpy():
   b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
   np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], w + eps * (w_avg - w), atol=1e-5)
   np.testing.assert_allclose(s1.params["Dense_0"]["bias"], b + eps * (b_avg - b), atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm,meta_sgd", [
+    ("per_fedavg", False), ("per_fedavg_fo", False), ("per_fedavg_hf", True), ("reptile", False)])
+def test_meta_algorithms_run_from_configs(tmp_path, algorithm, meta_sgd):
+  from configs.synthetic_per_fedavg import get_config
+  from fedjax_pers.experiment import train_and_evaluate
+  c = get_config()
+  c.algorithm, c.per_fedavg.meta_sgd = algorithm, meta_sgd
+  c.num_rounds, c.eval_every, c.progress = 3, 3, False
+  c.data.num_clients, c.clients_per_round, c.client.local_steps = 8, 3, 2
+  s = train_and_evaluate(c, str(tmp_path))
+  assert s["rounds"] == 3
+  assert 0.0 <= s["personalized_test_accuracy"] <= 1.0
+  c.personalization.finetune_steps = 0
+  with pytest.raises(ValueError, match="finetune_steps > 0"):
+    train_and_evaluate(c, str(tmp_path / "no_adaptation"))

@@ -21,7 +21,6 @@ from fedjax_pers.personalization._meta import (
   batch_loss,
   check_method,
   meta_gradient,
-  meta_sgd_model,
 )
 
 
@@ -65,16 +64,16 @@ def per_fedavg(
   (`personalization.personalize`).
 
   With `meta_sgd=True` the inner rate is one learned α per parameter (Meta-SGD,
-  Li et al., 2017): the global parameters become `MetaSGDParams(θ, α)`, α
-  starts at `inner_lr` and is meta-trained and averaged with θ; evaluate with
-  `meta_sgd_model(model, inner_lr)` and adapt with `meta_sgd_tx()`.
+  Li et al., 2017): `model` must be `meta_sgd_model(plain_model, α_0)`, whose
+  parameters are `MetaSGDParams(θ, α)`; α is meta-trained and averaged with θ
+  (`inner_lr` is then unused), and clients adapt with `meta_sgd_tx()`.
 
   Args:
-    model: The model.
+    model: The model (a `meta_sgd_model` with `meta_sgd`).
     client_tx: The outer (meta) optimizer of local training, `optax.sgd(β)`.
     server_tx: Server optimizer on the mean update.
     work: `LocalWork(batch_size, steps=τ)`: τ meta-steps of batches of this size.
-    inner_lr: α.
+    inner_lr: α (the initial α comes from the `meta_sgd_model` with `meta_sgd`).
     clients_per_round: Cohort size.
     variant: `second_order`, `first_order` or `hessian_free`.
     hvp: For `hessian_free`: `finite_difference` (the paper's) or `exact` (`jax.jvp`).
@@ -105,8 +104,14 @@ def per_fedavg(
   k = inner_steps
   per_step = k + 1 + (0 if variant == "first_order" else k)
   plan_work = LocalWork(work.batch_size, steps=work.steps * per_step)
-  init_model = meta_sgd_model(model, inner_lr) if meta_sgd else model
+  is_meta_sgd = isinstance(jax.eval_shape(model.init, jax.random.key(0)), MetaSGDParams)
+  if meta_sgd != is_meta_sgd:
+    raise ValueError(
+        f"meta_sgd={meta_sgd} needs {'a' if meta_sgd else 'no'} meta_sgd_model: the model's "
+        f"params are {'' if is_meta_sgd else 'not '}MetaSGDParams.")
   loss_fn = batch_loss(model)
+  if meta_sgd:
+    loss_fn = lambda theta, b, f=loss_fn: f(MetaSGDParams(theta, None), b)
 
   def meta_step(w, batches):
     support = jax.tree.map(lambda a: a[:k], batches)
@@ -146,5 +151,5 @@ def per_fedavg(
   round_fn = make_round(
       make_client, aggregator, server_tx, clients_per_round=clients_per_round,
       strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
-  init = make_init(init_model, server_tx, aggregator, clients_per_round=clients_per_round)
+  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round)
   return FederatedAlgorithm(init=init, round=round_fn)

@@ -260,8 +260,10 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
   c = config.get("personalization")
   chunk = None if c is None else c.get("client_chunk")
   if alg.personal is not None:
-    return jax.jit(lambda state: personalization.evaluate_personal(
+    # The data are arguments, not closed-over constants (XLA would fold them).
+    fn = jax.jit(lambda state, test: personalization.evaluate_personal(
         model, alg.personal(state), state.params, test, client_chunk=chunk))
+    return lambda state: fn(state, test)
   if c is None or not c.finetune_steps:
     return None
   if not (isinstance(c.finetune_steps, int) and c.finetune_steps > 0):
@@ -272,6 +274,7 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
       c, "personalization")
   work = LocalWork(batch_size=c.batch_size, steps=c.finetune_steps)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  return jax.jit(lambda state: personalization.personalize(
+  fn = jax.jit(lambda state, train, test: personalization.personalize(
       model, tx, state.params, train, test, jax.random.fold_in(key, state.round), work,
       client_chunk=chunk))
+  return lambda state: fn(state, train, test)

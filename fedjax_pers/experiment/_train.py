@@ -96,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("data: %s", padding["line"])
   if config.get("progress", True):
     print(f"data: {padding['line']}")
-  model = _registry.make_model(config.model, train.feature_shape, train.num_classes)
+  model = _registry.make_run_model(config, train.feature_shape, train.num_classes)
   alg = _registry.make_algorithm(config, model, train, proxy=prepared.proxy,
                                  attackers=prepared.attackers)
 
