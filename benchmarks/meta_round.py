@@ -10,16 +10,19 @@ one round) is excluded, then `--rounds` rounds are timed interleaved across
 rows and the median is reported.
 
 Rows (τ = the workload's local steps in every row):
-* `fedavg`: τ SGD steps, one batch each.
+* `fedavg`: τ SGD steps, one batch each; `fedavg_x2` / `fedavg_x3`: 2τ / 3τ steps,
+  the number of batches a first-order / second-order or HF Per-FedAvg round reads.
 * `per_fedavg`: Per-FedAvg's second-order meta-step (one inner step; batches
-  D, D′, D″), the Hessian term by automatic differentiation.
-* `per_fedavg_hf`: the Hessian-free variant, finite-difference HVP (the paper's).
-* `per_fedavg_hf_exact`: Hessian-free with the exact HVP (`jax.jvp`).
-* `per_fedavg_fo`: first order (D, D′ only).
-* `maml_k5` / `maml_k5_remat`: second order with K = 5 inner steps, without
-  and with `jax.checkpoint` of the inner steps (the memory rows).
+  D, D′, D″), the exact Hessian-vector product by `jax.jvp` of `jax.grad`
+  (`hessian='exact'`, the default).
+* `per_fedavg_autodiff`: the same meta-gradient by `jax.grad` through the inner step.
+* `per_fedavg_hf`: Per-FedAvg (HF), the finite-difference product.
+* `per_fedavg_fo`: Per-FedAvg (FO), first order (D, D′ only).
+* `maml_k5_*`: K = 5 inner steps: exact HVPs, `jax.grad` through the steps,
+  and the latter with `jax.checkpoint` of each step (the memory rows).
 
-Columns: `round s` (median), `vs fedavg` (ratio of medians, same run),
+Columns: `round s` (median), `vs fedavg` (ratio of medians, same run), `vs same
+batches` (ratio to the FedAvg row that reads as many batches),
 `grads/step` (batch gradients a local step evaluates, counting a
 Hessian-vector product as two), `vs fedavg per grad` (the ratio divided by
 grads/step: the cost of each gradient relative to FedAvg's),
@@ -28,8 +31,12 @@ grads/step: the cost of each gradient relative to FedAvg's),
 included), which is what the K activations per client of a second-order
 gradient add to.
 
+A last table compiles (without running) K = 5 second-order rounds of w2's model at
+batch 20, 200 and 1,000 and reports their peak memory: exact HVPs, `jax.grad`
+through the steps, and the latter with `jax.checkpoint`.
+
 Usage:
-  python benchmarks/meta_round.py [--workload w1|w2] [--rounds N]
+  python benchmarks/meta_round.py [--workload w1|w2] [--rounds N] [--no-memory]
 """
 
 from __future__ import annotations
@@ -57,26 +64,32 @@ from round_throughput import (  # noqa: E402
 from fedjax_pers.algorithms import fedavg, per_fedavg  # noqa: E402
 from fedjax_pers.core import FederatedData  # noqa: E402
 
-# (row, variant or None for FedAvg, hvp, inner steps K, remat, gradients per local step)
+# (row, `hessian` or None for FedAvg, unused, inner steps K, remat, gradients per local step);
+# `fedavg_x2` / `fedavg_x3` run 2τ / 3τ FedAvg steps: the batches that a first-order /
+# second-order or HF Per-FedAvg round consumes (D, D′ and D″ per meta-step).
 ROWS = (
     ("fedavg", None, None, 1, False, 1),
-    ("per_fedavg", "second_order", "exact", 1, False, 5),
-    ("per_fedavg_hf", "hessian_free", "finite_difference", 1, False, 4),
-    ("per_fedavg_hf_exact", "hessian_free", "exact", 1, False, 4),
-    ("per_fedavg_fo", "first_order", "exact", 1, False, 2),
-    ("maml_k5", "second_order", "exact", 5, False, 16),
-    ("maml_k5_remat", "second_order", "exact", 5, True, 16),
+    ("fedavg_x2", None, None, 2, False, 1),
+    ("fedavg_x3", None, None, 3, False, 1),
+    ("per_fedavg", "exact", None, 1, False, 4),
+    ("per_fedavg_autodiff", "autodiff", None, 1, False, 5),
+    ("per_fedavg_hf", "finite_difference", None, 1, False, 4),
+    ("per_fedavg_fo", "none", None, 1, False, 2),
+    ("maml_k5_hvp", "exact", None, 5, False, 16),
+    ("maml_k5_autodiff", "autodiff", None, 5, False, 21),
+    ("maml_k5_remat", "autodiff", None, 5, True, 21),
 )
 
 
 def build(w: Workload, model, row):
-  _, variant, hvp, k, remat, _ = row
-  if variant is None:
-    return fedavg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr), w.work,
+  _, variant, _, k, remat, _ = row
+  if variant is None:   # k: multiple of the local steps
+    work = w.work._replace(steps=w.work.steps * k)
+    return fedavg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr), work,
                   clients_per_round=w.num_clients)
   return per_fedavg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr), w.work,
-                    inner_lr=w.client_lr, clients_per_round=w.num_clients, variant=variant,
-                    hvp=hvp, inner_steps=k, remat=remat)
+                    inner_lr=w.client_lr, clients_per_round=w.num_clients, hessian=variant,
+                    inner_steps=k, remat=remat)
 
 
 def peak_mib(round_fn, state, data) -> float:
@@ -100,21 +113,56 @@ def run(w: Workload, rounds: int) -> None:
   base = statistics.median(runners[0].times)
   print(f"\n{w.name}: {w.num_clients} clients, batch {w.work.batch_size} x "
         f"{w.work.steps} local steps, median of {rounds} rounds")
-  print("| row | round s | vs fedavg | grads/step | vs fedavg per grad | peak MiB |")
-  print("|---|---|---|---|---|---|")
-  for row, r, peak in zip(ROWS, runners, peaks, strict=True):
-    t = statistics.median(r.times)
-    print(f"| {row[0]} | {t:.4f} | {t / base:.2f}x | {row[5]} | {t / base / row[5]:.2f} | "
-          f"{peak:.1f} |")
+  med = {row[0]: statistics.median(r.times) for row, r in zip(ROWS, runners, strict=True)}
+  same = {"per_fedavg_fo": "fedavg_x2", "maml_k5_hvp": None, "maml_k5_autodiff": None,
+          "maml_k5_remat": None}
+  print("| row | round s | vs fedavg | vs same batches | grads/step | vs fedavg per grad "
+        "| peak MiB |")
+  print("|---|---|---|---|---|---|---|")
+  for row, peak in zip(ROWS, peaks, strict=True):
+    t = med[row[0]]
+    ref = same.get(row[0], "fedavg_x3" if row[1] else row[0])
+    vs_same = f"{t / med[ref]:.2f}x" if ref else "—"
+    grads = row[5] if row[1] else 1
+    print(f"| {row[0]} | {t:.4f} | {t / base:.2f}x | {vs_same} | {grads} | "
+          f"{t / base / grads:.2f} | {peak:.1f} |")
+
+
+def memory_table(w: Workload, batch_sizes=(20, 200, 1000), k: int = 5) -> None:
+  """Peak temporary memory of a K-step second-order round as the batch grows (compile only).
+
+  10 clients of 2,000 examples with w's model; each row compiles the round and
+  reads XLA's memory analysis, nothing is run.
+  """
+  model = make_model(w)
+  wm = w._replace(num_clients=10, examples=2000)
+  xs, ys = make_client_arrays(wm)
+  data = FederatedData.from_clients(xs, ys, num_classes=w.num_classes)
+  print(f"\n{w.name} model, K = {k} inner steps, 10 clients x 2000 examples: peak MiB "
+        "(XLA temporaries of the compiled round)")
+  print("| batch | exact HVPs | grad through the steps | + jax.checkpoint |")
+  print("|---|---|---|---|")
+  for b in batch_sizes:
+    peaks = []
+    for hessian, remat in (("exact", False), ("autodiff", False), ("autodiff", True)):
+      alg = per_fedavg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr),
+                       wm.work._replace(batch_size=b, steps=1), inner_lr=w.client_lr,
+                       clients_per_round=wm.num_clients, hessian=hessian, inner_steps=k,
+                       remat=remat)
+      peaks.append(peak_mib(alg.round, alg.init(jax.random.key(0), data), data))
+    print(f"| {b} | " + " | ".join(f"{p:.1f}" for p in peaks) + " |")
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workload", choices=sorted(WORKLOADS), action="append")
   p.add_argument("--rounds", type=int, default=7)
+  p.add_argument("--no-memory", action="store_true", help="skip the batch-size memory table")
   args = p.parse_args()
   for name in args.workload or sorted(WORKLOADS):
     run(WORKLOADS[name], args.rounds)
+  if not args.no_memory:
+    memory_table(WORKLOADS["w2"])
 
 
 if __name__ == "__main__":

@@ -16,12 +16,19 @@ from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._round import FederatedAlgorithm, make_init, make_round
 from fedjax_pers.personalization._meta import (
-  METHODS,
   MetaSGDParams,
   batch_loss,
   check_method,
   meta_gradient,
 )
+
+# `hessian` option -> (meta_gradient method, Hessian-vector product).
+HESSIANS = {
+    "exact": ("hessian_free", "exact"),
+    "autodiff": ("second_order", "exact"),
+    "finite_difference": ("hessian_free", "finite_difference"),
+    "none": ("first_order", "exact"),
+}
 
 
 def per_fedavg(
@@ -32,8 +39,7 @@ def per_fedavg(
     *,
     inner_lr: float,
     clients_per_round: int,
-    variant: str = "second_order",
-    hvp: str = "finite_difference",
+    hessian: str = "exact",
     delta: float = 1e-3,
     inner_steps: int = 1,
     meta_sgd: bool = False,
@@ -53,11 +59,18 @@ def per_fedavg(
 
   with β the step of `client_tx` (`optax.sgd(β)` in the paper) and α =
   `inner_lr` (for K > 1, the product of the K steps' Jacobians; see
-  `personalization.meta_gradient`). Variants: `second_order` (the Hessian term
-  by automatic differentiation, exact), `first_order` (Per-FedAvg (FO): the
-  Hessian term dropped, no D″) and `hessian_free` (Per-FedAvg (HF): the
-  Hessian-vector product by `hvp`, the paper's central finite difference
-  [∇f(w + δg; D″) − ∇f(w − δg; D″)] / 2δ by default, or `exact`). The server
+  `personalization.meta_gradient`). How the Hessian term is computed
+  (`hessian`) gives the paper's three variants:
+
+  * `exact`: Per-FedAvg, the exact Hessian-vector product ∇²f(w; D″) g by
+    forward-over-reverse differentiation (`jax.jvp` of `jax.grad`);
+  * `autodiff`: the same exact meta-gradient by `jax.grad` through the inner
+    steps (more memory and time; `remat` applies to it);
+  * `finite_difference`: Per-FedAvg (HF), the product replaced by
+    [∇f(w + δg; D″) − ∇f(w − δg; D″)] / 2δ;
+  * `none`: Per-FedAvg (FO), the Hessian term dropped (no D″ drawn).
+
+  The server
   applies `server_tx` to the mean of w_i − w_t (uniform weights, as the paper's
   (1/rn) Σ w_i; `sgd(1.0)` averages the models). A client's personalized model
   is the global one after a few steps of SGD with rate α on its own data
@@ -75,12 +88,12 @@ def per_fedavg(
     work: `LocalWork(batch_size, steps=τ)`: τ meta-steps of batches of this size.
     inner_lr: α (the initial α comes from the `meta_sgd_model` with `meta_sgd`).
     clients_per_round: Cohort size.
-    variant: `second_order`, `first_order` or `hessian_free`.
-    hvp: For `hessian_free`: `finite_difference` (the paper's) or `exact` (`jax.jvp`).
+    hessian: `exact`, `autodiff`, `finite_difference` or `none` (above).
     delta: The finite difference's δ.
     inner_steps: K, adaptation steps inside the meta-objective (the paper: 1).
     meta_sgd: Learn one inner rate per parameter.
-    remat: Rematerialise the inner steps in the backward pass (`jax.checkpoint`).
+    remat: Rematerialise the inner steps in the backward pass (`jax.checkpoint`;
+      `hessian='autodiff'` only: the other forms keep no activations).
     weighting: Aggregation (default uniform, as the paper).
     strategy: Cohort strategy (`auto`, `vmap`, `chunked`, `scan`).
     client_chunk: Clients per chunk for `chunked`.
@@ -93,16 +106,17 @@ def per_fedavg(
   check_local_work(work)
   if work.steps is None:
     raise ValueError(f"Per-FedAvg counts local meta-steps: work must set steps (τ); got {work}.")
-  if variant not in METHODS:
-    raise ValueError(f"variant must be one of {METHODS}; got {variant!r}.")
-  check_method(variant, hvp, delta)
+  if hessian not in HESSIANS:
+    raise ValueError(f"hessian must be one of {sorted(HESSIANS)}; got {hessian!r}.")
+  method, hvp = HESSIANS[hessian]
+  check_method(method, hvp, delta)
   if not (isinstance(inner_steps, int) and inner_steps >= 1):
     raise ValueError(f"inner_steps (K) must be an int >= 1; got {inner_steps!r}.")
   if isinstance(inner_lr, int | float) and not inner_lr > 0:
     raise ValueError(f"inner_lr (alpha) must be > 0; got {inner_lr!r}.")
   aggregator = as_aggregator(uniform() if weighting is None else weighting)
   k = inner_steps
-  per_step = k + 1 + (0 if variant == "first_order" else k)
+  per_step = k + 1 + (0 if hessian == "none" else k)
   plan_work = LocalWork(work.batch_size, steps=work.steps * per_step)
   is_meta_sgd = isinstance(jax.eval_shape(model.init, jax.random.key(0)), MetaSGDParams)
   if meta_sgd != is_meta_sgd:
@@ -116,9 +130,9 @@ def per_fedavg(
   def meta_step(w, batches):
     support = jax.tree.map(lambda a: a[:k], batches)
     query = jax.tree.map(lambda a: a[k], batches)
-    curvature = None if variant == "first_order" else jax.tree.map(lambda a: a[k + 1:], batches)
+    curvature = None if hessian == "none" else jax.tree.map(lambda a: a[k + 1:], batches)
     theta, lr = (w.model, w.inner_lr) if meta_sgd else (w, inner_lr)
-    mg = meta_gradient(loss_fn, theta, lr, support, query, curvature, method=variant,
+    mg = meta_gradient(loss_fn, theta, lr, support, query, curvature, method=method,
                        hvp_method=hvp, delta=delta, remat=remat)
     grads = MetaSGDParams(mg.params, mg.inner_lr) if meta_sgd else mg.params
     return grads, mg.loss

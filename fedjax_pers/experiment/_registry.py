@@ -174,14 +174,14 @@ def make_run_model(config: ml_collections.ConfigDict, feature_shape, num_classes
   return model
 
 
-def _per_fedavg(config, model, client_tx, server_tx, work, kwargs, variant):
+def _per_fedavg(config, model, client_tx, server_tx, work, kwargs, hessian):
   """Per-FedAvg from `config.per_fedavg`; `client` is the outer step β (see `per_fedavg`).
 
   With `meta_sgd`, `model` comes from `make_run_model` (params `MetaSGDParams`).
   """
   c = config.per_fedavg
   return algorithms.per_fedavg(
-      model, client_tx, server_tx, work, inner_lr=c.inner_lr, variant=variant, hvp=c.hvp,
+      model, client_tx, server_tx, work, inner_lr=c.inner_lr, hessian=hessian,
       delta=c.delta, inner_steps=c.inner_steps, meta_sgd=c.meta_sgd, remat=c.remat, **kwargs)
 
 
@@ -232,11 +232,11 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
       "apfl": lambda: algorithms.apfl(model, client_tx, server_tx, work,
                                       alpha=config.apfl.alpha, **kwargs),
       "per_fedavg": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
-                                        "second_order"),
+                                        config.per_fedavg.hessian),
       "per_fedavg_fo": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
-                                           "first_order"),
+                                           "none"),
       "per_fedavg_hf": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
-                                           "hessian_free"),
+                                           "finite_difference"),
       "reptile": lambda: algorithms.reptile(model, client_tx, work,
                                             outer_lr=config.reptile.outer_lr, **kwargs),
       "fedrep": lambda: algorithms.fedrep(

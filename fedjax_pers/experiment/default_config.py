@@ -121,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.per_fedavg = ml_collections.ConfigDict()
   c.per_fedavg.inner_lr = 0.005           # α
   c.per_fedavg.inner_steps = 1            # K adaptation steps inside the meta-objective
-  c.per_fedavg.hvp = "finite_difference"  # per_fedavg_hf: finite_difference | exact
+  c.per_fedavg.hessian = "exact"          # per_fedavg: exact (jvp HVP) | autodiff
+                                          # (grad through the inner steps)
   c.per_fedavg.delta = 1e-3               # the finite difference's δ
   c.per_fedavg.meta_sgd = False           # learn one α per parameter (Meta-SGD)
   c.per_fedavg.remat = False              # jax.checkpoint the inner steps
