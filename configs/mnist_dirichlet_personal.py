@@ -10,27 +10,14 @@ rounds, then each client fine-tunes for 10 steps (lr 0.05). Change
 paper's MNIST runs but with this config's η = 0.05) for the other methods.
 """
 
-from fedjax_pers.experiment.default_config import base_config
+from configs.mnist_dirichlet import get_config as _mnist_dirichlet
 
 
 def get_config():
-  c = base_config()
+  c = _mnist_dirichlet()
   c.algorithm = "finetune"
-  c.num_rounds = 100
-  c.eval_every = 10
-  c.eval_train = False
-  c.data.name = "mnist_idx"
-  c.data.data_dir = "../shared/data/mnist"
-  c.data.images = "t10k-images-idx3-ubyte.gz"
-  c.data.labels = "t10k-labels-idx1-ubyte.gz"
   c.data.num_clients = 50
-  c.data.partition = "dirichlet"
-  c.data.dirichlet_alpha = 0.1
   c.data.min_client_examples = 20
-  c.data.test_fraction = 0.2
-  c.model.name = "mlp"
-  c.model.hidden = (200,)
-  c.client.learning_rate = 0.05
   c.client.batch_size = 20
   c.client.local_epochs = 1
   c.personalization.finetune_steps = 10
