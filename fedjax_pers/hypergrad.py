@@ -103,6 +103,10 @@ def unrolled_objective(build: Callable[[Any], FederatedAlgorithm], hyper: Any,
   """
   if not (isinstance(num_rounds, int) and num_rounds >= 1):
     raise ValueError(f"num_rounds must be an int >= 1; got {num_rounds!r}.")
+  if isinstance(hyper, RoundHyperparams) and jnp.shape(hyper.weight_logits) != (
+      data.num_clients,):
+    raise ValueError(f"hyper.weight_logits must have one logit per client, shape "
+                     f"({data.num_clients},); got {jnp.shape(hyper.weight_logits)}.")
   alg = build(hyper)
 
   def body(s, _):
@@ -119,8 +123,9 @@ def hypergradient(build: Callable[[Any], FederatedAlgorithm], hyper: Any, state:
                   num_rounds: int = 1, remat: bool = False) -> tuple[jax.Array, Any]:
   """The held-out objective after `num_rounds` rounds and its gradient with respect to `hyper`.
 
-  Arguments as `unrolled_objective`; jit it by closing over `build` and
-  `objective`: `jax.jit(lambda h, s: hypergradient(build, h, s, data, obj))`.
+  Arguments as `unrolled_objective`. To jit it, close over `build` and
+  `objective` and pass the arrays: `jax.jit(lambda h, s, d: hypergradient(build, h,
+  s, d, obj))` (closed-over data would be folded into the program as constants).
 
   Returns:
     `(value, grads)`, grads shaped like `hyper`.

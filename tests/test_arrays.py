@@ -30,6 +30,10 @@ def test_from_arrays_errors():
     fp.data.from_arrays(x, np.zeros(4, int), np.array([0, 0, 0, 1]))
   with pytest.raises(ValueError, match="integer"):
     fp.data.from_arrays(x, np.zeros(4), np.zeros(4, int))
+  with pytest.raises(ValueError, match="empty"):
+    fp.data.from_arrays(np.zeros((0, 1)), np.zeros(0, int), np.zeros(0, int))
+  with pytest.raises(ValueError, match=">= 0"):
+    fp.data.from_arrays(x, -np.ones(4, int), np.zeros(4, int))
 
 
 def test_partition_by_name_matches_the_partitioners():
@@ -39,6 +43,7 @@ def test_partition_by_name_matches_the_partitioners():
                       ("quantity_skew", fp.data.quantity_skew(100, 4, 1.0, seed=1)),
                       ("dirichlet", fp.data.dirichlet(y, 4, 0.5, seed=1))]:
     got = fp.data.partition(y, 4, scheme, seed=1)
+    assert len(got) == len(ref)
     for a, b in zip(got, ref):
       np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="Unknown partition"):

@@ -93,3 +93,13 @@ def test_bad_rounds_named():
     build, hyper, state, data, objective, _ = setup()
     with pytest.raises(ValueError, match="num_rounds"):
       unrolled_objective(build, hyper, state, data, objective, num_rounds=0)
+
+
+def test_logits_of_the_wrong_length_are_refused():
+  with jax.enable_x64(True):
+    build, hyper, state, data, objective, _ = setup()
+    short = hyper._replace(weight_logits=hyper.weight_logits[:N - 1])
+    with pytest.raises(ValueError, match="one logit per client"):
+      unrolled_objective(build, short, state, data, objective)
+    with pytest.raises(ValueError, match="one logit per client"):
+      build(short).init(jax.random.key(0), data)

@@ -335,3 +335,80 @@ def test_meta_algorithms_run_from_configs(tmp_path, algorithm, meta_sgd):
   c.personalization.finetune_steps = 0
   with pytest.raises(ValueError, match="finetune_steps > 0"):
     train_and_evaluate(c, str(tmp_path / "no_adaptation"))
+
+
+def test_hessian_free_fd_follows_the_paper_at_a_small_alpha_in_float32():
+  # Per-FedAvg (HF) steps by δ along g itself: at α = 0.005, δ = 1e-3 in float32 the
+  # Hessian term α·H g must stay accurate (a step of δα would drown in rounding).
+  model = logreg(DIM, CLASSES)
+  loss_fn = batch_loss(model)
+  params = model.init(jax.random.key(0))
+  with jax.enable_x64(True):
+    sup, q, cur = batches(20, 1), batches(21), batches(22, 1)
+  f32 = lambda b: tuple(jnp.asarray(a, jnp.float32) if a.dtype == jnp.float64 else a
+                        for a in b)
+  sup, q, cur = f32(sup), f32(q), f32(cur)
+  alpha = 0.005
+  fo = meta_gradient(loss_fn, params, alpha, sup, q, method="first_order").params
+  hf = meta_gradient(loss_fn, params, alpha, sup, q, cur, method="hessian_free",
+                     hvp_method="finite_difference", delta=1e-3).params
+  ex = meta_gradient(loss_fn, params, alpha, sup, q, cur, method="hessian_free").params
+  term = lambda g: ravel_pytree(jax.tree.map(jnp.subtract, g, fo))[0]
+  assert rel_err(term(hf), term(ex)) < 1e-2
+
+
+def test_inner_lr_must_be_a_scalar_or_shaped_like_the_params():
+  model = logreg(DIM, CLASSES)
+  loss_fn, params = batch_loss(model), model.init(jax.random.key(0))
+  per_layer = {"Dense_0": {"kernel": 0.1, "bias": 0.1}}
+  with pytest.raises(ValueError, match="inner_lr must be a scalar"):
+    meta_gradient(loss_fn, params, per_layer, (), ())
+  with pytest.raises(ValueError, match="inner_lr"):
+    per_fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(4, steps=1),
+               inner_lr=np.float32(-1.0), clients_per_round=1)
+  with pytest.raises(ValueError, match="inner_lr"):
+    meta_sgd_model(logreg(), 0.0)
+
+
+def test_per_fedavg_two_inner_steps_matches_numpy():
+  data = small_data(num_clients=1, sizes=[30])
+  work, alpha, beta, k = fp.LocalWork(3, steps=2), 0.3, 0.5, 2
+  alg = per_fedavg(logreg(), optax.sgd(beta), optax.sgd(1.0), work, inner_lr=alpha,
+                   clients_per_round=1, inner_steps=k)
+  s0 = alg.init(jax.random.key(0), data)
+  s1, _ = jax.jit(alg.round)(s0, data)
+  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
+  for step in client_batches(s0, data, work, 2 * k + 1):
+    ws = [(w, b)]
+    for j in range(k):   # D_1..D_K
+      gw, gb = logreg_grad(*ws[-1], *step[j])
+      ws.append((ws[-1][0] - alpha * gw, ws[-1][1] - alpha * gb))
+    vw, vb = logreg_grad(*ws[-1], *step[k])   # D′
+    for j in reversed(range(k)):              # D″_j
+      hw, hb = numpy_hvp(*ws[j], *step[k + 1 + j], vw, vb)
+      vw, vb = vw - alpha * hw, vb - alpha * hb
+    w, b = w - beta * vw, b - beta * vb
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], w, atol=1e-5)
+  np.testing.assert_allclose(s1.params["Dense_0"]["bias"], b, atol=1e-5)
+
+
+def test_meta_sgd_round_moves_the_rates_by_beta_times_their_meta_gradient():
+  data = small_data(num_clients=1, sizes=[12])
+  alpha, beta, work = 0.1, 0.5, fp.LocalWork(3, steps=1)
+  model = meta_sgd_model(logreg(), alpha)
+  alg = per_fedavg(model, optax.sgd(beta), optax.sgd(1.0), work, inner_lr=alpha,
+                   clients_per_round=1, meta_sgd=True)
+  s0 = alg.init(jax.random.key(0), data)
+  s1, _ = jax.jit(alg.round)(s0, data)
+  _, _, k_clients = jax.random.split(s0.rng, 3)
+  plan = fp.core.batch_plan(jax.random.fold_in(k_clients, 0), data.num_examples[0],
+                            fp.LocalWork(3, steps=3), max_examples=data.max_examples,
+                            min_examples=data.min_examples)
+  b = (data.x[0][plan.idx], data.y[0][plan.idx], plan.mask)
+  pick = lambda sl: jax.tree.map(lambda a: a[sl], b)
+  mg = meta_gradient(batch_loss(logreg()), s0.params.model, s0.params.inner_lr,
+                     pick(slice(0, 1)), pick(1), pick(slice(2, 3)), method="hessian_free")
+  for new, old, g in zip(*(jax.tree.leaves(t) for t in (s1.params.inner_lr,
+                                                        s0.params.inner_lr, mg.inner_lr))):
+    np.testing.assert_allclose(new, old - beta * g, rtol=1e-5, atol=1e-7)

@@ -91,10 +91,16 @@ def logits(theta: jax.Array) -> WeightFn:
   through whole rounds (see `fedjax_pers.hypergrad`).
   """
 
+  def init(num_clients):
+    if jnp.shape(theta) != (num_clients,):
+      raise ValueError(f"logits: theta must have one logit per client, shape ({num_clients},);"
+                       f" got {jnp.shape(theta)}.")
+    return ()
+
   def apply(outputs, state):
     return masked_softmax(theta[outputs.client_id], outputs.finite), state
 
-  return WeightFn(init=stateless, apply=apply)
+  return WeightFn(init=init, apply=apply)
 
 
 def product(*fns: WeightFn) -> WeightFn:

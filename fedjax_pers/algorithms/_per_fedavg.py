@@ -112,8 +112,10 @@ def per_fedavg(
   check_method(method, hvp, delta)
   if not (isinstance(inner_steps, int) and inner_steps >= 1):
     raise ValueError(f"inner_steps (K) must be an int >= 1; got {inner_steps!r}.")
-  if isinstance(inner_lr, int | float) and not inner_lr > 0:
-    raise ValueError(f"inner_lr (alpha) must be > 0; got {inner_lr!r}.")
+  # A traced α (a hyperparameter being differentiated) is not checked.
+  if not isinstance(inner_lr, jax.core.Tracer) and not (
+      np.ndim(inner_lr) == 0 and np.isfinite(inner_lr) and inner_lr > 0):
+    raise ValueError(f"inner_lr (alpha) must be a finite number > 0; got {inner_lr!r}.")
   aggregator = as_aggregator(uniform() if weighting is None else weighting)
   k = inner_steps
   per_step = k + 1 + (0 if hessian == "none" else k)

@@ -51,7 +51,13 @@ def shuffle_labels(data: FederatedData, clients: np.ndarray, seed: int = 0) -> F
   rng = np.random.default_rng(seed)
   xs, ys = zip(*(data.client(c) for c in range(data.num_clients)))
   ys = [derangement(rng, data.num_classes)[y] if bad else y for y, bad in zip(ys, clients)]
-  return FederatedData.from_clients(list(xs), ys, num_classes=data.num_classes)
+  return _rebuild(data, list(xs), ys)
+
+
+def _rebuild(like: FederatedData, xs, ys) -> FederatedData:
+  """`FederatedData` of new client arrays in `like`'s layout: feature dtype and example cap."""
+  out = FederatedData.from_clients(xs, ys, num_classes=like.num_classes, dtype=like.x.dtype)
+  return out if like.cap is None else out.with_cap(like.cap)
 
 
 def holdout(data: FederatedData, num_examples: int, seed: int = 0
@@ -79,7 +85,6 @@ def holdout(data: FederatedData, num_examples: int, seed: int = 0
   x_all = np.concatenate([x for x, _ in clients])
   y_all = np.concatenate([y for _, y in clients])
   keep = [~take[owner == c] for c in range(data.num_clients)]
-  rest = FederatedData.from_clients(
-      [x[k] for (x, _), k in zip(clients, keep)],
-      [y[k] for (_, y), k in zip(clients, keep)], num_classes=data.num_classes)
+  rest = _rebuild(data, [x[k] for (x, _), k in zip(clients, keep)],
+                  [y[k] for (_, y), k in zip(clients, keep)])
   return rest, x_all[take], y_all[take]

@@ -201,6 +201,10 @@ def from_arrays(x: np.ndarray, y: np.ndarray, client_ids, *, test_fraction: floa
                      f"{x.shape}, {y.shape}, {ids.shape}.")
   if not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"y must hold integer labels; got dtype {y.dtype}.")
+  if len(y) == 0:
+    raise ValueError("x, y and client_ids are empty; from_arrays needs at least one example.")
+  if y.min() < 0:
+    raise ValueError(f"labels y must be >= 0; got a minimum of {int(y.min())}.")
   _, parts = natural(ids)
   small = [i for i, p in enumerate(parts) if len(p) < 2]
   if small:

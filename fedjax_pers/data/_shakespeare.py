@@ -105,6 +105,8 @@ def shakespeare_from_text(text: str, *, min_chars: int = 1000, seq_len: int = 80
     raise ValueError(f"test_fraction must be in (0, 1); got {test_fraction!r}.")
   if not (isinstance(stride, int) and stride >= 1):
     raise ValueError(f"stride must be an int >= 1; got {stride!r}.")
+  if max_clients is not None and not (isinstance(max_clients, int) and max_clients >= 1):
+    raise ValueError(f"max_clients must be None or an int >= 1; got {max_clients!r}.")
   speakers, texts = split_roles(text)
   keep = [i for i, t in enumerate(texts) if len(t) >= min_chars]
   if max_clients is not None:

@@ -192,6 +192,10 @@ def from_tfds(
     if partition not in (None, "natural"):
       raise ValueError(f"{name!r} is federated by speaking role; partition must be None; "
                        f"got {partition!r}.")
+    if split != "train" or num_clients != 100:
+      raise ValueError(f"{name!r} is federated by speaking role over the whole text: split "
+                       f"and num_clients do not apply (use min_chars); got split={split!r}, "
+                       f"num_clients={num_clients!r}.")
     text = "".join(
         "".join(tfds_examples(name, split=s, data_dir=data_dir)["text"].tolist())
         for s in ("train", "validation", "test"))

@@ -63,9 +63,8 @@ def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedDat
   `min_client_examples`), `shards` (`shards_per_client`) or `quantity_skew`
   (`quantity_sigma`, `min_client_examples`), each client split into train and
   test by `test_fraction`. `shakespeare`: the play text at `path`, one client per
-  role with `min_chars`+ characters (`seq_len`, `stride`). `example_cap`: train
-  clients larger than it train on a fresh random `example_cap` of their
-  examples each round (see `FederatedData.with_cap`).
+  role with `min_chars`+ characters (`seq_len`, `stride`). (`example_cap` is
+  applied by `prepare_data`.)
   """
   if c.name == "synthetic":
     train, test = data.synthetic(
@@ -92,9 +91,6 @@ def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedDat
   else:
     raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['mnist_idx', "
                      "'shakespeare', 'synthetic', 'tfds'].")
-  cap = c.get("example_cap")
-  if cap is not None:
-    train = train.with_cap(cap, seed=c.seed)
   return train, test
 
 
@@ -118,7 +114,9 @@ class ExperimentData(NamedTuple):
 
 def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
   """`make_data`, then `data.proxy_examples` held out of the test splits for the server,
-  and `config.corruption` applied (label shuffling, attackers; see `data.shuffle_labels`).
+  and `config.corruption` applied (label shuffling, attackers; see `data.shuffle_labels`),
+  and last `data.example_cap`: train clients larger than it train on a fresh random
+  `example_cap` of their examples each round (see `FederatedData.with_cap`).
 
   The corrupted clients are drawn with `corruption.seed`; label-noise and attack
   clients come from the same seeded order, so the smaller set is inside the larger.
@@ -135,6 +133,9 @@ def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
   attackers = data.choose_clients(train.num_clients, c.attack_fraction, c.seed)
   if noisy.any():
     train = data.shuffle_labels(train, noisy, seed=c.seed)
+  cap = config.data.get("example_cap")
+  if cap is not None:   # last: the corruptions above rebuild the clients' arrays
+    train = train.with_cap(cap, seed=config.data.seed)
   return ExperimentData(train, test, proxy, noisy, attackers)
 
 

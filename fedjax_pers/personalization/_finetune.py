@@ -60,6 +60,12 @@ def _client_eval(model, params, x, y, n):
   return loss, acc
 
 
+def _check_padded(data: FederatedData, name: str) -> None:
+  if data.cap is not None:
+    raise ValueError(f"{name} is a capped flat store (example_cap={data.cap}); personalized "
+                     "evaluation reads padded client rows: build it without a cap.")
+
+
 class PersonalizedEval(NamedTuple):
   """Per-client test results of the global and of the personalized models.
 
@@ -99,6 +105,8 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
   if train.num_clients != test.num_clients:
     raise ValueError(f"train and test must hold the same clients; got {train.num_clients} "
                      f"and {test.num_clients}.")
+  _check_padded(train, "train")
+  _check_padded(test, "test")
   if work is not None:
     check_local_work(work)
 
@@ -133,6 +141,7 @@ def evaluate_personal(model: Model, personal: Params, params: Params, test: Fede
   Returns:
     A `PersonalizedEval`.
   """
+  _check_padded(test, "test")
   sizes = {leaf.shape[0] for leaf in jax.tree.leaves(personal)}
   if sizes != {test.num_clients}:
     raise ValueError(f"personal params must be stacked over the {test.num_clients} clients; "

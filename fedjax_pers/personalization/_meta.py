@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_pers.core._client import masked_mean_loss
@@ -70,6 +71,19 @@ def _per_param(lr: Any, tree: Params) -> bool:
       jax.tree.leaves(lr)[0]) == jnp.ndim(jax.tree.leaves(tree)[0])
 
 
+def check_inner_lr(inner_lr: Any, params: Params) -> None:
+  """Raises `ValueError` unless α is a scalar or a pytree of the parameters' shapes."""
+  leaves = jax.tree.leaves(inner_lr)
+  if len(leaves) == 1 and jnp.ndim(leaves[0]) == 0 and not _per_param(inner_lr, params):
+    return
+  shapes = lambda t: jax.tree.map(jnp.shape, t)
+  if jax.tree.structure(inner_lr) != jax.tree.structure(params) or shapes(
+      inner_lr) != shapes(params):
+    raise ValueError(
+        "inner_lr must be a scalar or (Meta-SGD) a pytree with the parameters' structure and "
+        f"shapes {shapes(params)}; got {shapes(inner_lr)}.")
+
+
 def _scale(lr: Any, tree: Params) -> Params:
   """`α ∘ tree` for a scalar or per-parameter α."""
   if _per_param(lr, tree):
@@ -83,8 +97,9 @@ def check_method(method: str, hvp: str = "exact", delta: float = 1e-3) -> None:
     raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
   if hvp not in HVP_METHODS:
     raise ValueError(f"hvp must be one of {HVP_METHODS}; got {hvp!r}.")
-  if not (isinstance(delta, int | float) and delta > 0):
-    raise ValueError(f"delta (finite-difference step) must be a number > 0; got {delta!r}.")
+  if not (np.isscalar(delta) and np.isfinite(delta) and delta > 0):
+    raise ValueError(f"delta (finite-difference step) must be a finite number > 0; got "
+                     f"{delta!r}.")
 
 
 def adapt(loss_fn: LossFn, params: Params, inner_lr: Any, support: Batch,
@@ -165,6 +180,7 @@ def meta_gradient(loss_fn: LossFn, params: Params, inner_lr: Any, support: Batch
     A `MetaGradient`.
   """
   check_method(method, hvp_method, delta)
+  check_inner_lr(inner_lr, params)
   if method != "hessian_free":
     def outer(theta, lr):
       w = adapt(loss_fn, theta, lr, support, curvature,
@@ -192,11 +208,17 @@ def meta_gradient(loss_fn: LossFn, params: Params, inner_lr: Any, support: Batch
       g_lr = jax.tree.map(jnp.add, g_lr, contrib)
     else:
       g_lr = g_lr + sum(jnp.sum(c) for c in jax.tree.leaves(contrib))
-    hv = hvp(loss_fn, w, dd, _scale(inner_lr, v), method=hvp_method, delta=delta)
-    return (jax.tree.map(jnp.subtract, v, hv), g_lr), None
+    # H (α∘v) = ᾱ · H ((α∘v)/ᾱ) with ᾱ = mean |α|: for a scalar α the product is
+    # taken along v itself, so the finite difference steps by δ·v as Per-FedAvg's HF.
+    hv = hvp(loss_fn, w, dd, jax.tree.map(lambda u: u / scale, _scale(inner_lr, v)),
+             method=hvp_method, delta=delta)
+    return (jax.tree.map(lambda vi, h: vi - scale * h, v, hv), g_lr), None
 
   per_param = _per_param(inner_lr, params)
   dtype = jax.tree.leaves(params)[0].dtype
+  leaves = [jnp.abs(a) for a in jax.tree.leaves(inner_lr)]
+  scale = sum(jnp.sum(a) for a in leaves) / sum(a.size for a in leaves)
+  scale = jnp.where(scale > 0, scale, 1.0).astype(dtype)
   zero_lr = (jax.tree.map(jnp.zeros_like, inner_lr) if per_param
              else jnp.zeros(jnp.shape(inner_lr), dtype))
   (v, g_lr), _ = jax.lax.scan(backward, (v, zero_lr), (ws, gs, curvature), reverse=True)
@@ -221,6 +243,10 @@ def meta_sgd_model(model: Model, inner_lr: float) -> Model:
   `init` adds α = `inner_lr` for every parameter; `apply` uses θ only, so the
   global model evaluates as before and the server averages θ and α alike.
   """
+
+  if not (np.isscalar(inner_lr) and np.isfinite(inner_lr) and inner_lr > 0):
+    raise ValueError(f"inner_lr (the initial Meta-SGD rate) must be a finite number > 0; got "
+                     f"{inner_lr!r}.")
 
   def init(key):
     theta = model.init(key)
