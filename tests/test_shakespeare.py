@@ -38,6 +38,7 @@ def test_roles_examples_and_time_split(tmp_path):
   speakers, texts = fp.data._shakespeare.split_roles(PLAY)
   assert speakers == ["ANNA", "BOB", "CARL"]
   assert texts[0] == "abcdefghij\nklm\nnopq"         # speeches joined by newlines
+  assert fp.data._shakespeare.split_roles(PLAY.replace("\n", "\r\n")) == (speakers, texts)
   train, test = fp.data.shakespeare(write(tmp_path, PLAY), min_chars=11, seq_len=3,
                                     test_fraction=0.25)
   assert train.num_clients == 2          # ANNA (19 chars) and CARL (11); BOB (8) filtered

@@ -142,7 +142,7 @@ class FederatedData:
       Capped `FederatedData`; `self` unchanged when `cap` is at least the largest
       client (nothing to cap).
     """
-    if not (isinstance(cap, (int, np.integer)) and cap >= 1):
+    if not (isinstance(cap, (int, np.integer)) and not isinstance(cap, bool) and cap >= 1):
       raise ValueError(f"cap must be an int >= 1; got {cap!r}.")
     sizes = np.asarray(self.num_examples)
     if self.cap is None and cap >= int(sizes.max()):

@@ -35,7 +35,8 @@ def evaluate(
   Clients are processed by `lax.map` in chunks of `client_chunk` (vmapped inside a
   chunk; default all at once), which bounds the activations held at a time. A
   capped store (`FederatedData.with_cap`) is evaluated on ALL of every client's
-  examples (not the per-round subsets), 1024 examples at a time.
+  examples (not the per-round subsets), 1024 examples at a time (`client_chunk`
+  does not apply to it).
   Jittable; `data` is an argument, so one compilation serves every round.
   """
 

@@ -49,6 +49,7 @@ def split_roles(text: str) -> tuple[list[str], list[str]]:
   start with a speaker line.
   """
   speeches: dict[str, list[str]] = {}
+  text = text.replace("\r\n", "\n")   # Windows line ends
   for block in re.split(r"\n\s*\n", text):
     lines = block.strip("\n").split("\n")
     if len(lines) < 2 or not lines[0].endswith(":"):

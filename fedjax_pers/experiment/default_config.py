@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Weighted means: num_examples | uniform | loss | loss_improvement | cosine | fedadp |
   # label_divergence | label_entropy, or several joined by '*' (product, renormalised).
   # Aggregators: q_ffl | fedlaw | median | trimmed_mean | krum | multi_krum | clip_norm.
+  # (per_fedavg and reptile average uniformly in their papers: their configs set
+  # "uniform"; on other configs the run's weighting applies to them too.)
   c.aggregation.weighting = "num_examples"
   c.aggregation.temperature = 1.0     # loss, loss_improvement, label_divergence, label_entropy
   c.aggregation.power = 1.0           # w ∝ w^power (weight functions only)
