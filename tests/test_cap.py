@@ -111,3 +111,20 @@ def test_cap_errors():
   with pytest.raises(ValueError, match="exclude"):
     FederatedData.from_clients([np.zeros((3, 1))], [np.zeros(3, int)], max_examples=4,
                                example_cap=2)
+
+
+def test_driver_evaluates_a_heavily_padded_split_on_a_flat_copy():
+  from fedjax_pers.experiment._train import _for_evaluation
+  xs = [np.ones((n, 2), np.float32) * n for n in (1, 2, 30)]
+  ys = [np.arange(n) % 3 for n in (1, 2, 30)]
+  d = FederatedData.from_clients(xs, ys, num_classes=3)
+  assert d.padding_fraction > 0.5
+  flat = _for_evaluation(d)
+  assert flat.cap is not None
+  model = fp.models.logistic_regression((2,), 3)
+  params = model.init(jax.random.key(0))
+  a, b = fp.core.evaluate(model, params, d), fp.core.evaluate(model, params, flat)
+  np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
+  np.testing.assert_array_equal(a.accuracy, b.accuracy)
+  full = FederatedData.from_clients(xs[2:], ys[2:], num_classes=3)
+  assert _for_evaluation(full) is full

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from fedjax_pers.core import evaluate, resolve_strategy, summarize
+from fedjax_pers.core import FederatedData, evaluate, resolve_strategy, summarize
 from fedjax_pers.experiment import _checkpoint, _outputs, _registry
 from fedjax_pers.personalization import summarize_personalization
 
@@ -46,6 +46,18 @@ def _corruption_summary(final, weight_rows, corrupted, train) -> dict[str, Any]:
       "corrupted_weight_share": float(np.mean(w_share)) if w_share else 0.0,
       "corrupted_data_share": float(np.mean(n_share)) if n_share else 0.0,
   }
+
+
+def _for_evaluation(data: FederatedData) -> FederatedData:
+  """`data`, or a flat copy of it when more than half its slots are padding.
+
+  The global model's evaluation of a flat store visits each example once, not
+  every padded slot: Shakespeare's test split (82% padding) evaluates 8x faster.
+  The cap of the copy only matters to training, which never sees it.
+  """
+  if data.cap is None and data.padding_fraction > 0.5:
+    return data.with_cap(1)
+  return data
 
 
 def _padding_report(train, test) -> dict[str, Any]:
@@ -115,12 +127,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   round_fn = jax.jit(alg.round)
   eval_fn = jax.jit(lambda params, data: evaluate(model, params, data))
+  test_eval, train_eval = _for_evaluation(test), _for_evaluation(train)
   pers_fn = _registry.make_personalized_eval(config, model, alg, train, test)
   strategy = resolve_strategy(config.strategy, state.params)
 
   def evaluate_now(state, train_losses):
     rec = {"round": int(state.round)}
-    rec.update(summarize(eval_fn(state.params, test), "test"))
+    rec.update(summarize(eval_fn(state.params, test_eval), "test"))
     per_client = rec.pop("per_client_test_accuracy")
     lists = {"per_client_test_accuracy": per_client}
     if pers_fn is not None:
@@ -134,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec["clean_client_test_accuracy"] = float(np.sum((n * acc)[clean]) / np.sum(n[clean]))
       rec["mean_clean_client_test_accuracy"] = float(acc[clean].mean())
     if config.get("eval_train", True):
-      tr = summarize(eval_fn(state.params, train), "train")
+      tr = summarize(eval_fn(state.params, train_eval), "train")
       rec["train_loss"], rec["train_accuracy"] = tr["train_loss"], tr["train_accuracy"]
     if train_losses:
       rec["local_train_loss"] = float(np.mean(jax.device_get(train_losses)))
