@@ -8,7 +8,9 @@ and the meta-objective is the query loss F(θ) = f(w_K; D′) (MAML, Finn et al.
 ICML 2017). Its gradient is the product of the steps' Jacobians applied to the
 query gradient,
 
-  ∇F(θ) = Π_{j=0}^{K−1} (I − α ∘ ∇²f(w_j; D″_j)) · ∇f(w_K; D′),
+  ∇F(θ) = Π_{j=0}^{K−1} (I − ∇²f(w_j; D″_j) diag(α)) · ∇f(w_K; D′)
+
+(the transposed step Jacobians, j = 0 leftmost; diag(α) = αI for a scalar α),
 
 where the curvature batches D″_j are the support batches (MAML) or independent
 batches (Per-FedAvg, Fallah et al., NeurIPS 2020). Three ways to compute it:
