@@ -54,6 +54,21 @@ def logreg_loss(w, b, x, y):
   return float(-np.log(p[np.arange(len(y)), y]).mean())
 
 
+def engine_plan(rng, data, work, c=0, *, split=True):
+  """The batch plan the engine gives client `c` in the round whose state key is `rng`.
+
+  The round key splits into (next, sample, clients); client c's key is
+  fold_in(clients, c), split into (plan, train) by the FedAvg-family updates
+  (`split=True`) or used whole for the plan (Per-FedAvg, `split=False`).
+  """
+  _, _, k_clients = jax.random.split(rng, 3)
+  key = jax.random.fold_in(k_clients, int(c))
+  if split:
+    key, _ = jax.random.split(key)
+  return fp.core.batch_plan(key, data.num_examples[c], work, max_examples=data.max_examples,
+                            min_examples=data.min_examples)
+
+
 def client_deltas(params, data, rng, work, lr, clients_per_round, mu=None):
   """Each sampled client's local training, with the engine's batches.
 
@@ -67,14 +82,12 @@ def client_deltas(params, data, rng, work, lr, clients_per_round, mu=None):
   """
   w = np.asarray(params["Dense_0"]["kernel"], np.float64)
   b = np.asarray(params["Dense_0"]["bias"], np.float64)
-  _, k_sample, k_clients = jax.random.split(rng, 3)
+  _, k_sample, _ = jax.random.split(rng, 3)
   idx = np.asarray(fp.core.sample_clients(k_sample, data.num_clients, clients_per_round))
   clients = []
   for c in idx:
-    k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, int(c)))
     n = int(data.num_examples[c])
-    plan = fp.core.batch_plan(k_plan, n, work, max_examples=data.max_examples,
-                              min_examples=data.min_examples)
+    plan = engine_plan(rng, data, work, c)
     x = np.asarray(data.x[c], np.float64)
     y = np.asarray(data.y[c])
     wi, bi, loss, _ = logreg_sgd(w, b, x, y, np.asarray(plan.idx),

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _reference import logreg_grad
+from _reference import engine_plan, logreg_grad
 from test_engine import logreg, small_data
 
 import fedjax_pers as fp
@@ -35,9 +35,7 @@ def test_one_personal_step_matches_numpy():
   s0 = alg.init(jax.random.key(1), data)
   s0 = s0._replace(client_states=jax.tree.map(lambda v: v + 0.2, s0.client_states))
   s1, _ = jax.jit(alg.round)(s0, data)
-  _, _, k_clients = jax.random.split(s0.rng, 3)
-  k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, 0))
-  plan = fp.core.batch_plan(k_plan, 7, work, max_examples=7)
+  plan = engine_plan(s0.rng, data, work)
   sel = np.asarray(plan.idx[0])[np.asarray(plan.mask[0])]
   x, y = np.asarray(data.x[0], np.float64)[sel], np.asarray(data.y[0])[sel]
   w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import optax
-from _reference import logreg_sgd
+from _reference import engine_plan, logreg_sgd
 from test_engine import logreg, small_data
 
 import fedjax_pers as fp
@@ -52,9 +52,7 @@ def test_fedper_one_client_matches_numpy_and_keeps_the_head_local():
   s0 = alg.init(jax.random.key(2), data)
   s0 = s0._replace(client_states=(s0.client_states[0] + 0.5,))
   s1, _ = jax.jit(alg.round)(s0, data)
-  _, _, k_clients = jax.random.split(s0.rng, 3)
-  k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, 0))
-  plan = fp.core.batch_plan(k_plan, 7, work, max_examples=7)
+  plan = engine_plan(s0.rng, data, work)
   w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
   b_own = np.asarray(s0.client_states[0][0], np.float64)
   wl, bl, _, _ = logreg_sgd(w, b_own, np.asarray(data.x[0], np.float64), np.asarray(data.y[0]),
@@ -132,9 +130,7 @@ def test_lg_fedavg_one_client_keeps_the_lower_part_and_averages_the_head():
   s0 = alg.init(jax.random.key(5), data)
   s0 = s0._replace(client_states=(s0.client_states[0] * 0.5,))
   s1, _ = jax.jit(alg.round)(s0, data)
-  _, _, k_clients = jax.random.split(s0.rng, 3)
-  k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, 0))
-  plan = fp.core.batch_plan(k_plan, 7, work, max_examples=7)
+  plan = engine_plan(s0.rng, data, work)
   w_own = np.asarray(s0.client_states[0][0], np.float64)
   b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
   wl, bl, _, _ = logreg_sgd(w_own, b, np.asarray(data.x[0], np.float64), np.asarray(data.y[0]),

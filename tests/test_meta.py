@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import fedavg_round, logreg_grad, softmax
+from _reference import engine_plan, fedavg_round, logreg_grad, softmax
 from jax.flatten_util import ravel_pytree
 from test_engine import logreg, small_data
 
@@ -211,10 +211,8 @@ def test_bad_options_are_named():
 
 def client_batches(state, data, work, per_step):
   """The engine's batches of client 0 (a one-client population), per meta-step."""
-  _, _, k_clients = jax.random.split(state.rng, 3)
-  plan = fp.core.batch_plan(jax.random.fold_in(k_clients, 0), data.num_examples[0],
-                            fp.LocalWork(work.batch_size, steps=work.steps * per_step),
-                            max_examples=data.max_examples, min_examples=data.min_examples)
+  plan = engine_plan(state.rng, data,
+                     fp.LocalWork(work.batch_size, steps=work.steps * per_step), split=False)
   idx = np.asarray(plan.idx).reshape(work.steps, per_step, -1)
   mask = np.asarray(plan.mask).reshape(work.steps, per_step, -1)
   x, y = np.asarray(data.x[0], np.float64), np.asarray(data.y[0])
@@ -258,9 +256,7 @@ def test_per_fedavg_batches_are_disjoint_within_a_step():
   alg = per_fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), work, inner_lr=0.1,
                    clients_per_round=1)
   s0 = alg.init(jax.random.key(1), data)
-  _, _, k_clients = jax.random.split(s0.rng, 3)
-  plan = fp.core.batch_plan(jax.random.fold_in(k_clients, 0), 24, fp.LocalWork(4, steps=9),
-                            max_examples=24)
+  plan = engine_plan(s0.rng, data, fp.LocalWork(4, steps=9), split=False)
   for step in np.asarray(plan.idx).reshape(3, 12):
     assert len(set(step.tolist())) == 12   # D, D′, D″ share no example
 
@@ -401,10 +397,7 @@ def test_meta_sgd_round_moves_the_rates_by_beta_times_their_meta_gradient():
                    clients_per_round=1, meta_sgd=True)
   s0 = alg.init(jax.random.key(0), data)
   s1, _ = jax.jit(alg.round)(s0, data)
-  _, _, k_clients = jax.random.split(s0.rng, 3)
-  plan = fp.core.batch_plan(jax.random.fold_in(k_clients, 0), data.num_examples[0],
-                            fp.LocalWork(3, steps=3), max_examples=data.max_examples,
-                            min_examples=data.min_examples)
+  plan = engine_plan(s0.rng, data, fp.LocalWork(3, steps=3), split=False)
   b = (data.x[0][plan.idx], data.y[0][plan.idx], plan.mask)
   pick = lambda sl: jax.tree.map(lambda a: a[sl], b)
   mg = meta_gradient(batch_loss(logreg()), s0.params.model, s0.params.inner_lr,

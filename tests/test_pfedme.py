@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from _reference import logreg_grad
+from _reference import engine_plan, logreg_grad
 from test_engine import logreg, small_data
 
 import fedjax_pers as fp
@@ -18,9 +18,7 @@ def test_one_client_one_local_round_matches_numpy():
                inner_steps=k_inner, beta=beta, clients_per_round=1)
   s0 = alg.init(jax.random.key(0), data)
   s1, m = jax.jit(alg.round)(s0, data)
-  _, _, k_clients = jax.random.split(s0.rng, 3)
-  k_plan, _ = jax.random.split(jax.random.fold_in(k_clients, 0))
-  plan = fp.core.batch_plan(k_plan, 7, work, max_examples=7)
+  plan = engine_plan(s0.rng, data, work)
   sel = np.asarray(plan.idx[0])[np.asarray(plan.mask[0])]
   x, y = np.asarray(data.x[0], np.float64)[sel], np.asarray(data.y[0])[sel]
   w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)

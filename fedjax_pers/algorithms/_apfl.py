@@ -20,7 +20,7 @@ from fedjax_pers.core._client import (
 )
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_init, make_round
+from fedjax_pers.core._round import FederatedAlgorithm, ServerState, assemble
 
 
 def mix(alpha, v, w):
@@ -112,14 +112,10 @@ def apfl(
 
     return client_update
 
-  round_fn = make_round(
-      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
-
-  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
-      client_states=stack_clients)
-
   def personal(state: ServerState):
     return jax.vmap(lambda v: mix(alpha, v, state.params))(state.client_states)
 
-  return FederatedAlgorithm(init=init, round=round_fn, personal=personal)
+  return assemble(
+      model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh,
+      client_states=stack_clients, personal=personal)

@@ -13,7 +13,7 @@ from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
 from fedjax_pers.core._client import local_train, make_client_update, stack_clients
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, make_init, make_round
+from fedjax_pers.core._round import FederatedAlgorithm, assemble
 
 
 def ditto(
@@ -85,11 +85,7 @@ def ditto(
 
     return client_update
 
-  round_fn = make_round(
-      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
-
-  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
-      client_states=stack_clients)
-
-  return FederatedAlgorithm(init=init, round=round_fn, personal=lambda s: s.client_states)
+  return assemble(
+      model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh,
+      client_states=stack_clients, personal=lambda s: s.client_states)

@@ -13,7 +13,7 @@ from fedjax_pers.core._batching import LocalWork, check_local_work
 from fedjax_pers.core._client import make_client_update
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, make_init, make_round
+from fedjax_pers.core._round import FederatedAlgorithm, assemble
 
 
 def fedavg(
@@ -71,14 +71,9 @@ def fedavg(
         max_examples=data.max_examples, min_examples=data.min_examples, prox_mu=prox_mu,
         client_losses=aggregator.client_losses)
 
-  round_fn = make_round(
-      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs,
-      mesh=mesh)
-
-  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round)
-
-  return FederatedAlgorithm(init=init, round=round_fn)
+  return assemble(
+      model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
 
 
 def fedprox(

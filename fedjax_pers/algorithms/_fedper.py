@@ -15,7 +15,7 @@ from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
 from fedjax_pers.core._client import local_train, make_client_update, stack_clients
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_init, make_round
+from fedjax_pers.core._round import FederatedAlgorithm, ServerState, assemble
 from fedjax_pers.personalization._layers import (
     Predicate,
     last_layer,
@@ -93,17 +93,14 @@ def _personal_layers(model, server_tx, mask, make_local, *, clients_per_round, w
 
     return client_update
 
-  round_fn = make_round(
-      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
-
-  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
-      client_states=lambda params, n: stack_clients(personal_part(params, mask), n))
-
   def personal_models(state: ServerState):
     return jax.vmap(lambda own: merge(state.params, own, mask))(state.client_states)
 
-  return FederatedAlgorithm(init=init, round=round_fn, personal=personal_models)
+  return assemble(
+      model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh,
+      client_states=lambda params, n: stack_clients(personal_part(params, mask), n),
+      personal=personal_models)
 
 
 def lg_fedavg(model: Model, client_tx, server_tx, work: LocalWork, *,

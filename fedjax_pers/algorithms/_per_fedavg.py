@@ -14,7 +14,7 @@ from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
 from fedjax_pers.core._client import ClientOutput, all_finite, label_histogram
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, make_init, make_round
+from fedjax_pers.core._round import FederatedAlgorithm, assemble
 from fedjax_pers.personalization._meta import (
   MetaSGDParams,
   batch_loss,
@@ -164,8 +164,6 @@ def per_fedavg(
 
     return client_update
 
-  round_fn = make_round(
-      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
+  return assemble(
+      model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
       strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
-  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round)
-  return FederatedAlgorithm(init=init, round=round_fn)

@@ -22,6 +22,7 @@ from fedjax_pers.core._round import (
     FederatedAlgorithm,
     RoundMetrics,
     ServerState,
+    assemble,
     make_init,
     make_round,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "RoundMetrics",
     "ServerState",
     "accuracy",
+    "assemble",
     "batch_plan",
     "evaluate",
     "execute_cohort",

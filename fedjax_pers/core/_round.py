@@ -213,3 +213,29 @@ def make_init(
         round=jnp.zeros((), jnp.int32), rng=k_rounds)
 
   return init
+
+
+def assemble(
+    model,
+    make_client: Callable[[FederatedData], ClientUpdate],
+    aggregator: Aggregator,
+    server_tx: optax.GradientTransformation,
+    *,
+    clients_per_round: int,
+    strategy: str = "auto",
+    client_chunk: int | None = None,
+    sampling_probs: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+    client_states: Callable[[Params, int], Any] | None = None,
+    personal: Callable[[ServerState], Any] | None = None,
+) -> FederatedAlgorithm:
+  """The `FederatedAlgorithm` of a FedAvg-family client update: `make_init` + `make_round`.
+
+  Arguments as `make_round` and `make_init`; `personal` as `FederatedAlgorithm`.
+  """
+  round_fn = make_round(
+      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
+      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
+  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
+                   client_states=client_states)
+  return FederatedAlgorithm(init=init, round=round_fn, personal=personal)
