@@ -31,6 +31,14 @@ grads/step: the cost of each gradient relative to FedAvg's),
 included), which is what the K activations per client of a second-order
 gradient add to.
 
+A second table (`pieces`) times the pieces of one client's meta-step on one
+batch of the workload's size, each repeated 1,000 times in a `lax.fori_loop`
+inside one jit: a batch gradient (what a FedAvg step costs), the exact and the
+finite-difference Hessian-vector product, and the whole meta-step of each
+variant. `vs grad` divides by the gradient. The step's pieces run one after the
+other (D, then D′ at the adapted point, then the product along that gradient), so
+a meta-step costs at least the sum of its pieces: 2 + HVP/grad FedAvg steps.
+
 A last table compiles (without running) K = 5 second-order rounds of w2's model at
 batch 20, 200 and 1,000 and reports their peak memory: exact HVPs, `jax.grad`
 through the steps, and the latter with `jax.checkpoint`.
@@ -49,7 +57,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
+import time  # noqa: E402
+
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from round_throughput import (  # noqa: E402
     WORKLOADS,
@@ -63,6 +74,7 @@ from round_throughput import (  # noqa: E402
 
 from fedjax_pers.algorithms import fedavg, per_fedavg  # noqa: E402
 from fedjax_pers.core import FederatedData  # noqa: E402
+from fedjax_pers.personalization import batch_loss, hvp, meta_gradient  # noqa: E402
 
 # (row, `hessian` or None for FedAvg, unused, inner steps K, remat, gradients per local step);
 # `fedavg_x2` / `fedavg_x3` run 2τ / 3τ FedAvg steps: the batches that a first-order /
@@ -126,6 +138,60 @@ def run(w: Workload, rounds: int) -> None:
     grads = row[5] if row[1] else 1
     print(f"| {row[0]} | {t:.4f} | {t / base:.2f}x | {vs_same} | {grads} | "
           f"{t / base / grads:.2f} | {peak:.1f} |")
+  for reading, ref in (("equal local steps", "fedavg"), ("equal batches", "fedavg_x3")):
+    so, hf = med["per_fedavg"] / med[ref], med["per_fedavg_hf"] / med[ref]
+    print(f"issue targets, {reading}: second order {so:.2f}x (<= 3x: {so <= 3}), "
+          f"HF {hf:.2f}x (<= 2x: {hf <= 2})")
+
+
+def pieces_table(w: Workload, repeats: int = 1000, runs: int = 5) -> None:
+  """Microseconds per call of the pieces of one client's meta-step (see the module doc)."""
+  model = make_model(w)
+  loss = batch_loss(model)
+  params = model.init(jax.random.key(0))
+  b = w.work.batch_size
+  x = jax.random.normal(jax.random.key(1), (3, b, w.features))
+  y = jax.random.randint(jax.random.key(2), (3, b), 0, w.num_classes)
+  batches = (x, y, np.ones((3, b), bool))
+  d, dq, dd = (jax.tree.map(lambda a, i=i: a[i], batches) for i in range(3))
+  first = lambda t: jax.tree.map(lambda a: a[None], t)   # K = 1 stacked
+  lr = w.client_lr
+
+  def meta(method, hvp_method="exact"):
+    return lambda p: meta_gradient(loss, p, lr, first(d), dq, first(dd), method=method,
+                                   hvp_method=hvp_method).params
+
+  pieces = {
+      "gradient (a FedAvg step)": lambda p: jax.grad(loss)(p, d),
+      "exact HVP": lambda p: hvp(loss, p, dd, p),
+      "finite-difference HVP": lambda p: hvp(loss, p, dd, p, method="finite_difference"),
+      "meta-step, exact HVP": meta("hessian_free"),
+      "meta-step, HF": meta("hessian_free", "finite_difference"),
+      "meta-step, FO": meta("first_order"),
+  }
+  times = {}
+  for name, f in pieces.items():
+    def body(i, p, f=f):   # Perturb the input so that no call is hoisted out of the loop.
+      out = f(jax.tree.map(lambda a: a + 1e-9 * i.astype(a.dtype), p))
+      return jax.tree.map(lambda a, o: a + 1e-12 * o, p, out)
+    loop = jax.jit(lambda p, body=body: jax.lax.fori_loop(0, repeats, body, p))
+    jax.block_until_ready(loop(params))
+    ts = []
+    for _ in range(runs):
+      t = time.perf_counter()
+      jax.block_until_ready(loop(params))
+      ts.append(time.perf_counter() - t)
+    times[name] = statistics.median(ts) / repeats
+  g = times["gradient (a FedAvg step)"]
+  print(f"\n{w.name}: pieces of one client's meta-step, batch {b}, median of {runs} x "
+        f"{repeats} calls")
+  print("| piece | us per call | vs grad |")
+  print("|---|---|---|")
+  for name, t in times.items():
+    print(f"| {name} | {t * 1e6:.1f} | {t / g:.2f} |")
+  for variant, h in (("exact HVP", "exact HVP"), ("HF", "finite-difference HVP")):
+    print(f"sum of the pieces of a meta-step ({variant}): 2 gradients + {h} = "
+          f"{2 + times[h] / g:.2f} FedAvg steps")
 
 
 def memory_table(w: Workload, batch_sizes=(20, 200, 1000), k: int = 5) -> None:
@@ -161,6 +227,7 @@ def main() -> None:
   args = p.parse_args()
   for name in args.workload or sorted(WORKLOADS):
     run(WORKLOADS[name], args.rounds)
+    pieces_table(WORKLOADS[name])
   if not args.no_memory:
     memory_table(WORKLOADS["w2"])
 
