@@ -12,6 +12,7 @@ from configs.synthetic_finetune import get_config as _finetune
 def get_config():
   c = _finetune()
   c.algorithm = "pfedme"
+  c.aggregation.weighting = "uniform"     # the paper's server mean over the cohort
   c.personalization.finetune_steps = 0
   c.pfedme.personal_learning_rate = 0.01
   c.pfedme.lam = 20.0

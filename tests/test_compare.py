@@ -20,7 +20,7 @@ from fedjax_pers.experiment import (
     train_and_evaluate,
 )
 from fedjax_pers.experiment._compare import apply_overrides, rounds_to_target
-from fedjax_pers.experiment._weighting import make_weighting, weighting_table
+from fedjax_pers.experiment._weighting import make_weighting, weighting_name, weighting_table
 
 
 def test_parse_strategy():
@@ -36,7 +36,7 @@ def test_parse_strategy():
 def test_apply_overrides_copies_and_checks_keys():
   c = tiny_config()
   d = apply_overrides(c, {"aggregation.weighting": "median", "client.learning_rate": 0.5})
-  assert d.aggregation.weighting == "median" and c.aggregation.weighting == "num_examples"
+  assert d.aggregation.weighting == "median" and c.aggregation.weighting == "default"
   with pytest.raises(ValueError, match="Unknown config key 'aggregation.nope'"):
     apply_overrides(c, {"aggregation.nope": 1})
 
@@ -59,6 +59,31 @@ def test_every_weighting_name_builds_and_runs_a_round():
     state = alg.init(jax.random.key(0), data.train)
     _, m = jax.jit(alg.round)(state, data.train)
     assert abs(float(np.sum(m.weights)) - 1) < 1e-5, name
+
+
+def test_default_weighting_is_the_algorithms_own():
+  """`default`: Per-FedAvg and Reptile average uniformly (their papers), FedAvg by n_i."""
+  c = tiny_config()
+  c.personalization.finetune_steps = 1
+  c.client.local_epochs, c.client.local_steps = None, 2   # Per-FedAvg counts steps
+  data = prepare_data(c)
+  model = make_model(c.model, data.train.x.shape[2:], data.train.num_classes)
+  n = np.asarray(data.train.num_examples, np.float64)
+  assert len(set(n)) > 1   # unequal n_i, so the two weightings differ
+  for algorithm, expected in (("fedavg", "num_examples"), ("finetune", "num_examples"),
+                              ("per_fedavg", "uniform"), ("per_fedavg_hf", "uniform"),
+                              ("reptile", "uniform")):
+    c.algorithm = algorithm
+    c.aggregation.weighting = "default"
+    assert weighting_name(c) == expected
+    alg = make_algorithm(c, model, data.train)
+    _, m = jax.jit(alg.round)(alg.init(jax.random.key(0), data.train), data.train)
+    cohort = n[np.asarray(m.clients)]
+    want = cohort / cohort.sum() if expected == "num_examples" else np.full(len(cohort),
+                                                                             1 / len(cohort))
+    np.testing.assert_allclose(np.asarray(m.weights), want, rtol=1e-5, err_msg=algorithm)
+    c.aggregation.weighting = "num_examples"     # an explicit name is kept
+    assert weighting_name(c) == "num_examples"
 
 
 def test_composed_weighting_from_config():

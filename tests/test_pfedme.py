@@ -66,3 +66,24 @@ def test_pfedme_from_the_config(tmp_path):
   s = train_and_evaluate(c, str(tmp_path))
   assert len(s["per_client_personalized_accuracy"]) == 8
   assert s["client_state_bytes"] == 8 * (60 * 10 + 10) * 4
+
+
+@pytest.mark.parametrize("key,value", [("aggregation.weighting", "num_examples"),
+                                       ("sampling", "num_examples"),
+                                       ("server.learning_rate", 0.5),
+                                       ("client.optimizer", "adam")])
+def test_pfedme_refuses_settings_it_would_ignore(key, value):
+  from test_experiment import tiny_config
+
+  from fedjax_pers.experiment import make_algorithm, make_model, prepare_data
+
+  c = tiny_config()
+  c.algorithm = "pfedme"
+  c.client.local_epochs, c.client.local_steps = None, 2
+  data = prepare_data(c)
+  model = make_model(c.model, data.train.x.shape[2:], data.train.num_classes)
+  make_algorithm(c, model, data.train)     # 'default' weighting: pFedMe's uniform mean
+  section, _, name = key.rpartition(".")
+  (c[section] if section else c)[name] = value
+  with pytest.raises(ValueError, match=f"{key} must be"):
+    make_algorithm(c, model, data.train)

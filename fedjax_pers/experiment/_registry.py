@@ -12,7 +12,7 @@ import optax
 
 from fedjax_pers import algorithms, data, distributed, models, personalization
 from fedjax_pers.core import FederatedAlgorithm, FederatedData, LocalWork, Model
-from fedjax_pers.experiment._weighting import make_weighting
+from fedjax_pers.experiment._weighting import make_weighting, weighting_name
 
 
 def _pick(table: Mapping[str, Any], name: str, what: str) -> Any:
@@ -186,6 +186,38 @@ def _per_fedavg(config, model, client_tx, server_tx, work, kwargs, hessian):
       delta=c.delta, inner_steps=c.inner_steps, meta_sgd=c.meta_sgd, remat=c.remat, **kwargs)
 
 
+def _pfedme(config, model, work, kwargs):
+  """pFedMe from `config.pfedme`; η = `client.learning_rate`.
+
+  pFedMe fixes what other algorithms take from the config: plain SGD steps, cohorts
+  drawn uniformly, a uniform average and the server step β (`pfedme.beta`). Any
+  other setting of those keys is refused rather than ignored.
+  """
+  fixed = {
+      "aggregation.weighting": (weighting_name(config), ("uniform",)),
+      "sampling": (config.get("sampling", "uniform"), ("uniform",)),
+      "client.optimizer": (config.client.optimizer, ("sgd",)),
+      "client.momentum": (config.client.get("momentum") or 0.0, (0.0,)),
+      "server.optimizer": (config.server.optimizer, ("sgd",)),
+      "server.learning_rate": (config.server.learning_rate, (1.0,)),
+      "server.momentum": (config.server.get("momentum") or 0.0, (0.0,)),
+  }
+  for key, (value, allowed) in fixed.items():
+    if value not in allowed:
+      raise ValueError(
+          f"algorithm='pfedme' has its own client step, sampling, average and server step "
+          f"(pfedme.beta); {key} must be {allowed[0]!r} (or 'default' for the weighting); "
+          f"got {value!r}.")
+  c = config.pfedme
+  return algorithms.pfedme(
+      model, work if c.get("local_rounds") is None else LocalWork(
+          batch_size=config.client.batch_size, steps=c.local_rounds),
+      learning_rate=config.client.learning_rate,
+      personal_learning_rate=c.personal_learning_rate, lam=c.lam,
+      inner_steps=c.inner_steps, beta=c.beta, clients_per_round=config.clients_per_round,
+      strategy=config.strategy, client_chunk=config.get("client_chunk"), mesh=kwargs["mesh"])
+
+
 def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
                    *, proxy=None, attackers: np.ndarray | None = None) -> FederatedAlgorithm:
   """The `FederatedAlgorithm` named by `config.algorithm`.
@@ -222,14 +254,7 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
       # Personal layers: the model's last layer (its head) is personal / shared.
       "fedper": lambda: algorithms.fedper(model, client_tx, server_tx, work, **kwargs),
       "lg_fedavg": lambda: algorithms.lg_fedavg(model, client_tx, server_tx, work, **kwargs),
-      "pfedme": lambda: algorithms.pfedme(
-          model, work if config.pfedme.get("local_rounds") is None else LocalWork(
-              batch_size=config.client.batch_size, steps=config.pfedme.local_rounds),
-          learning_rate=config.client.learning_rate,
-          personal_learning_rate=config.pfedme.personal_learning_rate, lam=config.pfedme.lam,
-          inner_steps=config.pfedme.inner_steps, beta=config.pfedme.beta,
-          clients_per_round=config.clients_per_round, strategy=config.strategy,
-          client_chunk=config.get("client_chunk"), mesh=kwargs["mesh"]),
+      "pfedme": lambda: _pfedme(config, model, work, kwargs),
       "apfl": lambda: algorithms.apfl(model, client_tx, server_tx, work,
                                       alpha=config.apfl.alpha, **kwargs),
       "per_fedavg": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,

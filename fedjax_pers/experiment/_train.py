@@ -15,6 +15,7 @@ import tqdm
 
 from fedjax_pers.core import FederatedData, evaluate, resolve_strategy, summarize
 from fedjax_pers.experiment import _checkpoint, _outputs, _registry
+from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
 
 
@@ -236,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _outputs.write_json(summary_path, summary)
   _outputs.plot_weights(weight_rows, train.num_clients, os.path.join(workdir, "weights.png"),
                         marked=corrupted, title=f"aggregation weights: "
-                        f"{config.aggregation.weighting}")
+                        f"{weighting_name(config)}")
   _outputs.plot_curves(records, os.path.join(workdir, "curves.png"),
                        title=f"{config.algorithm} on {config.data.name}",
                        gains=summary.get("per_client_gain"))

@@ -10,6 +10,19 @@ import numpy as np
 from fedjax_pers import aggregation
 from fedjax_pers.core import FederatedData, Model
 
+# `aggregation.weighting='default'`: the weighting of the algorithm's paper. Per-FedAvg,
+# Reptile and pFedMe average the cohort uniformly ((1/rn) Σ w_i); the others weight by n_i.
+PAPER_WEIGHTING = {"per_fedavg": "uniform", "per_fedavg_fo": "uniform",
+                   "per_fedavg_hf": "uniform", "reptile": "uniform", "pfedme": "uniform"}
+
+
+def weighting_name(config: ml_collections.ConfigDict) -> str:
+  """`config.aggregation.weighting`, with `default` resolved for `config.algorithm`."""
+  name = config.aggregation.weighting
+  if name == "default":
+    return PAPER_WEIGHTING.get(config.algorithm, "num_examples")
+  return name
+
 
 def _population(c: ml_collections.ConfigDict, train: FederatedData):
   if c.population == "cohort":
@@ -62,6 +75,7 @@ def make_weighting(config: ml_collections.ConfigDict, model: Model, train: Feder
                    proxy=None, attackers: np.ndarray | None = None):
   """The `WeightFn` or `Aggregator` named by `config.aggregation.weighting`.
 
+  `default` is the algorithm's own (`weighting_name`).
   Names joined by `*` multiply weight functions (`num_examples*label_divergence`);
   `aggregation.power` and `aggregation.floor` then sharpen/flatten and floor
   them. With `attackers` (a client mask), those clients send
@@ -69,17 +83,18 @@ def make_weighting(config: ml_collections.ConfigDict, model: Model, train: Feder
   """
   c = config.aggregation
   table = weighting_table(config, model, train, proxy)
-  names = c.weighting.split("*")
+  weighting = weighting_name(config)
+  names = weighting.split("*")
   for name in names:
     if name not in table:
       raise ValueError(
-          f"Unknown aggregation.weighting {name!r}; expected one of {sorted(table)}, or "
-          "weight functions joined by '*'.")
+          f"Unknown aggregation.weighting {name!r}; expected 'default', one of "
+          f"{sorted(table)}, or weight functions joined by '*'.")
   parts = [table[name]() for name in names]
   is_weight = [isinstance(p, aggregation.WeightFn) for p in parts]
   if not all(is_weight) and (len(parts) > 1 or c.power != 1.0 or c.floor != 0.0):
     raise ValueError(
-        f"aggregation.weighting={c.weighting!r}: only weight functions (not aggregators) "
+        f"aggregation.weighting={weighting!r}: only weight functions (not aggregators) "
         "combine with '*', aggregation.power and aggregation.floor.")
   how = parts[0] if len(parts) == 1 else aggregation.product(*parts)
   if all(is_weight):

@@ -63,12 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.server.momentum = 0.0
 
   c.aggregation = ml_collections.ConfigDict()
+  # default: the algorithm paper's own (uniform for per_fedavg*, reptile and pfedme,
+  # num_examples for the others).
   # Weighted means: num_examples | uniform | loss | loss_improvement | cosine | fedadp |
   # label_divergence | label_entropy, or several joined by '*' (product, renormalised).
   # Aggregators: q_ffl | fedlaw | median | trimmed_mean | krum | multi_krum | clip_norm.
-  # (per_fedavg and reptile average uniformly in their papers: their configs set
-  # "uniform"; on other configs the run's weighting applies to them too.)
-  c.aggregation.weighting = "num_examples"
+  c.aggregation.weighting = "default"
   c.aggregation.temperature = 1.0     # loss, loss_improvement, label_divergence, label_entropy
   c.aggregation.power = 1.0           # w ∝ w^power (weight functions only)
   c.aggregation.floor = 0.0           # w ← (1 − floor) w + floor / m
