@@ -331,6 +331,10 @@ def test_meta_algorithms_run_from_configs(tmp_path, algorithm, meta_sgd):
   c.personalization.finetune_steps = 0
   with pytest.raises(ValueError, match="finetune_steps > 0"):
     train_and_evaluate(c, str(tmp_path / "no_adaptation"))
+  if algorithm == "reptile":   # its server step is reptile.outer_lr, not config.server
+    c.personalization.finetune_steps, c.server.learning_rate = 1, 0.5
+    with pytest.raises(ValueError, match="server.learning_rate must be 1.0; got 0.5"):
+      train_and_evaluate(c, str(tmp_path / "server_lr"))
 
 
 def test_hessian_free_fd_follows_the_paper_at_a_small_alpha_in_float32():

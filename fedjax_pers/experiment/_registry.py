@@ -186,6 +186,30 @@ def _per_fedavg(config, model, client_tx, server_tx, work, kwargs, hessian):
       delta=c.delta, inner_steps=c.inner_steps, meta_sgd=c.meta_sgd, remat=c.remat, **kwargs)
 
 
+def _plain_server(config) -> dict[str, tuple[Any, Any]]:
+  return {"server.optimizer": (config.server.optimizer, "sgd"),
+          "server.learning_rate": (config.server.learning_rate, 1.0),
+          "server.momentum": (config.server.get("momentum") or 0.0, 0.0)}
+
+
+def _refuse_ignored(config, what: str, fixed: Mapping[str, tuple[Any, Any]]) -> None:
+  """Raises `ValueError` where a config key that `config.algorithm` does not read is set.
+
+  `fixed` maps each key to (its value, the one value the algorithm implies).
+  """
+  for key, (value, implied) in fixed.items():
+    if value != implied:
+      raise ValueError(f"algorithm={config.algorithm!r} has {what}; {key} must be {implied!r}"
+                       f"{' (or default)' if key == 'aggregation.weighting' else ''}; got "
+                       f"{value!r}.")
+
+
+def _reptile(config, model, client_tx, work, kwargs):
+  """Reptile: FedAvg whose server step is SGD with rate ε = `reptile.outer_lr`."""
+  _refuse_ignored(config, "its own server step (reptile.outer_lr)", _plain_server(config))
+  return algorithms.reptile(model, client_tx, work, outer_lr=config.reptile.outer_lr, **kwargs)
+
+
 def _pfedme(config, model, work, kwargs):
   """pFedMe from `config.pfedme`; η = `client.learning_rate`.
 
@@ -193,21 +217,13 @@ def _pfedme(config, model, work, kwargs):
   drawn uniformly, a uniform average and the server step β (`pfedme.beta`). Any
   other setting of those keys is refused rather than ignored.
   """
-  fixed = {
-      "aggregation.weighting": (weighting_name(config), ("uniform",)),
-      "sampling": (config.get("sampling", "uniform"), ("uniform",)),
-      "client.optimizer": (config.client.optimizer, ("sgd",)),
-      "client.momentum": (config.client.get("momentum") or 0.0, (0.0,)),
-      "server.optimizer": (config.server.optimizer, ("sgd",)),
-      "server.learning_rate": (config.server.learning_rate, (1.0,)),
-      "server.momentum": (config.server.get("momentum") or 0.0, (0.0,)),
-  }
-  for key, (value, allowed) in fixed.items():
-    if value not in allowed:
-      raise ValueError(
-          f"algorithm='pfedme' has its own client step, sampling, average and server step "
-          f"(pfedme.beta); {key} must be {allowed[0]!r} (or 'default' for the weighting); "
-          f"got {value!r}.")
+  _refuse_ignored(config, "its own client step, sampling, average and server step "
+                  "(pfedme.beta)", {
+                      "aggregation.weighting": (weighting_name(config), "uniform"),
+                      "sampling": (config.get("sampling", "uniform"), "uniform"),
+                      "client.optimizer": (config.client.optimizer, "sgd"),
+                      "client.momentum": (config.client.get("momentum") or 0.0, 0.0),
+                      **_plain_server(config)})
   c = config.pfedme
   return algorithms.pfedme(
       model, work if c.get("local_rounds") is None else LocalWork(
@@ -263,8 +279,7 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
                                            "none"),
       "per_fedavg_hf": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
                                            "finite_difference"),
-      "reptile": lambda: algorithms.reptile(model, client_tx, work,
-                                            outer_lr=config.reptile.outer_lr, **kwargs),
+      "reptile": lambda: _reptile(config, model, client_tx, work, kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,
           head_work=LocalWork(batch_size=config.client.batch_size,
