@@ -14,11 +14,11 @@ from fedjax_pers.core import FederatedData
 SIZES = [3, 50, 7, 23]
 
 
-def make(cap=None, seed=0):
+def make(cap=None, seed=0, id_scale=1.0):
   rng = np.random.default_rng(seed)
-  # Feature 0 is a unique example id (client * 1000 + index), feature 1 noise.
-  xs = [np.stack([c * 1000 + np.arange(n), rng.normal(size=n)], 1).astype(np.float32)
-        for c, n in enumerate(SIZES)]
+  # Feature 0 is a unique example id (client * 1000 + index) times id_scale, feature 1 noise.
+  xs = [np.stack([(c * 1000 + np.arange(n)) * id_scale, rng.normal(size=n)], 1).astype(
+      np.float32) for c, n in enumerate(SIZES)]
   ys = [rng.integers(0, 3, n) for n in SIZES]
   return FederatedData.from_clients(xs, ys, num_classes=3, example_cap=cap), xs, ys
 
@@ -128,3 +128,51 @@ def test_driver_evaluates_a_heavily_padded_split_on_a_flat_copy():
   np.testing.assert_array_equal(a.accuracy, b.accuracy)
   full = FederatedData.from_clients(xs[2:], ys[2:], num_classes=3)
   assert _for_evaluation(full) is full
+
+
+def test_finetuning_reads_a_capped_store_like_training():
+  """Each client fine-tunes on the capped rows `cohort` gives it (NumPy SGD on them)."""
+  from _reference import logreg_sgd
+
+  from fedjax_pers.personalization import personalize
+
+  d, xs, ys = make(cap=10, id_scale=1e-3)    # features of order 1: a loss that moves
+  test, _, _ = make(seed=1, id_scale=1e-3)
+  model = fp.models.logistic_regression((2,), 3)
+  params = model.init(jax.random.key(0))
+  work, key, lr = fp.core.LocalWork(4, steps=3), jax.random.key(5), 0.05
+  ev = jax.jit(lambda p: personalize(model, optax.sgd(lr), p, d, test, key, work))(params)
+  w0 = np.asarray(params["Dense_0"]["kernel"], np.float64)
+  b0 = np.asarray(params["Dense_0"]["bias"], np.float64)
+  for c in range(4):
+    key_c = jax.random.fold_in(key, c)
+    x, y, n = d.cohort(jnp.array([c]), jax.random.fold_in(key_c, 1))
+    ids = set(np.rint(np.asarray(x[0, :min(SIZES[c], 10), 0]) * 1e3).astype(int))
+    assert ids <= set(range(c * 1000, c * 1000 + SIZES[c]))   # its own examples only
+    k_plan, _ = jax.random.split(key_c)
+    plan = fp.core.batch_plan(k_plan, min(SIZES[c], 10), work, max_examples=10,
+                              min_examples=d.min_examples)
+    w, b, _, _ = logreg_sgd(w0, b0, np.asarray(x[0], np.float64), np.asarray(y[0]),
+                            np.asarray(plan.idx), np.asarray(plan.mask), lr)
+    xt, yt = test.client(c)
+    z = xt @ w + b
+    z = z - z.max(1, keepdims=True)
+    loss = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(yt)), yt])
+    np.testing.assert_allclose(float(ev.personal.loss[c]), loss, rtol=1e-5)
+    assert abs(loss - float(ev.global_.loss[c])) > 1e-3        # fine-tuning moved it
+  with pytest.raises(ValueError, match="test is a capped flat store"):
+    personalize(model, optax.sgd(lr), params, d, d, key, work)
+
+
+def test_driver_fine_tunes_with_an_example_cap(tmp_path):
+  from test_experiment import tiny_config
+
+  from fedjax_pers.experiment import train_and_evaluate
+
+  c = tiny_config()
+  c.algorithm, c.personalization.finetune_steps = "finetune", 2
+  c.data.example_cap = 5
+  s = train_and_evaluate(c, str(tmp_path))
+  assert s["train_example_cap"] == 5
+  assert 0.0 <= s["personalized_test_accuracy"] <= 1.0
+  assert len(s["per_client_personalized_accuracy"]) == c.data.num_clients

@@ -100,11 +100,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train, test = prepared.train, prepared.test
   corrupted = prepared.noisy | prepared.attackers
   _check_config(config, train.num_clients)
-  if train.cap is not None and config.personalization.get("finetune_steps"):
-    raise ValueError(
-        f"data.example_cap={train.cap} and personalization.finetune_steps="
-        f"{config.personalization.finetune_steps} exclude each other: fine-tuning reads the "
-        "padded train rows; drop the cap or the fine-tuning.")
   padding = _padding_report(train, test)
   logging.info("data: %s", padding["line"])
   if config.get("progress", True):

@@ -63,7 +63,8 @@ def _client_eval(model, params, x, y, n):
 def _check_padded(data: FederatedData, name: str) -> None:
   if data.cap is not None:
     raise ValueError(f"{name} is a capped flat store (example_cap={data.cap}); personalized "
-                     "evaluation reads padded client rows: build it without a cap.")
+                     "evaluation tests every example of padded client rows: build it "
+                     "without a cap.")
 
 
 class PersonalizedEval(NamedTuple):
@@ -88,11 +89,16 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
   `client_chunk` by `lax.map` (vmapped inside a chunk; default all at once),
   which bounds the fine-tuned copies held at a time. Jittable.
 
+  A capped `train` store (`FederatedData.with_cap`) is read as training reads
+  it: a client larger than the cap fine-tunes on a fresh stratified sample of
+  `cap` of its examples (`train.cohort`, key `fold_in(fold_in(key, c), 1)`);
+  `test` must hold padded rows, so that every test example is evaluated.
+
   Args:
     model: The model.
     tx: Fine-tuning optimizer.
     params: The global model.
-    train: Clients' train splits (fine-tuning data).
+    train: Clients' train splits (fine-tuning data), padded or capped.
     test: The same clients' test splits.
     key: PRNG key.
     work: Fine-tuning work, or None for K = 0 (the personalized model is the
@@ -105,23 +111,29 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
   if train.num_clients != test.num_clients:
     raise ValueError(f"train and test must hold the same clients; got {train.num_clients} "
                      f"and {test.num_clients}.")
-  _check_padded(train, "train")
   _check_padded(test, "test")
   if work is not None:
     check_local_work(work)
 
+  def train_rows(c, key_c):
+    if train.cap is None:
+      return ClientData(train.x[c], train.y[c], train.num_examples[c])
+    x, y, n = train.cohort(c[None], jax.random.fold_in(key_c, 1))
+    return ClientData(x[0], y[0], jnp.minimum(n[0], train.cap))
+
   def one(args):
-    c, x, y, n, tx_, ty, tn = args
+    c, tx_, ty, tn = args
     g = _client_eval(model, params, tx_, ty, tn)
     if work is None:
       return g, g
-    w = finetune(model, tx, params, ClientData(x, y, n), jax.random.fold_in(key, c), work,
+    key_c = jax.random.fold_in(key, c)
+    w = finetune(model, tx, params, train_rows(c, key_c), key_c, work,
                  max_examples=train.max_examples, min_examples=train.min_examples)
     return g, _client_eval(model, w, tx_, ty, tn)
 
   ids = jnp.arange(train.num_clients)
   (gl, ga), (pl, pa) = jax.lax.map(
-      one, (ids, train.x, train.y, train.num_examples, test.x, test.y, test.num_examples),
+      one, (ids, test.x, test.y, test.num_examples),
       batch_size=client_chunk or train.num_clients)
   n = test.num_examples
   return PersonalizedEval(ClientEval(gl, ga, n), ClientEval(pl, pa, n))
