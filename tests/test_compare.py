@@ -169,3 +169,34 @@ def test_compare_command_writes_table_and_plot(tmp_path):
           for lab in ("fedavg", "fedlaw", "median")]
   assert rows[0] == rows[1] == rows[2]
   assert os.path.exists(tmp_path / "fedlaw" / "summary.json")
+
+
+def test_against_first_by_hand_and_personalized_columns():
+  from fedjax_pers.experiment._compare import against_first, comparison_table
+
+  def result(label, acc, pers=None):
+    return {"label": label, "curve": [[0, 0.1], [5, 0.5]], "last_evals_accuracy": 0.4,
+            "mean_client_accuracy": float(np.mean(acc)), "worst10_client_accuracy": 0.1,
+            "variance_client_accuracy": 0.01, "rounds_to_target": None,
+            "clean_client_accuracy": None, "seconds_per_round": 0.01,
+            "per_client_accuracy": acc, "per_client_personalized_accuracy": pers,
+            "personalized_accuracy": None if pers is None else float(np.mean(pers)),
+            "worst10_client_personalized_accuracy": None if pers is None else min(pers)}
+
+  fedavg = result("fedavg", [0.5, 0.6, 0.7, 0.2])
+  # A personalized strategy is judged by its personalized accuracies, not its global model.
+  meta = result("meta", [0.1, 0.1, 0.1, 0.1], pers=[0.6, 0.6, 0.5, 0.9])
+  other = result("other", [0.5, 0.6, 0.7])                      # different clients
+  assert against_first(fedavg, fedavg)["clients_better_than_first"] is None
+  v = against_first(meta, fedavg)
+  assert v["clients_better_than_first"] == 0.5                    # 0.6 = 0.6 is no gain
+  assert v["mean_client_gain_vs_first"] == pytest.approx((0.1 + 0 - 0.2 + 0.7) / 4)
+  assert against_first(other, fedavg)["mean_client_gain_vs_first"] is None
+  res = [fedavg, meta]
+  for r in res:
+    r.update(against_first(r, fedavg))
+  table = comparison_table({"strategies": res, "target_accuracy": 0.8})
+  head, _, first, second = table.splitlines()[:4]
+  assert "personalized acc" in head and "clients better than fedavg (mean gain)" in head
+  assert first.split(" | ")[-4:-1] == ["—", "—", "—"]
+  assert second.split(" | ")[-4:-1] == ["0.6500", "0.5000", "50% (+0.1500)"]

@@ -71,7 +71,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Writes `comparison.json`, `comparison.md` (final accuracy and its mean over
   the last 5 evaluations, mean, worst-10% and variance over clients, rounds to
   reach `compare.target_accuracy`; with corrupted clients also the clean
-  clients' accuracy and the corrupted clients' weight share) and
+  clients' accuracy and the corrupted clients' weight share; with personalization
+  the personalized accuracy and its worst 10%; for every strategy after the first,
+  the fraction of clients on which it beats the first, see `against_first`) and
   `comparison.png` (accuracy against round; per-client final accuracy
   distribution). A rerun with the same workdir resumes each strategy from its
   checkpoints.
@@ -108,7 +110,13 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "seconds_per_round": summary["seconds_per_round"],
         "curve": [[r["round"], r[key]] for r in records],
         "per_client_accuracy": summary["per_client_test_accuracy"],
+        "personalized_accuracy": summary.get("personalized_test_accuracy"),
+        "worst10_client_personalized_accuracy": summary.get(
+            "worst10_client_personalized_accuracy"),
+        "per_client_personalized_accuracy": summary.get("per_client_personalized_accuracy"),
     })
+  for r in results:
+    r.update(against_first(r, results[0]))
   out = {"target_accuracy": target, "strategies": results, "config": config.to_dict()}
   _outputs.write_json(os.path.join(workdir, "comparison.json"), out)
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
@@ -117,15 +125,46 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return out
 
 
+def _client_accuracy(result: dict[str, Any]) -> np.ndarray:
+  """Per-client accuracy of what a strategy deploys: personalized models where it has them."""
+  pers = result.get("per_client_personalized_accuracy")
+  return np.asarray(result["per_client_accuracy"] if pers is None else pers, np.float64)
+
+
+def against_first(result: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
+  """Client by client against the first strategy (the baseline, e.g. FedAvg).
+
+  Each side's per-client test accuracy is its personalized models' where it has
+  them, else its global model's; the clients are the same in every strategy.
+
+  Returns:
+    `clients_better_than_first` (fraction of clients strictly above the first
+    strategy) and `mean_client_gain_vs_first` (mean accuracy difference); both
+    None for the first strategy itself or when the client counts differ.
+  """
+  acc, ref = _client_accuracy(result), _client_accuracy(first)
+  if result is first or acc.shape != ref.shape:
+    return {"clients_better_than_first": None, "mean_client_gain_vs_first": None}
+  return {"clients_better_than_first": float(np.mean(acc > ref)),
+          "mean_client_gain_vs_first": float(np.mean(acc - ref))}
+
+
 def comparison_table(out: dict[str, Any]) -> str:
   """The comparison as a Markdown table, with a line saying which accuracy it shows."""
   res = out["strategies"]
   corrupted = any(r["clean_client_accuracy"] is not None for r in res)
+  personalized = any(r.get("personalized_accuracy") is not None for r in res)
+  versus = len(res) > 1
   head = ["strategy", "final acc", f"last {LAST_EVALS} evals", "mean client", "worst-10%",
           "variance", f"rounds to {out['target_accuracy']:g}"]
   if corrupted:
     head += ["corrupted weight / data share"]
+  if personalized:
+    head += ["personalized acc", "personalized worst-10%"]
+  if versus:
+    head += [f"clients better than {res[0]['label']} (mean gain)"]
   head += ["s/round"]
+  opt = lambda v: "—" if v is None else f"{v:.4f}"
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   for r in res:
     cells = [r["label"], f"{r['curve'][-1][1]:.4f}", f"{r['last_evals_accuracy']:.4f}",
@@ -135,6 +174,13 @@ def comparison_table(out: dict[str, Any]) -> str:
     if corrupted:
       cells += ["—" if r["corrupted_weight_share"] is None else
                 f"{r['corrupted_weight_share']:.3f} / {r['corrupted_data_share']:.3f}"]
+    if personalized:
+      cells += [opt(r.get("personalized_accuracy")),
+                opt(r.get("worst10_client_personalized_accuracy"))]
+    if versus:
+      better = r.get("clients_better_than_first")
+      cells += ["—" if better is None else
+                f"{better:.0%} ({r['mean_client_gain_vs_first']:+.4f})"]
     cells += [f"{r['seconds_per_round']:.4f}"]
     lines.append("| " + " | ".join(cells) + " |")
   what = ("test accuracy on the clean clients' test data (example-weighted)" if corrupted
@@ -142,6 +188,12 @@ def comparison_table(out: dict[str, Any]) -> str:
   lines.append(f"\nfinal acc, last {LAST_EVALS} evals and rounds to target: {what}; mean "
                "client, worst-10% and variance: the final per-client test accuracy over all "
                "clients.")
+  if personalized:
+    lines.append("personalized: the clients' own models (fine-tuned, adapted or personal) "
+                 "on their test splits, after the last round.")
+  if versus:
+    lines.append(f"clients better than {res[0]['label']}: client by client, each strategy's "
+                 "personalized accuracy where it has one, else its global model's.")
   return "\n".join(lines)
 
 
