@@ -190,6 +190,7 @@ def test_against_first_by_hand_and_personalized_columns():
   assert against_first(fedavg, fedavg)["clients_better_than_first"] is None
   v = against_first(meta, fedavg)
   assert v["clients_better_than_first"] == 0.5                    # 0.6 = 0.6 is no gain
+  assert v["clients_tied_with_first"] == 0.25
   assert v["mean_client_gain_vs_first"] == pytest.approx((0.1 + 0 - 0.2 + 0.7) / 4)
   assert against_first(other, fedavg)["mean_client_gain_vs_first"] is None
   res = [fedavg, meta]
@@ -197,6 +198,6 @@ def test_against_first_by_hand_and_personalized_columns():
     r.update(against_first(r, fedavg))
   table = comparison_table({"strategies": res, "target_accuracy": 0.8})
   head, _, first, second = table.splitlines()[:4]
-  assert "personalized acc" in head and "clients better than fedavg (mean gain)" in head
+  assert "personalized acc" in head and "clients better / tied vs fedavg (mean gain)" in head
   assert first.split(" | ")[-4:-1] == ["—", "—", "—"]
-  assert second.split(" | ")[-4:-1] == ["0.6500", "0.5000", "50% (+0.1500)"]
+  assert second.split(" | ")[-4:-1] == ["0.6500", "0.5000", "50% / 25% (+0.1500)"]

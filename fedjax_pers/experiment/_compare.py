@@ -138,14 +138,17 @@ def against_first(result: dict[str, Any], first: dict[str, Any]) -> dict[str, An
   them, else its global model's; the clients are the same in every strategy.
 
   Returns:
-    `clients_better_than_first` (fraction of clients strictly above the first
-    strategy) and `mean_client_gain_vs_first` (mean accuracy difference); both
-    None for the first strategy itself or when the client counts differ.
+    `clients_better_than_first` and `clients_tied_with_first` (fractions of
+    clients strictly above / equal to the first strategy) and
+    `mean_client_gain_vs_first` (mean accuracy difference); all None for the
+    first strategy itself or when the client counts differ.
   """
   acc, ref = _client_accuracy(result), _client_accuracy(first)
   if result is first or acc.shape != ref.shape:
-    return {"clients_better_than_first": None, "mean_client_gain_vs_first": None}
+    return dict.fromkeys(("clients_better_than_first", "clients_tied_with_first",
+                          "mean_client_gain_vs_first"))
   return {"clients_better_than_first": float(np.mean(acc > ref)),
+          "clients_tied_with_first": float(np.mean(acc == ref)),
           "mean_client_gain_vs_first": float(np.mean(acc - ref))}
 
 
@@ -162,7 +165,7 @@ def comparison_table(out: dict[str, Any]) -> str:
   if personalized:
     head += ["personalized acc", "personalized worst-10%"]
   if versus:
-    head += [f"clients better than {res[0]['label']} (mean gain)"]
+    head += [f"clients better / tied vs {res[0]['label']} (mean gain)"]
   head += ["s/round"]
   opt = lambda v: "—" if v is None else f"{v:.4f}"
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -179,8 +182,8 @@ def comparison_table(out: dict[str, Any]) -> str:
                 opt(r.get("worst10_client_personalized_accuracy"))]
     if versus:
       better = r.get("clients_better_than_first")
-      cells += ["—" if better is None else
-                f"{better:.0%} ({r['mean_client_gain_vs_first']:+.4f})"]
+      cells += ["—" if better is None else f"{better:.0%} / {r['clients_tied_with_first']:.0%} "
+                f"({r['mean_client_gain_vs_first']:+.4f})"]
     cells += [f"{r['seconds_per_round']:.4f}"]
     lines.append("| " + " | ".join(cells) + " |")
   what = ("test accuracy on the clean clients' test data (example-weighted)" if corrupted
@@ -192,8 +195,8 @@ def comparison_table(out: dict[str, Any]) -> str:
     lines.append("personalized: the clients' own models (fine-tuned, adapted or personal) "
                  "on their test splits, after the last round.")
   if versus:
-    lines.append(f"clients better than {res[0]['label']}: client by client, each strategy's "
-                 "personalized accuracy where it has one, else its global model's.")
+    lines.append(f"clients better / tied vs {res[0]['label']}: client by client, each "
+                 "strategy's personalized accuracy where it has one, else its global model's.")
   return "\n".join(lines)
 
 
