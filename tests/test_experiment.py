@@ -72,6 +72,10 @@ def test_resume_from_checkpoint(tmp_path):
   # A straight 6-round run ends in the same place.
   s3 = train_and_evaluate(c, str(tmp_path / "straight"))
   assert s3["final_test_accuracy"] == pytest.approx(s2["final_test_accuracy"], abs=1e-6)
+  # A different run in the same workdir is refused, not mixed with the old one.
+  c.client.learning_rate = 0.5
+  with pytest.raises(ValueError, match=r"different config \(client.learning_rate: 0.01 -> 0.5\)"):
+    train_and_evaluate(c, str(tmp_path))
 
 
 @pytest.mark.parametrize("key,value,match", [

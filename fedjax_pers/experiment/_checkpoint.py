@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from fedjax_pers.core import ServerState
@@ -34,3 +36,44 @@ def restore_latest(mngr: ocp.CheckpointManager, like: ServerState) -> ServerStat
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
   restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
   return restored._replace(rng=jax.random.wrap_key_data(restored.rng))
+
+
+# Keys a resumed run may change: they say how long to run and what to print, not what
+# the rounds compute.
+RESUMABLE_KEYS = ("num_rounds", "eval_every", "eval_train", "checkpoint_every", "progress")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: bool) -> None:
+  """Records `config` in `workdir/config.json`; refuses to resume a different run.
+
+  A workdir with checkpoints resumes its run. If its recorded config differs
+  from `config` in any key but `RESUMABLE_KEYS`, restoring would report the old
+  run's results under the new config, so this raises `ValueError` naming the
+  keys instead.
+  """
+  path = os.path.join(workdir, "config.json")
+  now = json.loads(config.to_json_best_effort())
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      before = _flat(json.load(f))
+    after = _flat(now)
+    changed = sorted(k for k in set(before) | set(after)
+                     if k not in RESUMABLE_KEYS and before.get(k) != after.get(k))
+    if changed:
+      diffs = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:8])
+      raise ValueError(
+          f"--workdir={workdir} holds checkpoints of a run with a different config ({diffs}"
+          f"{'; ...' if len(changed) > 8 else ''}). Resuming would mix the two runs: use a new "
+          "--workdir, or delete this one.")
+  with open(path, "w") as f:
+    json.dump(now, f, indent=1)

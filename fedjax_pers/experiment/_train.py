@@ -110,6 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   state = alg.init(jax.random.key(config.seed), train)
   mngr = _checkpoint.manager(workdir)
+  _checkpoint.check_same_run(workdir, config, resuming=mngr.latest_step() is not None)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   weights_path = os.path.join(workdir, "round_weights.jsonl")
   restored = _checkpoint.restore_latest(mngr, state)
