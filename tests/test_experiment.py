@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fedjax_pers.experiment import train_and_evaluate
@@ -76,6 +77,25 @@ def test_resume_from_checkpoint(tmp_path):
   c.client.learning_rate = 0.5
   with pytest.raises(ValueError, match=r"different config \(client.learning_rate: 0.01 -> 0.5\)"):
     train_and_evaluate(c, str(tmp_path))
+
+
+def test_momentum_needs_a_rate_and_only_where_it_applies():
+  from fedjax_pers.experiment import make_optimizer
+  c = tiny_config()
+  c.server.optimizer = "momentum"
+  with pytest.raises(ValueError, match=r"server.optimizer='momentum' needs server.momentum"):
+    make_optimizer(c.server, "server")                     # the base config's 0.0
+  c.server.momentum = 0.9
+  tx = make_optimizer(c.server, "server")
+  state = tx.init(np.zeros(1))
+  steps = []
+  for _ in range(3):
+    u, state = tx.update(np.ones(1), state)
+    steps.append(float(u[0]))
+  np.testing.assert_allclose(steps, [-1.0, -1.9, -2.71])    # heavy ball, β = 0.9
+  c.server.optimizer = "adam"
+  with pytest.raises(ValueError, match="server.momentum applies to sgd and momentum"):
+    make_optimizer(c.server, "server")
 
 
 @pytest.mark.parametrize("key,value,match", [

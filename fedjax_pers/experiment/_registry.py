@@ -27,7 +27,7 @@ def _sgd(c):
 
 OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict], optax.GradientTransformation]] = {
     "sgd": _sgd,
-    "momentum": lambda c: optax.sgd(c.learning_rate, momentum=c.get("momentum", 0.9)),
+    "momentum": lambda c: optax.sgd(c.learning_rate, momentum=c.momentum),
     "adam": lambda c: optax.adam(c.learning_rate, b1=c.get("b1", 0.9), b2=c.get("b2", 0.99),
                                  eps=c.get("eps", 1e-3)),
     "yogi": lambda c: optax.yogi(c.learning_rate, b1=c.get("b1", 0.9), b2=c.get("b2", 0.99),
@@ -43,7 +43,15 @@ def make_optimizer(c: ml_collections.ConfigDict, where: str) -> optax.GradientTr
   """
   if not c.learning_rate > 0:
     raise ValueError(f"{where}.learning_rate must be > 0; got {c.learning_rate!r}.")
-  return _pick(OPTIMIZERS, c.optimizer, f"{where}.optimizer")(c)
+  make = _pick(OPTIMIZERS, c.optimizer, f"{where}.optimizer")
+  momentum = c.get("momentum") or 0.0
+  if c.optimizer == "momentum" and not 0 < momentum < 1:
+    raise ValueError(f"{where}.optimizer='momentum' needs {where}.momentum in (0, 1), e.g. "
+                     f"0.9; got {momentum!r}.")
+  if c.optimizer not in ("sgd", "momentum") and momentum:
+    raise ValueError(f"{where}.momentum applies to sgd and momentum, not "
+                     f"{where}.optimizer={c.optimizer!r} (whose β1 is 0.9); got {momentum!r}.")
+  return make(c)
 
 
 def _partition(c: ml_collections.ConfigDict, y: np.ndarray) -> list[np.ndarray]:
