@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import optax
+import pytest
 from _reference import engine_plan, logreg_sgd
 from test_engine import logreg, small_data
 
@@ -30,6 +31,26 @@ def test_empty_personal_set_is_fedavg():
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     np.testing.assert_array_equal(a, b)
   assert s1.client_states == ()
+
+
+def test_default_split_of_a_one_layer_model_is_refused(tmp_path):
+  from test_experiment import tiny_config
+
+  from fedjax_pers.algorithms import fedrep
+  from fedjax_pers.experiment import train_and_evaluate
+
+  args = (logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK)
+  for make, match in ((fedper, "fedper: its default personal part"),
+                      (lg_fedavg, "lg_fedavg: its default shared part"),
+                      (fedrep, "fedrep: its default head part")):
+    extra = {"head_work": WORK} if make is fedrep else {}
+    with pytest.raises(ValueError, match=match):
+      make(*args, clients_per_round=2, **extra)
+  fedper(*args, clients_per_round=2, personal=lambda path: True)   # explicit: local training
+  c = tiny_config()
+  c.algorithm = "fedper"                           # the base config's logistic regression
+  with pytest.raises(ValueError, match="Use an mlp or a cnn"):
+    train_and_evaluate(c, str(tmp_path))
 
 
 def test_predicates_and_merge():

@@ -54,8 +54,9 @@ def fedper(
     clients_per_round: Cohort size.
     personal: Predicate over parameter paths (`jax.tree_util.keystr`, e.g.
       `"['Dense_1']['kernel']"`) naming the personal leaves; default the last
-      top-level layer (FedPer's personalized head). LG-FedAvg is the complement
-      (`lg_fedavg`).
+      top-level layer (FedPer's personalized head; a one-layer model is refused).
+      LG-FedAvg is the complement (`lg_fedavg`). A predicate selecting nothing
+      gives FedAvg, one selecting everything local training only.
     weighting, strategy, client_chunk, sampling_probs, mesh: As `fedavg`.
 
   Returns:
@@ -64,6 +65,8 @@ def fedper(
   check_local_work(work)
   template = model.init(jax.random.key(0))
   mask = path_mask(template, last_layer(template) if personal is None else personal)
+  if personal is None:
+    check_split(mask, "fedper", "personal")
 
   def make_local(data, client_losses):
     return make_client_update(
@@ -73,6 +76,21 @@ def fedper(
   return _personal_layers(model, server_tx, mask, make_local, clients_per_round=clients_per_round,
                           weighting=weighting, strategy=strategy, client_chunk=client_chunk,
                           sampling_probs=sampling_probs, mesh=mesh)
+
+
+def check_split(mask: list[bool], algorithm: str, part: str) -> None:
+  """Raises `ValueError` when the default split (the last layer) leaves nothing to share.
+
+  An explicit predicate may select nothing (FedAvg) or everything (local
+  training); the default one doing so means a one-layer model.
+  """
+  if all(mask) or not any(mask):
+    raise ValueError(
+        f"{algorithm}: its default {part} part, the model's last layer, is all {len(mask)} of "
+        "its parameter arrays, so nothing would be " + ("shared" if part != "shared" else
+                                                        "personal") +
+        " (a one-layer model such as logistic_regression). Use an mlp or a cnn, or pass a "
+        f"`{part}` predicate.")
 
 
 def _personal_layers(model, server_tx, mask, make_local, *, clients_per_round, weighting,
@@ -113,6 +131,8 @@ def lg_fedavg(model: Model, client_tx, server_tx, work: LocalWork, *,
   """
   template = model.init(jax.random.key(0))
   is_shared = last_layer(template) if shared is None else shared
+  if shared is None:
+    check_split(path_mask(template, is_shared), "lg_fedavg", "shared")
   return fedper(model, client_tx, server_tx, work, clients_per_round=clients_per_round,
                 personal=lambda path: not is_shared(path), **kwargs)
 
@@ -147,6 +167,8 @@ def fedrep(model: Model, client_tx, server_tx, work: LocalWork, *, clients_per_r
   check_local_work(head_work)
   template = model.init(jax.random.key(0))
   mask = path_mask(template, last_layer(template) if head is None else head)
+  if head is None:
+    check_split(mask, "fedrep", "head")
   head_tx = _frozen(client_tx, template, mask)
   body_tx = _frozen(client_tx, template, [not m for m in mask])
 
