@@ -110,6 +110,10 @@ def test_corruptions():
   tr, te = fp.data.synthetic(0.0, 0.0, num_clients=10, iid=True)
   mask = fp.data.choose_clients(10, 0.3, seed=1)
   assert mask.sum() == 3 and np.array_equal(mask, fp.data.choose_clients(10, 0.3, seed=1))
+  assert fp.data.choose_clients(10, 0.25).sum() == 3          # half a client rounds up
+  assert fp.data.choose_clients(10, 0.0).sum() == 0
+  with pytest.raises(ValueError, match="chooses no client"):
+    fp.data.choose_clients(10, 0.04)
   noisy = fp.data.shuffle_labels(tr, mask, seed=0)
   for c in range(10):
     x0, y0 = tr.client(c)

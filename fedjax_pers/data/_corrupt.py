@@ -8,10 +8,17 @@ from fedjax_pers.core._data import FederatedData
 
 
 def choose_clients(num_clients: int, fraction: float, seed: int = 0) -> np.ndarray:
-  """A seeded `[num_clients]` bool mask with `round(fraction · num_clients)` True entries."""
+  """A seeded `[num_clients]` bool mask with ⌊fraction · num_clients + 1/2⌋ True entries.
+
+  Raises `ValueError` when a fraction > 0 would choose no client at all.
+  """
   if not 0 <= fraction <= 1:
     raise ValueError(f"fraction must be in [0, 1]; got {fraction!r}.")
-  chosen = np.random.default_rng(seed).permutation(num_clients)[:round(fraction * num_clients)]
+  count = int(np.floor(fraction * num_clients + 0.5))
+  if fraction > 0 and count == 0:
+    raise ValueError(f"fraction={fraction!r} of {num_clients} clients chooses no client; "
+                     f"use at least {0.5 / num_clients:.3g} (half a client rounds up).")
+  chosen = np.random.default_rng(seed).permutation(num_clients)[:count]
   mask = np.zeros(num_clients, bool)
   mask[chosen] = True
   return mask
