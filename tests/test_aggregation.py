@@ -303,6 +303,15 @@ def test_krum_needs_enough_clients():
     aggregate_of(agg.krum(2), make_outputs(k=6))
 
 
+def test_robust_options_that_would_be_the_plain_mean_are_refused():
+  with pytest.raises(ValueError, match=r"trims floor\(beta k\) = 0 of the k=5 clients"):
+    aggregate_of(agg.trimmed_mean(0.1), make_outputs(k=5))
+  aggregate_of(agg.trimmed_mean(0.2), make_outputs(k=5))       # trims one per side
+  aggregate_of(agg.trimmed_mean(0.0), make_outputs(k=5))       # explicitly the mean
+  with pytest.raises(ValueError, match="m=6 exceeds the k=5 clients"):
+    aggregate_of(agg.multi_krum(1, m=6), make_outputs(k=5))
+
+
 @pytest.mark.parametrize("bad_call, match", [
     (lambda: agg.trimmed_mean(0.5), "beta"),
     (lambda: agg.krum(-1), "f \\(Byzantine"),

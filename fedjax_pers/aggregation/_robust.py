@@ -93,6 +93,12 @@ def trimmed_mean(beta: float) -> Aggregator:
 
   def apply(outputs, state, params):
     del params
+    k = outputs.finite.shape[0]
+    if beta > 0 and int(beta * k) == 0:
+      raise ValueError(
+          f"trimmed_mean(beta={beta}) trims floor(beta k) = 0 of the k={k} clients per round "
+          f"at each end, so it would be the plain mean; use beta >= 1/k = {1 / k:.3g} or "
+          "more clients per round.")
     m = jnp.sum(outputs.finite)
     b = jnp.floor(beta * m).astype(jnp.int32)
     return _rank_mean(outputs, b, m - b), _even(outputs), state
@@ -146,6 +152,9 @@ def multi_krum(f: int, m: int | None = None) -> Aggregator:
     del params
     k = outputs.finite.shape[0]
     _check_cohort(k, f, "multi_krum")
+    if m is not None and m > k:
+      raise ValueError(f"multi_krum: m={m} exceeds the k={k} clients per round, so it would "
+                       "average them all.")
     keep = jnp.sum(outputs.finite) - f if m is None else m
     scores = krum_scores(outputs, f)
     rank = jnp.argsort(jnp.argsort(scores))
