@@ -83,6 +83,9 @@ def test_default_weighting_is_the_algorithms_own():
     want = cohort / cohort.sum() if expected == "num_examples" else np.full(len(cohort),
                                                                              1 / len(cohort))
     np.testing.assert_allclose(np.asarray(m.weights), want, rtol=1e-5, err_msg=algorithm)
+    c.sampling = "num_examples"                  # drawn ∝ n_i: averaged uniformly
+    assert weighting_name(c) == "uniform"
+    c.sampling = "uniform"
     c.aggregation.weighting = "num_examples"     # an explicit name is kept
     assert weighting_name(c) == "num_examples"
 

@@ -17,11 +17,19 @@ PAPER_WEIGHTING = {"per_fedavg": "uniform", "per_fedavg_fo": "uniform",
 
 
 def weighting_name(config: ml_collections.ConfigDict) -> str:
-  """`config.aggregation.weighting`, with `default` resolved for `config.algorithm`."""
+  """`config.aggregation.weighting`, with `default` resolved for `config.algorithm`.
+
+  With `sampling='num_examples'` (clients drawn with probability ∝ n_i) the
+  default is `uniform`: the sampling already favours large clients, and
+  weighting by n_i again would count them twice (FedProx's Algorithm 2 samples
+  ∝ n_i and averages uniformly).
+  """
   name = config.aggregation.weighting
-  if name == "default":
-    return PAPER_WEIGHTING.get(config.algorithm, "num_examples")
-  return name
+  if name != "default":
+    return name
+  if config.get("sampling", "uniform") == "num_examples":
+    return "uniform"
+  return PAPER_WEIGHTING.get(config.algorithm, "num_examples")
 
 
 def _population(c: ml_collections.ConfigDict, train: FederatedData):
