@@ -302,6 +302,18 @@ def test_meta_sgd_learns_rates_and_adapts_with_them():
   assert jax.tree.all(jax.tree.map(np.array_equal, new.inner_lr, s1.params.inner_lr))
 
 
+@pytest.mark.parametrize("weighting", ["loss_improvement", "q_ffl"])
+def test_weightings_needing_client_losses_are_refused(weighting):
+  make = {"loss_improvement": lambda: fp.aggregation.loss_improvement(1.0),
+          "q_ffl": lambda: fp.aggregation.q_ffl(1.0, 0.1)}[weighting]
+  with pytest.raises(ValueError, match="per_fedavg does not report the clients' losses"):
+    per_fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(2, steps=1),
+               inner_lr=0.1, clients_per_round=2, weighting=make())
+  with pytest.raises(ValueError, match="apfl does not report the clients' losses"):
+    fp.algorithms.apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(2, steps=1),
+                       alpha=0.5, clients_per_round=2, weighting=make())
+
+
 def test_reptile_round_matches_numpy():
   data = small_data(num_clients=6)
   work, lr, eps = fp.LocalWork(4, steps=3), 0.1, 0.4

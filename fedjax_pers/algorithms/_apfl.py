@@ -9,7 +9,7 @@ import optax
 from jax.sharding import Mesh
 
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
-from fedjax_pers.core._aggregate import Aggregator, as_aggregator
+from fedjax_pers.core._aggregate import Aggregator, as_aggregator, check_no_client_losses
 from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
 from fedjax_pers.core._client import (
     ClientOutput,
@@ -69,8 +69,7 @@ def apfl(
   if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
     raise ValueError(f"alpha (APFL's mixing weight) must be in [0, 1]; got {alpha!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
-  if aggregator.client_losses:
-    raise ValueError("apfl does not report the client losses this weighting needs.")
+  check_no_client_losses(aggregator, "apfl")
 
   def make_client(data: FederatedData):
     def client_update(params, client, key):

@@ -9,7 +9,7 @@ import optax
 from jax.sharding import Mesh
 
 from fedjax_pers.aggregation._weights import WeightFn, uniform
-from fedjax_pers.core._aggregate import Aggregator, as_aggregator
+from fedjax_pers.core._aggregate import Aggregator, as_aggregator, check_no_client_losses
 from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
 from fedjax_pers.core._client import ClientOutput, all_finite, label_histogram
 from fedjax_pers.core._data import FederatedData
@@ -117,6 +117,7 @@ def per_fedavg(
       np.ndim(inner_lr) == 0 and np.isfinite(inner_lr) and inner_lr > 0):
     raise ValueError(f"inner_lr (alpha) must be a finite number > 0; got {inner_lr!r}.")
   aggregator = as_aggregator(uniform() if weighting is None else weighting)
+  check_no_client_losses(aggregator, "per_fedavg")
   k = inner_steps
   per_step = k + 1 + (0 if hessian == "none" else k)
   plan_work = LocalWork(work.batch_size, steps=work.steps * per_step)

@@ -31,21 +31,30 @@ class SampledState(NamedTuple):
   key: jax.Array
 
 
-def sampled_mean(clients_per_round: int, num_clients: int) -> Aggregator:
+AVERAGES = ("uniform", "num_examples")
+
+
+def sampled_mean(clients_per_round: int, num_clients: int,
+                 average: str = "uniform") -> Aggregator:
   """All clients train; the server averages the updates of `clients_per_round` of them.
 
   Each round draws the aggregated clients uniformly without replacement from
   its own key (kept in the state; `init` starts from key 0, `pfedme` seeds it
-  from the run's key) and weights them by data size. The reported weights are
-  zero for the clients not drawn.
+  from the run's key) and weights them equally (`average='uniform'`) or by
+  data size (`'num_examples'`). The reported weights are zero for the clients
+  not drawn.
   """
+  if average not in AVERAGES:
+    raise ValueError(f"average must be one of {AVERAGES}; got {average!r}.")
 
   def apply(outputs, state, params):
     del params
     key, sub = jax.random.split(state.key)
     chosen = sample_clients(sub, num_clients, clients_per_round)
     mask = jnp.zeros((num_clients,), bool).at[chosen].set(True)[outputs.client_id]
-    w = normalize(outputs.num_examples.astype(jnp.float32), mask & outputs.finite)
+    size = outputs.num_examples.astype(jnp.float32)
+    w = normalize(size if average == "num_examples" else jnp.ones_like(size),
+                  mask & outputs.finite)
     return weighted_sum(w, zero_nonfinite(outputs)), w, SampledState(key)
 
   return Aggregator(init=lambda n: SampledState(jax.random.key(0)), apply=apply)
@@ -61,6 +70,7 @@ def pfedme(
     inner_steps: int,
     beta: float = 1.0,
     clients_per_round: int,
+    average: str = "uniform",
     strategy: str = "auto",
     client_chunk: int | None = None,
     mesh: Mesh | None = None,
@@ -73,8 +83,10 @@ def pfedme(
     θ ← θ − η_p (∇f(θ; D) + λ (θ − w))     (K = `inner_steps` times),
     w ← w − η λ (w − θ).
 
-  The server averages (by data size) the local w of `clients_per_round`
-  clients drawn uniformly and sets w_{t+1} = (1 − β) w_t + β w̄. θ_k is the
+  The server averages the local w of `clients_per_round` clients drawn
+  uniformly, w̄ = (1/S) Σ w_i as the paper's Algorithm 1 (`average='uniform'`)
+  or weighted by n_i as the authors' code (`'num_examples'`), and sets
+  w_{t+1} = (1 − β) w_t + β w̄. θ_k is the
   client's personalized model (kept stacked in `ServerState.client_states`).
 
   Args:
@@ -86,6 +98,7 @@ def pfedme(
     inner_steps: K ≥ 1.
     beta: β in (0, 2).
     clients_per_round: Clients whose updates are averaged.
+    average: `uniform` (the paper) or `num_examples` (the authors' code).
     strategy, client_chunk, mesh: How all clients' local work runs (see `fedavg`).
 
   Returns:
@@ -102,6 +115,8 @@ def pfedme(
     raise ValueError(f"inner_steps (K) must be an int >= 1; got {inner_steps!r}.")
   if not (isinstance(beta, (int, float)) and 0 < beta < 2):
     raise ValueError(f"beta must be in (0, 2); got {beta!r}.")
+  aggregator = lambda n: sampled_mean(clients_per_round, n, average)
+  aggregator(clients_per_round)   # checks `average` before compiling
 
   def make_client(data: FederatedData):
     def client_update(params, client, key):
@@ -145,7 +160,7 @@ def pfedme(
   def round_fn(state: ServerState, data: FederatedData):
     check_cohort(clients_per_round, data.num_clients)
     full = make_round(   # every client trains; `sampled_mean` picks whose w is averaged
-        make_client, sampled_mean(clients_per_round, data.num_clients), server_tx,
+        make_client, aggregator(data.num_clients), server_tx,
         clients_per_round=data.num_clients, strategy=strategy, client_chunk=client_chunk,
         mesh=mesh)
     return full(state, data)

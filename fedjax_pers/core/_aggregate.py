@@ -64,3 +64,12 @@ def mean_aggregator(weighting) -> Aggregator:
 def as_aggregator(how) -> Aggregator:
   """`how` itself if it is an `Aggregator`, else the weighted mean with weighting `how`."""
   return how if isinstance(how, Aggregator) else mean_aggregator(how)
+
+
+def check_no_client_losses(aggregator: Aggregator, algorithm: str) -> None:
+  """Raises `ValueError` if `aggregator` needs losses that `algorithm`'s clients do not report."""
+  if aggregator.client_losses:
+    raise ValueError(
+        f"{algorithm} does not report the clients' losses before and after local training, "
+        "which this weighting needs (loss_improvement, q_ffl); use one that does not, e.g. "
+        "uniform, num_examples, loss or cosine.")

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from fedjax_pers import algorithms, data, distributed, models, personalization
+from fedjax_pers.algorithms._pfedme import AVERAGES as PFEDME_AVERAGES
 from fedjax_pers.core import FederatedAlgorithm, FederatedData, LocalWork, Model
 from fedjax_pers.experiment._weighting import make_weighting, weighting_name
 
@@ -225,9 +226,13 @@ def _pfedme(config, model, work, kwargs):
   drawn uniformly, a uniform average and the server step β (`pfedme.beta`). Any
   other setting of those keys is refused rather than ignored.
   """
-  _refuse_ignored(config, "its own client step, sampling, average and server step "
-                  "(pfedme.beta)", {
-                      "aggregation.weighting": (weighting_name(config), "uniform"),
+  average = weighting_name(config)
+  if average not in PFEDME_AVERAGES:
+    raise ValueError(f"algorithm='pfedme' averages by one of {PFEDME_AVERAGES} "
+                     f"(aggregation.weighting, or default: uniform); got {average!r}.")
+  _refuse_ignored(config, "its own client step, sampling and server step (pfedme.beta), "
+                  "and no attack", {
+                      "corruption.attack_fraction": (config.corruption.attack_fraction, 0.0),
                       "sampling": (config.get("sampling", "uniform"), "uniform"),
                       "client.optimizer": (config.client.optimizer, "sgd"),
                       "client.momentum": (config.client.get("momentum") or 0.0, 0.0),
@@ -239,7 +244,8 @@ def _pfedme(config, model, work, kwargs):
       learning_rate=config.client.learning_rate,
       personal_learning_rate=c.personal_learning_rate, lam=c.lam,
       inner_steps=c.inner_steps, beta=c.beta, clients_per_round=config.clients_per_round,
-      strategy=config.strategy, client_chunk=config.get("client_chunk"), mesh=kwargs["mesh"])
+      average=average, strategy=config.strategy, client_chunk=config.get("client_chunk"),
+      mesh=kwargs["mesh"])
 
 
 def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
