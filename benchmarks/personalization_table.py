@@ -6,9 +6,12 @@ global model is FedAvg's), so methods whose own global model is not meant to
 be used (FedPer, FedRep, LG-FedAvg) are measured fairly.
 
 Usage:
-  for a in finetune fedper fedrep lg_fedavg ditto apfl pfedme; do
+  python -m fedjax_pers --config=configs/mnist_dirichlet_personal.py \\
+      --workdir=runs/mnist_finetune
+  for a in fedper fedrep lg_fedavg ditto apfl pfedme; do
     python -m fedjax_pers --config=configs/mnist_dirichlet_personal.py \\
-        --config.algorithm=$a --workdir=runs/mnist_$a
+        --config.algorithm=$a --config.personalization.finetune_steps=0 \\
+        --workdir=runs/mnist_$a
   done
   python benchmarks/personalization_table.py --baseline runs/mnist_finetune runs/mnist_*
 """

@@ -4,10 +4,12 @@ The 10,000 MNIST test images in `data.data_dir` (`../shared/data/mnist`, or your
 own IDX files) are dealt to 50 clients with Dirichlet(0.1) label proportions
 (each client keeps 20% of its images as its test split); a 784-200-10 MLP;
 FedAvg with one local epoch of batch 20 at lr 0.05, 10 clients per round, 100
-rounds, then each client fine-tunes for 10 steps (lr 0.05). Change
-`--config.algorithm` to `fedper`, `fedrep`, `lg_fedavg`, `ditto` (λ = 1),
-`apfl` (α = 0.25) or `pfedme` (R = 10, K = 5, η_p = 0.1, λ = 15, as the pFedMe
-paper's MNIST runs but with this config's η = 0.05) for the other methods.
+rounds, then each client fine-tunes for 10 steps (lr 0.05). For the other methods,
+which test their clients' own models instead of fine-tuning, add
+`--config.algorithm=A --config.personalization.finetune_steps=0` with A one of
+`fedper`, `fedrep`, `lg_fedavg`, `ditto` (λ = 1), `apfl` (α = 0.25) or `pfedme`
+(R = 10, K = 5, η_p = 0.1, λ = 15, as the pFedMe paper's MNIST runs but with this
+config's η = 0.05).
 """
 
 from configs.mnist_dirichlet import get_config as _mnist_dirichlet

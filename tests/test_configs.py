@@ -26,3 +26,5 @@ def test_config_loads_and_its_strategies_apply(name):
     assert set(weighting_name(v).split("*")) <= set(names), name
     if v.algorithm in ADAPTING:
       assert v.personalization.finetune_steps > 0, name
+    if v.algorithm in ("ditto", "apfl", "pfedme", "fedper", "fedrep", "lg_fedavg"):
+      assert not v.personalization.finetune_steps, name    # they test their own models

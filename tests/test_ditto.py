@@ -94,6 +94,9 @@ def test_ditto_from_the_config_reports_personal_accuracy(tmp_path):
   c.ditto.lam = 0.1
   s = train_and_evaluate(c, str(tmp_path))
   assert 0 <= s["personalized_test_accuracy"] <= 1 and len(s["per_client_gain"]) == 8
+  c.personalization.finetune_steps = 3      # tested with its own models: refused, not ignored
+  with pytest.raises(ValueError, match="finetune_steps=3 would be ignored"):
+    train_and_evaluate(c, str(tmp_path / "finetune"))
 
 
 def test_bad_lambda():

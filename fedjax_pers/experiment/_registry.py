@@ -314,6 +314,11 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
   """
   c = config.get("personalization")
   chunk = None if c is None else c.get("client_chunk")
+  if alg.personal is not None and c is not None and c.finetune_steps:
+    raise ValueError(
+        f"algorithm={config.algorithm!r} is evaluated with its clients' own models, not by "
+        f"fine-tuning; personalization.finetune_steps={c.finetune_steps!r} would be ignored: "
+        "set it to 0.")
   if alg.personal is not None:
     # The data are arguments, not closed-over constants (XLA would fold them).
     fn = jax.jit(lambda state, test: personalization.evaluate_personal(
