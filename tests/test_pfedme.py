@@ -48,7 +48,17 @@ def test_every_client_personalizes_and_k_are_averaged():
     assert all(not np.array_equal(before[c], after[c]) for c in range(5))
     w = np.asarray(m.weights)
     assert (w > 0).sum() == 2 and abs(w.sum() - 1) < 1e-6
+    np.testing.assert_allclose(w[w > 0], [0.5, 0.5])          # the paper's (1/S) Σ w_i
   assert step._cache_size() == 1
+  by_size = pfedme(logreg(), fp.LocalWork(3, steps=2), learning_rate=0.05,
+                   personal_learning_rate=0.05, lam=5.0, inner_steps=2, clients_per_round=2,
+                   average="num_examples")                    # the authors' code
+  _, m = jax.jit(by_size.round)(by_size.init(jax.random.key(1), data), data)
+  w, n = np.asarray(m.weights), np.asarray(data.num_examples, np.float64)
+  np.testing.assert_allclose(w[w > 0], n[w > 0] / n[w > 0].sum(), rtol=1e-6)
+  with pytest.raises(ValueError, match="average must be one of"):
+    pfedme(logreg(), fp.LocalWork(3, steps=2), learning_rate=0.1, personal_learning_rate=0.1,
+           lam=1.0, inner_steps=1, clients_per_round=1, average="loss")
   with pytest.raises(ValueError, match="steps=R"):
     pfedme(logreg(), fp.LocalWork(3, epochs=1), learning_rate=0.1,
            personal_learning_rate=0.1, lam=1.0, inner_steps=1, clients_per_round=1)
@@ -68,11 +78,13 @@ def test_pfedme_from_the_config(tmp_path):
   assert s["client_state_bytes"] == 8 * (60 * 10 + 10) * 4
 
 
-@pytest.mark.parametrize("key,value", [("aggregation.weighting", "num_examples"),
-                                       ("sampling", "num_examples"),
-                                       ("server.learning_rate", 0.5),
-                                       ("client.optimizer", "adam")])
-def test_pfedme_refuses_settings_it_would_ignore(key, value):
+@pytest.mark.parametrize("key,value,match", [
+    ("aggregation.weighting", "loss", "averages by one of"),
+    ("sampling", "num_examples", "sampling must be"),
+    ("server.learning_rate", 0.5, "server.learning_rate must be"),
+    ("client.optimizer", "adam", "client.optimizer must be"),
+    ("corruption.attack_fraction", 0.5, "corruption.attack_fraction must be")])
+def test_pfedme_refuses_settings_it_would_ignore(key, value, match):
   from test_experiment import tiny_config
 
   from fedjax_pers.experiment import make_algorithm, make_model, prepare_data
@@ -85,5 +97,5 @@ def test_pfedme_refuses_settings_it_would_ignore(key, value):
   make_algorithm(c, model, data.train)     # 'default' weighting: pFedMe's uniform mean
   section, _, name = key.rpartition(".")
   (c[section] if section else c)[name] = value
-  with pytest.raises(ValueError, match=f"{key} must be"):
+  with pytest.raises(ValueError, match=match):
     make_algorithm(c, model, data.train)
