@@ -45,6 +45,10 @@ def test_is_a_pytree_with_static_metadata():
          "feature shape"),
         ([np.ones((2, 2))], [np.zeros(2, int), np.zeros(2, int)], {}, "len\\(xs\\)=1"),
         ([np.ones((3, 2))], [np.zeros(3, int)], dict(max_examples=2), "max_examples=2"),
+        ([np.ones((3, 2))], [np.array([0, 1, 2])], dict(num_classes=2.5),
+         "num_classes must be an int >= 1; got 2.5"),
+        ([np.ones((3, 2))], [np.zeros(3, int)], dict(example_cap=True),
+         "example_cap must be an int >= 1; got True"),
     ])
 def test_bad_input_raises_clear_value_error(xs, ys, kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -220,6 +220,8 @@ def test_sampling_is_without_replacement_and_seeded():
         (dict(work=fp.LocalWork(0, epochs=1)), "batch_size"),
         (dict(work=fp.LocalWork(4)), "Exactly one of local epochs and local steps"),
         (dict(work=fp.LocalWork(4, epochs=1, steps=2)), "Exactly one"),
+        (dict(work=fp.LocalWork(4, epochs=0)), "local epochs must be a positive int"),
+        (dict(work=fp.LocalWork(4, steps=0)), "local steps must be a positive int"),
     ])
 def test_bad_algorithm_arguments(kwargs, match):
   data = small_data()

@@ -106,6 +106,7 @@ def test_momentum_needs_a_rate_and_only_where_it_applies():
     ("algorithm", "fedsgd", "Unknown algorithm"),
     ("model.name", "resnet", "Unknown model.name"),
     ("sampling", "greedy", "Unknown sampling 'greedy'"),
+    ("num_devices", 0, "num_devices must be an int >= 1; got 0"),
 ])
 def test_unknown_names_raise(tmp_path, key, value, match):
   c = tiny_config()

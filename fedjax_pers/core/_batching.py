@@ -57,8 +57,9 @@ def check_local_work(work: LocalWork) -> None:
         f"epochs={work.epochs!r}, steps={work.steps!r}.")
   for name in ("epochs", "steps"):
     v = getattr(work, name)
-    if v is not None and (not isinstance(v, int) or v < 0):
-      raise ValueError(f"local {name} must be a non-negative int; got {v!r}.")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+      raise ValueError(f"local {name} must be a positive int (no local work would leave "
+                       f"the model where it was); got {v!r}.")
 
 
 def num_steps(work: LocalWork, max_examples: int) -> int:

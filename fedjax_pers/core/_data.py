@@ -225,8 +225,9 @@ class FederatedData:
     y_min = min(int(y.min()) for y in ys)
     if num_classes is None:
       num_classes = y_max + 1
-    if num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
+    if not (isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool)
+            and num_classes >= 1):
+      raise ValueError(f"num_classes must be an int >= 1; got {num_classes!r}.")
     if y_min < 0 or y_max >= num_classes:
       c = next(i for i, y in enumerate(ys) if y.min() < 0 or y.max() >= num_classes)
       raise ValueError(
@@ -235,7 +236,8 @@ class FederatedData:
     sizes = np.array([len(y) for y in ys], np.int32)
     longest = int(sizes.max())
     if example_cap is not None:
-      if not (isinstance(example_cap, (int, np.integer)) and example_cap >= 1):
+      if not (isinstance(example_cap, (int, np.integer)) and not isinstance(example_cap, bool)
+              and example_cap >= 1):
         raise ValueError(f"example_cap must be an int >= 1; got {example_cap!r}.")
       if max_examples is not None:
         raise ValueError(f"max_examples={max_examples} and example_cap={example_cap} "

@@ -188,8 +188,13 @@ def _per_fedavg(config, model, client_tx, server_tx, work, kwargs, hessian):
   """Per-FedAvg from `config.per_fedavg`; `client` is the outer step β (see `per_fedavg`).
 
   With `meta_sgd`, `model` comes from `make_run_model` (params `MetaSGDParams`).
+  `per_fedavg.hessian` picks the second-order form of `per_fedavg`; the `_fo` and
+  `_hf` names fix their own.
   """
   c = config.per_fedavg
+  if config.algorithm != "per_fedavg":
+    _refuse_ignored(config, "its own Hessian term", {"per_fedavg.hessian": (c.hessian,
+                                                                             "exact")})
   return algorithms.per_fedavg(
       model, client_tx, server_tx, work, inner_lr=c.inner_lr, hessian=hessian,
       delta=c.delta, inner_steps=c.inner_steps, meta_sgd=c.meta_sgd, remat=c.remat, **kwargs)
@@ -248,6 +253,13 @@ def _pfedme(config, model, work, kwargs):
       mesh=kwargs["mesh"])
 
 
+def _mesh(num_devices):
+  """A `clients` mesh over `num_devices` devices, or None for one device."""
+  if not (isinstance(num_devices, int) and num_devices >= 1):
+    raise ValueError(f"num_devices must be an int >= 1; got {num_devices!r}.")
+  return distributed.client_mesh(num_devices) if num_devices > 1 else None
+
+
 def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
                    *, proxy=None, attackers: np.ndarray | None = None) -> FederatedAlgorithm:
   """The `FederatedAlgorithm` named by `config.algorithm`.
@@ -264,8 +276,7 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
       clients_per_round=config.clients_per_round,
       weighting=make_weighting(config, model, train, proxy, attackers),
       strategy=config.strategy, client_chunk=config.get("client_chunk"),
-      mesh=distributed.client_mesh(config.num_devices) if config.get("num_devices", 1) > 1
-      else None)
+      mesh=_mesh(config.get("num_devices", 1)))
   client_tx = make_optimizer(config.client, "client")
   server_tx = make_optimizer(config.server, "server")
   work = make_local_work(config.client)
