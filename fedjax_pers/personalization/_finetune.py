@@ -17,6 +17,7 @@ import optax
 
 from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
 from fedjax_pers.core._client import ClientData, local_train
+from fedjax_pers.core._cohort import resolve_strategy
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._evaluate import ClientEval, worst_fraction_mean
 from fedjax_pers.core._model import Model
@@ -51,13 +52,51 @@ def finetune(model: Model, tx: optax.GradientTransformation, params: Params,
   return w
 
 
-def _client_eval(model, params, x, y, n):
-  logits = model.apply(params, x)
-  valid = jnp.arange(y.shape[0]) < n
+EVAL_BLOCK = 128   # rows a client's evaluation reads at a time
+
+
+def _client_eval(model, params, x, y, n, blockwise=False):
+  """Mean loss and accuracy of `params` on the first `n` of the rows `x, y`.
+
+  `blockwise` (for clients run one at a time): rows are read in blocks of
+  `EVAL_BLOCK` until the client's `n` are covered, so a client does not pay for
+  its padding (Shakespeare's test split, 82% padding: 3x faster). Vmapped over
+  many clients such a loop would run to the longest client's length in turn, so
+  there all rows are evaluated at once.
+  """
+  m = y.shape[0]
+  if not blockwise or m <= EVAL_BLOCK:
+    logits = model.apply(params, x)
+    valid = jnp.arange(m) < n
+    denom = jnp.maximum(n, 1).astype(jnp.float32)
+    loss = jnp.sum(jnp.where(valid, model.loss(logits, y), 0.0)) / denom
+    return loss, jnp.sum(jnp.where(valid, model.metrics(logits, y), 0.0)) / denom
+  blocks = -(-m // EVAL_BLOCK)
+  pad = blocks * EVAL_BLOCK - m
+  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  y = jnp.pad(y, [(0, pad)])
+  size = EVAL_BLOCK
+
+  def body(carry):
+    i, loss_sum, acc_sum = carry
+    xb = jax.lax.dynamic_slice_in_dim(x, i * size, size)
+    yb = jax.lax.dynamic_slice_in_dim(y, i * size, size)
+    logits = model.apply(params, xb)
+    valid = i * size + jnp.arange(size) < n
+    return (i + 1, loss_sum + jnp.sum(jnp.where(valid, model.loss(logits, yb), 0.0)),
+            acc_sum + jnp.sum(jnp.where(valid, model.metrics(logits, yb), 0.0)))
+
+  zero = jnp.zeros((), jnp.float32)
+  _, loss_sum, acc_sum = jax.lax.while_loop(lambda c: c[0] * size < n, body,
+                                            (jnp.zeros((), jnp.int32), zero, zero))
   denom = jnp.maximum(n, 1).astype(jnp.float32)
-  loss = jnp.sum(jnp.where(valid, model.loss(logits, y), 0.0)) / denom
-  acc = jnp.sum(jnp.where(valid, model.metrics(logits, y), 0.0)) / denom
-  return loss, acc
+  return loss_sum / denom, acc_sum / denom
+
+
+def default_chunk(params: Params, num_clients: int) -> int:
+  """Clients evaluated together by default: all of them (`vmap`), or one at a time
+  where the engine's `auto` strategy runs clients in turn (large models on CPU)."""
+  return 1 if resolve_strategy("auto", params) == "scan" else num_clients
 
 
 def _check_padded(data: FederatedData, name: str) -> None:
@@ -86,8 +125,9 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
   """Fine-tunes the global model on every client's train split, evaluates on its test split.
 
   Client c's key is `fold_in(key, c)`. Clients run in chunks of
-  `client_chunk` by `lax.map` (vmapped inside a chunk; default all at once),
-  which bounds the fine-tuned copies held at a time. Jittable.
+  `client_chunk` by `lax.map` (vmapped inside a chunk; default `default_chunk`:
+  all at once, or one at a time for large models on CPU), which bounds the
+  fine-tuned copies held at a time. Jittable.
 
   A capped `train` store (`FederatedData.with_cap`) is read as training reads
   it: a client larger than the cap fine-tunes on a fresh stratified sample of
@@ -114,6 +154,7 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
   _check_padded(test, "test")
   if work is not None:
     check_local_work(work)
+  chunk = client_chunk or default_chunk(params, train.num_clients)
 
   def train_rows(c, key_c):
     if train.cap is None:
@@ -123,18 +164,17 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
 
   def one(args):
     c, tx_, ty, tn = args
-    g = _client_eval(model, params, tx_, ty, tn)
+    g = _client_eval(model, params, tx_, ty, tn, chunk == 1)
     if work is None:
       return g, g
     key_c = jax.random.fold_in(key, c)
     w = finetune(model, tx, params, train_rows(c, key_c), key_c, work,
                  max_examples=train.max_examples, min_examples=train.min_examples)
-    return g, _client_eval(model, w, tx_, ty, tn)
+    return g, _client_eval(model, w, tx_, ty, tn, chunk == 1)
 
   ids = jnp.arange(train.num_clients)
-  (gl, ga), (pl, pa) = jax.lax.map(
-      one, (ids, test.x, test.y, test.num_examples),
-      batch_size=client_chunk or train.num_clients)
+  (gl, ga), (pl, pa) = jax.lax.map(one, (ids, test.x, test.y, test.num_examples),
+                                   batch_size=chunk)
   n = test.num_examples
   return PersonalizedEval(ClientEval(gl, ga, n), ClientEval(pl, pa, n))
 
@@ -148,7 +188,7 @@ def evaluate_personal(model: Model, personal: Params, params: Params, test: Fede
     personal: Per-client parameters, leading axis `num_clients` (Ditto's v_k, ...).
     params: The global model.
     test: The clients' test splits.
-    client_chunk: Clients per chunk (default all at once).
+    client_chunk: Clients per chunk (default `default_chunk`).
 
   Returns:
     A `PersonalizedEval`.
@@ -158,13 +198,15 @@ def evaluate_personal(model: Model, personal: Params, params: Params, test: Fede
   if sizes != {test.num_clients}:
     raise ValueError(f"personal params must be stacked over the {test.num_clients} clients; "
                      f"got leading sizes {sorted(sizes)}.")
+  chunk = client_chunk or default_chunk(params, test.num_clients)
 
   def one(args):
     v, x, y, n = args
-    return _client_eval(model, params, x, y, n), _client_eval(model, v, x, y, n)
+    return (_client_eval(model, params, x, y, n, chunk == 1),
+            _client_eval(model, v, x, y, n, chunk == 1))
 
   (gl, ga), (pl, pa) = jax.lax.map(one, (personal, test.x, test.y, test.num_examples),
-                                   batch_size=client_chunk or test.num_clients)
+                                   batch_size=chunk)
   n = test.num_examples
   return PersonalizedEval(ClientEval(gl, ga, n), ClientEval(pl, pa, n))
 
