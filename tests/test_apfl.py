@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _reference import engine_plan, logreg_grad
+from _reference import engine_plan, logreg_grad, logreg_loss
 from test_engine import logreg, small_data
 
 import fedjax_pers as fp
@@ -33,21 +33,62 @@ def test_one_personal_step_matches_numpy():
   alpha, lr = 0.4, 0.3
   alg = apfl(logreg(), optax.sgd(lr), optax.sgd(1.0), work, alpha=alpha, clients_per_round=1)
   s0 = alg.init(jax.random.key(1), data)
-  s0 = s0._replace(client_states=jax.tree.map(lambda v: v + 0.2, s0.client_states))
+  own = s0.client_states
+  s0 = s0._replace(client_states=own._replace(v=jax.tree.map(lambda v: v + 0.2, own.v)))
   s1, _ = jax.jit(alg.round)(s0, data)
   plan = engine_plan(s0.rng, data, work)
   sel = np.asarray(plan.idx[0])[np.asarray(plan.mask[0])]
   x, y = np.asarray(data.x[0], np.float64)[sel], np.asarray(data.y[0])[sel]
   w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
   b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
-  v = np.asarray(s0.client_states["Dense_0"]["kernel"][0], np.float64)
-  c = np.asarray(s0.client_states["Dense_0"]["bias"][0], np.float64)
+  v = np.asarray(s0.client_states.v["Dense_0"]["kernel"][0], np.float64)
+  c = np.asarray(s0.client_states.v["Dense_0"]["bias"][0], np.float64)
   mw, mb = alpha * v + (1 - alpha) * w, alpha * c + (1 - alpha) * b
   gw, gb = logreg_grad(mw, mb, x, y)
   v_new = v - lr * alpha * gw
   c_new = c - lr * alpha * gb
-  np.testing.assert_allclose(s1.client_states["Dense_0"]["kernel"][0], v_new, atol=1e-5)
-  np.testing.assert_allclose(s1.client_states["Dense_0"]["bias"][0], c_new, atol=1e-5)
+  np.testing.assert_allclose(s1.client_states.v["Dense_0"]["kernel"][0], v_new, atol=1e-5)
+  np.testing.assert_allclose(s1.client_states.v["Dense_0"]["bias"][0], c_new, atol=1e-5)
+  assert float(s1.client_states.alpha[0]) == pytest.approx(alpha)     # fixed without alpha_lr
+
+
+@pytest.mark.parametrize("alpha_lr", [0.05, 50.0])
+def test_adaptive_alpha_step_matches_numpy_and_finite_differences(alpha_lr):
+  data = small_data(num_clients=1, sizes=[7])
+  work = fp.LocalWork(4, steps=1)
+  lr, alpha = 0.3, 0.4
+  alg = apfl(logreg(), optax.sgd(lr), optax.sgd(1.0), work, alpha=alpha, alpha_lr=alpha_lr,
+             clients_per_round=1)
+  s0 = alg.init(jax.random.key(1), data)
+  own = s0.client_states
+  noise = lambda v: v + 0.5 * np.random.default_rng(3).normal(size=v.shape).astype(v.dtype)
+  s0 = s0._replace(client_states=own._replace(v=jax.tree.map(noise, own.v)))
+  s1, _ = jax.jit(alg.round)(s0, data)
+  plan = engine_plan(s0.rng, data, work)
+  sel = np.asarray(plan.idx[0])[np.asarray(plan.mask[0])]
+  x, y = np.asarray(data.x[0], np.float64)[sel], np.asarray(data.y[0])[sel]
+  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
+  v = np.asarray(s0.client_states.v["Dense_0"]["kernel"][0], np.float64)
+  c = np.asarray(s0.client_states.v["Dense_0"]["bias"][0], np.float64)
+  mixed = lambda a: (a * v + (1 - a) * w, a * c + (1 - a) * b)
+  gw, gb = logreg_grad(*mixed(alpha), x, y)
+  g_alpha = np.sum((v - w) * gw) + np.sum((c - b) * gb)
+  eps = 1e-6                                   # dF/dα by central differences, float64
+  fd = (logreg_loss(*mixed(alpha + eps), x, y) - logreg_loss(*mixed(alpha - eps), x, y)) / (
+      2 * eps)
+  assert g_alpha == pytest.approx(fd, rel=1e-5) and abs(g_alpha) > 1e-3
+  want = np.clip(alpha - alpha_lr * g_alpha, 0.0, 1.0)
+  assert (want in (0.0, 1.0)) == (alpha_lr > 1)   # the projection acts in the second case
+  assert float(s1.client_states.alpha[0]) == pytest.approx(want, abs=1e-5)
+  np.testing.assert_allclose(s1.client_states.v["Dense_0"]["kernel"][0], v - lr * alpha * gw,
+                             atol=1e-5)
+  personal = alg.personal(s1)                  # the mixture with the client's own α_k
+  a1 = float(s1.client_states.alpha[0])
+  np.testing.assert_allclose(
+      personal["Dense_0"]["kernel"][0],
+      a1 * s1.client_states.v["Dense_0"]["kernel"][0]
+      + (1 - a1) * s1.params["Dense_0"]["kernel"], atol=1e-6)
 
 
 def test_alpha_zero_personal_model_is_the_global_one():
@@ -58,3 +99,25 @@ def test_alpha_zero_personal_model_is_the_global_one():
     np.testing.assert_array_equal(v, np.broadcast_to(w, v.shape))
   with pytest.raises(ValueError, match="alpha"):
     apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, alpha=1.5, clients_per_round=2)
+
+
+def test_adaptive_alpha_from_the_config(tmp_path):
+  from test_experiment import tiny_config
+
+  from fedjax_pers.experiment import make_algorithm, make_model, prepare_data
+
+  c = tiny_config()
+  c.algorithm, c.model.name, c.model.hidden = "apfl", "mlp", (8,)
+  c.apfl.alpha_lr = 0.5
+  data = prepare_data(c)
+  model = make_model(c.model, data.train.x.shape[2:], data.train.num_classes)
+  alg = make_algorithm(c, model, data.train)
+  state = alg.init(jax.random.key(0), data.train)
+  state, m = jax.jit(alg.round)(state, data.train)
+  alphas = np.asarray(state.client_states.alpha)
+  moved = alphas != np.float32(c.apfl.alpha)
+  assert moved.sum() == c.clients_per_round                 # the sampled clients learned theirs
+  assert set(np.flatnonzero(moved)) == set(np.asarray(m.clients).tolist())
+  c.apfl.alpha_lr = -1.0
+  with pytest.raises(ValueError, match="alpha_lr"):
+    make_algorithm(c, model, data.train)

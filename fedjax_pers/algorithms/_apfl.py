@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,13 @@ from fedjax_pers.core._model import Model
 from fedjax_pers.core._round import FederatedAlgorithm, ServerState, assemble
 
 
+class APFLState(NamedTuple):
+  """A client's own part: its model v_k and its mixing weight α_k (fixed unless learned)."""
+
+  v: Any
+  alpha: jax.Array
+
+
 def mix(alpha, v, w):
   """The personalized model `α v + (1 − α) w`."""
   return jax.tree.map(lambda a, b: alpha * a + (1 - alpha) * b, v, w)
@@ -36,30 +45,36 @@ def apfl(
     *,
     alpha: float,
     clients_per_round: int,
+    alpha_lr: float | None = None,
     weighting: WeightFn | Aggregator | None = None,
     strategy: str = "auto",
     client_chunk: int | None = None,
     sampling_probs: np.ndarray | None = None,
     mesh: Mesh | None = None,
 ) -> FederatedAlgorithm:
-  """APFL with a fixed mixing weight α: each client's model is α v_k + (1 − α) w.
+  """APFL: each client's model is the mixture v̄_k = α_k v_k + (1 − α_k) w.
 
   On every local batch of a sampled client, with learning-rate-η SGD
   (`client_tx`),
 
-    w ← w − η ∇F(w),      v_k ← v_k − η ∇_v F(α v_k + (1 − α) w)
-                              = v_k − η α ∇F(α v_k + (1 − α) w),
+    w ← w − η ∇F(w),      v_k ← v_k − η ∇_v F(v̄_k) = v_k − η α_k ∇F(v̄_k),
 
-  both gradients at the parameters before the step. The server averages the
-  updates of w as FedAvg does; v_k stays with the client (stacked in
-  `ServerState.client_states`, starting at w_0). α = 0 is FedAvg.
+  and, with `alpha_lr` = η_α (the paper's adaptive α, its Eq. 9),
+
+    α_k ← Π_[0,1](α_k − η_α ∇_α F(v̄_k)),   ∇_α F(v̄_k) = ⟨v_k − w, ∇F(v̄_k)⟩,
+
+  all gradients at the parameters before the step. The server averages the
+  updates of w as FedAvg does; (v_k, α_k) stay with the client (an `APFLState`
+  stacked in `ServerState.client_states`, starting at (w_0, `alpha`)). α = 0
+  without `alpha_lr` is FedAvg.
 
   Args:
     model: The model.
     client_tx: Optimizer of both w and v_k on the client.
     server_tx, work: As `fedavg`.
-    alpha: α in [0, 1].
+    alpha: α in [0, 1]: every client's fixed weight, or its starting one.
     clients_per_round: Cohort size.
+    alpha_lr: η_α > 0 to learn each client's α_k; None keeps α fixed.
     weighting, strategy, client_chunk, sampling_probs, mesh: As `fedavg`.
 
   Returns:
@@ -68,6 +83,9 @@ def apfl(
   check_local_work(work)
   if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
     raise ValueError(f"alpha (APFL's mixing weight) must be in [0, 1]; got {alpha!r}.")
+  if alpha_lr is not None and not (isinstance(alpha_lr, (int, float)) and alpha_lr > 0):
+    raise ValueError(f"alpha_lr (the step of APFL's adaptive α) must be a number > 0 or None; "
+                     f"got {alpha_lr!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
   check_no_client_losses(aggregator, "apfl")
 
@@ -82,39 +100,52 @@ def apfl(
         return masked_mean_loss(model, p, xb, yb, mb, k)
 
       def step(carry, inputs):
-        w, v, sw, sv, loss_sum, count, steps = carry
+        w, v, a, sw, sv, loss_sum, count, steps = carry
         idx, mb, k = inputs
         xb, yb = client.x[idx], client.y[idx]
         (_, total), gw = jax.value_and_grad(loss, has_aux=True)(w, xb, yb, mb, k)
-        gv = jax.grad(lambda v_: loss(mix(alpha, v_, w), xb, yb, mb, k)[0])(v)
+        g_mix = jax.grad(lambda p: loss(p, xb, yb, mb, k)[0])(mix(a, v, w))
         uw, sw2 = client_tx.update(gw, sw, w)
-        uv, sv2 = client_tx.update(gv, sv, v)
+        uv, sv2 = client_tx.update(jax.tree.map(lambda g: a * g, g_mix), sv, v)
+        if alpha_lr is not None:
+          g_alpha = sum(jnp.vdot(vi - wi, gi) for vi, wi, gi in zip(
+              jax.tree.leaves(v), jax.tree.leaves(w), jax.tree.leaves(g_mix)))
+          a2 = jnp.clip(a - alpha_lr * g_alpha, 0.0, 1.0)
+        else:
+          a2 = a
         active = jnp.any(mb)
         keep = lambda new, old: jnp.where(active, new, old)
         w2 = jax.tree.map(keep, optax.apply_updates(w, uw), w)
         v2 = jax.tree.map(keep, optax.apply_updates(v, uv), v)
         sw2, sv2 = jax.tree.map(keep, sw2, sw), jax.tree.map(keep, sv2, sv)
-        return (w2, v2, sw2, sv2, loss_sum + total, count + jnp.sum(mb), steps + active), None
+        return (w2, v2, keep(a2, a), sw2, sv2, loss_sum + total, count + jnp.sum(mb),
+                steps + active), None
 
       zero = jnp.zeros((), jnp.float32)
       izero = jnp.zeros((), jnp.int32)
-      init = (params, client.state, client_tx.init(params), client_tx.init(client.state),
+      own = client.state
+      init = (params, own.v, own.alpha, client_tx.init(params), client_tx.init(own.v),
               zero, izero, izero)
-      (w, v, _, _, loss_sum, count, steps), _ = jax.lax.scan(
+      (w, v, a, _, _, loss_sum, count, steps), _ = jax.lax.scan(
           step, init, (plan.idx, plan.mask, step_keys))
       delta = jax.tree.map(jnp.subtract, w, params)
-      finite = all_finite((delta, v))
+      finite = all_finite((delta, v, a))
       hist = label_histogram(client, data.num_classes)
       return ClientOutput(delta=delta, num_examples=client.num_examples,
                           train_loss=loss_sum / jnp.maximum(count, 1), num_steps=steps,
-                          label_hist=hist, finite=finite, client_state=v)
+                          label_hist=hist, finite=finite, client_state=APFLState(v, a))
 
     return client_update
 
   def personal(state: ServerState):
-    return jax.vmap(lambda v: mix(alpha, v, state.params))(state.client_states)
+    own = state.client_states
+    return jax.vmap(lambda v, a: mix(a, v, state.params))(own.v, own.alpha)
+
+  def client_states(params, n):
+    dtype = jax.tree.leaves(params)[0].dtype
+    return stack_clients(APFLState(params, jnp.asarray(alpha, dtype)), n)
 
   return assemble(
       model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
       strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh,
-      client_states=stack_clients, personal=personal)
+      client_states=client_states, personal=personal)

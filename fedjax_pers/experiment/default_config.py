@@ -108,7 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.pfedme.local_rounds = placeholder(int)  # R; default client.local_steps
 
   c.apfl = ml_collections.ConfigDict()
-  c.apfl.alpha = 0.25             # APFL's mixture α v + (1 − α) w
+  c.apfl.alpha = 0.25             # APFL's mixture α v + (1 − α) w (the start, if learned)
+  c.apfl.alpha_lr = placeholder(float)  # > 0: learn each client's α (adaptive APFL)
 
   c.fedrep = ml_collections.ConfigDict()
   c.fedrep.head_steps = 10        # FedRep's head phase (body frozen); the body phase is
