@@ -5,8 +5,8 @@ import os
 
 import pytest
 
+from fedjax_pers.experiment._algorithms import ADAPTING
 from fedjax_pers.experiment._compare import apply_overrides, parse_strategy
-from fedjax_pers.experiment._registry import ADAPTING
 from fedjax_pers.experiment._weighting import weighting_name, weighting_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,19 +1,19 @@
-"""The one table from config names to library objects (configs stay at the edge)."""
+"""Config names to data, models, optimizers and local work (configs stay at the edge).
+
+`_algorithms.py` maps `config.algorithm` on top of these.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import jax
 import ml_collections
 import numpy as np
 import optax
 
-from fedjax_pers import algorithms, data, distributed, models, personalization
-from fedjax_pers.algorithms._pfedme import AVERAGES as PFEDME_AVERAGES
-from fedjax_pers.core import FederatedAlgorithm, FederatedData, LocalWork, Model
-from fedjax_pers.experiment._weighting import make_weighting, weighting_name
+from fedjax_pers import data, models
+from fedjax_pers.core import FederatedData, LocalWork, Model
 
 
 def _pick(table: Mapping[str, Any], name: str, what: str) -> Any:
@@ -166,187 +166,3 @@ def make_local_work(c: ml_collections.ConfigDict) -> LocalWork:
   """`LocalWork` from `config.client` (`batch_size`, `local_epochs` or `local_steps`)."""
   return LocalWork(batch_size=c.batch_size, epochs=c.get("local_epochs"),
                    steps=c.get("local_steps"))
-
-
-# Algorithms whose global model is an initialization that clients adapt before testing.
-ADAPTING = ("finetune", "per_fedavg", "per_fedavg_fo", "per_fedavg_hf", "reptile")
-
-
-def _meta_sgd(config: ml_collections.ConfigDict) -> bool:
-  return config.algorithm.startswith("per_fedavg") and config.per_fedavg.meta_sgd
-
-
-def make_run_model(config: ml_collections.ConfigDict, feature_shape, num_classes: int) -> Model:
-  """`make_model(config.model, ...)`, with Meta-SGD's per-parameter rates when asked."""
-  model = make_model(config.model, feature_shape, num_classes)
-  if _meta_sgd(config):
-    model = personalization.meta_sgd_model(model, config.per_fedavg.inner_lr)
-  return model
-
-
-def _per_fedavg(config, model, client_tx, server_tx, work, kwargs, hessian):
-  """Per-FedAvg from `config.per_fedavg`; `client` is the outer step β (see `per_fedavg`).
-
-  With `meta_sgd`, `model` comes from `make_run_model` (params `MetaSGDParams`).
-  `per_fedavg.hessian` picks the second-order form of `per_fedavg`; the `_fo` and
-  `_hf` names fix their own.
-  """
-  c = config.per_fedavg
-  if config.algorithm != "per_fedavg":
-    _refuse_ignored(config, "its own Hessian term", {"per_fedavg.hessian": (c.hessian,
-                                                                             "exact")})
-  return algorithms.per_fedavg(
-      model, client_tx, server_tx, work, inner_lr=c.inner_lr, hessian=hessian,
-      delta=c.delta, inner_steps=c.inner_steps, meta_sgd=c.meta_sgd, remat=c.remat, **kwargs)
-
-
-def _plain_server(config) -> dict[str, tuple[Any, Any]]:
-  return {"server.optimizer": (config.server.optimizer, "sgd"),
-          "server.learning_rate": (config.server.learning_rate, 1.0),
-          "server.momentum": (config.server.get("momentum") or 0.0, 0.0)}
-
-
-def _refuse_ignored(config, what: str, fixed: Mapping[str, tuple[Any, Any]]) -> None:
-  """Raises `ValueError` where a config key that `config.algorithm` does not read is set.
-
-  `fixed` maps each key to (its value, the one value the algorithm implies).
-  """
-  for key, (value, implied) in fixed.items():
-    if value != implied:
-      raise ValueError(f"algorithm={config.algorithm!r} has {what}; {key} must be {implied!r}"
-                       f"{' (or default)' if key == 'aggregation.weighting' else ''}; got "
-                       f"{value!r}.")
-
-
-def _reptile(config, model, client_tx, work, kwargs):
-  """Reptile: FedAvg whose server step is SGD with rate ε = `reptile.outer_lr`."""
-  _refuse_ignored(config, "its own server step (reptile.outer_lr)", _plain_server(config))
-  return algorithms.reptile(model, client_tx, work, outer_lr=config.reptile.outer_lr, **kwargs)
-
-
-def _pfedme(config, model, work, kwargs):
-  """pFedMe from `config.pfedme`; η = `client.learning_rate`.
-
-  pFedMe fixes what other algorithms take from the config: plain SGD steps, cohorts
-  drawn uniformly, a uniform average and the server step β (`pfedme.beta`). Any
-  other setting of those keys is refused rather than ignored.
-  """
-  average = weighting_name(config)
-  if average not in PFEDME_AVERAGES:
-    raise ValueError(f"algorithm='pfedme' averages by one of {PFEDME_AVERAGES} "
-                     f"(aggregation.weighting, or default: uniform); got {average!r}.")
-  _refuse_ignored(config, "its own client step, sampling and server step (pfedme.beta), "
-                  "and no attack", {
-                      "corruption.attack_fraction": (config.corruption.attack_fraction, 0.0),
-                      "sampling": (config.get("sampling", "uniform"), "uniform"),
-                      "client.optimizer": (config.client.optimizer, "sgd"),
-                      "client.momentum": (config.client.get("momentum") or 0.0, 0.0),
-                      **_plain_server(config)})
-  c = config.pfedme
-  return algorithms.pfedme(
-      model, work if c.get("local_rounds") is None else LocalWork(
-          batch_size=config.client.batch_size, steps=c.local_rounds),
-      learning_rate=config.client.learning_rate,
-      personal_learning_rate=c.personal_learning_rate, lam=c.lam,
-      inner_steps=c.inner_steps, beta=c.beta, clients_per_round=config.clients_per_round,
-      average=average, strategy=config.strategy, client_chunk=config.get("client_chunk"),
-      mesh=kwargs["mesh"])
-
-
-def _mesh(num_devices):
-  """A `clients` mesh over `num_devices` devices, or None for one device."""
-  if not (isinstance(num_devices, int) and num_devices >= 1):
-    raise ValueError(f"num_devices must be an int >= 1; got {num_devices!r}.")
-  return distributed.client_mesh(num_devices) if num_devices > 1 else None
-
-
-def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
-                   *, proxy=None, attackers: np.ndarray | None = None) -> FederatedAlgorithm:
-  """The `FederatedAlgorithm` named by `config.algorithm`.
-
-  `config.sampling`: `uniform` cohorts, or `num_examples` (clients drawn with
-  probability ∝ n_i without replacement, as FedProx's code samples).
-  `config.aggregation.weighting`: see `make_weighting`.
-  """
-  sampling = config.get("sampling", "uniform")
-  probs = _pick({"uniform": None, "num_examples": np.asarray(train.num_examples, np.float64)},
-                sampling, "sampling")
-  kwargs = dict(
-      sampling_probs=probs,
-      clients_per_round=config.clients_per_round,
-      weighting=make_weighting(config, model, train, proxy, attackers),
-      strategy=config.strategy, client_chunk=config.get("client_chunk"),
-      mesh=_mesh(config.get("num_devices", 1)))
-  client_tx = make_optimizer(config.client, "client")
-  server_tx = make_optimizer(config.server, "server")
-  work = make_local_work(config.client)
-  if config.algorithm in ADAPTING and not config.personalization.finetune_steps:
-    raise ValueError(f"algorithm={config.algorithm!r} is evaluated after adaptation and needs "
-                     "personalization.finetune_steps > 0; got "
-                     f"{config.personalization.finetune_steps!r}.")
-  table = {
-      "fedavg": lambda: algorithms.fedavg(model, client_tx, server_tx, work, **kwargs),
-      # FedAvg's global model, fine-tuned by every client at each evaluation.
-      "finetune": lambda: algorithms.fedavg(model, client_tx, server_tx, work, **kwargs),
-      "fedprox": lambda: algorithms.fedprox(model, client_tx, server_tx, work,
-                                            mu=config.fedprox.mu, **kwargs),
-      "ditto": lambda: algorithms.ditto(model, client_tx, server_tx, work,
-                                        lam=config.ditto.lam, **kwargs),
-      # Personal layers: the model's last layer (its head) is personal / shared.
-      "fedper": lambda: algorithms.fedper(model, client_tx, server_tx, work, **kwargs),
-      "lg_fedavg": lambda: algorithms.lg_fedavg(model, client_tx, server_tx, work, **kwargs),
-      "pfedme": lambda: _pfedme(config, model, work, kwargs),
-      "apfl": lambda: algorithms.apfl(model, client_tx, server_tx, work,
-                                      alpha=config.apfl.alpha,
-                                      alpha_lr=config.apfl.get("alpha_lr"), **kwargs),
-      "per_fedavg": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
-                                        config.per_fedavg.hessian),
-      "per_fedavg_fo": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
-                                           "none"),
-      "per_fedavg_hf": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
-                                           "finite_difference"),
-      "reptile": lambda: _reptile(config, model, client_tx, work, kwargs),
-      "fedrep": lambda: algorithms.fedrep(
-          model, client_tx, server_tx, work,
-          head_work=LocalWork(batch_size=config.client.batch_size,
-                              steps=config.fedrep.head_steps), **kwargs),
-  }
-  return _pick(table, config.algorithm, "algorithm")()
-
-
-def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
-                           alg: FederatedAlgorithm, train: FederatedData, test: FederatedData):
-  """`fn(state) -> PersonalizedEval` (jitted), or None when nothing is personalized.
-
-  An algorithm with personal models (`alg.personal`, e.g. Ditto) is evaluated
-  with them. Otherwise, with `config.personalization.finetune_steps > 0`, every
-  client fine-tunes the global model for that many steps of
-  `personalization.optimizer` on its train split; the key depends on the seed
-  and the round only. Either way each client is tested on its test split.
-  """
-  c = config.get("personalization")
-  chunk = None if c is None else c.get("client_chunk")
-  if alg.personal is not None and c is not None and c.finetune_steps:
-    raise ValueError(
-        f"algorithm={config.algorithm!r} is evaluated with its clients' own models, not by "
-        f"fine-tuning; personalization.finetune_steps={c.finetune_steps!r} would be ignored: "
-        "set it to 0.")
-  if alg.personal is not None:
-    # The data are arguments, not closed-over constants (XLA would fold them).
-    fn = jax.jit(lambda state, test: personalization.evaluate_personal(
-        model, alg.personal(state), state.params, test, client_chunk=chunk))
-    return lambda state: fn(state, test)
-  if c is None or not c.finetune_steps:
-    return None
-  if not (isinstance(c.finetune_steps, int) and c.finetune_steps > 0):
-    raise ValueError(
-        f"personalization.finetune_steps must be an int >= 0; got {c.finetune_steps!r}.")
-  # Meta-SGD adapts with its learned per-parameter rates.
-  tx = personalization.meta_sgd_tx() if _meta_sgd(config) else make_optimizer(
-      c, "personalization")
-  work = LocalWork(batch_size=c.batch_size, steps=c.finetune_steps)
-  key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  fn = jax.jit(lambda state, train, test: personalization.personalize(
-      model, tx, state.params, train, test, jax.random.fold_in(key, state.round), work,
-      client_chunk=chunk))
-  return lambda state: fn(state, train, test)

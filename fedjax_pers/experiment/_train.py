@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 
 from fedjax_pers.core import FederatedData, evaluate, resolve_strategy, summarize
-from fedjax_pers.experiment import _checkpoint, _outputs, _registry
+from fedjax_pers.experiment import _algorithms, _checkpoint, _outputs, _registry
 from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
 
@@ -104,8 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("data: %s", padding["line"])
   if config.get("progress", True):
     print(f"data: {padding['line']}")
-  model = _registry.make_run_model(config, train.feature_shape, train.num_classes)
-  alg = _registry.make_algorithm(config, model, train, proxy=prepared.proxy,
+  model = _algorithms.make_run_model(config, train.feature_shape, train.num_classes)
+  alg = _algorithms.make_algorithm(config, model, train, proxy=prepared.proxy,
                                  attackers=prepared.attackers)
 
   state = alg.init(jax.random.key(config.seed), train)
@@ -125,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   round_fn = jax.jit(alg.round)
   eval_fn = jax.jit(lambda params, data: evaluate(model, params, data))
   test_eval, train_eval = _for_evaluation(test), _for_evaluation(train)
-  pers_fn = _registry.make_personalized_eval(config, model, alg, train, test)
+  pers_fn = _algorithms.make_personalized_eval(config, model, alg, train, test)
   strategy = resolve_strategy(config.strategy, state.params)
 
   def evaluate_now(state, train_losses):
