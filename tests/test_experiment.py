@@ -73,10 +73,27 @@ def test_resume_from_checkpoint(tmp_path):
   # A straight 6-round run ends in the same place.
   s3 = train_and_evaluate(c, str(tmp_path / "straight"))
   assert s3["final_test_accuracy"] == pytest.approx(s2["final_test_accuracy"], abs=1e-6)
-  # A different run in the same workdir is refused, not mixed with the old one.
+  # How clients execute may change; a different run in the same workdir is refused.
+  c.strategy, c.num_rounds = "scan", 7
+  assert train_and_evaluate(c, str(tmp_path))["rounds"] == 7
   c.client.learning_rate = 0.5
   with pytest.raises(ValueError, match=r"different config \(client.learning_rate: 0.01 -> 0.5\)"):
     train_and_evaluate(c, str(tmp_path))
+
+
+def test_check_same_run_ignores_the_comparison_and_execution_keys(tmp_path):
+  import ml_collections
+
+  from fedjax_pers.experiment._checkpoint import check_same_run
+  c = tiny_config()
+  c.compare = ml_collections.ConfigDict({"target_accuracy": 0.7, "strategies": ("a: x=1",)})
+  check_same_run(str(tmp_path), c, resuming=False)
+  c.compare.target_accuracy, c.compare.strategies = 0.5, ("a: x=1", "b: x=2")
+  c.personalization.client_chunk, c.client_chunk = 1, 2
+  check_same_run(str(tmp_path), c, resuming=True)        # the same run, in a larger table
+  c.data.num_clients = 9
+  with pytest.raises(ValueError, match="data.num_clients: 8 -> 9"):
+    check_same_run(str(tmp_path), c, resuming=True)
 
 
 def test_momentum_needs_a_rate_and_only_where_it_applies():

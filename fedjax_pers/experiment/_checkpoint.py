@@ -38,9 +38,12 @@ def restore_latest(mngr: ocp.CheckpointManager, like: ServerState) -> ServerStat
   return restored._replace(rng=jax.random.wrap_key_data(restored.rng))
 
 
-# Keys a resumed run may change: they say how long to run and what to print, not what
-# the rounds compute.
-RESUMABLE_KEYS = ("num_rounds", "eval_every", "eval_train", "checkpoint_every", "progress")
+# Keys a resumed run may change: they say how long to run, what to print, and how the
+# clients are executed (up to float rounding), not what the rounds compute; `compare.*`
+# describes the comparison a run belongs to.
+RESUMABLE_KEYS = ("num_rounds", "eval_every", "eval_train", "checkpoint_every", "progress",
+                  "strategy", "client_chunk", "num_devices", "personalization.client_chunk")
+RESUMABLE_SECTIONS = ("compare.",)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -57,9 +60,9 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: bo
   """Records `config` in `workdir/config.json`; refuses to resume a different run.
 
   A workdir with checkpoints resumes its run. If its recorded config differs
-  from `config` in any key but `RESUMABLE_KEYS`, restoring would report the old
-  run's results under the new config, so this raises `ValueError` naming the
-  keys instead.
+  from `config` in any key but `RESUMABLE_KEYS` and `RESUMABLE_SECTIONS`,
+  restoring would report the old run's results under the new config, so this
+  raises `ValueError` naming the keys instead.
   """
   path = os.path.join(workdir, "config.json")
   now = json.loads(config.to_json_best_effort())
@@ -68,7 +71,8 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: bo
       before = _flat(json.load(f))
     after = _flat(now)
     changed = sorted(k for k in set(before) | set(after)
-                     if k not in RESUMABLE_KEYS and before.get(k) != after.get(k))
+                     if k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_SECTIONS)
+                     and before.get(k) != after.get(k))
     if changed:
       diffs = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:8])
       raise ValueError(
