@@ -121,3 +121,34 @@ def test_adaptive_alpha_from_the_config(tmp_path):
   c.apfl.alpha_lr = -1.0
   with pytest.raises(ValueError, match="alpha_lr"):
     make_algorithm(c, model, data.train)
+
+
+def test_float64_rounds_of_apfl_and_pfedme_match_float32():
+  # Float64 parameters flow through both local loops (loss sums, counts, α) unchanged.
+  def run(make, x64):
+    with jax.enable_x64(x64):
+      data = small_data(num_clients=4)
+      alg = make()
+      state = alg.init(jax.random.key(0), data)
+      if x64:
+        state = state._replace(
+            params=jax.tree.map(lambda p: p.astype(np.float64), state.params),
+            client_states=jax.tree.map(lambda p: p.astype(np.float64), state.client_states),
+            opt_state=alg.init(jax.random.key(0), data).opt_state)
+      state, m = jax.jit(alg.round)(state, data)
+      return state, m
+
+  makers = [
+      lambda: apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, alpha=0.3, alpha_lr=0.5,
+                   clients_per_round=2),
+      lambda: fp.algorithms.pfedme(logreg(), WORK, learning_rate=0.05,
+                                   personal_learning_rate=0.05, lam=5.0, inner_steps=2,
+                                   clients_per_round=2)]
+  for make in makers:
+    s32, m32 = run(make, False)
+    s64, m64 = run(make, True)
+    assert jax.tree.leaves(s64.params)[0].dtype == np.float64
+    for a, b in zip(jax.tree.leaves((s32.params, s32.client_states)),
+                    jax.tree.leaves((s64.params, s64.client_states))):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(m32.client_train_loss, m64.client_train_loss, rtol=1e-5)

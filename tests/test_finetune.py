@@ -110,9 +110,14 @@ def test_finetune_algorithm_from_the_cli_config(tmp_path):
     train_and_evaluate(c, str(tmp_path / "again"))
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_blockwise_evaluation_of_long_padded_clients_matches_numpy(chunk):
+@pytest.mark.parametrize("chunk,x64", [(1, False), (3, False), (1, True)])
+def test_blockwise_evaluation_of_long_padded_clients_matches_numpy(chunk, x64):
   # Rows longer than EVAL_BLOCK are read block by block up to each client's own n.
+  with jax.enable_x64(x64):
+    _blockwise_case(chunk, x64)
+
+
+def _blockwise_case(chunk, x64):
   from fedjax_pers.personalization._finetune import EVAL_BLOCK
 
   sizes = [EVAL_BLOCK * 2 + 44, 5, EVAL_BLOCK + 1]
@@ -122,8 +127,11 @@ def test_blockwise_evaluation_of_long_padded_clients_matches_numpy(chunk):
   data = fp.FederatedData.from_clients(xs, ys, num_classes=3)
   model = fp.models.logistic_regression((4,), 3)
   params = model.init(jax.random.key(0))
+  if x64:
+    params = jax.tree.map(lambda p: p.astype(np.float64), params)
   ev = jax.jit(lambda p: personalize(model, optax.sgd(0.1), p, data, data, jax.random.key(1),
                                      None, client_chunk=chunk))(params)
+  assert ev.global_.loss.dtype == (np.float64 if x64 else np.float32)
   w = np.asarray(params["Dense_0"]["kernel"], np.float64)
   b = np.asarray(params["Dense_0"]["bias"], np.float64)
   for c, (x, y) in enumerate(zip(xs, ys)):

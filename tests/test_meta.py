@@ -345,8 +345,11 @@ def test_meta_algorithms_run_from_configs(tmp_path, algorithm, meta_sgd):
     train_and_evaluate(c, str(tmp_path / "no_adaptation"))
   if algorithm in ("per_fedavg_fo", "per_fedavg_hf"):   # the name fixes the Hessian term
     c.personalization.finetune_steps, c.per_fedavg.hessian = 1, "autodiff"
-    with pytest.raises(ValueError, match="per_fedavg.hessian must be 'exact'"):
+    with pytest.raises(ValueError, match="per_fedavg.hessian must be left at 'exact'"):
       train_and_evaluate(c, str(tmp_path / "hessian"))
+    c.per_fedavg.hessian = "none" if algorithm == "per_fedavg_fo" else "finite_difference"
+    c.num_rounds = 1                                    # its own value is accepted
+    assert train_and_evaluate(c, str(tmp_path / "own_hessian"))["rounds"] == 1
   if algorithm == "reptile":   # its server step is reptile.outer_lr, not config.server
     c.personalization.finetune_steps, c.server.learning_rate = 1, 0.5
     with pytest.raises(ValueError, match="server.learning_rate must be 1.0; got 0.5"):

@@ -89,6 +89,8 @@ def apfl(
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
   check_no_client_losses(aggregator, "apfl")
 
+  a_mix = (lambda a: alpha) if alpha_lr is None else (lambda a: a)
+
   def make_client(data: FederatedData):
     def client_update(params, client, key):
       k_plan, k_train = jax.random.split(key)
@@ -104,9 +106,10 @@ def apfl(
         idx, mb, k = inputs
         xb, yb = client.x[idx], client.y[idx]
         (_, total), gw = jax.value_and_grad(loss, has_aux=True)(w, xb, yb, mb, k)
-        g_mix = jax.grad(lambda p: loss(p, xb, yb, mb, k)[0])(mix(a, v, w))
+        # A fixed α mixes as the Python number (bitwise the pre-adaptive results).
+        g_mix = jax.grad(lambda p: loss(p, xb, yb, mb, k)[0])(mix(a_mix(a), v, w))
         uw, sw2 = client_tx.update(gw, sw, w)
-        uv, sv2 = client_tx.update(jax.tree.map(lambda g: a * g, g_mix), sv, v)
+        uv, sv2 = client_tx.update(jax.tree.map(lambda g: a_mix(a) * g, g_mix), sv, v)
         if alpha_lr is not None:
           g_alpha = sum(jnp.vdot(vi - wi, gi) for vi, wi, gi in zip(
               jax.tree.leaves(v), jax.tree.leaves(w), jax.tree.leaves(g_mix)))
@@ -118,10 +121,10 @@ def apfl(
         w2 = jax.tree.map(keep, optax.apply_updates(w, uw), w)
         v2 = jax.tree.map(keep, optax.apply_updates(v, uv), v)
         sw2, sv2 = jax.tree.map(keep, sw2, sw), jax.tree.map(keep, sv2, sv)
-        return (w2, v2, keep(a2, a), sw2, sv2, loss_sum + total, count + jnp.sum(mb),
-                steps + active), None
+        return (w2, v2, keep(a2, a), sw2, sv2, loss_sum + total,
+                count + jnp.sum(mb, dtype=jnp.int32), steps + active), None
 
-      zero = jnp.zeros((), jnp.float32)
+      zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
       izero = jnp.zeros((), jnp.int32)
       own = client.state
       init = (params, own.v, own.alpha, client_tx.init(params), client_tx.init(own.v),
@@ -139,7 +142,7 @@ def apfl(
 
   def personal(state: ServerState):
     own = state.client_states
-    return jax.vmap(lambda v, a: mix(a, v, state.params))(own.v, own.alpha)
+    return jax.vmap(lambda v, a: mix(a_mix(a), v, state.params))(own.v, own.alpha)
 
   def client_states(params, n):
     dtype = jax.tree.leaves(params)[0].dtype

@@ -139,9 +139,9 @@ def pfedme(
         total = batch_loss(theta)[1]
         theta, _ = jax.lax.scan(inner, theta, None, length=inner_steps)
         w = jax.tree.map(lambda a, b: a - learning_rate * lam * (a - b), w, theta)
-        return (theta, w, loss_sum + total, count + jnp.sum(mb)), None
+        return (theta, w, loss_sum + total, count + jnp.sum(mb, dtype=jnp.int32)), None
 
-      zero = jnp.zeros((), jnp.float32)
+      zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
       (theta, w, loss_sum, count), _ = jax.lax.scan(
           local_round, (params, params, zero, jnp.zeros((), jnp.int32)),
           (plan.idx, plan.mask, keys))

@@ -43,9 +43,11 @@ def _per_fedavg(config, model, client_tx, server_tx, work, kwargs, hessian):
   `_hf` names fix their own.
   """
   c = config.per_fedavg
-  if config.algorithm != "per_fedavg":
-    _refuse_ignored(config, "its own Hessian term", {"per_fedavg.hessian": (c.hessian,
-                                                                             "exact")})
+  if config.algorithm != "per_fedavg" and c.hessian not in ("exact", hessian):
+    raise ValueError(
+        f"algorithm={config.algorithm!r} fixes its Hessian term (hessian={hessian!r}); "
+        f"per_fedavg.hessian must be left at 'exact' (the default) or be {hessian!r}; got "
+        f"{c.hessian!r}.")
   return algorithms.per_fedavg(
       model, client_tx, server_tx, work, inner_lr=c.inner_lr, hessian=hessian,
       delta=c.delta, inner_steps=c.inner_steps, meta_sgd=c.meta_sgd, remat=c.remat, **kwargs)
@@ -65,8 +67,7 @@ def _refuse_ignored(config, what: str, fixed: Mapping[str, tuple[Any, Any]]) -> 
   for key, (value, implied) in fixed.items():
     if value != implied:
       raise ValueError(f"algorithm={config.algorithm!r} has {what}; {key} must be {implied!r}"
-                       f"{' (or default)' if key == 'aggregation.weighting' else ''}; got "
-                       f"{value!r}.")
+                       f"; got {value!r}.")
 
 
 def _reptile(config, model, client_tx, work, kwargs):

@@ -195,8 +195,9 @@ def comparison_table(out: dict[str, Any]) -> str:
     lines.append("personalized: the clients' own models (fine-tuned, adapted or personal) "
                  "on their test splits, after the last round.")
   if versus:
-    lines.append(f"clients better / tied vs {res[0]['label']}: client by client, each "
-                 "strategy's personalized accuracy where it has one, else its global model's.")
+    lines.append(f"clients better / tied vs {res[0]['label']}: client by client over all "
+                 "clients (corrupted ones included), each strategy's personalized accuracy "
+                 "where it has one, else its global model's.")
   return "\n".join(lines)
 
 

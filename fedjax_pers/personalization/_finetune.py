@@ -86,7 +86,8 @@ def _client_eval(model, params, x, y, n, blockwise=False):
     return (i + 1, loss_sum + jnp.sum(jnp.where(valid, model.loss(logits, yb), 0.0)),
             acc_sum + jnp.sum(jnp.where(valid, model.metrics(logits, yb), 0.0)))
 
-  zero = jnp.zeros((), jnp.float32)
+  dtype = jax.eval_shape(lambda: model.loss(model.apply(params, x[:size]), y[:size])).dtype
+  zero = jnp.zeros((), dtype)
   _, loss_sum, acc_sum = jax.lax.while_loop(lambda c: c[0] * size < n, body,
                                             (jnp.zeros((), jnp.int32), zero, zero))
   denom = jnp.maximum(n, 1).astype(jnp.float32)
