@@ -27,50 +27,43 @@ def test_global_model_follows_fedavg_exactly():
   np.testing.assert_allclose(ma.client_train_loss, mf.client_train_loss, rtol=1e-5)
 
 
-def test_one_personal_step_matches_numpy():
+def one_step(alpha, lr, alpha_lr=None, shift=lambda v: v + 0.2):
+  """One APFL round of one client and one batch from a shifted v: the state before and
+  after, and float64 NumPy copies of the batch, w, b and the client's v (kernel, bias)."""
   data = small_data(num_clients=1, sizes=[7])
   work = fp.LocalWork(4, steps=1)
-  alpha, lr = 0.4, 0.3
-  alg = apfl(logreg(), optax.sgd(lr), optax.sgd(1.0), work, alpha=alpha, clients_per_round=1)
+  alg = apfl(logreg(), optax.sgd(lr), optax.sgd(1.0), work, alpha=alpha, alpha_lr=alpha_lr,
+             clients_per_round=1)
   s0 = alg.init(jax.random.key(1), data)
   own = s0.client_states
-  s0 = s0._replace(client_states=own._replace(v=jax.tree.map(lambda v: v + 0.2, own.v)))
+  s0 = s0._replace(client_states=own._replace(v=jax.tree.map(shift, own.v)))
   s1, _ = jax.jit(alg.round)(s0, data)
   plan = engine_plan(s0.rng, data, work)
   sel = np.asarray(plan.idx[0])[np.asarray(plan.mask[0])]
   x, y = np.asarray(data.x[0], np.float64)[sel], np.asarray(data.y[0])[sel]
-  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
-  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
-  v = np.asarray(s0.client_states.v["Dense_0"]["kernel"][0], np.float64)
-  c = np.asarray(s0.client_states.v["Dense_0"]["bias"][0], np.float64)
+  f64 = lambda a: np.asarray(a, np.float64)
+  dense, own_dense = s0.params["Dense_0"], s0.client_states.v["Dense_0"]
+  return (alg, s1, x, y, f64(dense["kernel"]), f64(dense["bias"]), f64(own_dense["kernel"][0]),
+          f64(own_dense["bias"][0]))
+
+
+def test_one_personal_step_matches_numpy():
+  alpha, lr = 0.4, 0.3
+  _, s1, x, y, w, b, v, c = one_step(alpha, lr)
   mw, mb = alpha * v + (1 - alpha) * w, alpha * c + (1 - alpha) * b
   gw, gb = logreg_grad(mw, mb, x, y)
-  v_new = v - lr * alpha * gw
-  c_new = c - lr * alpha * gb
-  np.testing.assert_allclose(s1.client_states.v["Dense_0"]["kernel"][0], v_new, atol=1e-5)
-  np.testing.assert_allclose(s1.client_states.v["Dense_0"]["bias"][0], c_new, atol=1e-5)
+  np.testing.assert_allclose(s1.client_states.v["Dense_0"]["kernel"][0], v - lr * alpha * gw,
+                             atol=1e-5)
+  np.testing.assert_allclose(s1.client_states.v["Dense_0"]["bias"][0], c - lr * alpha * gb,
+                             atol=1e-5)
   assert float(s1.client_states.alpha[0]) == pytest.approx(alpha)     # fixed without alpha_lr
 
 
 @pytest.mark.parametrize("alpha_lr", [0.05, 50.0])
 def test_adaptive_alpha_step_matches_numpy_and_finite_differences(alpha_lr):
-  data = small_data(num_clients=1, sizes=[7])
-  work = fp.LocalWork(4, steps=1)
   lr, alpha = 0.3, 0.4
-  alg = apfl(logreg(), optax.sgd(lr), optax.sgd(1.0), work, alpha=alpha, alpha_lr=alpha_lr,
-             clients_per_round=1)
-  s0 = alg.init(jax.random.key(1), data)
-  own = s0.client_states
   noise = lambda v: v + 0.5 * np.random.default_rng(3).normal(size=v.shape).astype(v.dtype)
-  s0 = s0._replace(client_states=own._replace(v=jax.tree.map(noise, own.v)))
-  s1, _ = jax.jit(alg.round)(s0, data)
-  plan = engine_plan(s0.rng, data, work)
-  sel = np.asarray(plan.idx[0])[np.asarray(plan.mask[0])]
-  x, y = np.asarray(data.x[0], np.float64)[sel], np.asarray(data.y[0])[sel]
-  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
-  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
-  v = np.asarray(s0.client_states.v["Dense_0"]["kernel"][0], np.float64)
-  c = np.asarray(s0.client_states.v["Dense_0"]["bias"][0], np.float64)
+  alg, s1, x, y, w, b, v, c = one_step(alpha, lr, alpha_lr, shift=noise)
   mixed = lambda a: (a * v + (1 - a) * w, a * c + (1 - a) * b)
   gw, gb = logreg_grad(*mixed(alpha), x, y)
   g_alpha = np.sum((v - w) * gw) + np.sum((c - b) * gb)
