@@ -34,6 +34,12 @@ class SampledState(NamedTuple):
 AVERAGES = ("uniform", "num_examples")
 
 
+def check_average(average: str) -> None:
+  """Raises `ValueError` unless `average` names one of pFedMe's server averages."""
+  if average not in AVERAGES:
+    raise ValueError(f"average must be one of {AVERAGES}; got {average!r}.")
+
+
 def sampled_mean(clients_per_round: int, num_clients: int,
                  average: str = "uniform") -> Aggregator:
   """All clients train; the server averages the updates of `clients_per_round` of them.
@@ -44,8 +50,7 @@ def sampled_mean(clients_per_round: int, num_clients: int,
   data size (`'num_examples'`). The reported weights are zero for the clients
   not drawn.
   """
-  if average not in AVERAGES:
-    raise ValueError(f"average must be one of {AVERAGES}; got {average!r}.")
+  check_average(average)
 
   def apply(outputs, state, params):
     del params
@@ -115,8 +120,7 @@ def pfedme(
     raise ValueError(f"inner_steps (K) must be an int >= 1; got {inner_steps!r}.")
   if not (isinstance(beta, (int, float)) and 0 < beta < 2):
     raise ValueError(f"beta must be in (0, 2); got {beta!r}.")
-  aggregator = lambda n: sampled_mean(clients_per_round, n, average)
-  aggregator(clients_per_round)   # checks `average` before compiling
+  check_average(average)
 
   def make_client(data: FederatedData):
     def client_update(params, client, key):
@@ -160,7 +164,7 @@ def pfedme(
   def round_fn(state: ServerState, data: FederatedData):
     check_cohort(clients_per_round, data.num_clients)
     full = make_round(   # every client trains; `sampled_mean` picks whose w is averaged
-        make_client, aggregator(data.num_clients), server_tx,
+        make_client, sampled_mean(clients_per_round, data.num_clients, average), server_tx,
         clients_per_round=data.num_clients, strategy=strategy, client_chunk=client_chunk,
         mesh=mesh)
     return full(state, data)
