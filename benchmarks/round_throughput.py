@@ -3,8 +3,11 @@
 What is measured
 ----------------
 For each workload, `fedjax_pers.algorithms.fedavg` is built once per client
-strategy (`vmap`, `chunked` with 10 and 25 clients per chunk, `scan`, `auto`)
-and its round is compiled whole with `jax.jit(alg.round)`. The first call
+strategy (`padded`: every client runs the longest client's steps, masked, the
+differentiable path and what every strategy did before the engine learned to
+stop each client at its own last step; `vmap`; `chunked` with 10 and 25
+clients per chunk; `scan`; `lanes`; `auto`), each an `fp.Execution`, and its
+round is compiled whole with `jax.jit(alg.round)`. The first call
 (compile + one round) is timed on its own and excluded; then `--rounds` rounds
 are timed one by one (`time.perf_counter` around the call and
 `jax.block_until_ready` on the new state) and the median is reported. Timed
@@ -13,11 +16,13 @@ every row, then round 2, ...), so a slow phase of a shared machine is spread
 over all rows rather than charged to one.
 
 The `baseline` row runs the same FedAvg round the way FedJAX's default backend
-does: a Python loop over clients and, inside it, over local steps, each step one
-call of a jitted `step(params, opt_state, xb, yb)`, with batches gathered in
-NumPy from a per-client permutation reshuffled every epoch; after the loop a
-jitted function averages the deltas weighted by `num_examples` and applies the
-server optimizer. Its compile is excluded the same way (one warm-up round).
+does: a Python loop over the round's clients (the same cohorts as the engine
+draws) and, inside it, over local steps, each step one call of a jitted
+`step(params, opt_state, xb, yb)` on exactly the client's real examples (a last
+partial batch per epoch is a smaller call), with batches gathered in NumPy from
+a per-client permutation reshuffled every epoch; after the loop a jitted
+function averages the deltas weighted by `num_examples` and applies the server
+optimizer. Its compile is excluded the same way (one warm-up round).
 
 Workloads (random features, seeded; labels uniform in [0, 10)):
   w1: 100 clients x 200 examples, 60 features, logistic regression,
@@ -25,20 +30,30 @@ Workloads (random features, seeded; labels uniform in [0, 10)):
       matmuls: per-call overhead dominates.
   w2: 100 clients x 200 examples, 784 features, MLP 784-200-200-10,
       batch 20 x 10 local steps, client sgd(0.1), server sgd(1.0). Compute bound.
-All 100 clients train every round.
+  w3: w1's model with skewed clients: 100 clients of clip(round(exp(N(log 148,
+      1))), 10, 2000) examples (seed 0), 2 local epochs of batch 20, client
+      sgd(0.01), server sgd(1.0).
+  fedprox: `configs/synthetic_fedprox.py`'s round (Synthetic(1, 1), 30 clients
+      of 45 to 4,645 examples, 10 per round, 20 epochs of batch 10, FedProx
+      mu = 1), built from the config by the experiment's own registry.
+In w1, w2 and w3 all 100 clients train every round.
 
 Reading the output
 ------------------
 * `round s (median)` is the median seconds per round, `round s (min)` the
   fastest; `first call s` is the first call (compile + one round).
 * `speedup` is baseline seconds / strategy seconds (> 1: faster than the loop).
+* `real steps` counts, over the round's clients, the local steps that hold a
+  real example; `executed` the client-steps the compiled round computed
+  (padded steps, or lane-steps; `RoundMetrics.executed_steps`); `exec/real`
+  is the round's overhead (1.00: no step wasted).
 * `flop_frac` (w2 only) is the fraction of the float32 matmul floor reached:
   (FLOPs per round / measured matmul FLOP rate) / round seconds. FLOPs per round
   count three matmul passes (forward, gradient wrt inputs, gradient wrt weights)
   of every dense layer for every local step of every client; elementwise work,
   sampling and aggregation are not counted. The rate is measured in the same
   process by timing a jitted 2048x2048 @ 2048x2048 float32 matmul.
-* The header line names the strategy that `auto` resolved to.
+* The header line names the plan `auto` resolved to on one device and sharded.
 
 Devices: on CPU the script splits the machine into `--devices` XLA devices
 (default: one per core, via `XLA_FLAGS=--xla_force_host_platform_device_count`,
@@ -48,7 +63,8 @@ cohort is sharded over the devices and independent clients run on every core.
 `auto` is compared with the best row of the same device setting.
 
 Usage:
-  python benchmarks/round_throughput.py [--workload w1|w2] [--rounds N] [--devices N] [--json]
+  python benchmarks/round_throughput.py [--workload w1|w2|w3|fedprox] [--rounds N]
+      [--devices N] [--json]
 
 With `--json`, each row is one JSON object per line on stdout (keys `workload`,
 `strategy`, `round_s_median`, ...); progress goes to stderr.
@@ -86,20 +102,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import fedjax_pers as fp
 from fedjax_pers.algorithms import fedavg
-from fedjax_pers.core import FederatedData, LocalWork, Model, resolve_strategy
+from fedjax_pers.core import FederatedData, LocalWork, Model
 from fedjax_pers.distributed import client_mesh
 from fedjax_pers.models import logistic_regression, mlp
 
 Params = Any
 MATMUL_N = 2048
-# (row name, strategy, client_chunk)
-STRATEGY_ROWS: tuple[tuple[str, str, int | None], ...] = (
-    ("vmap", "vmap", None),
-    ("chunked10", "chunked", 10),
-    ("chunked25", "chunked", 25),
-    ("scan", "scan", None),
-    ("auto", "auto", None),
+# (row name, Execution options)
+STRATEGY_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("padded", dict(strategy="vmap", differentiable=True)),
+    ("vmap", dict(strategy="vmap")),
+    ("chunked10", dict(strategy="chunked", client_chunk=10)),
+    ("chunked25", dict(strategy="chunked", client_chunk=25)),
+    ("scan", dict(strategy="scan")),
+    ("lanes", dict(strategy="lanes")),
+    ("auto", dict()),
 )
 
 
@@ -107,9 +126,10 @@ class Workload(NamedTuple):
   """One benchmark configuration.
 
   Attributes:
-    name: `w1` or `w2`.
-    num_clients: Clients (all of them train every round).
-    examples: Examples per client.
+    name: `w1`, `w2`, `w3` or `fedprox`.
+    num_clients: Clients.
+    clients_per_round: Clients per round.
+    examples: Examples per client (the median with `size_sigma`).
     features: Feature dimension.
     num_classes: Label classes.
     hidden: Hidden widths of the MLP (`()`: logistic regression).
@@ -117,10 +137,14 @@ class Workload(NamedTuple):
     client_lr: Client SGD learning rate.
     server_lr: Server SGD learning rate.
     flop_floor: Whether to report the fraction of the matmul FLOP floor.
+    size_sigma: Clients hold clip(round(exp(N(log examples, σ))), 10, 2000)
+      examples (seed 0), or all `examples` if None.
+    prox_mu: FedProx's μ (None: FedAvg).
   """
 
   name: str
   num_clients: int
+  clients_per_round: int
   examples: int
   features: int
   num_classes: int
@@ -129,13 +153,20 @@ class Workload(NamedTuple):
   client_lr: float
   server_lr: float
   flop_floor: bool
+  size_sigma: float | None = None
+  prox_mu: float | None = None
 
 
 WORKLOADS: dict[str, Workload] = {
-    "w1": Workload("w1", 100, 200, 60, 10, (), LocalWork(batch_size=20, steps=20),
+    "w1": Workload("w1", 100, 100, 200, 60, 10, (), LocalWork(batch_size=20, steps=20),
                    0.01, 1.0, False),
-    "w2": Workload("w2", 100, 200, 784, 10, (200, 200), LocalWork(batch_size=20, steps=10),
-                   0.1, 1.0, True),
+    "w2": Workload("w2", 100, 100, 200, 784, 10, (200, 200),
+                   LocalWork(batch_size=20, steps=10), 0.1, 1.0, True),
+    "w3": Workload("w3", 100, 100, 148, 60, 10, (), LocalWork(batch_size=20, epochs=2),
+                   0.01, 1.0, False, size_sigma=1.0),
+    # Data and sizes come from the config (see `fedprox_data`); these fields describe it.
+    "fedprox": Workload("fedprox", 30, 10, 0, 60, 10, (), LocalWork(batch_size=10, epochs=20),
+                        0.01, 1.0, False, prox_mu=1.0),
 }
 
 
@@ -149,6 +180,9 @@ class Row(NamedTuple):
   first_call_s: float
   rounds_timed: int
   round_s_all: list[float]
+  real_steps: int
+  executed_steps: int
+  plan: str
 
 
 # ----------------------------------------------------------------------------- setup
@@ -160,22 +194,46 @@ def make_model(w: Workload) -> Model:
   return logistic_regression((w.features,), w.num_classes)
 
 
+def client_sizes(w: Workload, seed: int = 0) -> np.ndarray:
+  """Examples per client: `w.examples` each, or w3's seeded log-normal sizes."""
+  if w.size_sigma is None:
+    return np.full(w.num_clients, w.examples)
+  rng = np.random.default_rng(seed)
+  draw = np.exp(rng.normal(np.log(w.examples), w.size_sigma, w.num_clients))
+  return np.clip(np.round(draw), 10, 2000).astype(int)
+
+
 def make_client_arrays(w: Workload, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """Seeded random features and labels, one array pair per client."""
+  if w.name == "fedprox":
+    train = fedprox_data()
+    return ([train.client(c)[0] for c in range(train.num_clients)],
+            [train.client(c)[1] for c in range(train.num_clients)])
   rng = np.random.default_rng(seed)
-  xs = [rng.standard_normal((w.examples, w.features)).astype(np.float32)
-        for _ in range(w.num_clients)]
-  ys = [rng.integers(0, w.num_classes, w.examples).astype(np.int32)
-        for _ in range(w.num_clients)]
+  sizes = client_sizes(w, seed)
+  xs = [rng.standard_normal((n, w.features)).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, w.num_classes, n).astype(np.int32) for n in sizes]
   return xs, ys
 
 
-def round_flops(w: Workload) -> float:
-  """Matmul FLOPs of one round: 3 passes per dense layer per step, all clients."""
+def fedprox_config():
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from configs.synthetic_fedprox import get_config
+
+  return get_config()
+
+
+def fedprox_data() -> FederatedData:
+  from fedjax_pers.experiment import _registry
+
+  return _registry.prepare_data(fedprox_config()).train
+
+
+def round_flops(w: Workload, steps: int) -> float:
+  """Matmul FLOPs of one round: 3 passes per dense layer per real step."""
   dims = (w.features, *w.hidden, w.num_classes)
   macs = sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
-  b = w.work.batch_size
-  return 2.0 * b * macs * 3 * w.work.steps * w.num_clients
+  return 2.0 * w.work.batch_size * macs * 3 * steps
 
 
 def matmul_flop_rate(n: int = MATMUL_N, runs: int = 7) -> float:
@@ -199,15 +257,16 @@ def matmul_flop_rate(n: int = MATMUL_N, runs: int = 7) -> float:
 class Runner:
   """One strategy's round function and its evolving state, timed call by call."""
 
-  def __init__(self, name: str, run_round: Callable[[Any], Any], state: Any):
-    self.name, self.run_round, self.state = name, run_round, state
+  def __init__(self, name: str, run_round: Callable[[Any], Any], state: Any, plan: str = ""):
+    self.name, self.run_round, self.state, self.plan = name, run_round, state, plan
     self.first_call_s = math.nan
     self.times: list[float] = []
+    self.steps = (0, 0)
 
   def call(self) -> float:
     """Runs one round to completion; returns its wall-clock seconds."""
     t0 = time.perf_counter()
-    self.state = jax.block_until_ready(self.run_round(self.state))
+    self.state, self.steps = jax.block_until_ready(self.run_round(self.state))
     return time.perf_counter() - t0
 
   def warm_up(self) -> None:
@@ -218,16 +277,32 @@ class Runner:
     self.times.append(self.call())
 
 
-def strategy_runner(w: Workload, model: Model, data: FederatedData, name: str, strategy: str,
-                    client_chunk: int | None, devices: int = 1) -> Runner:
-  """A `Runner` of `jax.jit(fedavg(...).round)`, sharded over `devices` if > 1."""
+def describe(plan) -> str:
+  return plan.strategy + (f"({plan.lanes} lanes)" if plan.strategy == "lanes" else "")
+
+
+def strategy_runner(w: Workload, model: Model, data: FederatedData, name: str,
+                    options: dict[str, Any], devices: int = 1) -> Runner:
+  """A `Runner` of `jax.jit(alg.round)` with `Execution(**options)`, sharded if `devices > 1`."""
   mesh = client_mesh(devices) if devices > 1 else None
-  alg = fedavg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr), w.work,
-               clients_per_round=w.num_clients, strategy=strategy, client_chunk=client_chunk,
-               mesh=mesh)
+  execution = fp.Execution(mesh=mesh, **options)
+  if w.name == "fedprox":   # the config's algorithm (FedProx, weights n_i), this execution
+    c = fedprox_config()
+    alg = fp.algorithms.fedprox(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr), w.work,
+                                mu=c.fedprox.mu, clients_per_round=c.clients_per_round,
+                                execution=execution)
+  else:
+    alg = fedavg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr), w.work,
+                 clients_per_round=w.clients_per_round, prox_mu=w.prox_mu, execution=execution)
   name = f"{name}@{devices}dev" if devices > 1 else name
   round_fn = jax.jit(alg.round)
-  return Runner(name, lambda s: round_fn(s, data)[0], alg.init(jax.random.key(0), data))
+  state = alg.init(jax.random.key(0), data)
+
+  def run(s):
+    s, m = round_fn(s, data)
+    return s, (m.real_steps, m.executed_steps)
+
+  return Runner(name, run, state, describe(alg.plan(state.params, data)))
 
 
 def time_interleaved(runners: Sequence[Runner], rounds: Sequence[int]) -> None:
@@ -253,18 +328,30 @@ class LoopState(NamedTuple):
   params: Params
   opt_state: Any
   rng: np.random.Generator
+  key: jax.Array
+  steps: tuple[int, int]
 
 
 def make_baseline(w: Workload, model: Model, xs: Sequence[np.ndarray],
                   ys: Sequence[np.ndarray]) -> tuple[Callable[[LoopState], LoopState], LoopState]:
-  """FedJAX-style round: Python loops over clients and steps, jitted per-batch step."""
+  """FedJAX-style round: Python loops over clients and steps, jitted per-batch step.
+
+  The cohorts are the engine's (`sample_clients` on the same key sequence);
+  every step is one call on exactly its real examples.
+  """
   client_tx, server_tx = optax.sgd(w.client_lr), optax.sgd(w.server_lr)
-  b, steps = w.work.batch_size, w.work.steps
-  n = np.array([len(y) for y in ys], np.float32)
+  b = w.work.batch_size
+  n_all = np.array([len(y) for y in ys], np.float32)
+  mu = w.prox_mu
 
   @jax.jit
-  def step(params, opt_state, xb, yb):
-    loss_fn = lambda p: jnp.mean(model.loss(model.apply(p, xb, train=True), yb))
+  def step(params, opt_state, anchor, xb, yb):
+    def loss_fn(p):
+      loss = jnp.mean(model.loss(model.apply(p, xb, train=True), yb))
+      if mu is not None:
+        loss = loss + 0.5 * mu * sum(jnp.sum((a - c) ** 2) for a, c in zip(
+            jax.tree.leaves(p), jax.tree.leaves(anchor)))
+      return loss
     grads = jax.grad(loss_fn)(params)
     updates, opt_state = client_tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -279,32 +366,43 @@ def make_baseline(w: Workload, model: Model, xs: Sequence[np.ndarray],
     return optax.apply_updates(params, updates), opt_state
 
   def batches(rng: np.random.Generator, x: np.ndarray, y: np.ndarray):
-    """`steps` batches of `b`, cycling through freshly shuffled epochs."""
+    """The client's real batches: epochs of ⌈n / b⌉ (the last partial), or `steps` of b."""
+    if w.work.epochs is not None:
+      for _ in range(w.work.epochs):
+        order = rng.permutation(len(y))
+        for j in range(0, len(y), b):
+          yield x[order[j:j + b]], y[order[j:j + b]]
+      return
     order = np.empty(0, np.int64)
-    for _ in range(steps):
+    for _ in range(w.work.steps):
       if len(order) == 0:
         order = rng.permutation(len(y))
       idx, order = order[:b], order[b:]
       yield x[idx], y[idx]
 
-  def run_round(state: LoopState) -> LoopState:
-    local = []
-    for x, y in zip(xs, ys, strict=True):
+  def run_round(state: LoopState) -> tuple[LoopState, tuple[int, int]]:
+    key, k_sample, _ = jax.random.split(state.key, 3)
+    cohort = np.asarray(fp.core.sample_clients(k_sample, len(xs), w.clients_per_round))
+    local, count = [], 0
+    for c in cohort:
       p, o = state.params, client_tx.init(state.params)
-      for xb, yb in batches(state.rng, x, y):
-        p, o = step(p, o, xb, yb)
+      for xb, yb in batches(state.rng, xs[c], ys[c]):
+        p, o = step(p, o, state.params, xb, yb)
+        count += 1
       local.append(p)
-    params, opt_state = finish(state.params, state.opt_state, local, n)
-    return LoopState(params, opt_state, state.rng)
+    params, opt_state = finish(state.params, state.opt_state, local, n_all[cohort])
+    return LoopState(params, opt_state, state.rng, key, (count, count)), (count, count)
 
   params = model.init(jax.random.key(0))
-  init = LoopState(params, server_tx.init(params), np.random.default_rng(0))
+  _, k_rounds = jax.random.split(jax.random.key(0))
+  init = LoopState(params, server_tx.init(params), np.random.default_rng(0), k_rounds, (0, 0))
   return run_round, init
 
 
 def baseline_runner(w: Workload, model: Model, xs: Sequence[np.ndarray],
                     ys: Sequence[np.ndarray]) -> Runner:
-  return Runner("baseline", *make_baseline(w, model, xs, ys))
+  run_round, init = make_baseline(w, model, xs, ys)
+  return Runner("baseline", run_round, init, "python loop")
 
 
 # ----------------------------------------------------------------------------- driver
@@ -314,49 +412,56 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def run_workload(w: Workload, rounds: int, baseline_rounds: int) -> tuple[list[Row], str]:
-  """Times the baseline and every strategy row; returns rows and `auto`'s choice."""
+def run_workload(w: Workload, rounds: int, baseline_rounds: int) -> list[Row]:
+  """Times the baseline and every strategy row, interleaved."""
   model = make_model(w)
   xs, ys = make_client_arrays(w)
-  data = FederatedData.from_clients(xs, ys, num_classes=w.num_classes)
-  auto_choice = resolve_strategy("auto", model.init(jax.random.key(0)))
+  data = (fedprox_data() if w.name == "fedprox"
+          else FederatedData.from_clients(xs, ys, num_classes=w.num_classes))
   log(f"[{w.name}]")
   device_counts = [1] + ([jax.device_count()] if jax.device_count() > 1 else [])
   runners = [baseline_runner(w, model, xs, ys)] + [
-      strategy_runner(w, model, data, *row, devices=d)
-      for d in device_counts for row in STRATEGY_ROWS]
+      strategy_runner(w, model, data, name, options, devices=d)
+      for d in device_counts for name, options in STRATEGY_ROWS]
   time_interleaved(runners, [baseline_rounds] + [rounds] * (len(runners) - 1))
-  rows = [Row(w.name, r.name, statistics.median(r.times), min(r.times), r.first_call_s,
-              len(r.times), r.times) for r in runners]
-  return rows, auto_choice
+  return [Row(w.name, r.name, statistics.median(r.times), min(r.times), r.first_call_s,
+              len(r.times), r.times, int(r.steps[0]), int(r.steps[1]), r.plan)
+          for r in runners]
 
 
-def row_extras(row: Row, base_s: float, w: Workload, flops: float, rate: float
-               ) -> dict[str, float | None]:
-  frac = (flops / rate) / row.round_s_median if w.flop_floor else None
-  return {"speedup_vs_baseline": base_s / row.round_s_median, "flop_fraction": frac}
+def row_extras(row: Row, base_s: float, w: Workload, rate: float) -> dict[str, float | None]:
+  frac = (round_flops(w, row.real_steps) / rate) / row.round_s_median if w.flop_floor else None
+  return {"speedup_vs_baseline": base_s / row.round_s_median, "flop_fraction": frac,
+          "executed_per_real": row.executed_steps / max(row.real_steps, 1)}
 
 
-def print_table(w: Workload, rows: list[Row], auto_choice: str, flops: float, rate: float
-                ) -> None:
+def print_table(w: Workload, rows: list[Row], rate: float) -> None:
   base_s = rows[0].round_s_median
-  print(f"\n### {w.name}: {w.num_clients} clients x {w.examples} examples, "
-        f"{'mlp ' + str(w.hidden) if w.hidden else 'logistic regression'}, "
-        f"{w.features} features, batch {w.work.batch_size} x {w.work.steps} steps")
-  print(f"auto -> {auto_choice}" + (
-      f"; FLOPs/round = {flops / 1e9:.2f} GFLOP; floor = {flops / rate * 1e3:.1f} ms"
-      if w.flop_floor else ""))
+  what = ("configs/synthetic_fedprox.py: 30 clients (45-4,645 examples), 10 per round, "
+          "FedProx mu=1, batch 10 x 20 epochs" if w.name == "fedprox" else
+          f"{w.num_clients} clients x "
+          + (f"clip(exp(N(log {w.examples}, {w.size_sigma}))) examples" if w.size_sigma
+             else f"{w.examples} examples")
+          + f", {'mlp ' + str(w.hidden) if w.hidden else 'logistic regression'}, "
+          f"{w.features} features, batch {w.work.batch_size} x "
+          + (f"{w.work.epochs} epochs" if w.work.epochs else f"{w.work.steps} steps"))
+  print(f"\n### {w.name}: {what}")
+  autos = [r for r in rows if r.strategy.startswith("auto")]
+  print("auto -> " + "; ".join(f"{r.strategy}: {r.plan}" for r in autos) + (
+      f"; FLOPs/round = {round_flops(w, rows[0].real_steps) / 1e9:.2f} GFLOP; floor = "
+      f"{round_flops(w, rows[0].real_steps) / rate * 1e3:.1f} ms" if w.flop_floor else ""))
   print()
   head = ("| strategy | round s (median) | round s (min) | rounds | first call s |"
-          " speedup vs baseline |")
+          " speedup vs baseline | real steps | executed | exec/real |")
   head += " FLOP fraction |" if w.flop_floor else ""
   print(head)
   print("|" + "---|" * (head.count("|") - 1))
   for row in rows:
-    ex = row_extras(row, base_s, w, flops, rate)
+    ex = row_extras(row, base_s, w, rate)
     line = (f"| {row.strategy} | {row.round_s_median:.4f} | {row.round_s_min:.4f} | "
-            f"{row.rounds_timed} | "
-            f"{row.first_call_s:.2f} | {ex['speedup_vs_baseline']:.2f}x |")
+            f"{row.rounds_timed} | {row.first_call_s:.2f} | "
+            f"{ex['speedup_vs_baseline']:.2f}x | {row.real_steps} | {row.executed_steps} | "
+            f"{ex['executed_per_real']:.2f} |")
     if w.flop_floor:
       line += f" {ex['flop_fraction']:.3f} |"
     print(line)
@@ -367,20 +472,20 @@ def print_table(w: Workload, rows: list[Row], auto_choice: str, flops: float, ra
     auto = next(r for r in group if r.strategy.startswith("auto"))
     print(f"{suffix or '1 device'}: best {best.strategy} {best.round_s_median:.4f} s; "
           f"auto {auto.round_s_median:.4f} s ({auto.round_s_median / best.round_s_median - 1:+.1%}"
-          " vs best)")
+          f" vs best; {base_s / auto.round_s_median:.2f}x the baseline; exec/real "
+          f"{auto.executed_steps / max(auto.real_steps, 1):.2f})")
 
 
-def print_json(w: Workload, rows: list[Row], auto_choice: str, flops: float, rate: float,
-               env: dict[str, Any]) -> None:
+def print_json(w: Workload, rows: list[Row], rate: float, env: dict[str, Any]) -> None:
   base_s = rows[0].round_s_median
   for row in rows:
-    obj = {"workload": row.workload, "strategy": row.strategy,
+    obj = {"workload": row.workload, "strategy": row.strategy, "plan": row.plan,
            "round_s_median": row.round_s_median, "round_s_min": row.round_s_min,
            "first_call_s": row.first_call_s,
            "rounds_timed": row.rounds_timed, "round_s_all": row.round_s_all,
-           **row_extras(row, base_s, w, flops, rate),
-           "auto_resolved": auto_choice,
-           "flops_per_round": flops if w.flop_floor else None,
+           "real_steps": row.real_steps, "executed_steps": row.executed_steps,
+           **row_extras(row, base_s, w, rate),
+           "flops_per_round": round_flops(w, row.real_steps) if w.flop_floor else None,
            "matmul_flop_rate": rate, **env}
     print(json.dumps(obj), flush=True)
 
@@ -388,7 +493,7 @@ def print_json(w: Workload, rows: list[Row], auto_choice: str, flops: float, rat
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workload", choices=sorted(WORKLOADS), default=None,
-                      help="Run one workload (default: both).")
+                      help="Run one workload (default: all).")
   parser.add_argument("--rounds", type=int, default=5,
                       help="Timed rounds per strategy after the warm-up (default 5).")
   parser.add_argument("--baseline-rounds", type=int, default=None,
@@ -406,23 +511,22 @@ def main() -> None:
 
   t_start = time.perf_counter()
   env = {"jax_version": jax.__version__, "backend": jax.default_backend(),
-         "device_count": jax.device_count()}
+         "device_count": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
   log("measuring matmul rate ...")
   rate = matmul_flop_rate()
   if not args.json:
-    print(f"jax {env['jax_version']}, backend {env['backend']}, "
+    print(f"jax {env['jax_version']}, backend {env['backend']} ({env['device_kind']}), "
           f"{env['device_count']} device(s); float32 matmul {MATMUL_N}^3: "
           f"{rate / 1e9:.1f} GFLOP/s; timed rounds: {args.rounds} per strategy, "
           f"{baseline_rounds} for the baseline (median reported, compile excluded)")
-  names = [args.workload] if args.workload else sorted(WORKLOADS)
+  names = [args.workload] if args.workload else list(WORKLOADS)
   for name in names:
     w = WORKLOADS[name]
-    rows, auto_choice = run_workload(w, args.rounds, baseline_rounds)
-    flops = round_flops(w)
+    rows = run_workload(w, args.rounds, baseline_rounds)
     if args.json:
-      print_json(w, rows, auto_choice, flops, rate, env)
+      print_json(w, rows, rate, env)
     else:
-      print_table(w, rows, auto_choice, flops, rate)
+      print_table(w, rows, rate)
   log(f"total {time.perf_counter() - t_start:.1f} s")
   if not args.json:
     print(f"\ntotal runtime {time.perf_counter() - t_start:.1f} s")

@@ -42,9 +42,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from round_throughput import WORKLOADS, make_client_arrays, make_model  # noqa: E402
 
+import fedjax_pers as fp  # noqa: E402
 from fedjax_pers import aggregation as agg  # noqa: E402
 from fedjax_pers.algorithms import fedavg  # noqa: E402
-from fedjax_pers.core import ClientData, FederatedData, make_client_update, run_cohort  # noqa: E402
+from fedjax_pers.core import FederatedData, Plan, fedavg_program, run_cohort  # noqa: E402
+from fedjax_pers.core._client import ClientData  # noqa: E402
 
 
 def weightings(model, proxy, fedlaw_steps):
@@ -85,12 +87,15 @@ def main():
 
   # Real outputs of one w1 cohort, for the aggregation step alone.
   params = model.init(jax.random.key(0))
-  update = make_client_update(model, optax.sgd(w.client_lr), w.work, num_classes=w.num_classes,
-                              max_examples=data.max_examples, client_losses=True)
+  program = fedavg_program(model, optax.sgd(w.client_lr), w.work, num_classes=w.num_classes,
+                           max_examples=data.max_examples, client_losses=True)
   keys = jax.random.split(jax.random.key(1), data.num_clients)
-  outputs = jax.jit(lambda p: run_cohort(
-      update, p, ClientData(data.x, data.y, data.num_examples), keys, strategy="vmap"))(params)
-  outputs = outputs._replace(client_id=np.arange(data.num_clients, dtype=np.int32))
+  ids = np.arange(data.num_clients, dtype=np.int32)
+  clients = ClientData(data.x, data.y, data.num_examples, None, ids)
+  (outputs, _), *_ = jax.jit(lambda p: run_cohort(
+      program, p, clients, keys, np.ones(data.num_clients, bool),
+      plan=Plan("vmap", None, None, False)))(params)
+  outputs = outputs._replace(client_id=ids)
 
   agg_ms, rounds, states = {}, {}, {}
   for name, how in table.items():
@@ -105,7 +110,8 @@ def main():
       times.append(time.perf_counter() - t0)
     agg_ms[name] = 1e3 * statistics.median(times)
     alg = fedavg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr), w.work,
-                 clients_per_round=w.num_clients, weighting=how, strategy="vmap")
+                 clients_per_round=w.num_clients, weighting=how,
+                 execution=fp.Execution(strategy="vmap"))
     rounds[name] = (jax.jit(alg.round), [])
     states[name] = jax.block_until_ready(rounds[name][0](alg.init(jax.random.key(0), data),
                                                          data)[0])

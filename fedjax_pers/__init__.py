@@ -13,6 +13,7 @@ from fedjax_pers import (
 )
 from fedjax_pers.core import (
     ClientOutput,
+    Execution,
     FederatedAlgorithm,
     FederatedData,
     LocalWork,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClientOutput",
+    "Execution",
     "FederatedAlgorithm",
     "FederatedData",
     "LocalWork",

@@ -20,12 +20,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  n = config.get("num_devices", 1)
-  if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # On CPU, split the machine into n devices (before JAX starts its backend) so the
-    # cohort can be sharded over the cores; no effect on GPU/TPU device counts.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={n}").strip()
+  from fedjax_pers.distributed import cpu_devices  # before JAX starts its backend
+
+  cpu_devices(config.execution.get("num_devices"))
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # keep orbax's INFO lines off the console
   import jax

@@ -23,6 +23,9 @@ def main(argv):
   if config is None or "compare" not in config:
     raise app.UsageError("--config must name a config with a `compare` block "
                          "(for instance configs/compare_weighting.py).")
+  from fedjax_pers.distributed import cpu_devices  # before JAX starts its backend
+
+  cpu_devices(config.execution.get("num_devices"))
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   import jax

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fedjax_pers.core._cohort import CLIENTS_AXIS
+from fedjax_pers.core._execution import CLIENTS_AXIS
 
 
 def client_mesh(num_devices: int | None = None) -> Mesh:
@@ -31,3 +33,20 @@ def client_mesh(num_devices: int | None = None) -> Mesh:
         f"num_devices must be an int in [1, {len(devices)}] (the devices JAX sees); "
         f"got {num_devices!r}.")
   return Mesh(np.array(devices[:n]), (CLIENTS_AXIS,))
+
+
+def cpu_devices(num_devices: int | None) -> None:
+  """Splits the CPU into devices before JAX starts, so cohorts can use every core.
+
+  `num_devices` None (the default): one device per core this process may run on;
+  an int: that many. A count the user set (`JAX_NUM_CPU_DEVICES`, or
+  `--xla_force_host_platform_device_count` in `XLA_FLAGS`) wins. GPU and TPU
+  device counts are not affected (this shapes only the CPU platform). Must run
+  before JAX starts a backend (JAX raises `RuntimeError` otherwise).
+  """
+  if (jax.config.jax_num_cpu_devices != -1
+      or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
+    return
+  n = num_devices if num_devices is not None else len(os.sched_getaffinity(0))
+  if isinstance(n, int) and n > 1:
+    jax.config.update("jax_num_cpu_devices", n)

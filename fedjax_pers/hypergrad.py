@@ -10,6 +10,13 @@ rounds (each client's local steps, the aggregation weights and the server
 optimizer included). The cohorts and batches are drawn from the state's key,
 which `h` does not change, so L is a deterministic function of h.
 
+Reverse mode needs the rounds' differentiable path: every client runs the
+longest client's number of steps as a masked `lax.scan`
+(`Execution(differentiable=True)`), because the default path stops each client
+at its own last step with a `lax.while_loop`, which `jax.grad` cannot reverse.
+`fedavg_with` asks for it; an algorithm built another way for `hypergradient`
+must pass `execution=Execution(differentiable=True, ...)` itself.
+
 Example (the server learning rate and per-client weight logits):
 
   build = lambda h: fedavg_with(model, work, h, clients_per_round=10)
@@ -20,6 +27,7 @@ Example (the server learning rate and per-client weight logits):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +40,7 @@ from fedjax_pers.aggregation._weights import logits
 from fedjax_pers.algorithms._fedavg import fedavg
 from fedjax_pers.core._batching import LocalWork
 from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._execution import Execution, as_execution
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._round import FederatedAlgorithm, ServerState
 
@@ -63,16 +72,19 @@ class RoundHyperparams(NamedTuple):
 
 
 def fedavg_with(model: Model, work: LocalWork, hyper: RoundHyperparams, *,
-                clients_per_round: int, **kwargs) -> FederatedAlgorithm:
+                clients_per_round: int, execution: Execution | None = None
+                ) -> FederatedAlgorithm:
   """FedProx with SGD clients and server whose numbers all come from `hyper` (traceable).
 
   Clients minimise f_i(w) + (μ/2)||w − w_t||² by `work` steps of SGD(η); the
-  server sets w_{t+1} = w_t + η_s Σ_i softmax(θ)_i Δ_i. Other keyword
-  arguments go to `algorithms.fedavg` (strategy, client_chunk, mesh).
+  server sets w_{t+1} = w_t + η_s Σ_i softmax(θ)_i Δ_i. The cohort runs by
+  `execution` (strategy, chunks, mesh) on its differentiable path
+  (`differentiable=True` is set here; `strategy='lanes'` is refused).
   """
+  execution = dataclasses.replace(as_execution(execution), differentiable=True)
   return fedavg(model, optax.sgd(hyper.client_lr), optax.sgd(hyper.server_lr), work,
                 clients_per_round=clients_per_round, weighting=logits(hyper.weight_logits),
-                prox_mu=hyper.prox_mu, **kwargs)
+                prox_mu=hyper.prox_mu, execution=execution)
 
 
 def held_out_loss(model: Model, x: np.ndarray, y: np.ndarray) -> Callable[[Params], jax.Array]:

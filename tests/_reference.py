@@ -66,7 +66,7 @@ def engine_plan(rng, data, work, c=0, *, split=True):
   if split:
     key, _ = jax.random.split(key)
   return fp.core.batch_plan(key, data.num_examples[c], work, max_examples=data.max_examples,
-                            min_examples=data.min_examples)
+                            min_examples=data.min_examples, client_id=int(c))
 
 
 def client_deltas(params, data, rng, work, lr, clients_per_round, mu=None):
@@ -90,9 +90,9 @@ def client_deltas(params, data, rng, work, lr, clients_per_round, mu=None):
     plan = engine_plan(rng, data, work, c)
     x = np.asarray(data.x[c], np.float64)
     y = np.asarray(data.y[c])
-    wi, bi, loss, _ = logreg_sgd(w, b, x, y, np.asarray(plan.idx),
-                                 np.asarray(plan.mask), lr, mu)
-    clients.append(dict(id=int(c), n=n, dw=wi - w, db=bi - b, train_loss=loss,
+    wi, bi, loss, steps = logreg_sgd(w, b, x, y, np.asarray(plan.idx),
+                                     np.asarray(plan.mask), lr, mu)
+    clients.append(dict(id=int(c), n=n, dw=wi - w, db=bi - b, train_loss=loss, steps=steps,
                         loss_before=logreg_loss(w, b, x[:n], y[:n]),
                         loss_after=logreg_loss(wi, bi, x[:n], y[:n])))
   return w, b, clients
@@ -108,3 +108,23 @@ def fedavg_round(params, data, rng, work, lr, clients_per_round, mu=None,
   dw = sum(p * c["dw"] for p, c in zip(weights, clients))
   db = sum(p * c["db"] for p, c in zip(weights, clients))
   return w + dw, b + db, weights, np.asarray([c["train_loss"] for c in clients])
+
+
+def lpt_makespan(counts, lanes):
+  """Iterations of list scheduling, longest first, of jobs `counts` on `lanes` lanes."""
+  loads = [0] * lanes
+  for c in sorted((int(c) for c in counts if c > 0), reverse=True):
+    loads[loads.index(min(loads))] += c
+  return max(loads)
+
+
+def deal_by_steps(counts, devices):
+  """The engine's dealing of clients to devices: longest first to the least-loaded
+  device that is not full (k / devices clients each). Returns each device's clients."""
+  per = len(counts) // devices
+  loads, groups = [0] * devices, [[] for _ in range(devices)]
+  for c in sorted(range(len(counts)), key=lambda i: (-counts[i], i)):
+    j = min((d for d in range(devices) if len(groups[d]) < per), key=lambda d: (loads[d], d))
+    loads[j] += counts[c]
+    groups[j].append(c)
+  return groups

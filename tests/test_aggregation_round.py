@@ -19,7 +19,7 @@ WORK = fp.LocalWork(4, epochs=2)
 
 def alg_with(weighting, k=5, strategy="vmap", mesh=None):
   return fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=k,
-                weighting=weighting, strategy=strategy, mesh=mesh)
+                weighting=weighting, execution=fp.Execution(strategy=strategy, mesh=mesh))
 
 
 def test_q_ffl_round_matches_numpy_reference():

@@ -15,7 +15,7 @@ WORK = fp.LocalWork(3, steps=4)
 
 def test_global_model_follows_fedavg_exactly():
   data = small_data(num_clients=6)
-  kw = dict(clients_per_round=3, strategy="vmap")
+  kw = dict(clients_per_round=3, execution=fp.Execution(strategy="vmap"))
   a = apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, alpha=0.3, **kw)
   f = fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, **kw)
   sa, sf = a.init(jax.random.key(0), data), f.init(jax.random.key(0), data)

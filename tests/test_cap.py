@@ -113,21 +113,24 @@ def test_cap_errors():
                                example_cap=2)
 
 
-def test_driver_evaluates_a_heavily_padded_split_on_a_flat_copy():
-  from fedjax_pers.experiment._train import _for_evaluation
+def test_padded_flat_and_row_evaluations_agree_on_a_heavily_padded_split():
+  """A padded store is evaluated over its real examples only, as its flat (capped) copy is,
+  and as the padded rows of data built without host sizes are."""
   xs = [np.ones((n, 2), np.float32) * n for n in (1, 2, 30)]
   ys = [np.arange(n) % 3 for n in (1, 2, 30)]
   d = FederatedData.from_clients(xs, ys, num_classes=3)
   assert d.padding_fraction > 0.5
-  flat = _for_evaluation(d)
-  assert flat.cap is not None
+  flat = d.with_cap(1)
+  rows = FederatedData(x=d.x, y=d.y, num_examples=d.num_examples, num_classes=3,
+                       min_examples=d.min_examples)
+  assert flat.cap is not None and rows.sizes is None
   model = fp.models.logistic_regression((2,), 3)
   params = model.init(jax.random.key(0))
-  a, b = fp.core.evaluate(model, params, d), fp.core.evaluate(model, params, flat)
-  np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
-  np.testing.assert_array_equal(a.accuracy, b.accuracy)
-  full = FederatedData.from_clients(xs[2:], ys[2:], num_classes=3)
-  assert _for_evaluation(full) is full
+  a = fp.core.evaluate(model, params, d)
+  for other in (flat, rows):
+    b = fp.core.evaluate(model, params, other)
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
+    np.testing.assert_array_equal(a.accuracy, b.accuracy)
 
 
 def test_finetuning_reads_a_capped_store_like_training():

@@ -19,11 +19,12 @@ def test_sharded_round_matches_single_device(strategy, chunk, devices, k):
   mesh = fp.distributed.client_mesh(devices)
   single = fp.algorithms.fedavg(
       fp.models.logistic_regression((5,), 3), optax.sgd(0.1), optax.sgd(1.0),
-      fp.LocalWork(4, epochs=2), clients_per_round=k, strategy=strategy, client_chunk=chunk)
+      fp.LocalWork(4, epochs=2), clients_per_round=k,
+      execution=fp.Execution(strategy=strategy, client_chunk=chunk))
   sharded = fp.algorithms.fedavg(
       fp.models.logistic_regression((5,), 3), optax.sgd(0.1), optax.sgd(1.0),
-      fp.LocalWork(4, epochs=2), clients_per_round=k, strategy=strategy, client_chunk=chunk,
-      mesh=mesh)
+      fp.LocalWork(4, epochs=2), clients_per_round=k,
+      execution=fp.Execution(strategy=strategy, client_chunk=chunk, mesh=mesh))
   s1, m1 = run(single, data, 2)
   s2, m2 = run(sharded, data, 2)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
@@ -38,8 +39,8 @@ def test_sharded_all_clients_and_reference():
   s1, _ = run(make_alg("scan", k=8), data, 1)
   alg = fp.algorithms.fedavg(
       fp.models.logistic_regression((5,), 3), optax.sgd(0.1), optax.sgd(1.0),
-      fp.LocalWork(4, epochs=2), clients_per_round=8, strategy="scan",
-      mesh=fp.distributed.client_mesh(4))
+      fp.LocalWork(4, epochs=2), clients_per_round=8,
+      execution=fp.Execution(strategy="scan", mesh=fp.distributed.client_mesh(4)))
   s2, _ = run(alg, data, 1)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -52,4 +53,4 @@ def test_bad_mesh_arguments():
   with pytest.raises(ValueError, match="axis named 'clients'"):
     fp.algorithms.fedavg(
         fp.models.logistic_regression((5,), 3), optax.sgd(0.1), optax.sgd(1.0),
-        fp.LocalWork(4, epochs=1), clients_per_round=2, mesh=mesh)
+        fp.LocalWork(4, epochs=1), clients_per_round=2, execution=fp.Execution(mesh=mesh))

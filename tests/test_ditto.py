@@ -15,7 +15,7 @@ WORK = fp.LocalWork(3, steps=4)
 
 def make(lam, k=3, lr=0.1, work=WORK):
   return ditto(logreg(), optax.sgd(lr), optax.sgd(1.0), work, lam=lam, clients_per_round=k,
-               strategy="vmap")
+               execution=fp.Execution(strategy="vmap"))
 
 
 def leaves(tree):
@@ -72,7 +72,7 @@ def test_large_lambda_pins_personal_models_to_the_global_one():
   gaps = []
   for lam in (10.0, 100.0, 1000.0, 10000.0):
     alg = ditto(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, lam=lam, clients_per_round=4,
-                personal_tx=optax.sgd(1.0 / lam), strategy="vmap")
+                personal_tx=optax.sgd(1.0 / lam), execution=fp.Execution(strategy="vmap"))
     state = alg.init(jax.random.key(1), data)
     params0 = state.params
     state, _ = jax.jit(alg.round)(state, data)

@@ -27,7 +27,7 @@ def logreg(dim=5, num_classes=3):
 def make_alg(strategy="vmap", work=fp.LocalWork(4, epochs=2), k=4, mu=None, chunk=None,
              weighting=None, server=None, lr=0.1):
   return fedavg(logreg(), optax.sgd(lr), server or optax.sgd(1.0), work,
-                clients_per_round=k, strategy=strategy, client_chunk=chunk,
+                clients_per_round=k, execution=fp.Execution(strategy=strategy, client_chunk=chunk),
                 weighting=weighting, prox_mu=mu)
 
 
@@ -161,7 +161,8 @@ def test_fedprox_mu_zero_equals_fedavg():
   data = small_data()
   s1, _ = run(make_alg("vmap"), data, 2)
   s2, _ = run(fedprox(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(4, epochs=2),
-                      mu=0.0, clients_per_round=4, strategy="vmap"), data, 2)
+                      mu=0.0, clients_per_round=4, execution=fp.Execution(strategy="vmap")),
+              data, 2)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     np.testing.assert_allclose(a, b, atol=1e-7)
 
@@ -214,8 +215,7 @@ def test_sampling_is_without_replacement_and_seeded():
     [
         (dict(clients_per_round=0), "clients_per_round"),
         (dict(clients_per_round=99), r"clients_per_round.*\[1, 6\]"),
-        (dict(strategy="pmap"), "strategy must be one of"),
-        (dict(strategy="chunked"), "client_chunk"),
+        (dict(execution="vmap"), "execution must be a fedjax_pers.Execution; got str"),
         (dict(prox_mu=-1.0), "prox_mu"),
         (dict(work=fp.LocalWork(0, epochs=1)), "batch_size"),
         (dict(work=fp.LocalWork(4)), "Exactly one of local epochs and local steps"),
@@ -225,7 +225,7 @@ def test_sampling_is_without_replacement_and_seeded():
     ])
 def test_bad_algorithm_arguments(kwargs, match):
   data = small_data()
-  args = dict(clients_per_round=4, strategy="vmap", work=fp.LocalWork(4, epochs=1))
+  args = dict(clients_per_round=4, work=fp.LocalWork(4, epochs=1))
   args.update(kwargs)
   work = args.pop("work")
   with pytest.raises(ValueError, match=match):

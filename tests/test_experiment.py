@@ -74,7 +74,7 @@ def test_resume_from_checkpoint(tmp_path):
   s3 = train_and_evaluate(c, str(tmp_path / "straight"))
   assert s3["final_test_accuracy"] == pytest.approx(s2["final_test_accuracy"], abs=1e-6)
   # How clients execute may change; a different run in the same workdir is refused.
-  c.strategy, c.num_rounds = "scan", 7
+  c.execution.strategy, c.num_rounds = "scan", 7
   assert train_and_evaluate(c, str(tmp_path))["rounds"] == 7
   c.client.learning_rate = 0.5
   with pytest.raises(ValueError, match=r"different config \(client.learning_rate: 0.01 -> 0.5\)"):
@@ -89,7 +89,7 @@ def test_check_same_run_ignores_the_comparison_and_execution_keys(tmp_path):
   c.compare = ml_collections.ConfigDict({"target_accuracy": 0.7, "strategies": ("a: x=1",)})
   check_same_run(str(tmp_path), c, resuming=False)
   c.compare.target_accuracy, c.compare.strategies = 0.5, ("a: x=1", "b: x=2")
-  c.personalization.client_chunk, c.client_chunk = 1, 2
+  c.execution.client_chunk, c.execution.lanes, c.execution.num_devices = 2, 3, 1
   check_same_run(str(tmp_path), c, resuming=True)        # the same run, in a larger table
   c.data.num_clients = 9
   with pytest.raises(ValueError, match="data.num_clients: 8 -> 9"):
@@ -118,12 +118,15 @@ def test_momentum_needs_a_rate_and_only_where_it_applies():
 @pytest.mark.parametrize("key,value,match", [
     ("client.optimizer", "sgdd", "Unknown client.optimizer 'sgdd'"),
     ("server.optimizer", "lamb", "Unknown server.optimizer"),
-    ("strategy", "pmap", "strategy must be one of"),
+    ("execution.strategy", "pmap", "Execution strategy must be one of"),
+    ("execution.lanes", 0, "Execution lanes must be an int >= 1; got 0"),
+    ("execution.client_chunk", -2, "Execution client_chunk must be a positive int; got -2"),
     ("aggregation.weighting", "magic", "Unknown aggregation.weighting"),
     ("algorithm", "fedsgd", "Unknown algorithm"),
     ("model.name", "resnet", "Unknown model.name"),
     ("sampling", "greedy", "Unknown sampling 'greedy'"),
-    ("num_devices", 0, "num_devices must be an int >= 1; got 0"),
+    ("execution.num_devices", 0, "execution.num_devices must be an int >= 1 or None"),
+    ("execution.prefetch", 2, r"Unknown execution option\(s\) \['prefetch'\]"),
 ])
 def test_unknown_names_raise(tmp_path, key, value, match):
   c = tiny_config()
@@ -137,12 +140,18 @@ def test_cli_num_devices_shards_and_matches(tmp_path):
   base = [sys.executable, "-m", "fedjax_pers", "--config.num_rounds=2", "--config.eval_every=2",
           "--config.data.num_clients=6", "--config.clients_per_round=4",
           "--config.client.local_epochs=1", "--config.progress=False",
-          "--config.strategy=scan"]
+          "--config.execution.strategy=scan"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   accs = []
-  for n in (1, 2):
-    out = subprocess.run(base + [f"--workdir={tmp_path / str(n)}", f"--config.num_devices={n}"],
+  for n in (1, 2, None):   # None: the default, one device per core
+    flag = [] if n is None else [f"--config.execution.num_devices={n}"]
+    out = subprocess.run(base + [f"--workdir={tmp_path / str(n)}"] + flag,
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    accs.append(json.loads((tmp_path / str(n) / "summary.json").read_text())["final_test_loss"])
+    summary = json.loads((tmp_path / str(n) / "summary.json").read_text())
+    accs.append(summary["final_test_loss"])
+    cores = len(os.sched_getaffinity(0))
+    assert summary["execution"]["devices_visible"] == (cores if n is None else max(n, 1))
+    assert summary["execution"]["num_devices"] == (min(cores, 4) if n is None else n)
   assert accs[0] == pytest.approx(accs[1], rel=1e-5)
+  assert accs[0] == pytest.approx(accs[2], rel=1e-5)

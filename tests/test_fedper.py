@@ -24,7 +24,7 @@ def run(alg, data, rounds=2):
 
 def test_empty_personal_set_is_fedavg():
   data = small_data(num_clients=6)
-  kw = dict(clients_per_round=3, strategy="vmap")
+  kw = dict(clients_per_round=3, execution=fp.Execution(strategy="vmap"))
   s1, m1 = run(fedper(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK,
                       personal=lambda path: False, **kw), data)
   s2, m2 = run(fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, **kw), data)
@@ -87,7 +87,7 @@ def test_unsampled_clients_keep_their_layers_and_personal_models_evaluate():
   data = small_data(num_clients=6)
   model = fp.models.mlp((5,), 3, hidden=(4,))
   alg = lg_fedavg(model, optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=2,
-                  strategy="vmap")
+                  execution=fp.Execution(strategy="vmap"))
   state = alg.init(jax.random.key(0), data)
   before = [np.asarray(x) for x in state.client_states]
   state, m = jax.jit(alg.round)(state, data)
@@ -120,7 +120,8 @@ def test_fedrep_one_client_trains_head_then_body_like_numpy():
   body_work, head_work = fp.LocalWork(3, steps=2), fp.LocalWork(4, steps=3)
   alg = fp.algorithms.fedrep(logreg(), optax.sgd(0.2), optax.sgd(1.0), body_work,
                              clients_per_round=1, head_work=head_work,
-                             head=lambda path: "bias" in path, strategy="vmap")
+                             head=lambda path: "bias" in path,
+                             execution=fp.Execution(strategy="vmap"))
   s0 = alg.init(jax.random.key(4), data)
   s0 = s0._replace(client_states=(s0.client_states[0] - 0.3,))
   s1, _ = jax.jit(alg.round)(s0, data)

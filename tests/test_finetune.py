@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _reference import logreg_sgd
+from _reference import logreg_sgd, lpt_makespan
 from test_engine import logreg, small_data
 
 import fedjax_pers as fp
@@ -59,13 +59,18 @@ def test_finetuning_matches_numpy_sgd(work):
     assert abs(float(ev.personal.loss[c]) - loss) < 1e-4
 
 
-def test_chunked_equals_all_at_once():
+def test_every_execution_gives_the_same_evaluation():
   model, params, train, test = setup(2)
   work = fp.LocalWork(3, steps=4)
-  a = personalize(model, optax.sgd(0.2), params, train, test, jax.random.key(1), work)
-  b = personalize(model, optax.sgd(0.2), params, train, test, jax.random.key(1), work,
-                  client_chunk=2)
-  np.testing.assert_allclose(a.personal.loss, b.personal.loss, rtol=1e-6)
+  run = lambda ex: personalize(model, optax.sgd(0.2), params, train, test, jax.random.key(1),
+                               work, execution=ex)
+  a = run(None)
+  for ex in (fp.Execution(strategy="chunked", client_chunk=2), fp.Execution(strategy="scan"),
+             fp.Execution(strategy="lanes", lanes=2), fp.Execution(strategy="vmap"),
+             fp.Execution(mesh=fp.distributed.client_mesh(4))):
+    b = run(ex)
+    np.testing.assert_allclose(a.personal.loss, b.personal.loss, rtol=1e-6)
+    np.testing.assert_array_equal(a.personal.accuracy, b.personal.accuracy)
 
 
 def test_summary_by_hand():
@@ -110,17 +115,19 @@ def test_finetune_algorithm_from_the_cli_config(tmp_path):
     train_and_evaluate(c, str(tmp_path / "again"))
 
 
-@pytest.mark.parametrize("chunk,x64", [(1, False), (3, False), (1, True)])
-def test_blockwise_evaluation_of_long_padded_clients_matches_numpy(chunk, x64):
-  # Rows longer than EVAL_BLOCK are read block by block up to each client's own n.
+@pytest.mark.parametrize("strategy,x64", [("scan", False), ("lanes", False), ("vmap", False),
+                                          ("scan", True), ("lanes", True)])
+def test_blockwise_evaluation_of_long_padded_clients_matches_numpy(strategy, x64):
+  # Each client's rows are read a block at a time, up to its own n.
   with jax.enable_x64(x64):
-    _blockwise_case(chunk, x64)
+    _blockwise_case(strategy, x64)
 
 
-def _blockwise_case(chunk, x64):
-  from fedjax_pers.personalization._finetune import EVAL_BLOCK
+def _blockwise_case(strategy, x64):
+  from fedjax_pers.personalization._finetune import eval_block
 
-  sizes = [EVAL_BLOCK * 2 + 44, 5, EVAL_BLOCK + 1]
+  block = eval_block(np.array([100, 5, 33]))
+  sizes = [block * 2 + 44, 5, block + 1]
   rng = np.random.default_rng(0)
   xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
   ys = [rng.integers(0, 3, n) for n in sizes]
@@ -129,9 +136,10 @@ def _blockwise_case(chunk, x64):
   params = model.init(jax.random.key(0))
   if x64:
     params = jax.tree.map(lambda p: p.astype(np.float64), params)
-  ev = jax.jit(lambda p: personalize(model, optax.sgd(0.1), p, data, data, jax.random.key(1),
-                                     None, client_chunk=chunk))(params)
-  assert ev.global_.loss.dtype == (np.float64 if x64 else np.float32)
+  own = jax.tree.map(lambda p: np.stack([p * (1 + 0.1 * c) for c in range(3)]), params)
+  ev = jax.jit(lambda p, own: fp.personalization.evaluate_personal(
+      model, own, p, data, execution=fp.Execution(strategy=strategy)))(params, own)
+  assert ev.global_.loss.dtype == ev.personal.loss.dtype == (np.float64 if x64 else np.float32)
   w = np.asarray(params["Dense_0"]["kernel"], np.float64)
   b = np.asarray(params["Dense_0"]["bias"], np.float64)
   for c, (x, y) in enumerate(zip(xs, ys)):
@@ -140,3 +148,36 @@ def _blockwise_case(chunk, x64):
     loss = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y])
     assert abs(float(ev.global_.accuracy[c]) - np.mean(np.argmax(z, 1) == y)) < 1e-6
     assert abs(float(ev.global_.loss[c]) - loss) < 1e-5
+    zo = x @ (w * (1 + 0.1 * c)) + b * (1 + 0.1 * c)
+    zo = zo - zo.max(1, keepdims=True)
+    own_loss = np.mean(np.log(np.exp(zo).sum(1)) - zo[np.arange(len(y)), y])
+    assert abs(float(ev.personal.accuracy[c]) - np.mean(np.argmax(zo, 1) == y)) < 1e-6
+    assert abs(float(ev.personal.loss[c]) - own_loss) < 1e-5
+
+
+def test_evaluation_reads_blocks_up_to_each_clients_size():
+  """The engine runs the evaluation program for Σ ⌈n_c / b⌉ blocks, not N · ⌈max n / b⌉."""
+  from fedjax_pers.core._cohort import execute_cohort, pad_cohort
+  from fedjax_pers.core._execution import plan
+  from fedjax_pers.core._source import cohort_source
+  from fedjax_pers.personalization._finetune import eval_program
+
+  sizes = [300, 5, 17, 2, 64]
+  rng = np.random.default_rng(0)
+  data = fp.FederatedData.from_clients([rng.normal(size=(n, 4)).astype(np.float32)
+                                        for n in sizes], [rng.integers(0, 3, n) for n in sizes])
+  model = fp.models.logistic_regression((4,), 3)
+  params = model.init(jax.random.key(0))
+  own = jax.tree.map(lambda p: np.stack([p] * 5), params)
+  program = eval_program(model, data.max_examples, 16)
+  ids, valid = pad_cohort(np.arange(5), 1)
+  blocks = sum(-(-n // 16) for n in sizes)
+  for strategy, lanes in (("lanes", 2), ("scan", None)):
+    how = plan(fp.Execution(strategy=strategy, lanes=lanes), params, None, 5)
+    out = execute_cohort(program, params, cohort_source(data, own, jax.random.key(0)), ids,
+                         valid, jax.random.key(0), plan=how)
+    assert int(out.real_steps) == blocks
+    assert int(out.executed_steps) == (blocks if lanes is None else lanes * lpt_makespan(
+        [-(-n // 16) for n in sizes], lanes))
+    ref = fp.core.evaluate(model, params, data)
+    np.testing.assert_allclose(out.outputs[1], ref.accuracy, atol=1e-6)

@@ -27,7 +27,8 @@ def setup(strategy="vmap", rounds=2, remat=False):
   xv, yv = rs.normal(size=(40, 5)), rs.randint(0, 3, 40)
   model = logreg()
   work = fp.LocalWork(3, steps=4)
-  build = lambda h: fedavg_with(model, work, h, clients_per_round=K, strategy=strategy)
+  build = lambda h: fedavg_with(model, work, h, clients_per_round=K,
+                                execution=fp.Execution(strategy=strategy))
   hyper = RoundHyperparams(
       client_lr=jnp.float64(0.2), server_lr=jnp.float64(0.8),
       weight_logits=jnp.asarray(rs.normal(size=N) * 0.5), prox_mu=jnp.float64(0.3))

@@ -265,7 +265,7 @@ def test_per_fedavg_batches_are_disjoint_within_a_step():
 def test_per_fedavg_strategies_agree_and_do_not_recompile(strategy):
   data = small_data(num_clients=6)
   mk = lambda s: per_fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=2),
-                            inner_lr=0.1, clients_per_round=4, strategy=s)
+                            inner_lr=0.1, clients_per_round=4, execution=fp.Execution(strategy=s))
   ref, alg = mk("vmap"), mk(strategy)
   s_ref = s = alg.init(jax.random.key(0), data)
   step = jax.jit(alg.round)

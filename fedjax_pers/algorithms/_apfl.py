@@ -6,23 +6,18 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator, check_no_client_losses
-from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
-from fedjax_pers.core._client import (
-    ClientOutput,
-    all_finite,
-    label_histogram,
-    masked_mean_loss,
-    stack_clients,
-)
+from fedjax_pers.core._batching import LocalWork, check_local_work, work_steps
+from fedjax_pers.core._client import masked_mean_loss, stack_clients
 from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
+from fedjax_pers.core._program import LocalProgram
 from fedjax_pers.core._round import FederatedAlgorithm, ServerState, assemble
+from fedjax_pers.core._sgd import client_output, sgd_steps
 
 
 class APFLState(NamedTuple):
@@ -30,6 +25,18 @@ class APFLState(NamedTuple):
 
   v: Any
   alpha: jax.Array
+
+
+class APFLCarry(NamedTuple):
+  """An APFL client during local training."""
+
+  w: Any
+  v: Any
+  alpha: jax.Array
+  w_opt: Any
+  v_opt: Any
+  loss_sum: jax.Array
+  count: jax.Array
 
 
 def mix(alpha, v, w):
@@ -47,10 +54,7 @@ def apfl(
     clients_per_round: int,
     alpha_lr: float | None = None,
     weighting: WeightFn | Aggregator | None = None,
-    strategy: str = "auto",
-    client_chunk: int | None = None,
-    sampling_probs: np.ndarray | None = None,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
 ) -> FederatedAlgorithm:
   """APFL: each client's model is the mixture v̄_k = α_k v_k + (1 − α_k) w.
 
@@ -75,7 +79,7 @@ def apfl(
     alpha: α in [0, 1]: every client's fixed weight, or its starting one.
     clients_per_round: Cohort size.
     alpha_lr: η_α > 0 to learn each client's α_k; None keeps α fixed.
-    weighting, strategy, client_chunk, sampling_probs, mesh: As `fedavg`.
+    weighting, execution: As `fedavg`.
 
   Returns:
     The `FederatedAlgorithm`; `personal(state)` gives each client's mixture.
@@ -91,54 +95,41 @@ def apfl(
 
   a_mix = (lambda a: alpha) if alpha_lr is None else (lambda a: a)
 
-  def make_client(data: FederatedData):
-    def client_update(params, client, key):
-      k_plan, k_train = jax.random.split(key)
-      plan = batch_plan(k_plan, client.num_examples, work, max_examples=data.max_examples,
-                        min_examples=data.min_examples)
-      step_keys = jax.random.split(k_train, plan.idx.shape[0])
+  def make_program(data: FederatedData):
+    check_local_work(work, data.num_clients)
 
-      def loss(p, xb, yb, mb, k):
-        return masked_mean_loss(model, p, xb, yb, mb, k)
-
-      def step(carry, inputs):
-        w, v, a, sw, sv, loss_sum, count, steps = carry
-        idx, mb, k = inputs
-        xb, yb = client.x[idx], client.y[idx]
-        (_, total), gw = jax.value_and_grad(loss, has_aux=True)(w, xb, yb, mb, k)
-        # A fixed α mixes as the Python number (bitwise the pre-adaptive results).
-        g_mix = jax.grad(lambda p: loss(p, xb, yb, mb, k)[0])(mix(a_mix(a), v, w))
-        uw, sw2 = client_tx.update(gw, sw, w)
-        uv, sv2 = client_tx.update(jax.tree.map(lambda g: a_mix(a) * g, g_mix), sv, v)
-        if alpha_lr is not None:
-          g_alpha = sum(jnp.vdot(vi - wi, gi) for vi, wi, gi in zip(
-              jax.tree.leaves(v), jax.tree.leaves(w), jax.tree.leaves(g_mix)))
-          a2 = jnp.clip(a - alpha_lr * g_alpha, 0.0, 1.0)
-        else:
-          a2 = a
-        active = jnp.any(mb)
-        keep = lambda new, old: jnp.where(active, new, old)
-        w2 = jax.tree.map(keep, optax.apply_updates(w, uw), w)
-        v2 = jax.tree.map(keep, optax.apply_updates(v, uv), v)
-        sw2, sv2 = jax.tree.map(keep, sw2, sw), jax.tree.map(keep, sv2, sv)
-        return (w2, v2, keep(a2, a), sw2, sv2, loss_sum + total,
-                count + jnp.sum(mb, dtype=jnp.int32), steps + active), None
-
-      zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
-      izero = jnp.zeros((), jnp.int32)
+    def start(params, client, key):
       own = client.state
-      init = (params, own.v, own.alpha, client_tx.init(params), client_tx.init(own.v),
-              zero, izero, izero)
-      (w, v, a, _, _, loss_sum, count, steps), _ = jax.lax.scan(
-          step, init, (plan.idx, plan.mask, step_keys))
-      delta = jax.tree.map(jnp.subtract, w, params)
-      finite = all_finite((delta, v, a))
-      hist = label_histogram(client, data.num_classes)
-      return ClientOutput(delta=delta, num_examples=client.num_examples,
-                          train_loss=loss_sum / jnp.maximum(count, 1), num_steps=steps,
-                          label_hist=hist, finite=finite, client_state=APFLState(v, a))
+      zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
+      carry = APFLCarry(params, own.v, own.alpha, client_tx.init(params),
+                        client_tx.init(own.v), zero, jnp.zeros((), jnp.int32))
+      return carry, sgd_steps(key, client, work, max_examples=data.max_examples,
+                              min_examples=data.min_examples)
 
-    return client_update
+    def step(params, c, batch):
+      xb, yb, mb, k = batch
+      loss = lambda p: masked_mean_loss(model, p, xb, yb, mb, k)
+      (_, total), gw = jax.value_and_grad(loss, has_aux=True)(c.w)
+      # A fixed α mixes as the Python number (bitwise the pre-adaptive results).
+      a = a_mix(c.alpha)
+      g_mix = jax.grad(lambda p: loss(p)[0])(mix(a, c.v, c.w))
+      uw, w_opt = client_tx.update(gw, c.w_opt, c.w)
+      uv, v_opt = client_tx.update(jax.tree.map(lambda g: a * g, g_mix), c.v_opt, c.v)
+      alpha = c.alpha
+      if alpha_lr is not None:
+        g_alpha = sum(jnp.vdot(vi - wi, gi) for vi, wi, gi in zip(
+            jax.tree.leaves(c.v), jax.tree.leaves(c.w), jax.tree.leaves(g_mix)))
+        alpha = jnp.clip(alpha - alpha_lr * g_alpha, 0.0, 1.0)
+      return APFLCarry(optax.apply_updates(c.w, uw), optax.apply_updates(c.v, uv), alpha,
+                       w_opt, v_opt, c.loss_sum + total, c.count + jnp.sum(mb, dtype=jnp.int32))
+
+    def finish(params, client, c):
+      out = client_output(model, params, client, c.w, c.loss_sum, c.count, data.num_classes,
+                          also_finite=(c.v, c.alpha))
+      return out._replace(client_state=APFLState(c.v, c.alpha))
+
+    return LocalProgram(start, step, finish,
+                        lambda client: work_steps(work, client.num_examples, client.id))
 
   def personal(state: ServerState):
     own = state.client_states
@@ -149,6 +140,5 @@ def apfl(
     return stack_clients(APFLState(params, jnp.asarray(alpha, dtype)), n)
 
   return assemble(
-      model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh,
-      client_states=client_states, personal=personal)
+      model, make_program, aggregator, server_tx, clients_per_round=clients_per_round,
+      execution=execution, client_states=client_states, personal=personal)

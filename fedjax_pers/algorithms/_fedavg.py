@@ -5,15 +5,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._batching import LocalWork, check_local_work
-from fedjax_pers.core._client import make_client_update
 from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._round import FederatedAlgorithm, assemble
+from fedjax_pers.core._sgd import fedavg_program
 
 
 def fedavg(
@@ -24,11 +24,8 @@ def fedavg(
     *,
     clients_per_round: int,
     weighting: WeightFn | Aggregator | None = None,
-    strategy: str = "auto",
-    client_chunk: int | None = None,
-    sampling_probs: np.ndarray | None = None,
     prox_mu: float | None = None,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
 ) -> FederatedAlgorithm:
   """Federated Averaging (McMahan et al., AISTATS 2017) and its server-optimizer kin.
 
@@ -47,13 +44,10 @@ def fedavg(
     clients_per_round: Cohort size.
     weighting: A `WeightFn` for a weighted mean (default `num_examples()`) or an
       `Aggregator` (see `fedjax_pers.aggregation`).
-    strategy: `auto`, `vmap`, `chunked` or `scan` (see `run_cohort`).
-    client_chunk: Clients per chunk for `chunked`.
-    sampling_probs: Optional `[N]` client sampling weights (default uniform).
     prox_mu: FedProx's μ (None: no proximal term).
-    mesh: Optional `jax.sharding.Mesh` with a `clients` axis (see
-      `fedjax_pers.distributed.client_mesh`): the cohort is sharded over its
-      devices and the aggregate becomes a cross-device sum.
+    execution: How the cohort runs and is sampled (`fedjax_pers.Execution`:
+      strategy, lanes, chunks, a `clients` mesh, sampling weights, the
+      differentiable path); default `Execution()`.
 
   Returns:
     The `FederatedAlgorithm`.
@@ -65,15 +59,15 @@ def fedavg(
     raise ValueError(f"prox_mu (FedProx's mu) must be finite and >= 0; got {prox_mu!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
 
-  def make_client(data: FederatedData):
-    return make_client_update(
+  def make_program(data: FederatedData):
+    check_local_work(work, data.num_clients)
+    return fedavg_program(
         model, client_tx, work, num_classes=data.num_classes,
         max_examples=data.max_examples, min_examples=data.min_examples, prox_mu=prox_mu,
         client_losses=aggregator.client_losses)
 
-  return assemble(
-      model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
+  return assemble(model, make_program, aggregator, server_tx,
+                  clients_per_round=clients_per_round, execution=execution)
 
 
 def fedprox(

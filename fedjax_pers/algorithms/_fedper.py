@@ -3,19 +3,22 @@ FedRep (Collins et al., ICML 2021)."""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from fedjax_pers.aggregation._weights import WeightFn, num_examples
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
-from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
-from fedjax_pers.core._client import local_train, make_client_update, stack_clients
+from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work, work_steps
+from fedjax_pers.core._client import masked_mean_loss, stack_clients
 from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
+from fedjax_pers.core._program import LocalProgram, Steps, tree_where
 from fedjax_pers.core._round import FederatedAlgorithm, ServerState, assemble
+from fedjax_pers.core._sgd import client_output, fedavg_program, sgd_steps
 from fedjax_pers.personalization._layers import (
     Predicate,
     last_layer,
@@ -35,10 +38,7 @@ def fedper(
     clients_per_round: int,
     personal: Predicate | None = None,
     weighting: WeightFn | Aggregator | None = None,
-    strategy: str = "auto",
-    client_chunk: int | None = None,
-    sampling_probs: np.ndarray | None = None,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
 ) -> FederatedAlgorithm:
   """FedPer: every client keeps its own copy of the personal layers; only the rest is averaged.
 
@@ -57,7 +57,7 @@ def fedper(
       top-level layer (FedPer's personalized head; a one-layer model is refused).
       LG-FedAvg is the complement (`lg_fedavg`). A predicate selecting nothing
       gives FedAvg, one selecting everything local training only.
-    weighting, strategy, client_chunk, sampling_probs, mesh: As `fedavg`.
+    weighting, execution: As `fedavg`.
 
   Returns:
     The `FederatedAlgorithm`; `personal(state)` gives each client's full model.
@@ -69,13 +69,13 @@ def fedper(
     check_split(mask, "fedper", "personal")
 
   def make_local(data, client_losses):
-    return make_client_update(
+    check_local_work(work, data.num_clients)
+    return fedavg_program(
         model, client_tx, work, num_classes=data.num_classes, max_examples=data.max_examples,
         min_examples=data.min_examples, client_losses=client_losses)
 
   return _personal_layers(model, server_tx, mask, make_local, clients_per_round=clients_per_round,
-                          weighting=weighting, strategy=strategy, client_chunk=client_chunk,
-                          sampling_probs=sampling_probs, mesh=mesh)
+                          weighting=weighting, execution=execution)
 
 
 def check_split(mask: list[bool], algorithm: str, part: str) -> None:
@@ -94,29 +94,34 @@ def check_split(mask: list[bool], algorithm: str, part: str) -> None:
 
 
 def _personal_layers(model, server_tx, mask, make_local, *, clients_per_round, weighting,
-                     strategy, client_chunk, sampling_probs, mesh) -> FederatedAlgorithm:
+                     execution) -> FederatedAlgorithm:
   """The round of the personal-layer family around `make_local(data, client_losses)`, a
-  client update from the merged (shared + own personal) parameters."""
+  `LocalProgram` run from the merged (shared + own personal) parameters, whose
+  `finish` reports Δ from them."""
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
 
-  def make_client(data: FederatedData):
-    local_update = make_local(data, aggregator.client_losses)
+  def make_program(data: FederatedData):
+    local = make_local(data, aggregator.client_losses)
+    own = lambda params, client: merge(params, () if client.state is None else client.state,
+                                       mask)
 
-    def client_update(params, client, key):
-      start = merge(params, () if client.state is None else client.state, mask)
-      out = local_update(start, client, key)
-      local = jax.tree.map(jnp.add, start, out.delta)
+    def finish(params, client, carry):
+      start = own(params, client)
+      out = local.finish(start, client, carry)
+      ends = jax.tree.map(jnp.add, start, out.delta)
       return out._replace(delta=zero_personal(out.delta, mask),
-                          client_state=personal_part(local, mask))
+                          client_state=personal_part(ends, mask))
 
-    return client_update
+    return local._replace(
+        start=lambda params, client, key: local.start(own(params, client), client, key),
+        finish=finish)
 
   def personal_models(state: ServerState):
     return jax.vmap(lambda own: merge(state.params, own, mask))(state.client_states)
 
   return assemble(
-      model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh,
+      model, make_program, aggregator, server_tx, clients_per_round=clients_per_round,
+      execution=execution,
       client_states=lambda params, n: stack_clients(personal_part(params, mask), n),
       personal=personal_models)
 
@@ -144,6 +149,66 @@ def _frozen(tx: optax.GradientTransformation, params, trainable: list[bool]):
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
+class FedRepCarry(NamedTuple):
+  """A FedRep client: its model, both phases' optimizer states, the body phase's sums,
+  and the model at the end of the head phase."""
+
+  w: Any
+  head_opt: Any
+  body_opt: Any
+  loss_sum: jax.Array
+  count: jax.Array
+  adapted: Any
+
+
+def _fedrep_program(model, head_tx, body_tx, head_work, work, data, client_losses):
+  """FedRep's two phases as one sequence of steps: the head's real steps, then the body's."""
+  sizes = dict(max_examples=data.max_examples, min_examples=data.min_examples)
+
+  def start(params, client, key):
+    k_plan, k_train, k_body = jax.random.split(key, 3)
+    plan = batch_plan(k_plan, client.num_examples, head_work, client_id=client.id, **sizes)
+    head = Steps(plan.idx, plan.mask, jax.random.split(k_train, plan.idx.shape[0]))
+    body = sgd_steps(k_body, client, work, **sizes)
+    s_head, s_body = head.idx.shape[0], body.idx.shape[0]
+    width = max(head.idx.shape[1], body.idx.shape[1])
+    widen = lambda a: jnp.pad(a, ((0, 0), (0, width - a.shape[1])))
+    s = jnp.arange(s_head + s_body)
+    in_head = s < work_steps(head_work, client.num_examples, client.id)
+    src = jnp.minimum(jnp.where(in_head, s, s_head + s - jnp.sum(in_head)), s.shape[0] - 1)
+    cat = lambda a, b: jnp.concatenate([a, b])[src]
+    steps = Steps(cat(widen(head.idx), widen(body.idx)), cat(widen(head.mask), widen(body.mask)),
+                  (cat(head.extra, body.extra), in_head))
+    zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
+    return FedRepCarry(params, head_tx.init(params), body_tx.init(params), zero,
+                       jnp.zeros((), jnp.int32), params), steps
+
+  def step(params, c, batch):
+    key, in_head = batch.extra
+    (_, total), g = jax.value_and_grad(
+        lambda w: masked_mean_loss(model, w, batch.x, batch.y, batch.mask, key), has_aux=True)(c.w)
+    uh, head_opt = head_tx.update(g, c.head_opt, c.w)
+    ub, body_opt = body_tx.update(g, c.body_opt, c.w)
+    w = optax.apply_updates(c.w, tree_where(in_head, uh, ub))
+    body = ~in_head
+    return FedRepCarry(
+        w, tree_where(in_head, head_opt, c.head_opt), tree_where(body, body_opt, c.body_opt),
+        c.loss_sum + jnp.where(body, total, 0).astype(c.loss_sum.dtype),
+        c.count + jnp.where(body, jnp.sum(batch.mask, dtype=jnp.int32), 0),
+        tree_where(in_head, w, c.adapted))
+
+  def finish(params, client, c):
+    out = client_output(model, c.adapted, client, c.w, c.loss_sum, c.count, data.num_classes,
+                        client_losses=client_losses)
+    return out._replace(delta=jax.tree.map(jnp.subtract, c.w, params))
+
+  def count(client):
+    return (work_steps(head_work, client.num_examples, client.id)
+            + work_steps(work, client.num_examples, client.id))
+
+  return LocalProgram(start, step, finish, count)
+
+
 def fedrep(model: Model, client_tx, server_tx, work: LocalWork, *, clients_per_round: int,
            head_work: LocalWork, head: Predicate | None = None, **kwargs
            ) -> FederatedAlgorithm:
@@ -161,7 +226,7 @@ def fedrep(model: Model, client_tx, server_tx, work: LocalWork, *, clients_per_r
     clients_per_round: Cohort size.
     head_work: Local work of the head phase.
     head: Predicate naming the head leaves (default the last layer).
-    **kwargs: `weighting`, `strategy`, `client_chunk`, `sampling_probs`, `mesh`.
+    **kwargs: `weighting`, `execution`.
   """
   check_local_work(work)
   check_local_work(head_work)
@@ -173,24 +238,11 @@ def fedrep(model: Model, client_tx, server_tx, work: LocalWork, *, clients_per_r
   body_tx = _frozen(client_tx, template, [not m for m in mask])
 
   def make_local(data, client_losses):
-    body = make_client_update(
-        model, body_tx, work, num_classes=data.num_classes, max_examples=data.max_examples,
-        min_examples=data.min_examples, client_losses=client_losses)
-
-    def local_update(start, client, key):
-      k_plan, k_train, k_body = jax.random.split(key, 3)
-      plan = batch_plan(k_plan, client.num_examples, head_work,
-                        max_examples=data.max_examples, min_examples=data.min_examples)
-      adapted, *_ = local_train(model, head_tx, start, client, plan, k_train,
-                                guard_empty_steps=head_work.epochs is not None)
-      out = body(adapted, client, k_body)
-      local = jax.tree.map(jnp.add, adapted, out.delta)
-      return out._replace(delta=jax.tree.map(jnp.subtract, local, start))
-
-    return local_update
+    check_local_work(work, data.num_clients)
+    check_local_work(head_work, data.num_clients)
+    return _fedrep_program(model, head_tx, body_tx, head_work, work, data, client_losses)
 
   kwargs.setdefault("weighting", None)
-  for name in ("strategy", "client_chunk", "sampling_probs", "mesh"):
-    kwargs.setdefault(name, {"strategy": "auto"}.get(name))
+  kwargs.setdefault("execution", None)
   return _personal_layers(model, server_tx, mask, make_local,
                           clients_per_round=clients_per_round, **kwargs)

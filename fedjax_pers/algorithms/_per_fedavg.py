@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from fedjax_pers.aggregation._weights import WeightFn, uniform
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator, check_no_client_losses
 from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
 from fedjax_pers.core._client import ClientOutput, all_finite, label_histogram
 from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
+from fedjax_pers.core._program import LocalProgram, Steps
 from fedjax_pers.core._round import FederatedAlgorithm, assemble
 from fedjax_pers.personalization._meta import (
   MetaSGDParams,
@@ -21,6 +24,15 @@ from fedjax_pers.personalization._meta import (
   check_method,
   meta_gradient,
 )
+
+
+class MetaCarry(NamedTuple):
+  """A Per-FedAvg client during its τ meta-steps."""
+
+  w: Any
+  opt_state: Any
+  loss_sum: jax.Array
+
 
 # `hessian` option -> (meta_gradient method, Hessian-vector product).
 HESSIANS = {
@@ -45,10 +57,7 @@ def per_fedavg(
     meta_sgd: bool = False,
     remat: bool = False,
     weighting: WeightFn | Aggregator | None = None,
-    strategy: str = "auto",
-    client_chunk: int | None = None,
-    sampling_probs: np.ndarray | None = None,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
 ) -> FederatedAlgorithm:
   """Per-FedAvg: clients take τ meta-steps on the MAML objective; the server averages.
 
@@ -95,17 +104,15 @@ def per_fedavg(
     remat: Rematerialise the inner steps in the backward pass (`jax.checkpoint`;
       `hessian='autodiff'` only: the other forms keep no activations).
     weighting: Aggregation (default uniform, as the paper).
-    strategy: Cohort strategy (`auto`, `vmap`, `chunked`, `scan`).
-    client_chunk: Clients per chunk for `chunked`.
-    sampling_probs: Optional `[N]` client sampling weights.
-    mesh: Optional mesh with a `clients` axis.
+    execution: As `fedavg`.
 
   Returns:
     The `FederatedAlgorithm`.
   """
   check_local_work(work)
-  if work.steps is None:
-    raise ValueError(f"Per-FedAvg counts local meta-steps: work must set steps (τ); got {work}.")
+  if not isinstance(work.steps, int):
+    raise ValueError("Per-FedAvg counts local meta-steps: work must set steps (τ), one int for "
+                     f"every client; got {work}.")
   if hessian not in HESSIANS:
     raise ValueError(f"hessian must be one of {sorted(HESSIANS)}; got {hessian!r}.")
   method, hvp = HESSIANS[hessian]
@@ -140,31 +147,29 @@ def per_fedavg(
     grads = MetaSGDParams(mg.params, mg.inner_lr) if meta_sgd else mg.params
     return grads, mg.loss
 
-  def make_client(data: FederatedData):
-    def client_update(params, client, key):
+  def make_program(data: FederatedData):
+    shape = (work.steps, per_step, work.batch_size)
+
+    def start(params, client, key):
       plan = batch_plan(key, client.num_examples, plan_work, max_examples=data.max_examples,
                         min_examples=data.min_examples)
-      shape = (work.steps, per_step, work.batch_size)
-      idx, mask = plan.idx.reshape(shape), plan.mask.reshape(shape)
-
-      def step(carry, inputs):
-        w, opt_state, loss_sum = carry
-        i, m = inputs
-        grads, loss = meta_step(w, (client.x[i], client.y[i], m))
-        updates, opt_state = client_tx.update(grads, opt_state, w)
-        return (optax.apply_updates(w, updates), opt_state, loss_sum + loss), None
-
       zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
-      (w, _, loss_sum), _ = jax.lax.scan(
-          step, (params, client_tx.init(params), zero), (idx, mask))
-      delta_ = jax.tree.map(jnp.subtract, w, params)
+      return (MetaCarry(params, client_tx.init(params), zero),
+              Steps(plan.idx.reshape(shape), plan.mask.reshape(shape)))
+
+    def step(params, c, batch):
+      grads, loss = meta_step(c.w, (batch.x, batch.y, batch.mask))
+      updates, opt_state = client_tx.update(grads, c.opt_state, c.w)
+      return MetaCarry(optax.apply_updates(c.w, updates), opt_state, c.loss_sum + loss)
+
+    def finish(params, client, c):
+      delta_ = jax.tree.map(jnp.subtract, c.w, params)
       return ClientOutput(
           delta=delta_, num_examples=client.num_examples,
-          train_loss=loss_sum / work.steps, num_steps=jnp.asarray(work.steps, jnp.int32),
+          train_loss=c.loss_sum / work.steps, num_steps=jnp.asarray(work.steps, jnp.int32),
           label_hist=label_histogram(client, data.num_classes), finite=all_finite(delta_))
 
-    return client_update
+    return LocalProgram(start, step, finish, lambda client: work.steps)
 
-  return assemble(
-      model, make_client, aggregator, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
+  return assemble(model, make_program, aggregator, server_tx,
+                  clients_per_round=clients_per_round, execution=execution)

@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
 from fedjax_pers.core._aggregate import Aggregator
-from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
-from fedjax_pers.core._client import (
-    ClientOutput,
-    all_finite,
-    label_histogram,
-    masked_mean_loss,
-    stack_clients,
-)
+from fedjax_pers.core._batching import LocalWork, check_local_work, work_steps
+from fedjax_pers.core._client import masked_mean_loss, stack_clients
 from fedjax_pers.core._cohort import normalize, weighted_sum, zero_nonfinite
 from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._execution import Execution, as_execution
 from fedjax_pers.core._model import Model
-from fedjax_pers.core._round import FederatedAlgorithm, ServerState, make_round
+from fedjax_pers.core._program import LocalProgram
+from fedjax_pers.core._round import (
+    FederatedAlgorithm,
+    ServerState,
+    cohort_plan,
+    make_round,
+    place,
+)
 from fedjax_pers.core._sampling import check_cohort, sample_clients
+from fedjax_pers.core._sgd import client_output, sgd_steps
 
 
 class SampledState(NamedTuple):
   """The PRNG key that picks which clients' updates the server averages."""
 
   key: jax.Array
+
+
+class PFedMeCarry(NamedTuple):
+  """A pFedMe client during local training: θ, its local copy w of the global model, sums."""
+
+  theta: Any
+  w: Any
+  loss_sum: jax.Array
+  count: jax.Array
 
 
 AVERAGES = ("uniform", "num_examples")
@@ -76,9 +87,7 @@ def pfedme(
     beta: float = 1.0,
     clients_per_round: int,
     average: str = "uniform",
-    strategy: str = "auto",
-    client_chunk: int | None = None,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
 ) -> FederatedAlgorithm:
   """pFedMe: each client keeps a personalized θ_k near its local copy w of the global model.
 
@@ -104,7 +113,8 @@ def pfedme(
     beta: β in (0, 2).
     clients_per_round: Clients whose updates are averaged.
     average: `uniform` (the paper) or `num_examples` (the authors' code).
-    strategy, client_chunk, mesh: How all clients' local work runs (see `fedavg`).
+    execution: How all clients' local work runs (see `fedavg`); every client
+      trains, so its `sampling_probs` must be None.
 
   Returns:
     The `FederatedAlgorithm`; `personal(state)` returns the θ_k.
@@ -121,52 +131,49 @@ def pfedme(
   if not (isinstance(beta, (int, float)) and 0 < beta < 2):
     raise ValueError(f"beta must be in (0, 2); got {beta!r}.")
   check_average(average)
+  execution = as_execution(execution)
+  if execution.sampling_probs is not None:
+    raise ValueError("pfedme: every client trains every round; execution.sampling_probs must "
+                     "be None (the averaged clients are drawn uniformly).")
 
-  def make_client(data: FederatedData):
-    def client_update(params, client, key):
-      k_plan, k_train = jax.random.split(key)
-      plan = batch_plan(k_plan, client.num_examples, work, max_examples=data.max_examples,
-                        min_examples=data.min_examples)
-      keys = jax.random.split(k_train, plan.idx.shape[0])
+  def make_program(data: FederatedData):
+    check_local_work(work, data.num_clients)
 
-      def local_round(carry, inputs):
-        theta, w, loss_sum, count = carry
-        idx, mb, k = inputs
-        xb, yb = client.x[idx], client.y[idx]
-        batch_loss = lambda t: masked_mean_loss(model, t, xb, yb, mb, k)
-
-        def inner(t, _):
-          g = jax.grad(lambda t_: batch_loss(t_)[0])(t)
-          return jax.tree.map(lambda a, ga, b: a - personal_learning_rate * (ga + lam * (a - b)),
-                              t, g, w), None
-
-        total = batch_loss(theta)[1]
-        theta, _ = jax.lax.scan(inner, theta, None, length=inner_steps)
-        w = jax.tree.map(lambda a, b: a - learning_rate * lam * (a - b), w, theta)
-        return (theta, w, loss_sum + total, count + jnp.sum(mb, dtype=jnp.int32)), None
-
+    def start(params, client, key):
       zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
-      (theta, w, loss_sum, count), _ = jax.lax.scan(
-          local_round, (params, params, zero, jnp.zeros((), jnp.int32)),
-          (plan.idx, plan.mask, keys))
-      delta = jax.tree.map(jnp.subtract, w, params)
-      finite = all_finite((delta, theta))
-      hist = label_histogram(client, data.num_classes)
-      return ClientOutput(delta=delta, num_examples=client.num_examples,
-                          train_loss=loss_sum / jnp.maximum(count, 1),
-                          num_steps=jnp.asarray(plan.idx.shape[0], jnp.int32),
-                          label_hist=hist, finite=finite, client_state=theta)
+      return (PFedMeCarry(params, params, zero, jnp.zeros((), jnp.int32)),
+              sgd_steps(key, client, work, max_examples=data.max_examples,
+                        min_examples=data.min_examples))
 
-    return client_update
+    def step(params, c, batch):
+      xb, yb, mb, k = batch
+      batch_loss = lambda t: masked_mean_loss(model, t, xb, yb, mb, k)
+
+      def inner(t, _):
+        g = jax.grad(lambda t_: batch_loss(t_)[0])(t)
+        return jax.tree.map(lambda a, ga, b: a - personal_learning_rate * (ga + lam * (a - b)),
+                            t, g, c.w), None
+
+      total = batch_loss(c.theta)[1]
+      theta, _ = jax.lax.scan(inner, c.theta, None, length=inner_steps)
+      w = jax.tree.map(lambda a, b: a - learning_rate * lam * (a - b), c.w, theta)
+      return PFedMeCarry(theta, w, c.loss_sum + total, c.count + jnp.sum(mb, dtype=jnp.int32))
+
+    def finish(params, client, c):
+      out = client_output(model, params, client, c.w, c.loss_sum, c.count, data.num_classes,
+                          also_finite=c.theta)
+      return out._replace(client_state=c.theta)
+
+    return LocalProgram(start, step, finish,
+                        lambda client: work_steps(work, client.num_examples, client.id))
 
   server_tx = optax.sgd(beta)
 
   def round_fn(state: ServerState, data: FederatedData):
     check_cohort(clients_per_round, data.num_clients)
     full = make_round(   # every client trains; `sampled_mean` picks whose w is averaged
-        make_client, sampled_mean(clients_per_round, data.num_clients, average), server_tx,
-        clients_per_round=data.num_clients, strategy=strategy, client_chunk=client_chunk,
-        mesh=mesh)
+        make_program, sampled_mean(clients_per_round, data.num_clients, average), server_tx,
+        clients_per_round=data.num_clients, execution=execution)
     return full(state, data)
 
   def init(key: jax.Array, data: FederatedData) -> ServerState:
@@ -174,9 +181,12 @@ def pfedme(
     k_model, k_rounds, k_agg = jax.random.split(key, 3)
     params = model.init(k_model)
     stacked = stack_clients(params, data.num_clients)
-    return ServerState(
+    return place(ServerState(
         params=params, opt_state=server_tx.init(params),
         weight_state=SampledState(k_agg), client_states=stacked,
-        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+        round=jnp.zeros((), jnp.int32), rng=k_rounds), execution)
 
-  return FederatedAlgorithm(init=init, round=round_fn, personal=lambda s: s.client_states)
+  plan = lambda params, data: cohort_plan(make_program, execution, data.num_clients)(
+      params, data)
+  return FederatedAlgorithm(init=init, round=round_fn, personal=lambda s: s.client_states,
+                            plan=plan)

@@ -5,9 +5,10 @@ fresh random order every epoch. An epoch is `ceil(n / B)` batches, the last one
 partial; a partial batch carries a mask, so padding never reaches a loss. Local
 work is either a number of epochs (the FedAvg/FedProx papers) or a number of
 steps that runs through as many reshuffled epochs as it needs (the pFedMe and
-Per-FedAvg papers' `get_next_train_batch`). With epochs, clients with fewer
-batches than the largest client get whole masked steps, which leave their
-parameters and optimizer state untouched.
+Per-FedAvg papers' `get_next_train_batch`), the same for every client or one
+count per client. A plan has the static length of the longest client; the steps
+after a client's last real one (`work_steps`) are all padding, which the engine
+either skips (`lax.while_loop`) or masks (the differentiable path).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class LocalWork(NamedTuple):
@@ -27,12 +29,13 @@ class LocalWork(NamedTuple):
   Attributes:
     batch_size: Examples per local step (`B`).
     epochs: Passes over the client's data (`E`).
-    steps: Local steps (`K`), cycling through reshuffled epochs.
+    steps: Local steps (`K`), cycling through reshuffled epochs; an int for every
+      client, or a tuple with one count per client of the population (`K_c`).
   """
 
   batch_size: int
   epochs: int | None = None
-  steps: int | None = None
+  steps: int | tuple[int, ...] | None = None
 
 
 class BatchPlan(NamedTuple):
@@ -47,34 +50,75 @@ class BatchPlan(NamedTuple):
   mask: jax.Array
 
 
-def check_local_work(work: LocalWork) -> None:
-  """Raises `ValueError` unless `work` names a valid amount of local training."""
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def check_local_work(work: LocalWork, num_clients: int | None = None) -> None:
+  """Raises `ValueError` unless `work` names a valid amount of local training.
+
+  With `num_clients`, per-client step counts must number one per client.
+  """
   if not isinstance(work.batch_size, int) or work.batch_size < 1:
     raise ValueError(f"batch_size must be a positive int; got {work.batch_size!r}.")
   if (work.epochs is None) == (work.steps is None):
     raise ValueError(
         "Exactly one of local epochs and local steps must be set; got "
         f"epochs={work.epochs!r}, steps={work.steps!r}.")
-  for name in ("epochs", "steps"):
-    v = getattr(work, name)
-    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-      raise ValueError(f"local {name} must be a positive int (no local work would leave "
-                       f"the model where it was); got {v!r}.")
+  if work.epochs is not None and not _positive_int(work.epochs):
+    raise ValueError("local epochs must be a positive int (no local work would leave the "
+                     f"model where it was); got {work.epochs!r}.")
+  if isinstance(work.steps, tuple):
+    bad = [v for v in work.steps if not _positive_int(v)]
+    if not work.steps or bad:
+      raise ValueError("per-client local steps must be a non-empty tuple of positive ints; "
+                       f"got {bad[0] if bad else work.steps!r}"
+                       + (f" among {len(work.steps)} counts." if bad else "."))
+    if num_clients is not None and len(work.steps) != num_clients:
+      raise ValueError(f"per-client local steps must number one per client ({num_clients}); "
+                       f"got {len(work.steps)}.")
+  elif work.steps is not None and not _positive_int(work.steps):
+    raise ValueError("local steps must be a positive int, or a tuple of one per client (no "
+                     f"local work would leave the model where it was); got {work.steps!r}.")
+
+
+def _max_steps(work: LocalWork) -> int:
+  return max(work.steps) if isinstance(work.steps, tuple) else work.steps
 
 
 def num_steps(work: LocalWork, max_examples: int) -> int:
-  """The static number of scan steps for clients padded to `max_examples`."""
+  """The static number of plan steps: those of the longest client padded to `max_examples`."""
   if work.steps is not None:
-    return work.steps
+    return _max_steps(work)
   return work.epochs * math.ceil(max_examples / work.batch_size)
+
+
+def work_steps(work: LocalWork, n: jax.Array, client_id: jax.Array | None = None
+               ) -> jax.Array | int:
+  """The steps of `work` that hold a real example, for a client with `n` examples.
+
+  `E · ⌈n / B⌉` for epochs, `K` for steps (a Python int: the same for every
+  client), `K_c` for per-client steps (`client_id` is then required). NumPy in,
+  NumPy out (the engine plans rounds on the host).
+  """
+  if work.epochs is not None:
+    return work.epochs * ((n + work.batch_size - 1) // work.batch_size)
+  if isinstance(work.steps, tuple):
+    if client_id is None:
+      raise ValueError("per-client local steps need the client's id (ClientData.id).")
+    if isinstance(client_id, np.ndarray):
+      return np.asarray(work.steps, np.int32)[client_id]
+    return jnp.asarray(work.steps, jnp.int32)[client_id]
+  return work.steps
 
 
 def _num_epochs(work: LocalWork, min_examples: int) -> int:
   """An upper bound on the epochs any client touches."""
   if work.epochs is not None:
     return max(work.epochs, 1)
+  steps = _max_steps(work)
   per_epoch = math.ceil(min_examples / work.batch_size)
-  return max(1, min(work.steps, math.ceil(work.steps / per_epoch)))
+  return max(1, min(steps, math.ceil(steps / per_epoch)))
 
 
 def shuffle_valid(key: jax.Array, n: jax.Array, max_n: int) -> jax.Array:
@@ -109,9 +153,44 @@ def shuffle_valid(key: jax.Array, n: jax.Array, max_n: int) -> jax.Array:
   return order
 
 
+FITTED_MIN_WIDTH = 64
+
+
+def _width_classes(max_n: int) -> tuple[int, ...]:
+  """Static widths a fitted shuffle may sort: 64, 128, ... below `max_n`, then `max_n`."""
+  if max_n > 1 << 16:       # beyond 16 index bits shuffle_valid is not prefix-stable
+    return (max_n,)
+  widths, w = [], FITTED_MIN_WIDTH
+  while w < max_n:
+    widths.append(w)
+    w *= 2
+  return (*widths, max_n)
+
+
+def shuffle_fitted(key: jax.Array, n: jax.Array, max_n: int) -> jax.Array:
+  """`shuffle_valid(key, n, max_n)` for the first `n` slots, sorting only the smallest
+  width class that holds `n` slots (`lax.switch`), so its cost follows `n`.
+
+  `shuffle_valid` is prefix-stable in its width, so the client's real examples
+  come out in exactly the same order; the slots from `n` on (which a plan masks
+  out) may differ. Under `vmap` over clients the switch becomes a select over
+  every class: use it where clients' plans are built one at a time.
+  """
+  widths = _width_classes(max_n)
+  if len(widths) == 1:
+    return shuffle_valid(key, n, max_n)
+
+  def branch(w):
+    tail = jnp.arange(w, max_n, dtype=jnp.int32)
+    return lambda key, n: jnp.concatenate([shuffle_valid(key, n, w), tail])
+
+  which = jnp.searchsorted(jnp.asarray(widths, jnp.int32), n.astype(jnp.int32))
+  return jax.lax.switch(which, [branch(w) for w in widths], key, n)
+
+
 def batch_plan(
     key: jax.Array, n: jax.Array, work: LocalWork, *, max_examples: int,
-    min_examples: int = 1,
+    min_examples: int = 1, client_id: jax.Array | None = None,
 ) -> BatchPlan:
   """Example slots and masks for every local step of one client.
 
@@ -122,19 +201,24 @@ def batch_plan(
     max_examples: Slots per client (static).
     min_examples: Smallest client in the population (static); bounds the number
       of epochs a fixed number of steps can touch.
+    client_id: The client's index in the population (per-client steps only).
 
   Returns:
-    A `BatchPlan` of `num_steps(work, max_examples)` steps.
+    A `BatchPlan` of `num_steps(work, max_examples)` steps; the first
+    `work_steps(work, n, client_id)` hold real examples, the rest none.
   """
   b = work.batch_size
   total = num_steps(work, max_examples)
   epochs = _num_epochs(work, min_examples)
   keys = jax.random.split(key, epochs)
-  perms = jax.vmap(shuffle_valid, (0, None, None))(keys, n, max_examples)
+  # On CPU the engine builds clients' plans one at a time (see `core/_cohort.py`), where
+  # sorting only the width that holds the client's examples costs O(n), not O(max_n).
+  shuffle = shuffle_fitted if jax.default_backend() == "cpu" else shuffle_valid
+  perms = jax.vmap(shuffle, (0, None, None))(keys, n, max_examples)
   per_epoch = (n + b - 1) // b
   s = jnp.arange(total)
   epoch, j = s // per_epoch, s % per_epoch
-  active = s < (work.steps if work.steps is not None else work.epochs * per_epoch)
+  active = s < work_steps(work, n, client_id)
   pos = j[:, None] * b + jnp.arange(b)[None, :]
   mask = (pos < n) & active[:, None]
   pos = jnp.minimum(pos, max_examples - 1)

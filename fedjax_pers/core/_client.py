@@ -1,15 +1,12 @@
-"""Local training of one client: optax steps under `lax.scan`, FedProx's proximal term."""
+"""One client's data and what it sends back, and the small functions local training shares."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from fedjax_pers.core._batching import BatchPlan, LocalWork, batch_plan
 from fedjax_pers.core._model import Model
 
 Params = Any
@@ -24,12 +21,14 @@ class ClientData(NamedTuple):
     num_examples: Scalar int32, the number of real examples.
     state: The client's own state kept across rounds (personal parameters of
       Ditto, pFedMe, personal layers...), or None.
+    id: The client's index in the population (int32), or None outside a round.
   """
 
   x: jax.Array
   y: jax.Array
   num_examples: jax.Array
   state: Any = None
+  id: jax.Array | None = None
 
 
 class ClientOutput(NamedTuple):
@@ -40,7 +39,8 @@ class ClientOutput(NamedTuple):
     num_examples: `n_i`, int32.
     train_loss: Mean per-example loss over the examples of local training, each
       measured before the step that used it.
-    num_steps: Local steps that saw at least one real example, int32.
+    num_steps: Local steps that saw at least one real example, int32 (set by
+      the engine from `LocalProgram.num_steps`).
     label_hist: `[num_classes]` counts of the client's labels.
     finite: True when every entry of `delta` is finite.
     loss_before: Mean loss of `w_t` over the client's data (only when the
@@ -63,8 +63,6 @@ class ClientOutput(NamedTuple):
   client_id: jax.Array | None = None
   client_state: Any = None
 
-
-ClientUpdate = Callable[[Params, ClientData, jax.Array], ClientOutput]
 
 
 def tree_sq_norm(tree: Params) -> jax.Array:
@@ -108,123 +106,3 @@ def full_loss(model: Model, params: Params, client: ClientData) -> jax.Array:
   losses = model.loss(model.apply(params, client.x), client.y)
   valid = jnp.arange(client.y.shape[0]) < client.num_examples
   return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(client.num_examples, 1)
-
-
-def local_train(
-    model: Model,
-    tx: optax.GradientTransformation,
-    params: Params,
-    client: ClientData,
-    plan: BatchPlan,
-    key: jax.Array,
-    *,
-    prox_mu: float | jax.Array | None = None,
-    anchor: Params | None = None,
-    guard_empty_steps: bool = True,
-) -> tuple[Params, jax.Array, jax.Array, jax.Array]:
-  """Runs the local steps of `plan` with optimizer `tx` from `params`.
-
-  Each step minimises, on its batch `b` of real examples,
-
-    f_b(w) = (1/|b|) Σ_{j∈b} ℓ(w; x_j, y_j) + (μ/2) ||w − w_t||²,
-
-  where `w_t = anchor` (default `params`) and the proximal term (FedProx, Li et
-  al., MLSys 2020; Ditto's λ with the global model as anchor) is present when
-  `prox_mu` is not None. A step whose batch is all padding leaves
-  the parameters and the optimizer state unchanged.
-
-  Args:
-    model: The model.
-    tx: Client optimizer (any optax transformation).
-    params: Starting point `w_t`.
-    client: The client's padded data.
-    plan: Batches of every step.
-    key: PRNG key (dropout).
-    prox_mu: FedProx's μ, or None for no proximal term.
-    anchor: Centre of the proximal term (default: the starting `params`).
-    guard_empty_steps: Keep the state of all-padding steps unchanged. Only
-      plans that can have such steps (local epochs) need it; with local steps
-      every step holds a real example and the select is skipped.
-
-  Returns:
-    `(w_local, loss_sum, example_count, steps_taken)`.
-  """
-  anchor = params if anchor is None else anchor
-  step_keys = jax.random.split(key, plan.idx.shape[0])
-
-  def objective(w, xb, yb, mb, k):
-    mean, total = masked_mean_loss(model, w, xb, yb, mb, k)
-    if prox_mu is not None:
-      diff = jax.tree.map(jnp.subtract, w, anchor)
-      mean = mean + 0.5 * prox_mu * tree_sq_norm(diff)
-    return mean, total
-
-  def step(carry, inputs):
-    w, opt_state, loss_sum, count, steps = carry
-    idx, mb, k = inputs
-    (_, total), grads = jax.value_and_grad(objective, has_aux=True)(
-        w, client.x[idx], client.y[idx], mb, k)
-    updates, new_opt_state = tx.update(grads, opt_state, w)
-    new_w = optax.apply_updates(w, updates)
-    active = jnp.any(mb)
-    if guard_empty_steps:
-      keep = lambda new, old: jnp.where(active, new, old)
-      new_w = jax.tree.map(keep, new_w, w)
-      new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-    carry = (new_w, new_opt_state, loss_sum + total.astype(loss_sum.dtype),
-             count + jnp.sum(mb, dtype=jnp.int32), steps + active)
-    return carry, None
-
-  zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
-  init = (params, tx.init(params), zero, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-  (w, _, loss_sum, count, steps), _ = jax.lax.scan(
-      step, init, (plan.idx, plan.mask, step_keys))
-  return w, loss_sum, count, steps
-
-
-def make_client_update(
-    model: Model,
-    tx: optax.GradientTransformation,
-    work: LocalWork,
-    *,
-    num_classes: int,
-    max_examples: int,
-    min_examples: int = 1,
-    prox_mu: float | None = None,
-    client_losses: bool = False,
-) -> ClientUpdate:
-  """The FedAvg / FedProx client update, written for one client.
-
-  Args:
-    model: The model.
-    tx: Client optimizer.
-    work: Local epochs or steps and the batch size.
-    num_classes: Size of the label histogram.
-    max_examples: Padded length of the client rows (static).
-    min_examples: Smallest client (static; see `batch_plan`).
-    prox_mu: FedProx's μ (None: plain FedAvg).
-    client_losses: Also report `loss_before` and `loss_after` (see
-      `ClientOutput`), for weightings and aggregators that use them.
-
-  Returns:
-    `client_update(params, client, key) -> ClientOutput`.
-  """
-
-  def client_update(params, client, key):
-    k_plan, k_train = jax.random.split(key)
-    plan = batch_plan(k_plan, client.num_examples, work, max_examples=max_examples,
-                      min_examples=min_examples)
-    w, loss_sum, count, steps = local_train(
-        model, tx, params, client, plan, k_train, prox_mu=prox_mu,
-        guard_empty_steps=work.epochs is not None)
-    delta = jax.tree.map(jnp.subtract, w, params)
-    finite = all_finite(delta)
-    hist = label_histogram(client, num_classes)
-    losses = (full_loss(model, params, client), full_loss(model, w, client)
-              ) if client_losses else (None, None)
-    return ClientOutput(
-        delta=delta, num_examples=client.num_examples,
-        train_loss=loss_sum / jnp.maximum(count, 1), num_steps=steps,
-        label_hist=hist, finite=finite, loss_before=losses[0], loss_after=losses[1])
-
-  return client_update

@@ -1,11 +1,14 @@
-"""Running a cohort: vmap, chunked `lax.map`, or `lax.scan`, optionally sharded.
+"""Running a cohort's `LocalProgram`s: vmap, chunks, one at a time, or lanes; sharded.
 
-The client update is written for one client; these functions decide how the `k`
-clients of a round run. With a `Mesh` whose axis is named `clients`, the cohort
-is split over devices by `shard_map`: each device runs its share with the same
-strategy, and sums across devices become XLA collectives. On a CPU split into
-one device per core (`XLA_FLAGS=--xla_force_host_platform_device_count=N`) this
-is also how independent clients use every core.
+`execute_cohort` runs every client of a round by a `Plan` (see `_execution.py`).
+With a mesh whose axis is named `clients`, the cohort is split over devices by
+`shard_map`; each device runs its share with the same plan and sums across
+devices become XLA collectives. Unless the plan is differentiable, the cohort
+is first dealt to the devices by the longest-processing-time rule on the
+clients' steps, with the same number of clients on every device, so that no
+device waits for one that drew the large clients. On a CPU split into one
+device per core (`XLA_FLAGS=--xla_force_host_platform_device_count=N`) this is
+how independent clients use every core.
 """
 
 from __future__ import annotations
@@ -15,178 +18,234 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from fedjax_pers.core._client import ClientData, ClientOutput, ClientUpdate
+from fedjax_pers.core._client import ClientData, ClientOutput
+from fedjax_pers.core._execution import CLIENTS_AXIS, Plan
+from fedjax_pers.core._lanes import run_lanes
+from fedjax_pers.core._program import LocalProgram, cohort_steps, num_plan_steps, run_client
 
 Params = Any
-STRATEGIES = ("auto", "vmap", "chunked", "scan")
-CLIENTS_AXIS = "clients"
-# On CPU, a cohort of models with at least this many parameters runs faster as a
-# loop over clients than as batched matmuls (see benchmarks/round_throughput.py).
-AUTO_SCAN_MIN_PARAMS = 20_000
 
 
-def check_strategy(strategy: str, client_chunk: int | None) -> None:
-  """Raises `ValueError` for an unknown cohort strategy or a bad chunk size."""
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
-  if strategy == "chunked" and (not isinstance(client_chunk, int) or client_chunk < 1):
-    raise ValueError(
-        f"strategy='chunked' needs client_chunk, a positive int; got {client_chunk!r}.")
+class CohortSource(NamedTuple):
+  """Where a cohort's rows come from (see `core/_source.py`).
 
-
-def check_mesh(mesh: Mesh | None) -> None:
-  """Raises `ValueError` unless `mesh` is None or has a `clients` axis."""
-  if mesh is not None and CLIENTS_AXIS not in mesh.axis_names:
-    raise ValueError(
-        f"mesh must have an axis named {CLIENTS_AXIS!r}; got axes {mesh.axis_names}.")
-
-
-def resolve_strategy(strategy: str, params: Params) -> str:
-  """Picks a concrete strategy for `'auto'`.
-
-  Accelerators: `vmap` (a cohort fills the device). CPU: `vmap` for small models,
-  where batching many tiny matmuls wins by far; `scan` from
-  `AUTO_SCAN_MIN_PARAMS` parameters on, where XLA:CPU's batched matmuls are
-  slower than one client's plain matmuls run in turn.
+  Attributes:
+    rows: `rows(ids) -> ClientData`, the stacked rows, state and ids of clients `ids`.
+    sizes: `[N]` int32, every client's number of examples (true sizes).
   """
-  if strategy != "auto":
-    return strategy
-  if jax.default_backend() != "cpu":
-    return "vmap"
-  size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-  return "scan" if size >= AUTO_SCAN_MIN_PARAMS else "vmap"
+
+  rows: Callable[[jax.Array], ClientData]
+  sizes: jax.Array
 
 
-def run_cohort(
-    client_update: ClientUpdate, params: Params, clients: ClientData, keys: jax.Array,
-    *, strategy: str, client_chunk: int | None = None,
-) -> ClientOutput:
-  """Runs `client_update` for every client of a cohort; outputs are stacked.
+class CohortResult(NamedTuple):
+  """A cohort's outputs, stacked over the (padded) cohort in the order of its ids.
 
-  Args:
-    client_update: The one-client function.
-    params: Global params broadcast to all clients.
-    clients: Stacked `ClientData` of the cohort, leading axis `k`.
-    keys: `[k]` PRNG keys.
-    strategy: `vmap`, `chunked` (`lax.map` over chunks of `client_chunk`
-      clients, vmapped inside a chunk) or `scan` (one client at a time).
-    client_chunk: Chunk size for `chunked`.
+  Attributes:
+    outputs: Stacked outputs of `finish` (`ClientOutput`s, whose `num_steps` is
+      set; `delta` is None when streamed).
+    score_sum: `(Σ u_i Δ_i, Σ u_i)` when streamed, else None.
+    scores: `[k]` scores `u_i` when streamed, else None.
+    real_steps: Σ over valid clients of their steps that hold a real example.
+    executed_steps: Client-steps the compiled round computed (padded steps, or
+      lane-steps), summed over devices.
+  """
+
+  outputs: Any
+  score_sum: tuple[Params, jax.Array] | None
+  scores: jax.Array | None
+  real_steps: jax.Array
+  executed_steps: jax.Array
+
+
+def step_counts(program: LocalProgram, sizes: jax.Array, ids: jax.Array) -> jax.Array:
+  """`[k]` int32 steps of clients `ids` (`program.num_steps` on their sizes and ids)."""
+  light = ClientData(x=None, y=None, num_examples=sizes[ids], id=ids)
+  return jnp.broadcast_to(jnp.asarray(program.num_steps(light), jnp.int32), ids.shape)
+
+
+def balance(counts: jax.Array, num_devices: int) -> jax.Array:
+  """A permutation dealing `k` clients to `d` devices, `k / d` each, by steps.
+
+  Clients in decreasing order of steps go one by one to the device with the
+  least work so far among those not yet full (longest processing time first).
 
   Returns:
-    Stacked `ClientOutput`, leading axis `k`.
+    `perm[k]`: device j runs clients `perm[j k/d : (j+1) k/d]`.
   """
-  fn = lambda args: client_update(params, *args)
-  if strategy == "vmap":
-    return jax.vmap(fn)((clients, keys))
-  if strategy == "chunked":
-    return jax.lax.map(fn, (clients, keys), batch_size=client_chunk)
-  if strategy == "scan":
-    return jax.lax.map(fn, (clients, keys))
-  raise ValueError(f"strategy must be one of {STRATEGIES[1:]}; got {strategy!r}.")
+  k = counts.shape[0]
+  per = k // num_devices
+  order = jnp.argsort(-counts, stable=True).astype(jnp.int32)
+  big = jnp.iinfo(jnp.int32).max
+
+  def deal(state, c):
+    load, fill = state
+    j = jnp.argmin(jnp.where(fill < per, load, big))
+    return (load.at[j].add(counts[c]), fill.at[j].add(1)), j * per + fill[j]
+
+  zeros = jnp.zeros((num_devices,), jnp.int32)
+  _, slots = jax.lax.scan(deal, (zeros, zeros), order)
+  return jnp.zeros((k,), jnp.int32).at[slots].set(order)
 
 
-def scan_score_sum(
-    client_update: ClientUpdate, params: Params, clients: ClientData, keys: jax.Array,
-    valid: jax.Array, score: Callable[[ClientOutput], jax.Array],
-) -> tuple[Params, jax.Array, ClientOutput, jax.Array]:
-  """Runs clients one at a time, accumulating `Σ u_i Δ_i` instead of stacking Δ.
+def _chunk_cost(counts: jax.Array, chunk: int) -> jax.Array:
+  """Σ over chunks of `chunk · max(count in chunk)` (chunks in order, the last short)."""
+  k = counts.shape[0]
+  pad = -k % chunk
+  padded = jnp.concatenate([counts, jnp.zeros((pad,), counts.dtype)]).reshape(-1, chunk)
+  sizes = jnp.minimum(chunk, k - chunk * jnp.arange(padded.shape[0]))
+  return jnp.sum(sizes * jnp.max(padded, axis=1))
+
+
+def _stream(program, params, clients, keys, valid, score, differentiable):
+  """Clients one at a time, accumulating `Σ u_i Δ_i` instead of stacking Δ.
 
   `u_i = score(output_i)`, zero for non-finite or padding (`valid=False`) clients.
-
-  Returns:
-    `(Σ u_i Δ_i, Σ u_i, outputs without delta, u)`.
   """
 
   def body(carry, args):
     acc, total = carry
     client, key, ok = args
-    out = client_update(params, client, key)
+    out, count = run_client(program, params, client, key, differentiable=differentiable,
+                            active=True if differentiable else ok)
     use = out.finite & ok
     u = jnp.where(use, score(out), 0.0)
     acc = jax.tree.map(lambda a, d: a + u * jnp.where(use, d, 0.0), acc, out.delta)
-    return (acc, total + u), (out._replace(delta=None), u)
+    return (acc, total + u), ((out._replace(delta=None), count), u)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   (acc, total), (outputs, u) = jax.lax.scan(
       body, (zeros, jnp.zeros(())), (clients, keys, valid))
-  return acc, total, outputs, u
+  return outputs, (acc, total), u
 
 
-class CohortResult(NamedTuple):
-  """A cohort's outputs, stacked over the (padded) cohort.
-
-  Attributes:
-    outputs: Stacked `ClientOutput`; `delta` is None when streamed.
-    score_sum: `(Σ u_i Δ_i, Σ u_i)` when streamed, else None.
-    scores: `[k]` scores `u_i` when streamed, else None.
-  """
-
-  outputs: ClientOutput
-  score_sum: tuple[Params, jax.Array] | None
-  scores: jax.Array | None
+def _lanes(program, params, clients, keys, valid, lanes):
+  steps = cohort_steps(program, params, clients, keys)
+  carry0 = jax.vmap(lambda c, k: program.start(params, c, k)[0])(clients, keys)
+  counts = jnp.where(valid, jax.vmap(lambda c: jnp.asarray(program.num_steps(c), jnp.int32)
+                                     )(clients), 0)
+  result = run_lanes(program, params, clients, carry0, steps, counts, lanes=lanes)
+  outputs = jax.vmap(program.finish, (None, 0, 0))(params, clients, result.carries)
+  return (outputs, counts), result.lane_steps
 
 
-def execute_cohort(
-    client_update: ClientUpdate, params: Params, clients: ClientData, keys: jax.Array,
-    valid: jax.Array, *, strategy: str, client_chunk: int | None,
-    score: Callable[[ClientOutput], jax.Array] | None, mesh: Mesh | None,
-) -> CohortResult:
-  """Runs a cohort by `strategy`, streamed when `strategy == 'scan'` and `score` is set.
-
-  Args:
-    client_update: The one-client function.
-    params: Global params.
-    clients: Stacked cohort data; with a mesh, its length is a multiple of the
-      number of devices on the `clients` axis.
-    keys: `[k]` PRNG keys.
-    valid: `[k]` bool, False for padding clients (they get score 0).
-    strategy: A concrete strategy (`vmap`, `chunked`, `scan`).
-    client_chunk: Chunk size for `chunked`.
-    score: Per-client score of a separable weighting, or None.
-    mesh: Optional mesh with a `clients` axis to shard the cohort over.
+def run_cohort(program: LocalProgram, params: Params, clients: ClientData, keys: jax.Array,
+               valid: jax.Array, *, plan: Plan,
+               score: Callable[[ClientOutput], jax.Array] | None = None):
+  """Runs a cohort on one device by `plan`.
 
   Returns:
-    A `CohortResult`.
+    `((outputs, counts), (Σ u_i Δ_i, Σ u_i) or None, u or None, executed_steps)`,
+    `counts[k]` each client's steps that did work; the cohort is streamed (no
+    stacked deltas) when `plan.strategy == 'scan'` and `score` is set.
   """
-  stream = strategy == "scan" and score is not None
-  if stream:
-    def local(params, clients, keys, valid):
-      acc, total, outputs, u = scan_score_sum(client_update, params, clients, keys, valid,
-                                              score)
-      if mesh is not None:
-        acc, total = jax.lax.psum((acc, total), CLIENTS_AXIS)
-      return acc, total, outputs, u
+  diff = plan.differentiable
+  one = lambda args: run_client(program, params, args[0], args[1], differentiable=diff,
+                                active=True if diff else args[2], steps=args[3])
+  k = keys.shape[0]
+  if plan.strategy == "lanes":
+    outputs, executed = _lanes(program, params, clients, keys, valid, plan.lanes)
+    return outputs, None, None, executed
+  if plan.strategy == "scan" and score is not None:
+    outputs, acc, u = _stream(program, params, clients, keys, valid, score, diff)
+  elif plan.strategy in ("vmap", "chunked"):   # plans first, then the steps side by side
+    steps = cohort_steps(program, params, clients, keys)
+    if plan.strategy == "vmap":
+      outputs = jax.vmap(one)((clients, keys, valid, steps))
+    else:
+      outputs = jax.lax.map(one, (clients, keys, valid, steps), batch_size=plan.client_chunk)
+    acc, u = None, None
+  elif plan.strategy == "scan":
+    outputs = jax.lax.map(lambda a: one((*a, None)), (clients, keys, valid))
+    acc, u = None, None
   else:
-    def local(params, clients, keys, valid):
-      del valid
-      return run_cohort(client_update, params, clients, keys, strategy=strategy,
-                        client_chunk=client_chunk)
+    raise ValueError(f"plan.strategy must be vmap, chunked, scan or lanes; got "
+                     f"{plan.strategy!r}.")
+  counts = outputs[1]
+  if diff:
+    steps = jax.eval_shape(lambda c, key: program.start(params, c, key)[1],
+                           jax.tree.map(lambda a: a[0], clients), keys[0])
+    executed = jnp.int32(k * num_plan_steps(steps))
+  elif plan.strategy == "vmap":
+    executed = k * jnp.max(counts)
+  elif plan.strategy == "chunked":
+    executed = _chunk_cost(counts, plan.client_chunk)
+  else:
+    executed = jnp.sum(counts)
+  return outputs, acc, u, executed.astype(jnp.int32)
+
+
+def execute_cohort(program: LocalProgram, params: Params, source: CohortSource,
+                   ids: jax.Array, valid: jax.Array, key: jax.Array, *, plan: Plan,
+                   mesh: Mesh | None = None,
+                   score: Callable[[ClientOutput], jax.Array] | None = None) -> CohortResult:
+  """Runs the clients `ids` of a round by `plan`, sharded over `mesh` if given.
+
+  Args:
+    program: The clients' `LocalProgram`.
+    params: Global params.
+    source: Where the clients' rows come from.
+    ids: `[k]` client indices; with a mesh, `k` is a multiple of its devices.
+    valid: `[k]` bool, False for padding clients (they run no step and get
+      score 0).
+    key: The round's client key; client c's key is `fold_in(key, c)`.
+    plan: How the cohort runs.
+    mesh: Optional mesh with a `clients` axis.
+    score: Per-client score of a separable weighting (streamed by `scan`), or None.
+
+  Returns:
+    A `CohortResult` in the order of `ids`.
+  """
+  d = 1 if mesh is None else mesh.shape[CLIENTS_AXIS]
+  perm = None
+  if d > 1 and not plan.differentiable:
+    counts = jnp.where(valid, step_counts(program, source.sizes, ids), 0)
+    perm = balance(counts, d)
+    ids, valid = ids[perm], valid[perm]
+  clients = source.rows(ids)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
+
+  def local(params, clients, keys, valid):
+    outputs, acc, u, executed = run_cohort(program, params, clients, keys, valid, plan=plan,
+                                           score=score)
+    if mesh is not None:
+      executed = jax.lax.psum(executed, CLIENTS_AXIS)
+      if acc is not None:
+        acc = jax.lax.psum(acc, CLIENTS_AXIS)
+    return outputs, acc, u, executed
+
   if mesh is not None:
     spec = P(CLIENTS_AXIS)
-    out_specs = (P(), P(), spec, spec) if stream else spec
+    streamed = plan.strategy == "scan" and score is not None
+    out_specs = (spec, P(), spec if streamed else P(), P())
     local = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec, spec, spec),
                           out_specs=out_specs, check_vma=False)
-  result = local(params, clients, keys, valid)
-  if stream:
-    acc, total, outputs, u = result
-    return CohortResult(outputs=outputs, score_sum=(acc, total), scores=u)
-  return CohortResult(outputs=result, score_sum=None, scores=None)
+  (outputs, counts), acc, u, executed = local(params, clients, keys, valid)
+  if perm is not None:
+    back = jnp.argsort(perm)
+    outputs, counts = jax.tree.map(lambda a: a[back], (outputs, counts))
+    u = None if u is None else u[back]
+    valid = valid[back]
+  real = jnp.sum(jnp.where(valid, counts, 0), dtype=jnp.int32)
+  if isinstance(outputs, ClientOutput):
+    outputs = outputs._replace(num_steps=counts)
+  return CohortResult(outputs=outputs, score_sum=acc, scores=u, real_steps=real,
+                      executed_steps=executed)
 
 
-def pad_cohort(idx: jax.Array, mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
-  """Pads cohort indices to a multiple of the mesh's `clients` size.
+def pad_cohort(idx: jax.Array, num_devices: int) -> tuple[jax.Array, jax.Array]:
+  """Pads cohort indices to a multiple of `num_devices`.
 
   Returns:
     `(padded idx, valid)`: padding repeats the first clients and is marked
-    invalid, so it never enters an aggregate.
+    invalid, so it never enters an aggregate (and, unless the plan is
+    differentiable, runs no step).
   """
   k = idx.shape[0]
-  d = 1 if mesh is None else mesh.shape[CLIENTS_AXIS]
-  pad = -k % d
+  pad = -k % num_devices
   valid = jnp.arange(k + pad) < k
   return jnp.concatenate([idx, jnp.resize(idx, (pad,))]), valid
 

@@ -10,6 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class HostSizes:
+  """Every client's number of examples as a read-only host NumPy array.
+
+  Kept as static metadata of `FederatedData`, so the engine can plan a round
+  (lanes, balance across devices, flat evaluation) at trace time. Compared and
+  hashed by identity: a jitted function sees the same object every round and
+  never hashes the array.
+  """
+
+  def __init__(self, sizes):
+    self.array = np.array(sizes, np.int64)
+    self.array.setflags(write=False)
+
+  def __repr__(self) -> str:
+    return f"HostSizes(num_clients={self.array.size}, total={int(self.array.sum())})"
+
+
 @dataclasses.dataclass(frozen=True)
 class FederatedData:
   """Examples of all clients, padded to a common length, or capped in a flat store.
@@ -35,6 +52,8 @@ class FederatedData:
       number of local steps can touch); capped: `min(min(num_examples), cap)`.
     offsets: Capped only: `[num_clients]` int32, where each client starts in `x`.
     cap: Capped only: examples a client trains on per round (static).
+    host_sizes: `num_examples` on the host (static; see `HostSizes`), or None
+      where the data were built by hand (the engine then plans without them).
   """
 
   x: jax.Array
@@ -44,6 +63,12 @@ class FederatedData:
   min_examples: int = dataclasses.field(metadata=dict(static=True))
   offsets: jax.Array | None = None
   cap: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  host_sizes: HostSizes | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  @property
+  def sizes(self) -> np.ndarray | None:
+    """Every client's number of examples as a host array, or None if unknown."""
+    return None if self.host_sizes is None else self.host_sizes.array
 
   @property
   def num_clients(self) -> int:
@@ -112,23 +137,6 @@ class FederatedData:
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
     rows = self.offsets[idx][:, None] + jax.vmap(positions)(keys, n, m)
     return self.x[rows], self.y[rows], n
-
-  def cap_update(self, update):
-    """Wraps a one-client update so that it trains on `min(n, cap)` examples of its
-    capped rows and reports the true `n` (the aggregation weights' n_i).
-
-    Padded data: `update` itself.
-    """
-    if self.cap is None:
-      return update
-    cap = self.cap
-
-    def capped(params, client, key):
-      out = update(params, client._replace(
-          num_examples=jnp.minimum(client.num_examples, cap)), key)
-      return out._replace(num_examples=client.num_examples)
-
-    return capped
 
   def with_cap(self, cap: int, *, seed: int = 0) -> FederatedData:
     """The same clients in a capped flat store (see the class docstring).
@@ -251,7 +259,7 @@ class FederatedData:
             y=jnp.asarray(np.concatenate([y[o] for y, o in zip(ys, orders)]).astype(np.int32)),
             num_examples=jnp.asarray(sizes), num_classes=int(num_classes),
             min_examples=int(min(sizes.min(), example_cap)), offsets=jnp.asarray(offsets),
-            cap=int(example_cap))
+            cap=int(example_cap), host_sizes=HostSizes(sizes))
     if max_examples is None:
       max_examples = longest
     if max_examples < longest:
@@ -265,7 +273,8 @@ class FederatedData:
       y_pad[c, : len(y)] = y
     return cls(
         x=jnp.asarray(x_pad), y=jnp.asarray(y_pad), num_examples=jnp.asarray(sizes),
-        num_classes=int(num_classes), min_examples=int(sizes.min()))
+        num_classes=int(num_classes), min_examples=int(sizes.min()),
+        host_sizes=HostSizes(sizes))
 
 
 jax.tree_util.register_dataclass(FederatedData)

@@ -27,18 +27,49 @@ class ClientEval(NamedTuple):
   num_examples: jax.Array
 
 
+EVAL_BATCH = 1024   # examples a flat evaluation reads at a time
+
+
 def evaluate(
     model: Model, params: Any, data: FederatedData, *, client_chunk: int | None = None
 ) -> ClientEval:
   """Loss and accuracy of `params` on every client, padding masked out.
 
-  Clients are processed by `lax.map` in chunks of `client_chunk` (vmapped inside a
-  chunk; default all at once), which bounds the activations held at a time. A
-  capped store (`FederatedData.with_cap`) is evaluated on ALL of every client's
-  examples (not the per-round subsets), 1024 examples at a time (`client_chunk`
-  does not apply to it).
+  Every real example is visited once, `EVAL_BATCH` at a time, whatever the
+  padding: the cost is `Σ_c n_c`, not `N · max_c n_c`. A padded store reads
+  example j of client c at row `(c, j)`, a capped store (`FederatedData.with_cap`)
+  at its flat position (ALL of its examples, not the per-round subsets). Data
+  built by hand without `host_sizes` (whose total is then unknown at trace time)
+  are evaluated over their padded rows, by `lax.map` in chunks of `client_chunk`
+  clients (default all at once).
   Jittable; `data` is an argument, so one compilation serves every round.
   """
+  if data.cap is None and data.sizes is None:
+    return _evaluate_rows(model, params, data, client_chunk)
+  n = data.num_examples
+  total = data.y.shape[0] if data.cap is not None else int(data.sizes.sum())
+  owner = jnp.repeat(jnp.arange(data.num_clients), n, total_repeat_length=total)
+  if data.cap is None:
+    starts = jnp.cumsum(n) - n
+    row = lambda j, c: (data.x[c, j - starts[c]], data.y[c, j - starts[c]])
+  else:
+    row = lambda j, c: (data.x[j], data.y[j])
+
+  def one(args):
+    x, y = row(*args)
+    logits = model.apply(params, x[None])
+    return model.loss(logits, y[None])[0], model.metrics(logits, y[None])[0]
+
+  loss, hits = jax.lax.map(one, (jnp.arange(total), owner),
+                           batch_size=min(EVAL_BATCH, total))
+  denom = jnp.maximum(n, 1).astype(jnp.float32)
+  per = lambda v: jax.ops.segment_sum(v, owner, num_segments=data.num_clients) / denom
+  return ClientEval(loss=per(loss), accuracy=per(hits), num_examples=n)
+
+
+def _evaluate_rows(model: Model, params: Any, data: FederatedData,
+                   client_chunk: int | None) -> ClientEval:
+  """`evaluate` over every padded row of a padded store (sizes unknown on the host)."""
 
   def one(args):
     x, y, n = args
@@ -49,29 +80,9 @@ def evaluate(
     denom = jnp.maximum(n, 1).astype(jnp.float32)
     return loss / denom, hits / denom
 
-  if data.cap is not None:
-    return _evaluate_flat(model, params, data)
   chunk = client_chunk or data.num_clients
   loss, acc = jax.lax.map(one, (data.x, data.y, data.num_examples), batch_size=chunk)
   return ClientEval(loss=loss, accuracy=acc, num_examples=data.num_examples)
-
-
-def _evaluate_flat(model: Model, params: Any, data: FederatedData,
-                   batch_size: int = 1024) -> ClientEval:
-  """`evaluate` of a capped (flat) store: every example, in batches, summed per client."""
-
-  def one(xy):
-    x, y = xy
-    logits = model.apply(params, x[None])
-    return model.loss(logits, y[None])[0], model.metrics(logits, y[None])[0]
-
-  total = data.y.shape[0]
-  loss, hits = jax.lax.map(one, (data.x, data.y), batch_size=min(batch_size, total))
-  owner = jnp.repeat(jnp.arange(data.num_clients), data.num_examples,
-                     total_repeat_length=total)
-  denom = jnp.maximum(data.num_examples, 1).astype(jnp.float32)
-  per = lambda v: jax.ops.segment_sum(v, owner, num_segments=data.num_clients) / denom
-  return ClientEval(loss=per(loss), accuracy=per(hits), num_examples=data.num_examples)
 
 
 def worst_fraction_mean(values: np.ndarray, fraction: float = 0.1) -> float:

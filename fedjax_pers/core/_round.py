@@ -2,7 +2,9 @@
 
 One call of `round` is a pure function of arrays, so `jax.jit(alg.round)`
 compiles a whole round (sampling, every client's local training, aggregation
-and the server optimizer) into one XLA program.
+and the server optimizer) into one XLA program. What a client computes is its
+algorithm's `LocalProgram`; how the cohort runs is an `Execution`
+(`core/_cohort.py` runs it, `core/_source.py` gathers the clients' rows).
 """
 
 from __future__ import annotations
@@ -14,20 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
-from fedjax_pers.core._client import ClientData, ClientUpdate
-from fedjax_pers.core._cohort import (
-    check_mesh,
-    check_strategy,
-    execute_cohort,
-    pad_cohort,
-    resolve_strategy,
-    safe_divide,
-)
+from fedjax_pers.core._client import ClientData
+from fedjax_pers.core._cohort import execute_cohort, pad_cohort, safe_divide
 from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._execution import Execution, Plan, as_execution, plan
+from fedjax_pers.core._program import LocalProgram, capped
 from fedjax_pers.core._sampling import check_cohort, check_probs, sample_clients
+from fedjax_pers.core._source import cohort_source
 
 Params = Any
 
@@ -61,6 +59,9 @@ class RoundMetrics(NamedTuple):
     clients: `[k]` sampled client indices.
     weights: `[k]` aggregation weights.
     client_train_loss: `[k]` each client's mean local training loss.
+    real_steps: Σ over the cohort of each client's steps that hold a real example.
+    executed_steps: Client-steps the compiled round computed (padded steps or
+      lane-steps; `executed_steps / real_steps` is the round's overhead).
   """
 
   train_loss: jax.Array
@@ -68,6 +69,8 @@ class RoundMetrics(NamedTuple):
   clients: jax.Array
   weights: jax.Array
   client_train_loss: jax.Array
+  real_steps: jax.Array
+  executed_steps: jax.Array
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -79,25 +82,51 @@ class FederatedAlgorithm(NamedTuple):
       differentiable.
     personal: Optional `personal(state) -> params` stacked over all clients:
       each client's personalized model (Ditto's v_k, ...), for evaluation.
+    plan: Optional `plan(params, data) -> Plan`: how a round over `data` runs its
+      cohort (the strategy `auto` picks, the lanes), for reports.
   """
 
   init: Callable[[jax.Array, FederatedData], ServerState]
   round: Callable[[ServerState, FederatedData], tuple[ServerState, RoundMetrics]]
   personal: Callable[[ServerState], Any] | None = None
+  plan: Callable[[Params, FederatedData], Plan] | None = None
+
+
+def population_counts(program: LocalProgram, data: FederatedData) -> np.ndarray | None:
+  """Every client's steps under `program`, on the host (None if the sizes are unknown)."""
+  if data.sizes is None:
+    return None
+  ids = np.arange(data.num_clients, dtype=np.int32)
+  with jax.ensure_compile_time_eval():   # (a `num_steps` written with jax.numpy only)
+    counts = program.num_steps(ClientData(None, None, data.sizes.astype(np.int32), id=ids))
+    return np.broadcast_to(np.asarray(counts), ids.shape)
+
+
+def cohort_plan(make_program: Callable[[FederatedData], LocalProgram],
+                execution: Execution | None, clients_per_round: int
+                ) -> Callable[[Params, FederatedData], Plan]:
+  """`plan_of(params, data)`: how `execution` runs a round's cohort of the program."""
+  execution = as_execution(execution)
+
+  def plan_of(params, data: FederatedData) -> Plan:
+    program = make_program(data)
+    if data.cap is not None:
+      program = capped(program, data.cap)
+    cohort = clients_per_round + (-clients_per_round % execution.num_devices)
+    return plan(execution, params, population_counts(program, data), cohort)
+
+  return plan_of
 
 
 def make_round(
-    make_client: Callable[[FederatedData], ClientUpdate],
+    make_program: Callable[[FederatedData], LocalProgram],
     aggregator: Aggregator,
     server_tx: optax.GradientTransformation,
     *,
     clients_per_round: int,
-    strategy: str = "auto",
-    client_chunk: int | None = None,
-    sampling_probs: np.ndarray | None = None,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
 ) -> Callable[[ServerState, FederatedData], tuple[ServerState, RoundMetrics]]:
-  """Builds the round of the FedAvg family around a one-client update.
+  """Builds the round of the FedAvg family around a one-client `LocalProgram`.
 
   Round t: sample a cohort S_t; each client i ∈ S_t trains from w_t and returns
   Δ_i; the aggregator combines them into Δ (for a weighting, Δ = Σ_i w_i Δ_i
@@ -109,18 +138,15 @@ def make_round(
 
   Randomness: the state's key splits into (next round, sampling, clients), and
   client c's key is `fold_in(clients key, c)`, so a client's batches depend on
-  its id, not on its position in the cohort or on the strategy.
+  its id, not on its position in the cohort, the strategy or the device.
 
   Args:
-    make_client: `make_client(data) -> client_update`, called at trace time with
-      the round's data (for its static shapes).
+    make_program: `make_program(data) -> LocalProgram`, called at trace time
+      with the round's data (for its static shapes).
     aggregator: An `Aggregator`, or a `WeightFn` for a weighted mean.
     server_tx: Server optimizer.
     clients_per_round: Cohort size `k`.
-    strategy: How the cohort runs (`auto`, `vmap`, `chunked`, `scan`).
-    client_chunk: Chunk size for `chunked`.
-    sampling_probs: Optional `[N]` client sampling weights.
-    mesh: Optional mesh with a `clients` axis: the cohort is sharded over it.
+    execution: How the cohort runs and is sampled (default `Execution()`).
 
   Returns:
     `round(state, data) -> (state, RoundMetrics)`.
@@ -128,10 +154,12 @@ def make_round(
   if not isinstance(clients_per_round, int) or clients_per_round < 1:
     raise ValueError(
         f"clients_per_round must be a positive int; got {clients_per_round!r}.")
-  check_strategy(strategy, client_chunk)
-  check_mesh(mesh)
+  execution = as_execution(execution)
   aggregator = as_aggregator(aggregator)
-  probs = None if sampling_probs is None else jnp.asarray(sampling_probs, jnp.float32)
+  probs = (None if execution.sampling_probs is None
+           else jnp.asarray(execution.sampling_probs, jnp.float32))
+  mesh = execution.mesh
+  plan_of = cohort_plan(make_program, execution, clients_per_round)
 
   def round_fn(state: ServerState, data: FederatedData):
     check_cohort(clients_per_round, data.num_clients)
@@ -140,20 +168,16 @@ def make_round(
     k = clients_per_round
     rng, k_sample, k_clients = jax.random.split(state.rng, 3)
     idx = sample_clients(k_sample, data.num_clients, k, probs=probs)
-    padded, valid = pad_cohort(idx, mesh)
+    padded, valid = pad_cohort(idx, execution.num_devices)
+    program = make_program(data)
+    if data.cap is not None:
+      program = capped(program, data.cap)
+    how = plan_of(state.params, data)
     personal = state.client_states if jax.tree.leaves(state.client_states) else None
-    if data.cap is None:
-      clients = ClientData(data.x, data.y, data.num_examples, personal)
-      if padded.shape[0] != data.num_clients or probs is not None or k < data.num_clients:
-        clients = jax.tree.map(lambda a: a[padded], clients)
-    else:   # capped store: a fresh random subset of each large client (FederatedData.cohort)
-      clients = ClientData(*data.cohort(padded, jax.random.fold_in(k_sample, 1)),
-                           jax.tree.map(lambda a: a[padded], personal))
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(k_clients, padded)
-    how = resolve_strategy(strategy, state.params)
-    result = execute_cohort(
-        data.cap_update(make_client(data)), state.params, clients, keys, valid, strategy=how,
-        client_chunk=client_chunk, score=aggregator.score, mesh=mesh)
+    whole = (mesh is None and probs is None and k == data.num_clients)
+    source = cohort_source(data, personal, jax.random.fold_in(k_sample, 1), whole=whole)
+    result = execute_cohort(program, state.params, source, padded, valid, k_clients,
+                            plan=how, mesh=mesh, score=aggregator.score)
     outputs = jax.tree.map(lambda a: a[:k], result.outputs)._replace(client_id=idx)
     weight_state = state.weight_state
     if result.score_sum is not None:
@@ -178,13 +202,26 @@ def make_round(
         train_loss=jnp.sum(n * jnp.where(outputs.finite, outputs.train_loss, 0.0))
         / jnp.maximum(jnp.sum(n), 1.0),
         num_nonfinite=jnp.sum(~outputs.finite).astype(jnp.int32),
-        clients=idx, weights=weights, client_train_loss=outputs.train_loss)
+        clients=idx, weights=weights, client_train_loss=outputs.train_loss,
+        real_steps=result.real_steps, executed_steps=result.executed_steps)
     new_state = ServerState(
         params=params, opt_state=opt_state, weight_state=weight_state,
         client_states=client_states, round=state.round + 1, rng=rng)
     return new_state, metrics
 
   return round_fn
+
+
+def place(state: ServerState, execution: Execution | None) -> ServerState:
+  """`state` replicated over the execution's mesh, where a sharded round leaves it.
+
+  A first round that received the state on one device would otherwise be
+  compiled twice (once for that placement, once for the mesh's).
+  """
+  mesh = as_execution(execution).mesh
+  if mesh is None:
+    return state
+  return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
 
 def make_init(
@@ -194,12 +231,14 @@ def make_init(
     *,
     clients_per_round: int,
     client_states: Callable[[Params, int], Any] | None = None,
+    execution: Execution | None = None,
 ) -> Callable[[jax.Array, FederatedData], ServerState]:
   """`init(key, data) -> ServerState` of the FedAvg family.
 
   The key splits into (model, rounds); the model's params start the server
   optimizer, `aggregator.init` the weight state, and `client_states(params,
-  num_clients)` the per-client state (default none: `()`).
+  num_clients)` the per-client state (default none: `()`). With a mesh in
+  `execution` the state is replicated over it (`place`).
   """
 
   def init(key: jax.Array, data: FederatedData) -> ServerState:
@@ -207,35 +246,33 @@ def make_init(
     k_model, k_rounds = jax.random.split(key)
     params = model.init(k_model)
     states = () if client_states is None else client_states(params, data.num_clients)
-    return ServerState(
+    return place(ServerState(
         params=params, opt_state=server_tx.init(params),
         weight_state=aggregator.init(data.num_clients), client_states=states,
-        round=jnp.zeros((), jnp.int32), rng=k_rounds)
+        round=jnp.zeros((), jnp.int32), rng=k_rounds), execution)
 
   return init
 
 
 def assemble(
     model,
-    make_client: Callable[[FederatedData], ClientUpdate],
+    make_program: Callable[[FederatedData], LocalProgram],
     aggregator: Aggregator,
     server_tx: optax.GradientTransformation,
     *,
     clients_per_round: int,
-    strategy: str = "auto",
-    client_chunk: int | None = None,
-    sampling_probs: np.ndarray | None = None,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
     client_states: Callable[[Params, int], Any] | None = None,
     personal: Callable[[ServerState], Any] | None = None,
 ) -> FederatedAlgorithm:
-  """The `FederatedAlgorithm` of a FedAvg-family client update: `make_init` + `make_round`.
+  """The `FederatedAlgorithm` of a FedAvg-family client program: `make_init` + `make_round`.
 
   Arguments as `make_round` and `make_init`; `personal` as `FederatedAlgorithm`.
   """
   round_fn = make_round(
-      make_client, aggregator, server_tx, clients_per_round=clients_per_round,
-      strategy=strategy, client_chunk=client_chunk, sampling_probs=sampling_probs, mesh=mesh)
+      make_program, aggregator, server_tx, clients_per_round=clients_per_round,
+      execution=execution)
   init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
-                   client_states=client_states)
-  return FederatedAlgorithm(init=init, round=round_fn, personal=personal)
+                   client_states=client_states, execution=execution)
+  return FederatedAlgorithm(init=init, round=round_fn, personal=personal,
+                            plan=cohort_plan(make_program, execution, clients_per_round))

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedjax_pers import algorithms, distributed, personalization
 from fedjax_pers.algorithms._pfedme import AVERAGES as PFEDME_AVERAGES
-from fedjax_pers.core import FederatedAlgorithm, FederatedData, LocalWork, Model
+from fedjax_pers.core import Execution, FederatedAlgorithm, FederatedData, LocalWork, Model
 from fedjax_pers.experiment._registry import _pick, make_local_work, make_model, make_optimizer
 from fedjax_pers.experiment._weighting import make_weighting, weighting_name
 
@@ -101,15 +101,36 @@ def _pfedme(config, model, work, kwargs):
       learning_rate=config.client.learning_rate,
       personal_learning_rate=c.personal_learning_rate, lam=c.lam,
       inner_steps=c.inner_steps, beta=c.beta, clients_per_round=config.clients_per_round,
-      average=average, strategy=config.strategy, client_chunk=config.get("client_chunk"),
-      mesh=kwargs["mesh"])
+      average=average, execution=kwargs["execution"])
 
 
-def _mesh(num_devices):
-  """A `clients` mesh over `num_devices` devices, or None for one device."""
-  if not (isinstance(num_devices, int) and num_devices >= 1):
-    raise ValueError(f"num_devices must be an int >= 1; got {num_devices!r}.")
-  return distributed.client_mesh(num_devices) if num_devices > 1 else None
+EXECUTION_KEYS = ("strategy", "client_chunk", "lanes", "num_devices")
+
+
+def cohort_size(config: ml_collections.ConfigDict, num_clients: int) -> int:
+  """Clients that train in a round: all of them for pFedMe, else `clients_per_round`."""
+  return num_clients if config.algorithm == "pfedme" else config.clients_per_round
+
+
+def make_execution(config: ml_collections.ConfigDict, cohort: int,
+                   sampling_probs: np.ndarray | None = None) -> Execution:
+  """The `Execution` of `config.execution` for cohorts of `cohort` clients.
+
+  `num_devices` None (the default) shards over every device JAX sees, at most
+  one per client of the cohort; 1 runs on one device.
+  """
+  e = config.get("execution") or ml_collections.ConfigDict()
+  unknown = sorted(set(e.keys()) - set(EXECUTION_KEYS))
+  if unknown:
+    raise ValueError(f"Unknown execution option(s) {unknown}; expected {list(EXECUTION_KEYS)}.")
+  n = e.get("num_devices")
+  if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+    raise ValueError(f"execution.num_devices must be an int >= 1 or None (every device); "
+                     f"got {n!r}.")
+  n = min(len(jax.devices()), cohort) if n is None else n
+  mesh = distributed.client_mesh(n) if n > 1 else None
+  return Execution(strategy=e.get("strategy", "auto"), client_chunk=e.get("client_chunk"),
+                   lanes=e.get("lanes"), mesh=mesh, sampling_probs=sampling_probs)
 
 
 def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
@@ -123,12 +144,11 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
   sampling = config.get("sampling", "uniform")
   probs = _pick({"uniform": None, "num_examples": np.asarray(train.num_examples, np.float64)},
                 sampling, "sampling")
+  cohort = cohort_size(config, train.num_clients)
   kwargs = dict(
-      sampling_probs=probs,
       clients_per_round=config.clients_per_round,
       weighting=make_weighting(config, model, train, proxy, attackers),
-      strategy=config.strategy, client_chunk=config.get("client_chunk"),
-      mesh=_mesh(config.get("num_devices", 1)))
+      execution=make_execution(config, cohort, probs))
   client_tx = make_optimizer(config.client, "client")
   server_tx = make_optimizer(config.server, "server")
   work = make_local_work(config.client)
@@ -177,7 +197,8 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
   and the round only. Either way each client is tested on its test split.
   """
   c = config.get("personalization")
-  chunk = None if c is None else c.get("client_chunk")
+  # The training rounds' devices: the state lives there.
+  execution = make_execution(config, cohort_size(config, train.num_clients))
   if alg.personal is not None and c is not None and c.finetune_steps:
     raise ValueError(
         f"algorithm={config.algorithm!r} is evaluated with its clients' own models, not by "
@@ -186,7 +207,7 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
   if alg.personal is not None:
     # The data are arguments, not closed-over constants (XLA would fold them).
     fn = jax.jit(lambda state, test: personalization.evaluate_personal(
-        model, alg.personal(state), state.params, test, client_chunk=chunk))
+        model, alg.personal(state), state.params, test, execution=execution))
     return lambda state: fn(state, test)
   if c is None or not c.finetune_steps:
     return None
@@ -200,5 +221,5 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   fn = jax.jit(lambda state, train, test: personalization.personalize(
       model, tx, state.params, train, test, jax.random.fold_in(key, state.round), work,
-      client_chunk=chunk))
+      execution=execution))
   return lambda state: fn(state, train, test)

@@ -41,9 +41,8 @@ def restore_latest(mngr: ocp.CheckpointManager, like: ServerState) -> ServerStat
 # Keys a resumed run may change: they say how long to run, what to print, and how the
 # clients are executed (up to float rounding), not what the rounds compute; `compare.*`
 # describes the comparison a run belongs to.
-RESUMABLE_KEYS = ("num_rounds", "eval_every", "eval_train", "checkpoint_every", "progress",
-                  "strategy", "client_chunk", "num_devices", "personalization.client_chunk")
-RESUMABLE_SECTIONS = ("compare.",)
+RESUMABLE_KEYS = ("num_rounds", "eval_every", "eval_train", "checkpoint_every", "progress")
+RESUMABLE_SECTIONS = ("compare.", "execution.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from fedjax_pers.core import FederatedData, evaluate, resolve_strategy, summarize
+from fedjax_pers.core import evaluate, summarize
 from fedjax_pers.experiment import _algorithms, _checkpoint, _outputs, _registry
 from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
@@ -49,16 +49,22 @@ def _corruption_summary(final, weight_rows, corrupted, train) -> dict[str, Any]:
   }
 
 
-def _for_evaluation(data: FederatedData) -> FederatedData:
-  """`data`, or a flat copy of it when more than half its slots are padding.
-
-  The global model's evaluation of a flat store visits each example once, not
-  every padded slot: Shakespeare's test split (82% padding) evaluates 8x faster.
-  The cap of the copy only matters to training, which never sees it.
-  """
-  if data.cap is None and data.padding_fraction > 0.5:
-    return data.with_cap(1)
-  return data
+def _execution_summary(config, alg, params, train, steps) -> dict[str, Any]:
+  """How the rounds ran: the plan `auto` resolved to, the devices, and the client-steps
+  the compiled rounds executed against the real ones."""
+  plan = alg.plan(params, train) if alg.plan is not None else None
+  real, executed = (int(v) for v in steps)
+  return {
+      "strategy": None if plan is None else plan.strategy,
+      "lanes": None if plan is None or plan.strategy != "lanes" else plan.lanes,
+      "differentiable": None if plan is None else plan.differentiable,
+      "num_devices": _algorithms.make_execution(
+          config, _algorithms.cohort_size(config, train.num_clients)).num_devices,
+      "devices_visible": jax.device_count(),
+      "real_steps": real,
+      "executed_steps": executed,
+      "executed_per_real_step": round(executed / real, 4) if real else None,
+  }
 
 
 def _padding_report(train, test) -> dict[str, Any]:
@@ -124,9 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   round_fn = jax.jit(alg.round)
   eval_fn = jax.jit(lambda params, data: evaluate(model, params, data))
-  test_eval, train_eval = _for_evaluation(test), _for_evaluation(train)
+  test_eval, train_eval = test, train
   pers_fn = _algorithms.make_personalized_eval(config, model, alg, train, test)
-  strategy = resolve_strategy(config.strategy, state.params)
 
   def evaluate_now(state, train_losses):
     rec = {"round": int(state.round)}
@@ -156,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rec, lists = evaluate_now(state, [])
     records.append(rec)
     _outputs.append_jsonl(metrics_path, rec)
-  compile_seconds, round_seconds, train_losses = 0.0, [], []
+  compile_seconds, round_seconds, train_losses, steps = 0.0, [], [], np.zeros(2, np.int64)
   bar = tqdm.trange(first, config.num_rounds, desc="rounds", unit="round",
                     disable=not config.get("progress", True))
   for r in bar:
@@ -164,7 +169,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, m = round_fn(state, train)
     train_losses.append(m.train_loss)
     jax.block_until_ready(state)
-    clients, weights = jax.device_get((m.clients, m.weights))
+    clients, weights, real, executed = jax.device_get(
+        (m.clients, m.weights, m.real_steps, m.executed_steps))
+    steps += (int(real), int(executed))
     row = {"round": r + 1, "clients": clients.tolist(),
            "weights": [round(float(w), 6) for w in weights]}
     weight_rows.append(row)
@@ -203,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "wall_seconds": round(time.perf_counter() - t_start, 3),
       "compile_and_first_round_seconds": round(compile_seconds, 3),
       "seconds_per_round": float(np.median(round_seconds)) if round_seconds else 0.0,
-      "strategy": strategy,
+      "execution": _execution_summary(config, alg, state.params, train, steps),
       "num_clients": train.num_clients,
       "train_padding_fraction": round(train.padding_fraction, 4),
       "test_padding_fraction": round(test.padding_fraction, 4),

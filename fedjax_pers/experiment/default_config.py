@@ -21,12 +21,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 5
   c.eval_train = True             # also evaluate the global model on the train splits
   c.seed = 0
-  c.strategy = "auto"             # auto | vmap | chunked | scan
-  c.client_chunk = placeholder(int)
-  c.num_devices = 1               # > 1: shard each cohort over a `clients` mesh of this
-                                  # many devices (on CPU the CLI splits the cores)
   c.checkpoint_every = 0          # 0: only at the end
   c.progress = True
+
+  # How clients execute (fedjax_pers.Execution); never changes what a round computes.
+  c.execution = ml_collections.ConfigDict()
+  c.execution.strategy = "auto"             # auto | vmap | chunked | scan | lanes
+  c.execution.client_chunk = placeholder(int)   # chunked
+  c.execution.lanes = placeholder(int)      # lanes per device (None: from the clients' steps)
+  c.execution.num_devices = placeholder(int)    # shard cohorts over this many devices; None:
+                                            # every device (on CPU, the CLI makes one per core)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"
@@ -89,7 +93,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.personalization.learning_rate = 0.01
   c.personalization.momentum = 0.0
   c.personalization.batch_size = 10
-  c.personalization.client_chunk = placeholder(int)
 
   c.corruption = ml_collections.ConfigDict()
   c.corruption.label_shuffle_fraction = 0.0   # clients whose train labels are shuffled

@@ -3,7 +3,11 @@
 The baseline every personalization method is measured against, and the
 evaluation protocol for any global model: client c runs K optimizer steps from
 w on its train split and is evaluated on its test split, for all clients at
-once inside one jitted function.
+once inside one jitted function. Both run on the round's engine
+(`core/_cohort.py`): fine-tuning as a local SGD program, the evaluation of each
+client's own model as a program that reads its test rows a block at a time, so
+that evaluating costs the clients' `Σ_c ⌈n_c / b⌉` blocks, not `N` times the
+longest client.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_pers.core._batching import LocalWork, batch_plan, check_local_work
-from fedjax_pers.core._client import ClientData, local_train
-from fedjax_pers.core._cohort import resolve_strategy
+from fedjax_pers.core._batching import LocalWork, check_local_work
+from fedjax_pers.core._client import ClientData
+from fedjax_pers.core._cohort import CohortSource, execute_cohort, pad_cohort
 from fedjax_pers.core._data import FederatedData
-from fedjax_pers.core._evaluate import ClientEval, worst_fraction_mean
+from fedjax_pers.core._evaluate import ClientEval, evaluate, worst_fraction_mean
+from fedjax_pers.core._execution import Execution, as_execution, plan
 from fedjax_pers.core._model import Model
+from fedjax_pers.core._program import LocalProgram, Steps, capped
+from fedjax_pers.core._round import population_counts
+from fedjax_pers.core._sgd import local_train, sgd_program
+from fedjax_pers.core._source import cohort_source
 
 Params = Any
 
@@ -44,67 +53,80 @@ def finetune(model: Model, tx: optax.GradientTransformation, params: Params,
   Returns:
     The client's fine-tuned parameters.
   """
-  k_plan, k_train = jax.random.split(key)
-  plan = batch_plan(k_plan, client.num_examples, work, max_examples=max_examples,
-                    min_examples=min_examples)
-  w, *_ = local_train(model, tx, params, client, plan, k_train,
-                      guard_empty_steps=work.epochs is not None)
-  return w
+  return local_train(model, tx, params, client, key, work, max_examples=max_examples,
+                     min_examples=min_examples).w
 
 
-EVAL_BLOCK = 128   # rows a client's evaluation reads at a time
+class EvalSums(NamedTuple):
+  """A client's own model and its running loss and metric sums over its rows."""
+
+  params: Params
+  loss_sum: jax.Array
+  hits: jax.Array
 
 
-def _client_eval(model, params, x, y, n, blockwise=False):
-  """Mean loss and accuracy of `params` on the first `n` of the rows `x, y`.
+def eval_block(sizes: np.ndarray | None) -> int:
+  """Rows an evaluation step reads: a power of two near a quarter of the mean
+  client, in [16, 256] (few wasted rows per client, few steps)."""
+  mean = 64.0 if sizes is None or not len(sizes) else float(np.mean(sizes))
+  return int(np.clip(2 ** round(np.log2(max(mean / 4, 1.0))), 16, 256))
 
-  `blockwise` (for clients run one at a time): rows are read in blocks of
-  `EVAL_BLOCK` until the client's `n` are covered, so a client does not pay for
-  its padding (Shakespeare's test split, 82% padding: 3x faster). Vmapped over
-  many clients such a loop would run to the longest client's length in turn, so
-  there all rows are evaluated at once.
+
+def eval_program(model: Model, max_examples: int, block: int) -> LocalProgram:
+  """Evaluation of each client's own model (`client.state`) on its rows, `block` at a time.
+
+  Step j reads rows `[j b, (j + 1) b)`; a client takes `⌈n / b⌉` steps; `finish`
+  returns its `(mean loss, mean metric)` over its `n` real rows.
   """
-  m = y.shape[0]
-  if not blockwise or m <= EVAL_BLOCK:
-    logits = model.apply(params, x)
-    valid = jnp.arange(m) < n
-    denom = jnp.maximum(n, 1).astype(jnp.float32)
-    loss = jnp.sum(jnp.where(valid, model.loss(logits, y), 0.0)) / denom
-    return loss, jnp.sum(jnp.where(valid, model.metrics(logits, y), 0.0)) / denom
-  blocks = -(-m // EVAL_BLOCK)
-  pad = blocks * EVAL_BLOCK - m
-  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-  y = jnp.pad(y, [(0, pad)])
-  size = EVAL_BLOCK
+  total = -(-max_examples // block)
 
-  def body(carry):
-    i, loss_sum, acc_sum = carry
-    xb = jax.lax.dynamic_slice_in_dim(x, i * size, size)
-    yb = jax.lax.dynamic_slice_in_dim(y, i * size, size)
-    logits = model.apply(params, xb)
-    valid = i * size + jnp.arange(size) < n
-    return (i + 1, loss_sum + jnp.sum(jnp.where(valid, model.loss(logits, yb), 0.0)),
-            acc_sum + jnp.sum(jnp.where(valid, model.metrics(logits, yb), 0.0)))
+  def start(params, client, key):
+    del params, key
+    pos = jnp.arange(total)[:, None] * block + jnp.arange(block)[None, :]
+    mask = pos < client.num_examples
+    dtype = jax.eval_shape(lambda: model.loss(model.apply(client.state, client.x[:1]),
+                                              client.y[:1])).dtype
+    zero = jnp.zeros((), dtype)
+    return (EvalSums(client.state, zero, zero),
+            Steps(jnp.minimum(pos, max_examples - 1), mask))
 
-  dtype = jax.eval_shape(lambda: model.loss(model.apply(params, x[:size]), y[:size])).dtype
-  zero = jnp.zeros((), dtype)
-  _, loss_sum, acc_sum = jax.lax.while_loop(lambda c: c[0] * size < n, body,
-                                            (jnp.zeros((), jnp.int32), zero, zero))
-  denom = jnp.maximum(n, 1).astype(jnp.float32)
-  return loss_sum / denom, acc_sum / denom
+  def step(params, c, batch):
+    del params
+    logits = model.apply(c.params, batch.x)
+    keep = lambda v: jnp.sum(jnp.where(batch.mask, v, 0.0)).astype(c.loss_sum.dtype)
+    return EvalSums(c.params, c.loss_sum + keep(model.loss(logits, batch.y)),
+                    c.hits + keep(model.metrics(logits, batch.y)))
 
+  def finish(params, client, c):
+    denom = jnp.maximum(client.num_examples, 1).astype(jnp.float32)
+    return c.loss_sum / denom, c.hits / denom
 
-def default_chunk(params: Params, num_clients: int) -> int:
-  """Clients evaluated together by default: all of them (`vmap`), or one at a time
-  where the engine's `auto` strategy runs clients in turn (large models on CPU)."""
-  return 1 if resolve_strategy("auto", params) == "scan" else num_clients
+  def num_steps(client):
+    return (client.num_examples + block - 1) // block
+
+  return LocalProgram(start, step, finish, num_steps)
 
 
-def _check_padded(data: FederatedData, name: str) -> None:
-  if data.cap is not None:
-    raise ValueError(f"{name} is a capped flat store (example_cap={data.cap}); personalized "
-                     "evaluation tests every example of padded client rows: build it "
-                     "without a cap.")
+def _run_all(program: LocalProgram, params: Params, data: FederatedData, source: CohortSource,
+             key: jax.Array, execution: Execution):
+  """`program` on every client of `data` (one cohort of all of them); stacked outputs."""
+  execution = as_execution(execution)
+  ids, valid = pad_cohort(jnp.arange(data.num_clients, dtype=jnp.int32), execution.num_devices)
+  how = plan(execution, params, population_counts(program, data), ids.shape[0])
+  result = execute_cohort(program, params, source, ids, valid, key, plan=how,
+                          mesh=execution.mesh)
+  return jax.tree.map(lambda a: a[:data.num_clients], result.outputs)
+
+
+def _evaluate_own(model: Model, own: Params, params: Params, test: FederatedData,
+                  execution: Execution | None) -> ClientEval:
+  """Each client's own model (stacked over clients) on its test rows."""
+  block = eval_block(test.sizes)
+  program = eval_program(model, test.max_examples, block)
+  source = cohort_source(test, own, jax.random.key(0),
+                         whole=as_execution(execution).mesh is None)
+  loss, acc = _run_all(program, params, test, source, jax.random.key(0), execution)
+  return ClientEval(loss, acc, test.num_examples)
 
 
 class PersonalizedEval(NamedTuple):
@@ -119,16 +141,22 @@ class PersonalizedEval(NamedTuple):
   personal: ClientEval
 
 
+def _check_padded(data: FederatedData, name: str) -> None:
+  if data.cap is not None:
+    raise ValueError(f"{name} is a capped flat store (example_cap={data.cap}); personalized "
+                     "evaluation tests every example of padded client rows: build it "
+                     "without a cap.")
+
+
 def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
                 train: FederatedData, test: FederatedData, key: jax.Array,
-                work: LocalWork | None, *, client_chunk: int | None = None
+                work: LocalWork | None, *, execution: Execution | None = None
                 ) -> PersonalizedEval:
   """Fine-tunes the global model on every client's train split, evaluates on its test split.
 
-  Client c's key is `fold_in(key, c)`. Clients run in chunks of
-  `client_chunk` by `lax.map` (vmapped inside a chunk; default `default_chunk`:
-  all at once, or one at a time for large models on CPU), which bounds the
-  fine-tuned copies held at a time. Jittable.
+  Client c's key is `fold_in(key, c)`. Fine-tuning and the evaluation of the
+  fine-tuned models run on the round's engine by `execution` (default
+  `Execution()`: `auto`), the global model is evaluated by `evaluate`. Jittable.
 
   A capped `train` store (`FederatedData.with_cap`) is read as training reads
   it: a client larger than the cap fine-tunes on a fresh stratified sample of
@@ -144,7 +172,7 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
     key: PRNG key.
     work: Fine-tuning work, or None for K = 0 (the personalized model is the
       global one).
-    client_chunk: Clients per chunk.
+    execution: How the clients run (strategy, lanes, chunks, mesh).
 
   Returns:
     A `PersonalizedEval`.
@@ -153,35 +181,30 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
     raise ValueError(f"train and test must hold the same clients; got {train.num_clients} "
                      f"and {test.num_clients}.")
   _check_padded(test, "test")
-  if work is not None:
-    check_local_work(work)
-  chunk = client_chunk or default_chunk(params, train.num_clients)
+  glob = evaluate(model, params, test)
+  if work is None:
+    return PersonalizedEval(glob, glob)
+  check_local_work(work, train.num_clients)
+  program = sgd_program(model, tx, work, max_examples=train.max_examples,
+                        min_examples=train.min_examples)
+  program = program._replace(finish=lambda params, client, state: state.w)
+  if train.cap is None:
+    source = cohort_source(train, None, key, whole=as_execution(execution).mesh is None)
+  else:
+    program = capped(program, train.cap)
 
-  def train_rows(c, key_c):
-    if train.cap is None:
-      return ClientData(train.x[c], train.y[c], train.num_examples[c])
-    x, y, n = train.cohort(c[None], jax.random.fold_in(key_c, 1))
-    return ClientData(x[0], y[0], jnp.minimum(n[0], train.cap))
+    def rows(ids):
+      one = lambda c: train.cohort(c[None], jax.random.fold_in(jax.random.fold_in(key, c), 1))
+      x, y, n = jax.vmap(one)(ids)
+      return ClientData(x[:, 0], y[:, 0], n[:, 0], None, ids)
 
-  def one(args):
-    c, tx_, ty, tn = args
-    g = _client_eval(model, params, tx_, ty, tn, chunk == 1)
-    if work is None:
-      return g, g
-    key_c = jax.random.fold_in(key, c)
-    w = finetune(model, tx, params, train_rows(c, key_c), key_c, work,
-                 max_examples=train.max_examples, min_examples=train.min_examples)
-    return g, _client_eval(model, w, tx_, ty, tn, chunk == 1)
-
-  ids = jnp.arange(train.num_clients)
-  (gl, ga), (pl, pa) = jax.lax.map(one, (ids, test.x, test.y, test.num_examples),
-                                   batch_size=chunk)
-  n = test.num_examples
-  return PersonalizedEval(ClientEval(gl, ga, n), ClientEval(pl, pa, n))
+    source = CohortSource(rows, train.num_examples)
+  tuned = _run_all(program, params, train, source, key, execution)
+  return PersonalizedEval(glob, _evaluate_own(model, tuned, params, test, execution))
 
 
 def evaluate_personal(model: Model, personal: Params, params: Params, test: FederatedData,
-                      *, client_chunk: int | None = None) -> PersonalizedEval:
+                      *, execution: Execution | None = None) -> PersonalizedEval:
   """Each client's own model (stacked over clients) and the global model on its test split.
 
   Args:
@@ -189,7 +212,7 @@ def evaluate_personal(model: Model, personal: Params, params: Params, test: Fede
     personal: Per-client parameters, leading axis `num_clients` (Ditto's v_k, ...).
     params: The global model.
     test: The clients' test splits.
-    client_chunk: Clients per chunk (default `default_chunk`).
+    execution: How the clients' evaluations run (default `Execution()`).
 
   Returns:
     A `PersonalizedEval`.
@@ -199,17 +222,8 @@ def evaluate_personal(model: Model, personal: Params, params: Params, test: Fede
   if sizes != {test.num_clients}:
     raise ValueError(f"personal params must be stacked over the {test.num_clients} clients; "
                      f"got leading sizes {sorted(sizes)}.")
-  chunk = client_chunk or default_chunk(params, test.num_clients)
-
-  def one(args):
-    v, x, y, n = args
-    return (_client_eval(model, params, x, y, n, chunk == 1),
-            _client_eval(model, v, x, y, n, chunk == 1))
-
-  (gl, ga), (pl, pa) = jax.lax.map(one, (personal, test.x, test.y, test.num_examples),
-                                   batch_size=chunk)
-  n = test.num_examples
-  return PersonalizedEval(ClientEval(gl, ga, n), ClientEval(pl, pa, n))
+  return PersonalizedEval(evaluate(model, params, test),
+                          _evaluate_own(model, personal, params, test, execution))
 
 
 def summarize_personalization(ev: PersonalizedEval, prefix: str = "test") -> dict[str, Any]:

@@ -1,0 +1,201 @@
+"""`Execution`: how a round's cohort runs, one value that every algorithm accepts.
+
+What a client computes is its algorithm's business (a `LocalProgram`); how the
+clients of a round are laid out over lanes, chunks and devices, and which
+clients are drawn, is this value's. Execution features never touch an
+algorithm file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+Params = Any
+STRATEGIES = ("auto", "vmap", "chunked", "scan", "lanes")
+CLIENTS_AXIS = "clients"
+# On CPU, a cohort of models with at least this many parameters runs faster as a
+# loop over clients than as batched matmuls (see benchmarks/round_throughput.py).
+AUTO_SCAN_MIN_PARAMS = 20_000
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Execution:
+  """How the sampled clients of a round execute (never what they compute).
+
+  Strategies (`strategy`):
+
+  * `vmap`: all clients side by side, until the longest has finished;
+  * `chunked`: `client_chunk` clients at a time (`lax.map`), vmapped inside;
+  * `scan`: one client at a time, each for its own steps;
+  * `lanes`: continuous batching: `lanes` clients side by side per device, each
+    lane taking the next client as soon as its own finishes (`core/_lanes.py`);
+  * `auto` (default): `scan` for large models on CPU (one client's plain
+    matmuls beat XLA:CPU's batched ones), else `vmap` with `differentiable`, or
+    when every client takes the same number of steps (or the sizes are unknown),
+    and `lanes` when they differ.
+
+  Unless `differentiable`, every client stops after its last real step
+  (`lax.while_loop`), so a round costs the clients' real steps (up to the
+  lockstep of `vmap` and `chunked`). With `differentiable=True` each client runs
+  the longest client's number of steps as a masked `lax.scan`, the same results,
+  which reverse-mode `jax.grad` can go through (`fedjax_pers.hypergrad` asks for
+  it); `lanes` is then refused.
+
+  Attributes:
+    strategy: One of `STRATEGIES`.
+    client_chunk: Clients per chunk (`chunked` only).
+    lanes: Lanes per device (`lanes`, and `auto` when it picks lanes); None:
+      `⌈k_d · mean_i S_i / max_i S_i⌉` for `k_d` clients per device and the
+      population's steps `S_i`, so that lanes are rarely idle.
+    mesh: Optional mesh with a `clients` axis: the cohort is sharded over its
+      devices, balanced by steps (see `fedjax_pers.distributed.client_mesh`).
+    sampling_probs: Optional `[N]` non-negative client sampling weights
+      (default: uniform cohorts).
+    differentiable: Run the masked, fixed-length path (see above).
+
+  Example:
+
+    >>> import fedjax_pers as fp
+    >>> fp.Execution(strategy="lanes", lanes=8).lanes
+    8
+  """
+
+  strategy: str = "auto"
+  client_chunk: int | None = None
+  lanes: int | None = None
+  mesh: Mesh | None = None
+  sampling_probs: np.ndarray | None = None
+  differentiable: bool = False
+
+  def __post_init__(self):
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f"Execution strategy must be one of {STRATEGIES}; got "
+                       f"{self.strategy!r}.")
+    if self.client_chunk is not None and not _positive_int(self.client_chunk):
+      raise ValueError(f"Execution client_chunk must be a positive int; got "
+                       f"{self.client_chunk!r}.")
+    if self.strategy == "chunked" and self.client_chunk is None:
+      raise ValueError("Execution strategy='chunked' needs client_chunk, a positive int; got "
+                       "None.")
+    if self.lanes is not None and not _positive_int(self.lanes):
+      raise ValueError(f"Execution lanes must be an int >= 1; got {self.lanes!r}.")
+    if self.mesh is not None and (not isinstance(self.mesh, Mesh)
+                                  or CLIENTS_AXIS not in self.mesh.axis_names):
+      axes = getattr(self.mesh, "axis_names", None)
+      raise ValueError(f"Execution mesh must be a jax.sharding.Mesh with an axis named "
+                       f"{CLIENTS_AXIS!r}; got axes {axes}.")
+    if not isinstance(self.differentiable, bool):
+      raise ValueError(f"Execution differentiable must be a bool; got "
+                       f"{self.differentiable!r}.")
+    if self.differentiable and self.strategy == "lanes":
+      raise ValueError("Execution strategy='lanes' runs a while loop, which reverse-mode "
+                       "jax.grad cannot go through; with differentiable=True use 'auto', "
+                       "'vmap', 'chunked' or 'scan'.")
+    if self.sampling_probs is not None:
+      p = np.asarray(self.sampling_probs, np.float64)
+      if p.ndim != 1 or not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+        raise ValueError(
+            "Execution sampling_probs must be a 1-D array of finite, non-negative weights, "
+            f"not all zero; got shape {p.shape}, min {p.min() if p.size else None}.")
+
+  @property
+  def num_devices(self) -> int:
+    """Devices on the mesh's `clients` axis (1 without a mesh)."""
+    return 1 if self.mesh is None else self.mesh.shape[CLIENTS_AXIS]
+
+
+def as_execution(execution: Execution | None) -> Execution:
+  """`execution`, or the default `Execution()` for None; anything else is refused."""
+  if execution is None:
+    return Execution()
+  if not isinstance(execution, Execution):
+    raise ValueError(f"execution must be a fedjax_pers.Execution; got "
+                     f"{type(execution).__name__} {execution!r}.")
+  return execution
+
+
+class Plan(NamedTuple):
+  """A concrete way to run one cohort (see `plan`).
+
+  Attributes:
+    strategy: `vmap`, `chunked`, `scan` or `lanes`.
+    client_chunk: Chunk size (`chunked`).
+    lanes: Lanes per device (`lanes`).
+    differentiable: Masked fixed-length steps instead of while loops.
+  """
+
+  strategy: str
+  client_chunk: int | None
+  lanes: int | None
+  differentiable: bool
+
+
+def is_large(params: Params) -> bool:
+  """Whether a model has at least `AUTO_SCAN_MIN_PARAMS` parameters."""
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)) >= (
+      AUTO_SCAN_MIN_PARAMS)
+
+
+def auto_lanes(counts: np.ndarray, per_device: int) -> int:
+  """Lanes that keep idle lane-steps few: `⌈k_d · mean S / max S⌉`, in `[1, k_d]`."""
+  counts = np.asarray(counts, np.float64)
+  top = counts.max() if counts.size else 0.0
+  if top <= 0:
+    return 1
+  return int(min(per_device, max(1, np.ceil(per_device * counts.mean() / top - 1e-9))))
+
+
+def plan(execution: Execution, params: Params, counts: np.ndarray | None,
+         cohort: int) -> Plan:
+  """Resolves `auto` and the lane count for one round.
+
+  Args:
+    execution: The `Execution`.
+    params: The global params (their size matters on CPU).
+    counts: The population's steps per client (host NumPy; None if unknown,
+      then treated as differing).
+    cohort: Clients per round, padded to a multiple of the devices.
+
+  Returns:
+    A `Plan`.
+  """
+  e = execution
+  per_device = max(1, cohort // e.num_devices)
+  lanes = e.lanes if e.lanes is not None else (
+      per_device if counts is None else auto_lanes(counts, per_device))
+  strategy = e.strategy
+  if strategy == "auto":
+    on_cpu = jax.default_backend() == "cpu"
+    # Unknown sizes (data built by hand): the padded-free vmap, as if uniform.
+    uniform = counts is None or counts.size == 0 or counts.min() == counts.max()
+    if on_cpu and is_large(params):
+      strategy = "scan"
+    elif e.differentiable or uniform:
+      strategy = "vmap"
+    else:
+      strategy = "lanes"
+  return Plan(strategy, e.client_chunk if strategy == "chunked" else None,
+              min(lanes, per_device) if strategy == "lanes" else None, e.differentiable)
+
+
+def resolve_strategy(strategy: str, params: Params) -> str:
+  """The concrete strategy `auto` picks when clients' steps differ, for display.
+
+  Prefer `plan`, which also knows the clients' steps and the mesh.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
+  if strategy != "auto":
+    return strategy
+  if jax.default_backend() == "cpu" and is_large(params):
+    return "scan"
+  return "vmap"

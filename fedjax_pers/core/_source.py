@@ -1,0 +1,47 @@
+"""The data source of a round: the rows, state and ids of the clients a cohort draws.
+
+A padded `FederatedData` gives each drawn client its stored rows; a capped one a
+fresh random subset of `cap` rows (`FederatedData.cohort`). The engine asks for
+the rows of any list of client ids (`CohortSource.rows`), in whatever order it
+deals clients to devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from fedjax_pers.core._client import ClientData
+from fedjax_pers.core._cohort import CohortSource
+from fedjax_pers.core._data import FederatedData
+
+
+def cohort_source(data: FederatedData, client_states: Any, key: jax.Array, *,
+                  whole: bool = False) -> CohortSource:
+  """The `CohortSource` of a round over `data`.
+
+  Args:
+    data: The population.
+    client_states: Per-client state stacked over all clients, or None.
+    key: The round's key for the capped store's subsets (client c's subset
+      comes from `fold_in(key, c)`, so it does not depend on the order asked).
+    whole: The ids asked for are `arange(N)` in order: the stored rows are used
+      as they are, without a gather.
+
+  Returns:
+    The `CohortSource`.
+  """
+
+  def rows(ids):
+    state = None if client_states is None else jax.tree.map(lambda a: a[ids], client_states)
+    if data.cap is not None:
+      x, y, n = data.cohort(ids, key)
+    elif whole:
+      x, y, n = data.x, data.y, data.num_examples
+      state = client_states
+    else:
+      x, y, n = data.x[ids], data.y[ids], data.num_examples[ids]
+    return ClientData(x, y, n, state, ids)
+
+  return CohortSource(rows=rows, sizes=data.num_examples)

@@ -1,0 +1,315 @@
+"""Execution whose cost follows the real steps: every path equals the padded one.
+
+The padded path (`Execution(differentiable=True)`: every client runs the longest
+client's steps, masked) is the reference; `vmap`, `chunked`, `scan` and `lanes`
+stop each client after its own last real step and must give the same rounds,
+on one device and sharded over a 4-device `clients` mesh.
+"""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _reference import deal_by_steps, fedavg_round, lpt_makespan
+
+import fedjax_pers as fp
+from fedjax_pers.core import _cohort, _lanes, _program
+
+SIZES = [3, 41, 7, 12, 26, 5, 9, 60, 2, 15]
+
+
+def skewed_data(sizes=SIZES, dim=5, num_classes=3, seed=0, cap=None):
+  rs = np.random.RandomState(seed)
+  xs = [rs.normal(size=(n, dim)).astype(np.float32) for n in sizes]
+  ys = [rs.randint(0, num_classes, n) for n in sizes]
+  return fp.FederatedData.from_clients(xs, ys, num_classes=num_classes, example_cap=cap)
+
+
+LR = fp.models.logistic_regression((5,), 3)
+EPOCHS, STEPS = fp.LocalWork(4, epochs=2), fp.LocalWork(4, steps=5)
+PER_CLIENT = fp.LocalWork(3, steps=(4, 1, 7, 2, 5, 3, 6, 2, 8, 1))
+
+
+def build(name, work, execution, k=6):
+  """The algorithms the issue lists, each with `execution`."""
+  sgd, one = optax.sgd(0.1), optax.sgd(1.0)
+  kw = dict(clients_per_round=k, execution=execution)
+  table = {
+      "fedavg": lambda: fp.algorithms.fedavg(LR, sgd, one, work, **kw),
+      "fedprox": lambda: fp.algorithms.fedprox(LR, sgd, optax.adam(0.05), work, mu=0.5, **kw),
+      "loss_weights": lambda: fp.algorithms.fedavg(
+          LR, sgd, one, work, weighting=fp.aggregation.q_ffl(1.0, 10.0), **kw),
+      "median": lambda: fp.algorithms.fedavg(LR, sgd, one, work,
+                                             weighting=fp.aggregation.median(), **kw),
+      "ditto": lambda: fp.algorithms.ditto(LR, sgd, one, work, lam=0.5, **kw),
+      "pfedme": lambda: fp.algorithms.pfedme(
+          LR, work, learning_rate=0.05, personal_learning_rate=0.05, lam=5.0, inner_steps=2,
+          clients_per_round=3, execution=execution),
+      "per_fedavg": lambda: fp.algorithms.per_fedavg(LR, optax.sgd(0.05), one, work,
+                                                     inner_lr=0.1, **kw),
+  }
+  return table[name]()
+
+
+def rounds(alg, data, n=3, seed=1):
+  state = alg.init(jax.random.key(seed), data)
+  step = jax.jit(alg.round)
+  out = []
+  for _ in range(n):
+    state, m = step(state, data)
+    out.append(m)
+  return state, out
+
+
+def assert_same_rounds(a, b, atol=1e-6):
+  (sa, ma), (sb, mb) = a, b
+  for x, y in zip(jax.tree.leaves((sa.params, sa.client_states)),
+                  jax.tree.leaves((sb.params, sb.client_states))):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+  for x, y in zip(ma, mb):
+    np.testing.assert_array_equal(x.clients, y.clients)
+    np.testing.assert_allclose(x.weights, y.weights, atol=atol)
+    np.testing.assert_allclose(x.client_train_loss, y.client_train_loss, atol=atol)
+    assert int(x.real_steps) == int(y.real_steps)
+
+
+CASES = [("fedavg", EPOCHS), ("fedavg", STEPS), ("fedavg", PER_CLIENT), ("fedprox", EPOCHS),
+         ("loss_weights", EPOCHS), ("median", STEPS), ("ditto", EPOCHS), ("ditto", PER_CLIENT),
+         ("pfedme", STEPS), ("per_fedavg", STEPS)]
+PATHS = [dict(strategy="vmap"), dict(strategy="chunked", client_chunk=4),
+         dict(strategy="scan"), dict(strategy="lanes", lanes=1),
+         dict(strategy="lanes", lanes=3), dict(strategy="lanes")]
+
+
+@pytest.mark.parametrize("name,work", CASES)
+def test_every_path_equals_the_padded_one(name, work):
+  data = skewed_data()
+  ref = rounds(build(name, work, fp.Execution(strategy="vmap", differentiable=True)), data)
+  for options in PATHS:
+    got = rounds(build(name, work, fp.Execution(**options)), data)
+    assert_same_rounds(ref, got)
+
+
+@pytest.mark.parametrize("name,work", [("fedavg", EPOCHS), ("ditto", EPOCHS),
+                                       ("pfedme", STEPS), ("per_fedavg", STEPS),
+                                       ("loss_weights", PER_CLIENT)])
+@pytest.mark.parametrize("strategy", ["lanes", "scan", "vmap"])
+def test_sharded_over_four_devices_equals_the_padded_path(name, work, strategy):
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 devices (conftest sets 4 fake CPU devices)")
+  data = skewed_data()
+  ref = rounds(build(name, work, fp.Execution(strategy="vmap", differentiable=True)), data)
+  mesh = fp.distributed.client_mesh(4)
+  assert_same_rounds(ref, rounds(build(name, work, fp.Execution(strategy=strategy, mesh=mesh)),
+                                 data))
+
+
+def test_capped_store_equals_the_padded_path():
+  data = skewed_data(cap=8)
+  ref = rounds(build("fedavg", EPOCHS, fp.Execution(strategy="vmap", differentiable=True)),
+               data)
+  for options in PATHS:
+    assert_same_rounds(ref, rounds(build("fedavg", EPOCHS, fp.Execution(**options)), data))
+
+
+def test_per_client_steps_match_numpy_reference():
+  data = skewed_data()
+  alg = build("fedavg", PER_CLIENT, fp.Execution(strategy="lanes", lanes=2), k=6)
+  state0 = alg.init(jax.random.key(3), data)
+  state1, m = jax.jit(alg.round)(state0, data)
+  w, b, weights, losses = fedavg_round(state0.params, data, state0.rng, PER_CLIENT, 0.1, 6)
+  np.testing.assert_allclose(state1.params["Dense_0"]["kernel"], w, atol=1e-5)
+  np.testing.assert_allclose(state1.params["Dense_0"]["bias"], b, atol=1e-5)
+  np.testing.assert_allclose(m.weights, weights, atol=1e-6)
+  np.testing.assert_allclose(m.client_train_loss, losses, rtol=1e-5)
+  # Each client took its own K_c steps, and the round cost exactly those.
+  assert int(m.real_steps) == sum(PER_CLIENT.steps[c] for c in np.asarray(m.clients))
+
+
+def test_steps_reported_match_the_work():
+  data = skewed_data()
+  sizes = np.asarray(SIZES)
+  steps = 2 * -(-sizes // 4)                          # E · ⌈n / B⌉
+  for options, executed in [
+      (dict(strategy="vmap", differentiable=True), lambda ids: 6 * steps.max()),
+      (dict(strategy="vmap"), lambda ids: 6 * steps[ids].max()),
+      (dict(strategy="scan"), lambda ids: steps[ids].sum()),
+      (dict(strategy="lanes", lanes=2), lambda ids: 2 * lpt_makespan(steps[ids], 2))]:
+    _, ms = rounds(build("fedavg", EPOCHS, fp.Execution(**options)), data, n=2)
+    for m in ms:
+      ids = np.asarray(m.clients)
+      assert int(m.real_steps) == steps[ids].sum()
+      assert int(m.executed_steps) == executed(ids), options
+
+
+@pytest.mark.parametrize("options", [dict(strategy="lanes"), dict(strategy="scan"),
+                                     dict(strategy="vmap"), dict()])
+def test_no_recompilation_across_cohorts(options):
+  data = skewed_data()
+  traces = []
+  for mesh in (None, fp.distributed.client_mesh(4) if len(jax.devices()) >= 4 else None):
+    alg = build("fedavg", EPOCHS, fp.Execution(mesh=mesh, **options), k=4)
+    step = jax.jit(lambda s, d, alg=alg: (traces.append(1), alg.round(s, d))[1])
+    state = alg.init(jax.random.key(0), data)
+    cohorts = set()
+    for _ in range(5):
+      state, m = step(state, data)
+      cohorts.add(tuple(np.asarray(m.clients).tolist()))
+    assert len(cohorts) > 1                 # the sizes of the cohort changed ...
+    if mesh is None:
+      assert step._cache_size() == 1        # ... and nothing was compiled again
+  assert len(traces) == 2
+
+
+def test_lanes_run_the_lpt_schedule():
+  """A program whose carry counts its steps: every client's count comes out, and the
+  loop takes exactly the list-scheduling makespan (longest first) of iterations."""
+  rs = np.random.RandomState(0)
+  counts = rs.randint(0, 30, 23).astype(np.int32)
+  k, total = counts.shape[0], 30
+
+  def start(params, client, key):
+    return jnp.zeros((), jnp.int32), _program.Steps(jnp.zeros((total, 1), jnp.int32),
+                                                    jnp.ones((total, 1), bool))
+
+  program = _program.LocalProgram(start, lambda p, c, b: c + 1, lambda p, cl, c: c,
+                                  lambda client: client.num_examples)
+  clients = fp.core.ClientData(jnp.zeros((k, 1, 1)), jnp.zeros((k, 1), jnp.int32),
+                               jnp.asarray(counts))
+  carry0, steps = jax.vmap(start, (None, 0, None))(None, clients, None)
+  for lanes in (1, 2, 5, 23, 40):
+    result = jax.jit(lambda c0, st, lanes=lanes: _lanes.run_lanes(
+        program, None, clients, c0, st, jnp.asarray(counts), lanes=lanes))(carry0, steps)
+    np.testing.assert_array_equal(result.carries, counts)
+    assert int(result.lane_steps) == lanes * lpt_makespan(counts, lanes)
+
+
+def test_balance_deals_clients_by_steps():
+  rs = np.random.RandomState(1)
+  for devices, k in [(2, 10), (4, 12), (3, 9)]:
+    counts = (np.exp(rs.normal(3, 1.5, k))).astype(np.int32)
+    perm = np.asarray(_cohort.balance(jnp.asarray(counts), devices))
+    assert sorted(perm.tolist()) == list(range(k))
+    got = [sorted(perm[j * (k // devices):(j + 1) * (k // devices)].tolist())
+           for j in range(devices)]
+    assert got == [sorted(g) for g in deal_by_steps(counts.tolist(), devices)]
+    loads = [counts[g].sum() for g in got]
+    # Within the largest client of the most loaded device of an optimal split.
+    assert max(loads) - min(loads) <= counts.max()
+
+
+def test_auto_plan_follows_sizes_model_and_gradients():
+  data, uniform = skewed_data(), skewed_data(sizes=[8] * 10)
+  big = fp.models.mlp((5,), 3, hidden=(200, 200))
+  plan = lambda model, d, **kw: fp.algorithms.fedavg(
+      model, optax.sgd(0.1), optax.sgd(1.0), EPOCHS, clients_per_round=6,
+      execution=fp.Execution(**kw)).plan(model.init(jax.random.key(0)), d)
+  assert plan(LR, data).strategy == "lanes"
+  assert plan(LR, data).lanes == int(np.ceil(6 * np.mean(2 * -(-np.asarray(SIZES) // 4))
+                                             / (2 * 15)))
+  assert plan(LR, uniform).strategy == "vmap"
+  assert plan(LR, data, differentiable=True) == fp.core.Plan("vmap", None, None, True)
+  assert plan(big, data).strategy == "scan"
+  assert plan(LR, data, strategy="lanes", lanes=99).lanes == 6   # at most one per client
+
+
+def test_gradient_through_rounds_needs_and_has_the_differentiable_path():
+  data = skewed_data()
+  work = fp.LocalWork(4, epochs=2)
+  state = fp.algorithms.fedavg(LR, optax.sgd(0.1), optax.sgd(1.0), work,
+                               clients_per_round=4).init(jax.random.key(0), data)
+
+  def loss(lr, execution):
+    alg = fp.algorithms.fedavg(LR, optax.sgd(lr), optax.sgd(1.0), work, clients_per_round=4,
+                               execution=execution)
+    s = state
+    for _ in range(2):
+      s, _ = alg.round(s, data)
+    x, y = data.client(1)
+    return jnp.mean(LR.loss(LR.apply(s.params, x), y))
+
+  with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+    jax.grad(loss)(0.1, fp.Execution(strategy="lanes"))
+  for strategy in ("vmap", "scan"):
+    ex = fp.Execution(strategy=strategy, differentiable=True)
+    g = jax.grad(loss)(jnp.float32(0.1), ex)
+    eps = 1e-2
+    fd = (loss(0.1 + eps, ex) - loss(0.1 - eps, ex)) / (2 * eps)
+    np.testing.assert_allclose(g, fd, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lanes=0), "Execution lanes must be an int >= 1; got 0"),
+    (dict(lanes=2.5), "Execution lanes must be an int >= 1; got 2.5"),
+    (dict(strategy="pmap"), r"Execution strategy must be one of .*; got 'pmap'"),
+    (dict(strategy="chunked"), "strategy='chunked' needs client_chunk"),
+    (dict(client_chunk=0), "client_chunk must be a positive int; got 0"),
+    (dict(strategy="lanes", differentiable=True), "lanes.*reverse-mode"),
+    (dict(differentiable=1), "differentiable must be a bool; got 1"),
+    (dict(sampling_probs=[1.0, -1.0]), "sampling_probs must be .* non-negative"),
+])
+def test_bad_execution_is_refused(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    fp.Execution(**kwargs)
+
+
+def test_unknown_execution_option_and_bad_work_are_refused():
+  with pytest.raises(TypeError, match="prefetch"):
+    fp.Execution(prefetch=2)
+  with pytest.raises(ValueError, match="execution must be a fedjax_pers.Execution; got dict"):
+    fp.algorithms.fedavg(LR, optax.sgd(0.1), optax.sgd(1.0), EPOCHS, clients_per_round=2,
+                         execution={"strategy": "lanes"})
+  with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with an axis named "
+                                       r"'clients'; got axes \('data',\)"):
+    fp.Execution(mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
+  data = skewed_data()
+  alg = fp.algorithms.fedavg(LR, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=(2, 3)),
+                             clients_per_round=2)
+  with pytest.raises(ValueError, match=r"one per client \(10\); got 2"):
+    jax.jit(alg.round)(alg.init(jax.random.key(0), data), data)
+  with pytest.raises(ValueError, match="tuple of positive ints; got 0 among 2"):
+    fp.algorithms.fedavg(LR, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=(2, 0)),
+                         clients_per_round=2)
+
+
+@pytest.mark.parametrize("cap", [None, 9])
+def test_evaluation_visits_each_real_example_once_and_matches_numpy(cap):
+  data = skewed_data(cap=cap)
+  params = LR.init(jax.random.key(4))
+  ev = jax.jit(lambda p, d: fp.core.evaluate(LR, p, d))(params, data)
+  w = np.asarray(params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(params["Dense_0"]["bias"], np.float64)
+  for c in range(data.num_clients):
+    x, y = data.client(c)
+    z = x @ w + b
+    z = z - z.max(1, keepdims=True)
+    loss = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y])
+    assert abs(float(ev.accuracy[c]) - np.mean(np.argmax(z, 1) == y)) < 1e-6
+    assert abs(float(ev.loss[c]) - loss) < 1e-5
+  # The flat evaluation scores the Σ n_c real examples (logits [Σ n, 1, C]), never the
+  # N · max n padded slots (logits [N, max n, C]).
+  def shapes(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield from (v.aval.shape for v in eqn.outvars)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from shapes(sub)
+
+  seen = set(shapes(jax.make_jaxpr(lambda p: fp.core.evaluate(LR, p, data))(params).jaxpr))
+  assert (sum(SIZES), 1, 3) in seen
+  assert not any(len(s) == 3 and s[0] == data.num_clients and s[2] == 3 for s in seen)
+
+
+def test_hand_built_data_without_host_sizes_still_runs_and_agrees():
+  data = skewed_data()
+  bare = fp.FederatedData(x=data.x, y=data.y, num_examples=data.num_examples,
+                          num_classes=data.num_classes, min_examples=data.min_examples)
+  assert bare.sizes is None
+  params = LR.init(jax.random.key(0))
+  a, b = fp.core.evaluate(LR, params, data), fp.core.evaluate(LR, params, bare)
+  np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
+  np.testing.assert_array_equal(a.accuracy, b.accuracy)
+  alg = build("fedavg", EPOCHS, fp.Execution())
+  assert alg.plan(params, bare).strategy == "vmap"     # sizes unknown: auto stays padded-free
+  assert_same_rounds(rounds(alg, data), rounds(alg, bare))
