@@ -78,9 +78,9 @@ def assert_same_rounds(a, b, atol=1e-6):
 CASES = [("fedavg", EPOCHS), ("fedavg", STEPS), ("fedavg", PER_CLIENT), ("fedprox", EPOCHS),
          ("loss_weights", EPOCHS), ("median", STEPS), ("ditto", EPOCHS), ("ditto", PER_CLIENT),
          ("pfedme", STEPS), ("per_fedavg", STEPS)]
+# `lanes` without a count runs 2 lanes here (6 clients, mean steps / max steps = 9.8 / 30).
 PATHS = [dict(strategy="vmap"), dict(strategy="chunked", client_chunk=4),
-         dict(strategy="scan"), dict(strategy="lanes", lanes=1),
-         dict(strategy="lanes", lanes=3), dict(strategy="lanes")]
+         dict(strategy="scan"), dict(strategy="lanes", lanes=1), dict(strategy="lanes")]
 
 
 @pytest.mark.parametrize("name,work", CASES)
@@ -227,16 +227,18 @@ def test_gradient_through_rounds_needs_and_has_the_differentiable_path():
     s = state
     for _ in range(2):
       s, _ = alg.round(s, data)
-    x, y = data.client(1)
     return jnp.mean(LR.loss(LR.apply(s.params, x), y))
 
+  x, y = data.client(1)
+
   with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
-    jax.grad(loss)(0.1, fp.Execution(strategy="lanes"))
+    jax.jit(jax.grad(loss), static_argnums=1)(0.1, fp.Execution(strategy="lanes"))
   for strategy in ("vmap", "scan"):
     ex = fp.Execution(strategy=strategy, differentiable=True)
-    g = jax.grad(loss)(jnp.float32(0.1), ex)
+    g = jax.jit(jax.grad(loss), static_argnums=1)(jnp.float32(0.1), ex)
+    f = jax.jit(loss, static_argnums=1)
     eps = 1e-2
-    fd = (loss(0.1 + eps, ex) - loss(0.1 - eps, ex)) / (2 * eps)
+    fd = (f(0.1 + eps, ex) - f(0.1 - eps, ex)) / (2 * eps)
     np.testing.assert_allclose(g, fd, rtol=2e-2)
 
 

@@ -62,8 +62,8 @@ def test_finetuning_matches_numpy_sgd(work):
 def test_every_execution_gives_the_same_evaluation():
   model, params, train, test = setup(2)
   work = fp.LocalWork(3, steps=4)
-  run = lambda ex: personalize(model, optax.sgd(0.2), params, train, test, jax.random.key(1),
-                               work, execution=ex)
+  run = lambda ex: jax.jit(lambda p: personalize(model, optax.sgd(0.2), p, train, test,
+                                                 jax.random.key(1), work, execution=ex))(params)
   a = run(None)
   for ex in (fp.Execution(strategy="chunked", client_chunk=2), fp.Execution(strategy="scan"),
              fp.Execution(strategy="lanes", lanes=2), fp.Execution(strategy="vmap"),
