@@ -315,3 +315,32 @@ def test_hand_built_data_without_host_sizes_still_runs_and_agrees():
   alg = build("fedavg", EPOCHS, fp.Execution())
   assert alg.plan(params, bare).strategy == "vmap"     # sizes unknown: auto stays padded-free
   assert_same_rounds(rounds(alg, data), rounds(alg, bare))
+
+
+def test_fitted_shuffle_orders_real_examples_as_the_full_width_one():
+  """Sorting only the width class that holds a client's n slots gives its real examples
+  in exactly the order of the full-width shuffle, so plans built one client at a time
+  are the same batches."""
+  from fedjax_pers.core._batching import shuffle_fitted, shuffle_valid, width_classes
+
+  assert width_classes(4645, 45) == (64, 128, 256, 512, 1024, 2048, 4096, 4645)
+  assert width_classes(200, 200) == (200,) and width_classes(70_000, 3) == (70_000,)
+  fitted = jax.jit(lambda k, n: shuffle_fitted(k, n, 1500, 5))
+  for i, n in enumerate([5, 63, 64, 65, 200, 511, 1024, 1400, 1500]):
+    key = jax.random.key(i)
+    a, b = np.asarray(fitted(key, jnp.int32(n))), np.asarray(shuffle_valid(key, n, 1500))
+    np.testing.assert_array_equal(a[:n], b[:n])
+    assert sorted(a.tolist()) == list(range(1500))
+
+
+def test_rounds_over_many_size_classes_equal_the_padded_path():
+  sizes = [3, 70, 150, 300, 10, 520, 33, 90]
+  data = skewed_data(sizes=sizes)
+  ref = rounds(build("fedavg", EPOCHS, fp.Execution(strategy="vmap", differentiable=True)),
+               data, n=2)
+  alg = build("fedavg", EPOCHS, fp.Execution(strategy="lanes"))
+  assert alg.plan(LR.init(jax.random.key(0)), data).plans_one_by_one
+  assert_same_rounds(ref, rounds(alg, data, n=2))
+  w, b, _, _ = fedavg_round(ref[0].params, data, ref[0].rng, EPOCHS, 0.1, 6)
+  state3, _ = jax.jit(alg.round)(ref[0], data)
+  np.testing.assert_allclose(state3.params["Dense_0"]["kernel"], w, atol=1e-5)

@@ -156,27 +156,30 @@ def shuffle_valid(key: jax.Array, n: jax.Array, max_n: int) -> jax.Array:
 FITTED_MIN_WIDTH = 64
 
 
-def _width_classes(max_n: int) -> tuple[int, ...]:
-  """Static widths a fitted shuffle may sort: 64, 128, ... below `max_n`, then `max_n`."""
+def width_classes(max_n: int, min_n: int = 1) -> tuple[int, ...]:
+  """Widths a fitted shuffle sorts for clients of `min_n` to `max_n` examples: the
+  powers of two from 64 that hold some client, then `max_n`. One class: no gain."""
   if max_n > 1 << 16:       # beyond 16 index bits shuffle_valid is not prefix-stable
     return (max_n,)
   widths, w = [], FITTED_MIN_WIDTH
   while w < max_n:
-    widths.append(w)
+    if w >= min_n:
+      widths.append(w)
     w *= 2
   return (*widths, max_n)
 
 
-def shuffle_fitted(key: jax.Array, n: jax.Array, max_n: int) -> jax.Array:
+def shuffle_fitted(key: jax.Array, n: jax.Array, max_n: int, min_n: int = 1) -> jax.Array:
   """`shuffle_valid(key, n, max_n)` for the first `n` slots, sorting only the smallest
   width class that holds `n` slots (`lax.switch`), so its cost follows `n`.
 
   `shuffle_valid` is prefix-stable in its width, so the client's real examples
   come out in exactly the same order; the slots from `n` on (which a plan masks
   out) may differ. Under `vmap` over clients the switch becomes a select over
-  every class: use it where clients' plans are built one at a time.
+  every class: the engine builds plans one client at a time where there are
+  several classes (`Plan.plans_one_by_one`).
   """
-  widths = _width_classes(max_n)
+  widths = width_classes(max_n, min_n)
   if len(widths) == 1:
     return shuffle_valid(key, n, max_n)
 
@@ -213,8 +216,11 @@ def batch_plan(
   keys = jax.random.split(key, epochs)
   # On CPU the engine builds clients' plans one at a time (see `core/_cohort.py`), where
   # sorting only the width that holds the client's examples costs O(n), not O(max_n).
-  shuffle = shuffle_fitted if jax.default_backend() == "cpu" else shuffle_valid
-  perms = jax.vmap(shuffle, (0, None, None))(keys, n, max_examples)
+  if jax.default_backend() == "cpu":
+    shuffle = lambda k, m: shuffle_fitted(k, m, max_examples, min_examples)
+  else:
+    shuffle = lambda k, m: shuffle_valid(k, m, max_examples)
+  perms = jax.vmap(shuffle, (0, None))(keys, n)
   per_epoch = (n + b - 1) // b
   s = jnp.arange(total)
   epoch, j = s // per_epoch, s % per_epoch

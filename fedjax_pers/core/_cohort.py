@@ -122,8 +122,8 @@ def _stream(program, params, clients, keys, valid, score, differentiable):
   return outputs, (acc, total), u
 
 
-def _lanes(program, params, clients, keys, valid, lanes):
-  steps = cohort_steps(program, params, clients, keys)
+def _lanes(program, params, clients, keys, valid, lanes, one_by_one):
+  steps = cohort_steps(program, params, clients, keys, one_by_one=one_by_one)
   carry0 = jax.vmap(lambda c, k: program.start(params, c, k)[0])(clients, keys)
   counts = jnp.where(valid, jax.vmap(lambda c: jnp.asarray(program.num_steps(c), jnp.int32)
                                      )(clients), 0)
@@ -147,12 +147,13 @@ def run_cohort(program: LocalProgram, params: Params, clients: ClientData, keys:
                                 active=True if diff else args[2], steps=args[3])
   k = keys.shape[0]
   if plan.strategy == "lanes":
-    outputs, executed = _lanes(program, params, clients, keys, valid, plan.lanes)
+    outputs, executed = _lanes(program, params, clients, keys, valid, plan.lanes,
+                               plan.plans_one_by_one)
     return outputs, None, None, executed
   if plan.strategy == "scan" and score is not None:
     outputs, acc, u = _stream(program, params, clients, keys, valid, score, diff)
   elif plan.strategy in ("vmap", "chunked"):   # plans first, then the steps side by side
-    steps = cohort_steps(program, params, clients, keys)
+    steps = cohort_steps(program, params, clients, keys, one_by_one=plan.plans_one_by_one)
     if plan.strategy == "vmap":
       outputs = jax.vmap(one)((clients, keys, valid, steps))
     else:

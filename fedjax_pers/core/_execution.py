@@ -41,7 +41,7 @@ class Execution:
   * `auto` (default): `scan` for large models on CPU (one client's plain
     matmuls beat XLA:CPU's batched ones), else `vmap` with `differentiable`, or
     when every client takes the same number of steps (or the sizes are unknown),
-    and `lanes` when they differ.
+    and `lanes` when they differ (`scan` if that is one lane).
 
   Unless `differentiable`, every client stops after its last real step
   (`lax.while_loop`), so a round costs the clients' real steps (up to the
@@ -131,12 +131,16 @@ class Plan(NamedTuple):
     client_chunk: Chunk size (`chunked`).
     lanes: Lanes per device (`lanes`).
     differentiable: Masked fixed-length steps instead of while loops.
+    plans_one_by_one: Build clients' batch plans one at a time (`lax.map`), where
+      each sorts only what the client holds: on CPU when clients' sizes span
+      several width classes (`core._batching.width_classes`).
   """
 
   strategy: str
   client_chunk: int | None
   lanes: int | None
   differentiable: bool
+  plans_one_by_one: bool = False
 
 
 def is_large(params: Params) -> bool:
@@ -155,15 +159,17 @@ def auto_lanes(counts: np.ndarray, per_device: int) -> int:
 
 
 def plan(execution: Execution, params: Params, counts: np.ndarray | None,
-         cohort: int) -> Plan:
+         cohort: int, *, size_classes: int = 1) -> Plan:
   """Resolves `auto` and the lane count for one round.
 
   Args:
     execution: The `Execution`.
     params: The global params (their size matters on CPU).
     counts: The population's steps per client (host NumPy; None if unknown,
-      then treated as differing).
+      then treated as all equal).
     cohort: Clients per round, padded to a multiple of the devices.
+    size_classes: Width classes the clients' sizes span (plans are built one
+      client at a time on CPU when there are several).
 
   Returns:
     A `Plan`.
@@ -181,10 +187,11 @@ def plan(execution: Execution, params: Params, counts: np.ndarray | None,
       strategy = "scan"
     elif e.differentiable or uniform:
       strategy = "vmap"
-    else:
-      strategy = "lanes"
+    else:   # one lane is one client at a time: the same steps without the lanes' buffers
+      strategy = "lanes" if min(lanes, per_device) > 1 else "scan"
   return Plan(strategy, e.client_chunk if strategy == "chunked" else None,
-              min(lanes, per_device) if strategy == "lanes" else None, e.differentiable)
+              min(lanes, per_device) if strategy == "lanes" else None, e.differentiable,
+              plans_one_by_one=jax.default_backend() == "cpu" and size_classes > 1)
 
 
 def resolve_strategy(strategy: str, params: Params) -> str:

@@ -128,9 +128,10 @@ def run_steps(program: LocalProgram, params: Params, client: ClientData, carry: 
   the client costs its real steps. `True`: a `lax.scan` over all `S` steps in
   which a step at or after `count` leaves the carry unchanged (`jnp.where`), so
   reverse-mode differentiation can go through it; bit for bit the same steps.
+  A count known to be `S` (the same steps for every client) is a plain scan.
   """
   total = num_plan_steps(steps)
-  if differentiable:
+  if differentiable or static_count(count) == total:   # every step does work: a scan
     guard = static_count(count) != total
 
     def body(c, i):
@@ -171,13 +172,12 @@ def run_client(program: LocalProgram, params: Params, client: ClientData, key: j
 
 
 def cohort_steps(program: LocalProgram, params: Params, clients: ClientData,
-                 keys: jax.Array) -> Steps:
-  """Every client's `Steps`, stacked. On CPU they are built one client at a time
-  (`lax.map`), where plans sort only what a client holds (`shuffle_fitted`); on
-  accelerators all at once (`vmap`). (The carries `start` also returns are dead
-  code here, which XLA removes.)"""
+                 keys: jax.Array, *, one_by_one: bool) -> Steps:
+  """Every client's `Steps`, stacked: built one client at a time (`lax.map`, where a
+  plan sorts only what its client holds, `shuffle_fitted`) or all at once (`vmap`).
+  (The carries `start` also returns are dead code here, which XLA removes.)"""
   plan_of = lambda args: program.start(params, args[0], args[1])[1]
-  if jax.default_backend() == "cpu":
+  if one_by_one:
     return jax.lax.map(plan_of, (clients, keys))
   return jax.vmap(plan_of)((clients, keys))
 

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
+from fedjax_pers.core._batching import width_classes
 from fedjax_pers.core._client import ClientData
 from fedjax_pers.core._cohort import execute_cohort, pad_cohort, safe_divide
 from fedjax_pers.core._data import FederatedData
@@ -113,7 +114,8 @@ def cohort_plan(make_program: Callable[[FederatedData], LocalProgram],
     if data.cap is not None:
       program = capped(program, data.cap)
     cohort = clients_per_round + (-clients_per_round % execution.num_devices)
-    return plan(execution, params, population_counts(program, data), cohort)
+    return plan(execution, params, population_counts(program, data), cohort,
+                size_classes=len(width_classes(data.max_examples, data.min_examples)))
 
   return plan_of
 

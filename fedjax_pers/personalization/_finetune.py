@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_pers.core._batching import LocalWork, check_local_work
+from fedjax_pers.core._batching import LocalWork, check_local_work, width_classes
 from fedjax_pers.core._client import ClientData
 from fedjax_pers.core._cohort import CohortSource, execute_cohort, pad_cohort
 from fedjax_pers.core._data import FederatedData
@@ -108,11 +108,14 @@ def eval_program(model: Model, max_examples: int, block: int) -> LocalProgram:
 
 
 def _run_all(program: LocalProgram, params: Params, data: FederatedData, source: CohortSource,
-             key: jax.Array, execution: Execution):
-  """`program` on every client of `data` (one cohort of all of them); stacked outputs."""
+             key: jax.Array, execution: Execution, *, shuffles: bool):
+  """`program` on every client of `data` (one cohort of all of them); stacked outputs.
+  `shuffles`: the program's plans shuffle the clients' examples (see `Plan`)."""
   execution = as_execution(execution)
   ids, valid = pad_cohort(jnp.arange(data.num_clients, dtype=jnp.int32), execution.num_devices)
-  how = plan(execution, params, population_counts(program, data), ids.shape[0])
+  classes = len(width_classes(data.max_examples, data.min_examples)) if shuffles else 1
+  how = plan(execution, params, population_counts(program, data), ids.shape[0],
+             size_classes=classes)
   result = execute_cohort(program, params, source, ids, valid, key, plan=how,
                           mesh=execution.mesh)
   return jax.tree.map(lambda a: a[:data.num_clients], result.outputs)
@@ -125,7 +128,8 @@ def _evaluate_own(model: Model, own: Params, params: Params, test: FederatedData
   program = eval_program(model, test.max_examples, block)
   source = cohort_source(test, own, jax.random.key(0),
                          whole=as_execution(execution).mesh is None)
-  loss, acc = _run_all(program, params, test, source, jax.random.key(0), execution)
+  loss, acc = _run_all(program, params, test, source, jax.random.key(0), execution,
+                       shuffles=False)
   return ClientEval(loss, acc, test.num_examples)
 
 
@@ -199,7 +203,7 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
       return ClientData(x[:, 0], y[:, 0], n[:, 0], None, ids)
 
     source = CohortSource(rows, train.num_examples)
-  tuned = _run_all(program, params, train, source, key, execution)
+  tuned = _run_all(program, params, train, source, key, execution, shuffles=True)
   return PersonalizedEval(glob, _evaluate_own(model, tuned, params, test, execution))
 
 
