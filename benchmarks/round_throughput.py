@@ -45,8 +45,9 @@ Reading the output
 * `speedup` is baseline seconds / strategy seconds (> 1: faster than the loop).
 * `real steps` counts, over the round's clients, the local steps that hold a
   real example; `executed` the client-steps the compiled round computed
-  (padded steps, or lane-steps; `RoundMetrics.executed_steps`); `exec/real`
-  is the round's overhead (1.00: no step wasted).
+  (padded steps, or lane-steps; `RoundMetrics.executed_steps`); both are means
+  over the timed rounds (the FedProx config draws other clients every round, the
+  same ones in every row); `exec/real` is the round's overhead (1.00: none).
 * `flop_frac` (w2 only) is the fraction of the float32 matmul floor reached:
   (FLOPs per round / measured matmul FLOP rate) / round seconds. FLOPs per round
   count three matmul passes (forward, gradient wrt inputs, gradient wrt weights)
@@ -261,13 +262,15 @@ class Runner:
     self.name, self.run_round, self.state, self.plan = name, run_round, state, plan
     self.first_call_s = math.nan
     self.times: list[float] = []
-    self.steps = (0, 0)
+    self.steps: list[tuple[int, int]] = []
 
   def call(self) -> float:
     """Runs one round to completion; returns its wall-clock seconds."""
     t0 = time.perf_counter()
-    self.state, self.steps = jax.block_until_ready(self.run_round(self.state))
-    return time.perf_counter() - t0
+    self.state, steps = jax.block_until_ready(self.run_round(self.state))
+    seconds = time.perf_counter() - t0
+    self.last_steps = (int(steps[0]), int(steps[1]))
+    return seconds
 
   def warm_up(self) -> None:
     """The first call: compile + one round, timed but not counted."""
@@ -275,6 +278,11 @@ class Runner:
 
   def time_round(self) -> None:
     self.times.append(self.call())
+    self.steps.append(self.last_steps)
+
+  def mean_steps(self) -> tuple[int, int]:
+    """Real and executed client-steps, averaged over the timed rounds."""
+    return tuple(int(round(statistics.mean(s[i] for s in self.steps))) for i in (0, 1))
 
 
 def describe(plan) -> str:
@@ -425,7 +433,7 @@ def run_workload(w: Workload, rounds: int, baseline_rounds: int) -> list[Row]:
       for d in device_counts for name, options in STRATEGY_ROWS]
   time_interleaved(runners, [baseline_rounds] + [rounds] * (len(runners) - 1))
   return [Row(w.name, r.name, statistics.median(r.times), min(r.times), r.first_call_s,
-              len(r.times), r.times, int(r.steps[0]), int(r.steps[1]), r.plan)
+              len(r.times), r.times, *r.mean_steps(), r.plan)
           for r in runners]
 
 

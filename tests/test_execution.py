@@ -202,13 +202,15 @@ def test_balance_deals_clients_by_steps():
 
 def test_auto_plan_follows_sizes_model_and_gradients():
   data, uniform = skewed_data(), skewed_data(sizes=[8] * 10)
+  mild = skewed_data(sizes=[20] * 9 + [40])       # steps 10 (x9) and 20: 6 lanes for 10
   big = fp.models.mlp((5,), 3, hidden=(200, 200))
-  plan = lambda model, d, **kw: fp.algorithms.fedavg(
-      model, optax.sgd(0.1), optax.sgd(1.0), EPOCHS, clients_per_round=6,
+  plan = lambda model, d, k=6, **kw: fp.algorithms.fedavg(
+      model, optax.sgd(0.1), optax.sgd(1.0), EPOCHS, clients_per_round=k,
       execution=fp.Execution(**kw)).plan(model.init(jax.random.key(0)), d)
-  assert plan(LR, data).strategy == "lanes"
-  assert plan(LR, data).lanes == int(np.ceil(6 * np.mean(2 * -(-np.asarray(SIZES) // 4))
-                                             / (2 * 15)))
+  lanes = int(np.ceil(6 * np.mean(2 * -(-np.asarray(SIZES) // 4)) / (2 * 15)))
+  assert lanes == 2 and plan(LR, data, strategy="lanes").lanes == 2
+  assert plan(LR, data).strategy == "scan"            # 2 lanes: one client at a time on CPU
+  assert plan(LR, mild, k=10) == fp.core.Plan("lanes", None, 6, False)
   assert plan(LR, uniform).strategy == "vmap"
   assert plan(LR, data, differentiable=True) == fp.core.Plan("vmap", None, None, True)
   assert plan(big, data).strategy == "scan"

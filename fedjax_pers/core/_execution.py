@@ -21,6 +21,10 @@ CLIENTS_AXIS = "clients"
 # On CPU, a cohort of models with at least this many parameters runs faster as a
 # loop over clients than as batched matmuls (see benchmarks/round_throughput.py).
 AUTO_SCAN_MIN_PARAMS = 20_000
+# On CPU a lane-step costs about what a step of one client alone does: lanes pay for
+# their upkeep only from a few lanes on (w3: 4 lanes beat one client at a time; FedProx's
+# 2 lanes lose to it by 20%).
+AUTO_MIN_CPU_LANES = 4
 
 
 def _positive_int(v) -> bool:
@@ -41,7 +45,8 @@ class Execution:
   * `auto` (default): `scan` for large models on CPU (one client's plain
     matmuls beat XLA:CPU's batched ones), else `vmap` with `differentiable`, or
     when every client takes the same number of steps (or the sizes are unknown),
-    and `lanes` when they differ (`scan` if that is one lane).
+    and `lanes` when they differ, unless that is fewer than `AUTO_MIN_CPU_LANES`
+    lanes on CPU (then `scan`).
 
   Unless `differentiable`, every client stops after its last real step
   (`lax.while_loop`), so a round costs the clients' real steps (up to the
@@ -187,8 +192,9 @@ def plan(execution: Execution, params: Params, counts: np.ndarray | None,
       strategy = "scan"
     elif e.differentiable or uniform:
       strategy = "vmap"
-    else:   # one lane is one client at a time: the same steps without the lanes' buffers
-      strategy = "lanes" if min(lanes, per_device) > 1 else "scan"
+    else:   # few lanes: one client at a time does the same steps without their upkeep
+      strategy = "lanes" if min(lanes, per_device) >= (
+          AUTO_MIN_CPU_LANES if on_cpu else 2) else "scan"
   return Plan(strategy, e.client_chunk if strategy == "chunked" else None,
               min(lanes, per_device) if strategy == "lanes" else None, e.differentiable,
               plans_one_by_one=jax.default_backend() == "cpu" and size_classes > 1)
