@@ -8,6 +8,7 @@ import pytest
 MODULES = [
     "fedjax_pers.aggregation._weights",
     "fedjax_pers.aggregation._quality",
+    "fedjax_pers.core._execution",
 ]
 
 

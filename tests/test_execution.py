@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from _reference import deal_by_steps, fedavg_round, lpt_makespan
+from test_engine import run
 
 import fedjax_pers as fp
 from fedjax_pers.core import _cohort, _lanes, _program
@@ -54,13 +55,7 @@ def build(name, work, execution, k=6):
 
 
 def rounds(alg, data, n=3, seed=1):
-  state = alg.init(jax.random.key(seed), data)
-  step = jax.jit(alg.round)
-  out = []
-  for _ in range(n):
-    state, m = step(state, data)
-    out.append(m)
-  return state, out
+  return run(alg, data, n, seed=seed)
 
 
 def assert_same_rounds(a, b, atol=1e-6):

@@ -336,6 +336,7 @@ def test_meta_algorithms_run_from_configs(tmp_path, algorithm, meta_sgd):
   c = get_config()
   c.algorithm, c.per_fedavg.meta_sgd = algorithm, meta_sgd
   c.num_rounds, c.eval_every, c.progress = 3, 3, False
+  c.execution.num_devices = 1
   c.data.num_clients, c.clients_per_round, c.client.local_steps = 8, 3, 2
   s = train_and_evaluate(c, str(tmp_path))
   assert s["rounds"] == 3

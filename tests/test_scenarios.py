@@ -15,6 +15,7 @@ from fedjax_pers.experiment import compare
 def config(name, **over):
   c = importlib.import_module(f"configs.{name}").get_config()
   c.progress = False
+  c.execution.num_devices = 1    # (see test_experiment.tiny_config)
   for key, value in over.items():
     node = c
     *path, leaf = key.split("__")

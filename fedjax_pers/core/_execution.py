@@ -70,8 +70,13 @@ class Execution:
   Example:
 
     >>> import fedjax_pers as fp
-    >>> fp.Execution(strategy="lanes", lanes=8).lanes
-    8
+    >>> ex = fp.Execution(strategy="lanes", lanes=8)
+    >>> ex.lanes, ex.differentiable, ex.num_devices
+    (8, False, 1)
+    >>> fp.Execution(strategy="lanes", differentiable=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: Execution strategy='lanes' runs a while loop, which reverse-mode jax.grad ...
   """
 
   strategy: str = "auto"
