@@ -304,6 +304,7 @@ def strategy_runner(w: Workload, model: Model, data: FederatedData, name: str,
                  clients_per_round=w.clients_per_round, prox_mu=w.prox_mu, execution=execution)
   name = f"{name}@{devices}dev" if devices > 1 else name
   round_fn = jax.jit(alg.round)
+  data = fp.distributed.replicate(data, mesh)    # once, as the README says to
   state = alg.init(jax.random.key(0), data)
 
   def run(s):

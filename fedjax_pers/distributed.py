@@ -6,7 +6,7 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_pers.core._execution import CLIENTS_AXIS
 
@@ -33,6 +33,23 @@ def client_mesh(num_devices: int | None = None) -> Mesh:
         f"num_devices must be an int in [1, {len(devices)}] (the devices JAX sees); "
         f"got {num_devices!r}.")
   return Mesh(np.array(devices[:n]), (CLIENTS_AXIS,))
+
+
+def replicate(tree, mesh: Mesh | None):
+  """`tree` (data, a server state) put on every device of `mesh` once; `tree` itself
+  without a mesh.
+
+  A sharded round reads the population on every device. Data left on one device
+  would be copied to all of them at every call of the jitted round (a 464 MB
+  population: 0.35 s per round instead of 0.013 s), so put it there once:
+
+    mesh = fp.distributed.client_mesh()
+    train = fp.distributed.replicate(train, mesh)
+    alg = fp.algorithms.fedavg(..., execution=fp.Execution(mesh=mesh))
+  """
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def cpu_devices(num_devices: int | None) -> None:

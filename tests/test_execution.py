@@ -174,9 +174,10 @@ def test_lanes_run_the_lpt_schedule():
   clients = fp.core.ClientData(jnp.zeros((k, 1, 1)), jnp.zeros((k, 1), jnp.int32),
                                jnp.asarray(counts))
   carry0, steps = jax.vmap(start, (None, 0, None))(None, clients, None)
+  read = lambda handle_idx: (handle_idx[0].x[handle_idx[1]], handle_idx[0].y[handle_idx[1]])
   for lanes in (1, 2, 5, 23, 40):
     result = jax.jit(lambda c0, st, lanes=lanes: _lanes.run_lanes(
-        program, None, clients, c0, st, jnp.asarray(counts), lanes=lanes))(carry0, steps)
+        program, None, c0, st, jnp.asarray(counts), clients, read, lanes=lanes))(carry0, steps)
     np.testing.assert_array_equal(result.carries, counts)
     assert int(result.lane_steps) == lanes * lpt_makespan(counts, lanes)
 

@@ -33,12 +33,19 @@ class CohortSource(NamedTuple):
   """Where a cohort's rows come from (see `core/_source.py`).
 
   Attributes:
-    rows: `rows(ids) -> ClientData`, the stacked rows, state and ids of clients `ids`.
+    rows: `rows(ids) -> ClientData`, the stacked rows, state and ids of clients
+      `ids` (for `start` and `finish`; XLA drops what they do not read).
     sizes: `[N]` int32, every client's number of examples (true sizes).
+    table: The arrays the steps read batches from (replicated over a mesh).
+    handles: `handles(ids)`: per client, stacked, where its rows are in `table`.
+    read: `read(table, handle, idx) -> (x, y)`, a client's rows at slots `idx`.
   """
 
   rows: Callable[[jax.Array], ClientData]
   sizes: jax.Array
+  table: Any
+  handles: Callable[[jax.Array], Any]
+  read: Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 class CohortResult(NamedTuple):
@@ -100,7 +107,7 @@ def _chunk_cost(counts: jax.Array, chunk: int) -> jax.Array:
   return jnp.sum(sizes * jnp.max(padded, axis=1))
 
 
-def _stream(program, params, clients, keys, valid, score, differentiable):
+def _stream(program, params, clients, keys, valid, handles, reader, score, differentiable):
   """Clients one at a time, accumulating `Σ u_i Δ_i` instead of stacking Δ.
 
   `u_i = score(output_i)`, zero for non-finite or padding (`valid=False`) clients.
@@ -108,9 +115,10 @@ def _stream(program, params, clients, keys, valid, score, differentiable):
 
   def body(carry, args):
     acc, total = carry
-    client, key, ok = args
+    client, key, ok, handle = args
     out, count = run_client(program, params, client, key, differentiable=differentiable,
-                            active=True if differentiable else ok)
+                            active=True if differentiable else ok,
+                            read=reader(handle))
     use = out.finite & ok
     u = jnp.where(use, score(out), 0.0)
     acc = jax.tree.map(lambda a, d: a + u * jnp.where(use, d, 0.0), acc, out.delta)
@@ -118,49 +126,65 @@ def _stream(program, params, clients, keys, valid, score, differentiable):
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   (acc, total), (outputs, u) = jax.lax.scan(
-      body, (zeros, jnp.zeros(())), (clients, keys, valid))
+      body, (zeros, jnp.zeros(())), (clients, keys, valid, handles))
   return outputs, (acc, total), u
 
 
-def _lanes(program, params, clients, keys, valid, lanes, one_by_one):
+def _lanes(program, params, clients, keys, valid, handles, reader, lanes, one_by_one):
   steps = cohort_steps(program, params, clients, keys, one_by_one=one_by_one)
   carry0 = jax.vmap(lambda c, k: program.start(params, c, k)[0])(clients, keys)
   counts = jnp.where(valid, jax.vmap(lambda c: jnp.asarray(program.num_steps(c), jnp.int32)
                                      )(clients), 0)
-  result = run_lanes(program, params, clients, carry0, steps, counts, lanes=lanes)
+  read = lambda handle_idx: reader(handle_idx[0])(handle_idx[1])
+  result = run_lanes(program, params, carry0, steps, counts, handles, read, lanes=lanes)
   outputs = jax.vmap(program.finish, (None, 0, 0))(params, clients, result.carries)
   return (outputs, counts), result.lane_steps
 
 
+def _own_rows(handle):
+  """A reader of the client's own gathered rows (`handles` None: the handle is the client)."""
+  return lambda idx: (handle.x[idx], handle.y[idx])
+
+
 def run_cohort(program: LocalProgram, params: Params, clients: ClientData, keys: jax.Array,
                valid: jax.Array, *, plan: Plan,
-               score: Callable[[ClientOutput], jax.Array] | None = None):
+               score: Callable[[ClientOutput], jax.Array] | None = None,
+               handles: Any = None,
+               reader: Callable[[Any], Callable[[jax.Array], tuple]] | None = None):
   """Runs a cohort on one device by `plan`.
+
+  The steps read client i's batch at slots `idx` as `reader(handles[i])(idx)`
+  (default: from `clients`' own rows).
 
   Returns:
     `((outputs, counts), (Σ u_i Δ_i, Σ u_i) or None, u or None, executed_steps)`,
     `counts[k]` each client's steps that did work; the cohort is streamed (no
     stacked deltas) when `plan.strategy == 'scan'` and `score` is set.
   """
+  if reader is None:
+    handles, reader = clients, _own_rows
   diff = plan.differentiable
   one = lambda args: run_client(program, params, args[0], args[1], differentiable=diff,
-                                active=True if diff else args[2], steps=args[3])
+                                active=True if diff else args[2], steps=args[4],
+                                read=reader(args[3]))
   k = keys.shape[0]
   if plan.strategy == "lanes":
-    outputs, executed = _lanes(program, params, clients, keys, valid, plan.lanes,
-                               plan.plans_one_by_one)
+    outputs, executed = _lanes(program, params, clients, keys, valid, handles, reader,
+                               plan.lanes, plan.plans_one_by_one)
     return outputs, None, None, executed
   if plan.strategy == "scan" and score is not None:
-    outputs, acc, u = _stream(program, params, clients, keys, valid, score, diff)
+    outputs, acc, u = _stream(program, params, clients, keys, valid, handles, reader, score,
+                              diff)
   elif plan.strategy in ("vmap", "chunked"):   # plans first, then the steps side by side
     steps = cohort_steps(program, params, clients, keys, one_by_one=plan.plans_one_by_one)
+    args = (clients, keys, valid, handles, steps)
     if plan.strategy == "vmap":
-      outputs = jax.vmap(one)((clients, keys, valid, steps))
+      outputs = jax.vmap(one)(args)
     else:
-      outputs = jax.lax.map(one, (clients, keys, valid, steps), batch_size=plan.client_chunk)
+      outputs = jax.lax.map(one, args, batch_size=plan.client_chunk)
     acc, u = None, None
   elif plan.strategy == "scan":
-    outputs = jax.lax.map(lambda a: one((*a, None)), (clients, keys, valid))
+    outputs = jax.lax.map(lambda a: one((*a, None)), (clients, keys, valid, handles))
     acc, u = None, None
   else:
     raise ValueError(f"plan.strategy must be vmap, chunked, scan or lanes; got "
@@ -206,12 +230,13 @@ def execute_cohort(program: LocalProgram, params: Params, source: CohortSource,
     counts = jnp.where(valid, step_counts(program, source.sizes, ids), 0)
     perm = balance(counts, d)
     ids, valid = ids[perm], valid[perm]
-  clients = source.rows(ids)
+  clients, handles = source.rows(ids), source.handles(ids)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
 
-  def local(params, clients, keys, valid):
+  def local(params, table, clients, keys, valid, handles):
+    reader = lambda handle: lambda idx: source.read(table, handle, idx)
     outputs, acc, u, executed = run_cohort(program, params, clients, keys, valid, plan=plan,
-                                           score=score)
+                                           score=score, handles=handles, reader=reader)
     if mesh is not None:
       executed = jax.lax.psum(executed, CLIENTS_AXIS)
       if acc is not None:
@@ -222,9 +247,10 @@ def execute_cohort(program: LocalProgram, params: Params, source: CohortSource,
     spec = P(CLIENTS_AXIS)
     streamed = plan.strategy == "scan" and score is not None
     out_specs = (spec, P(), spec if streamed else P(), P())
-    local = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec, spec, spec),
+    local = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), spec, spec, spec, spec),
                           out_specs=out_specs, check_vma=False)
-  (outputs, counts), acc, u, executed = local(params, clients, keys, valid)
+  (outputs, counts), acc, u, executed = local(params, source.table, clients, keys, valid,
+                                              handles)
   if perm is not None:
     back = jnp.argsort(perm)
     outputs, counts = jax.tree.map(lambda a: a[back], (outputs, counts))

@@ -114,11 +114,17 @@ class FederatedData:
     each, all from `fold_in(key, c)`. The examples are distinct, each is included
     with probability exactly cap / n_c, the subset changes every round and every
     example is reached; the cost is O(cap) per client. Clients with n_c ≤ cap get
-    all their examples, padded. `n` is the TRUE n_c (see `cap_update` for how
-    local training sees min(n_c, cap)).
+    all their examples, padded. `n` is the TRUE n_c (local training sees
+    min(n_c, cap): `core._program.capped`).
     """
     if self.cap is None:
       return self.x[idx], self.y[idx], self.num_examples[idx]
+    rows = self.cohort_positions(idx, key)
+    return self.x[rows], self.y[rows], self.num_examples[idx]
+
+  def cohort_positions(self, idx: jax.Array, key: jax.Array) -> jax.Array:
+    """Capped data: `[k, cap]` positions in the flat store of the rows `cohort` gives
+    clients `idx` (padding slots point at position 0 of the client, masked out)."""
     cap = self.cap
     n = self.num_examples[idx]
     m = jnp.minimum(n, cap)
@@ -135,8 +141,7 @@ class FederatedData:
       return jnp.where(j[:-1] < m, pos, 0)
 
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
-    rows = self.offsets[idx][:, None] + jax.vmap(positions)(keys, n, m)
-    return self.x[rows], self.y[rows], n
+    return self.offsets[idx][:, None] + jax.vmap(positions)(keys, n, m)
 
   def with_cap(self, cap: int, *, seed: int = 0) -> FederatedData:
     """The same clients in a capped flat store (see the class docstring).

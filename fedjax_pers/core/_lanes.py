@@ -18,12 +18,12 @@ path in `core/_program.py` is the differentiable one).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_pers.core._client import ClientData
 from fedjax_pers.core._program import Batch, LocalProgram, Steps, tree_where
 
 Params = Any
@@ -45,18 +45,21 @@ def _rows(tree: Any, i: jax.Array) -> Any:
   return jax.tree.map(lambda a: jnp.asarray(a)[i], tree)
 
 
-def run_lanes(program: LocalProgram, params: Params, clients: ClientData, carry0: Any,
-              steps: Steps, count: jax.Array, *, lanes: int) -> LanesResult:
+def run_lanes(program: LocalProgram, params: Params, carry0: Any, steps: Steps,
+              count: jax.Array, handles: Any,
+              read: Callable[[tuple[Any, jax.Array]], tuple[jax.Array, jax.Array]], *,
+              lanes: int) -> LanesResult:
   """Runs every client's first `count[i]` steps on `lanes` lanes.
 
   Args:
     program: The clients' program (its `step` is used).
     params: Global params, broadcast to every step.
-    clients: The cohort's rows, stacked (leading axis `k`).
     carry0: Each client's starting carry, stacked (from `program.start`).
     steps: Each client's `Steps`, stacked (`[k, S, ...]`).
     count: `[k]` int32 steps of each client; a client with 0 is never run and
       keeps its `carry0`.
+    handles: Each client's handle to its rows, stacked (see `CohortSource`).
+    read: `read((handle, idx)) -> (x, y)`: one client's rows at slots `idx`.
     lanes: `L >= 1`, clients run side by side.
 
   Returns:
@@ -94,11 +97,10 @@ def run_lanes(program: LocalProgram, params: Params, clients: ClientData, carry0
     q, lane_c, lane_s, carry, out = state
     c = jnp.minimum(lane_c, k - 1)
     at = lambda tree: jax.tree.map(lambda a: a[c, lane_s], tree)
-    idx = at(steps.idx)
-    rows = lambda j: c.reshape((lanes,) + (1,) * (j.ndim - 1))
-    batch = Batch(jax.tree.map(lambda j: clients.x[rows(j), j], idx),
-                  jax.tree.map(lambda j: clients.y[rows(j), j], idx), at(steps.mask),
-                  at(steps.extra))
+    idx, own = at(steps.idx), _rows(handles, c)
+    rows = lambda j: jax.vmap(lambda h, i: read((h, i)))(own, j)
+    batch = Batch(jax.tree.map(lambda j: rows(j)[0], idx),
+                  jax.tree.map(lambda j: rows(j)[1], idx), at(steps.mask), at(steps.extra))
     carry = jax.vmap(program.step, (None, 0, 0))(params, carry, batch)
     lane_s = lane_s + 1
     done = (lane_c < none) & (lane_s >= count[c])

@@ -86,11 +86,12 @@ def tree_where(pred: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(pick, new, old)
 
 
-def batch_at(client: ClientData, steps: Steps, i: jax.Array) -> Batch:
-  """The `Batch` of step `i` of one client."""
+def batch_at(read: Callable[[jax.Array], tuple[jax.Array, jax.Array]], steps: Steps,
+             i: jax.Array) -> Batch:
+  """The `Batch` of step `i` of one client whose rows at slots `idx` are `read(idx)`."""
   at = lambda tree: jax.tree.map(lambda a: a[i], tree)
   idx = at(steps.idx)
-  return Batch(jax.tree.map(lambda j: client.x[j], idx), jax.tree.map(lambda j: client.y[j], idx),
+  return Batch(jax.tree.map(lambda j: read(j)[0], idx), jax.tree.map(lambda j: read(j)[1], idx),
                at(steps.mask), at(steps.extra))
 
 
@@ -121,8 +122,11 @@ def static_count(count: jax.Array | int) -> int | None:
 
 
 def run_steps(program: LocalProgram, params: Params, client: ClientData, carry: Any,
-              steps: Steps, count: jax.Array | int, *, differentiable: bool) -> Any:
+              steps: Steps, count: jax.Array | int, *, differentiable: bool,
+              read: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None) -> Any:
   """Runs one client's steps from `carry`; returns the final carry.
+
+  Batches come from `read(idx) -> (x, y)` (default: the client's own rows).
 
   `differentiable=False`: a `lax.while_loop` over the first `count` steps, so
   the client costs its real steps. `True`: a `lax.scan` over all `S` steps in
@@ -130,12 +134,14 @@ def run_steps(program: LocalProgram, params: Params, client: ClientData, carry: 
   reverse-mode differentiation can go through it; bit for bit the same steps.
   A count known to be `S` (the same steps for every client) is a plain scan.
   """
+  if read is None:
+    read = lambda idx: (client.x[idx], client.y[idx])
   total = num_plan_steps(steps)
   if differentiable or static_count(count) == total:   # every step does work: a scan
     guard = static_count(count) != total
 
     def body(c, i):
-      new = program.step(params, c, batch_at(client, steps, i))
+      new = program.step(params, c, batch_at(read, steps, i))
       return (tree_where(i < count, new, c) if guard else new), None
 
     carry, _ = jax.lax.scan(body, carry, jnp.arange(total))
@@ -143,7 +149,7 @@ def run_steps(program: LocalProgram, params: Params, client: ClientData, carry: 
 
   def loop(state):
     i, c = state
-    return i + 1, program.step(params, c, batch_at(client, steps, i))
+    return i + 1, program.step(params, c, batch_at(read, steps, i))
 
   _, carry = jax.lax.while_loop(lambda s: s[0] < count, loop,
                                 (jnp.zeros((), jnp.int32), carry))
@@ -152,11 +158,14 @@ def run_steps(program: LocalProgram, params: Params, client: ClientData, carry: 
 
 def run_client(program: LocalProgram, params: Params, client: ClientData, key: jax.Array,
                *, differentiable: bool, active: jax.Array | bool = True,
-               steps: Steps | None = None) -> tuple[Any, jax.Array]:
+               steps: Steps | None = None,
+               read: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
+               ) -> tuple[Any, jax.Array]:
   """One client's whole local work: `start`, its steps (`run_steps`), `finish`.
 
   `active=False` (padding clients of a sharded cohort) runs no step. `steps`:
-  the client's `Steps` if already built (see `cohort_steps`).
+  the client's `Steps` if already built (see `cohort_steps`). `read`: where its
+  batches come from (see `run_steps`).
 
   Returns:
     `(finish's output, the client's count of steps that did work)`.
@@ -167,7 +176,7 @@ def run_client(program: LocalProgram, params: Params, client: ClientData, key: j
   if active is not True:
     count = jnp.where(active, count, 0)
   carry = run_steps(program, params, client, carry, steps, count,
-                    differentiable=differentiable)
+                    differentiable=differentiable, read=read)
   return program.finish(params, client, carry), jnp.asarray(count, jnp.int32)
 
 

@@ -221,9 +221,7 @@ def place(state: ServerState, execution: Execution | None) -> ServerState:
   compiled twice (once for that placement, once for the mesh's).
   """
   mesh = as_execution(execution).mesh
-  if mesh is None:
-    return state
-  return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+  return state if mesh is None else jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
 
 def make_init(

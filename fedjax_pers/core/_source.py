@@ -1,9 +1,10 @@
-"""The data source of a round: the rows, state and ids of the clients a cohort draws.
+"""The data source of a round: where the rows of the clients a cohort draws come from.
 
 A padded `FederatedData` gives each drawn client its stored rows; a capped one a
-fresh random subset of `cap` rows (`FederatedData.cohort`). The engine asks for
-the rows of any list of client ids (`CohortSource.rows`), in whatever order it
-deals clients to devices.
+fresh random subset of `cap` rows (`FederatedData.cohort`). The engine's step
+loops read each batch straight from the stored arrays (`CohortSource.read`), so
+a round never copies its clients' padded rows; `CohortSource.rows` gathers them
+for what `finish` reads (XLA drops the gather where nothing does).
 """
 
 from __future__ import annotations
@@ -44,4 +45,11 @@ def cohort_source(data: FederatedData, client_states: Any, key: jax.Array, *,
       x, y, n = data.x[ids], data.y[ids], data.num_examples[ids]
     return ClientData(x, y, n, state, ids)
 
-  return CohortSource(rows=rows, sizes=data.num_examples)
+  if data.cap is None:   # client c's slot j is row (c, j)
+    handles = lambda ids: ids
+    read = lambda table, c, idx: (table[0][c, idx], table[1][c, idx])
+  else:                  # its slot j is the flat position handle[j]
+    handles = lambda ids: data.cohort_positions(ids, key)
+    read = lambda table, pos, idx: (table[0][pos[idx]], table[1][pos[idx]])
+  return CohortSource(rows=rows, sizes=data.num_examples, table=(data.x, data.y),
+                      handles=handles, read=read)

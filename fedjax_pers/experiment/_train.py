@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from fedjax_pers import distributed
 from fedjax_pers.core import evaluate, summarize
 from fedjax_pers.experiment import _algorithms, _checkpoint, _outputs, _registry
 from fedjax_pers.experiment._weighting import weighting_name
@@ -113,6 +114,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = _algorithms.make_run_model(config, train.feature_shape, train.num_classes)
   alg = _algorithms.make_algorithm(config, model, train, proxy=prepared.proxy,
                                  attackers=prepared.attackers)
+  # A sharded round reads the data on every device: put them there once, not every round.
+  mesh = _algorithms.make_execution(
+      config, _algorithms.cohort_size(config, train.num_clients)).mesh
+  train, test = distributed.replicate((train, test), mesh)
 
   state = alg.init(jax.random.key(config.seed), train)
   mngr = _checkpoint.manager(workdir)

@@ -84,8 +84,10 @@ def eval_program(model: Model, max_examples: int, block: int) -> LocalProgram:
     del params, key
     pos = jnp.arange(total)[:, None] * block + jnp.arange(block)[None, :]
     mask = pos < client.num_examples
-    dtype = jax.eval_shape(lambda: model.loss(model.apply(client.state, client.x[:1]),
-                                              client.y[:1])).dtype
+    rows = jax.ShapeDtypeStruct((1,) + client.x.shape[1:], client.x.dtype)
+    labels = jax.ShapeDtypeStruct((1,), client.y.dtype)
+    dtype = jax.eval_shape(lambda x, y: model.loss(model.apply(client.state, x), y), rows,
+                           labels).dtype
     zero = jnp.zeros((), dtype)
     return (EvalSums(client.state, zero, zero),
             Steps(jnp.minimum(pos, max_examples - 1), mask))
@@ -202,7 +204,8 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
       x, y, n = jax.vmap(one)(ids)
       return ClientData(x[:, 0], y[:, 0], n[:, 0], None, ids)
 
-    source = CohortSource(rows, train.num_examples)
+    source = CohortSource(rows, train.num_examples, None, lambda ids: rows(ids),
+                          lambda table, client, idx: (client.x[idx], client.y[idx]))
   tuned = _run_all(program, params, train, source, key, execution, shuffles=True)
   return PersonalizedEval(glob, _evaluate_own(model, tuned, params, test, execution))
 
