@@ -52,6 +52,7 @@ def test_every_weighting_name_builds_and_runs_a_round():
   c.clients_per_round = 7        # Krum with f = 1 needs 2f + 3 = 5
   c.aggregation.trim_beta = 0.15  # trims one of 7 per side
   c.aggregation.fedlaw_steps = 2
+  c.execution.strategy = "vmap"   # the weightings are under test: the quickest compile
   data = prepare_data(c)
   model = make_model(c.model, data.train.x.shape[2:], data.train.num_classes)
   for name in weighting_table(c, model, data.train, data.proxy):

@@ -76,13 +76,16 @@ CASES = [("fedavg", EPOCHS), ("fedavg", STEPS), ("fedavg", PER_CLIENT), ("fedpro
 # `lanes` without a count runs 2 lanes here (6 clients, mean steps / max steps = 9.8 / 30).
 PATHS = [dict(strategy="vmap"), dict(strategy="chunked", client_chunk=4),
          dict(strategy="scan"), dict(strategy="lanes", lanes=1), dict(strategy="lanes")]
+DISTINCT = [PATHS[0], PATHS[2], PATHS[4]]
 
 
 @pytest.mark.parametrize("name,work", CASES)
 def test_every_path_equals_the_padded_one(name, work):
   data = skewed_data()
   ref = rounds(build(name, work, fp.Execution(strategy="vmap", differentiable=True)), data)
-  for options in PATHS:
+  # FedAvg runs every path; the other algorithms share its cohort machinery and
+  # run the three distinct loops (vmapped while loops, one at a time, lanes).
+  for options in PATHS if name == "fedavg" else DISTINCT:
     got = rounds(build(name, work, fp.Execution(**options)), data)
     assert_same_rounds(ref, got)
 
