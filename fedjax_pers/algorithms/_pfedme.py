@@ -20,6 +20,7 @@ from fedjax_pers.core._round import (
     FederatedAlgorithm,
     ServerState,
     cohort_plan,
+    cohort_sampler,
     make_round,
     place,
 )
@@ -189,4 +190,4 @@ def pfedme(
   plan = lambda params, data: cohort_plan(make_program, execution, data.num_clients)(
       params, data)
   return FederatedAlgorithm(init=init, round=round_fn, personal=lambda s: s.client_states,
-                            plan=plan)
+                            plan=plan, sample=lambda rng, n: cohort_sampler(n, execution)(rng, n))

@@ -54,6 +54,11 @@ class FederatedData:
     cap: Capped only: examples a client trains on per round (static).
     host_sizes: `num_examples` on the host (static; see `HostSizes`), or None
       where the data were built by hand (the engine then plans without them).
+    window: One round's cohort gathered from a host store (`data.HostStore`):
+      `[k]` int32 ids of the clients whose rows `x` `[k, max_examples, ...]` and
+      `y` hold, in the order the round's key samples them; `num_examples` stays
+      `[num_clients]`. The round trains exactly these clients. None: `x`/`y`
+      hold every client.
   """
 
   x: jax.Array
@@ -64,6 +69,7 @@ class FederatedData:
   offsets: jax.Array | None = None
   cap: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   host_sizes: HostSizes | None = dataclasses.field(default=None, metadata=dict(static=True))
+  window: jax.Array | None = None
 
   @property
   def sizes(self) -> np.ndarray | None:
@@ -96,6 +102,9 @@ class FederatedData:
 
   def client(self, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Client `c`'s real examples as NumPy arrays `(x, y)` (padding removed)."""
+    if self.window is not None:
+      raise ValueError("FederatedData.client: this is one round's gathered cohort (window "
+                       "set); read clients from its HostStore.")
     n = int(self.num_examples[c])
     if self.cap is not None:
       start = int(self.offsets[c])

@@ -44,6 +44,9 @@ def evaluate(
   clients (default all at once).
   Jittable; `data` is an argument, so one compilation serves every round.
   """
+  if data.window is not None:
+    raise ValueError("evaluate: data is one round's gathered cohort (window set); evaluate "
+                     "a host store with fedjax_pers.data.evaluate_store.")
   if data.cap is None and data.sizes is None:
     return _evaluate_rows(model, params, data, client_chunk)
   n = data.num_examples

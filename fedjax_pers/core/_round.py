@@ -85,12 +85,16 @@ class FederatedAlgorithm(NamedTuple):
       each client's personalized model (Ditto's v_k, ...), for evaluation.
     plan: Optional `plan(params, data) -> Plan`: how a round over `data` runs its
       cohort (the strategy `auto` picks, the lanes), for reports.
+    sample: Optional `sample(rng, num_clients) -> (ids, next_rng)`: the cohort a
+      round started from key `rng` trains and the key of the next round, as the
+      round computes them (a host store's feed draws cohorts ahead with it).
   """
 
   init: Callable[[jax.Array, FederatedData], ServerState]
   round: Callable[[ServerState, FederatedData], tuple[ServerState, RoundMetrics]]
   personal: Callable[[ServerState], Any] | None = None
   plan: Callable[[Params, FederatedData], Plan] | None = None
+  sample: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] | None = None
 
 
 def population_counts(program: LocalProgram, data: FederatedData) -> np.ndarray | None:
@@ -118,6 +122,25 @@ def cohort_plan(make_program: Callable[[FederatedData], LocalProgram],
                 size_classes=len(width_classes(data.max_examples, data.min_examples)))
 
   return plan_of
+
+
+def make_sampler(clients_per_round: int, execution: Execution | None = None):
+  """`sample(rng, num_clients) -> (ids, (next_rng, k_sample, k_clients))` of a round.
+
+  The round's key splits into (next round, sampling, clients); the cohort is
+  `sample_clients(k_sample, ...)` with the execution's sampling probabilities.
+  """
+  probs = as_execution(execution).sampling_probs
+  probs = None if probs is None else jnp.asarray(probs, jnp.float32)
+
+  def sample(rng: jax.Array, num_clients: int):
+    if probs is not None:
+      check_probs(np.asarray(probs), num_clients)
+    rng, k_sample, k_clients = jax.random.split(rng, 3)
+    ids = sample_clients(k_sample, num_clients, clients_per_round, probs=probs)
+    return ids, (rng, k_sample, k_clients)
+
+  return sample
 
 
 def make_round(
@@ -158,25 +181,26 @@ def make_round(
         f"clients_per_round must be a positive int; got {clients_per_round!r}.")
   execution = as_execution(execution)
   aggregator = as_aggregator(aggregator)
-  probs = (None if execution.sampling_probs is None
-           else jnp.asarray(execution.sampling_probs, jnp.float32))
+  sample = make_sampler(clients_per_round, execution)
   mesh = execution.mesh
   plan_of = cohort_plan(make_program, execution, clients_per_round)
 
   def round_fn(state: ServerState, data: FederatedData):
     check_cohort(clients_per_round, data.num_clients)
-    if probs is not None:
-      check_probs(np.asarray(probs), data.num_clients)
     k = clients_per_round
-    rng, k_sample, k_clients = jax.random.split(state.rng, 3)
-    idx = sample_clients(k_sample, data.num_clients, k, probs=probs)
+    idx, (rng, k_sample, k_clients) = sample(state.rng, data.num_clients)
+    if data.window is not None:   # gathered by a host feed, which drew `idx` ahead
+      if data.window.shape != (k,):
+        raise ValueError(f"data.window holds {data.window.shape} client ids; a round of "
+                         f"clients_per_round={k} needs ({k},).")
+      idx = data.window
     padded, valid = pad_cohort(idx, execution.num_devices)
     program = make_program(data)
     if data.cap is not None:
       program = capped(program, data.cap)
     how = plan_of(state.params, data)
     personal = state.client_states if jax.tree.leaves(state.client_states) else None
-    whole = (mesh is None and probs is None and k == data.num_clients)
+    whole = (mesh is None and execution.sampling_probs is None and k == data.num_clients)
     source = cohort_source(data, personal, jax.random.fold_in(k_sample, 1), whole=whole)
     result = execute_cohort(program, state.params, source, padded, valid, k_clients,
                             plan=how, mesh=mesh, score=aggregator.score)
@@ -275,4 +299,16 @@ def assemble(
   init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
                    client_states=client_states, execution=execution)
   return FederatedAlgorithm(init=init, round=round_fn, personal=personal,
-                            plan=cohort_plan(make_program, execution, clients_per_round))
+                            plan=cohort_plan(make_program, execution, clients_per_round),
+                            sample=cohort_sampler(clients_per_round, execution))
+
+
+def cohort_sampler(clients_per_round: int, execution: Execution | None = None):
+  """`FederatedAlgorithm.sample` of a round built by `make_round`."""
+  sample = make_sampler(clients_per_round, execution)
+
+  def next_cohort(rng: jax.Array, num_clients: int):
+    ids, keys = sample(rng, num_clients)
+    return ids, keys[0]
+
+  return next_cohort

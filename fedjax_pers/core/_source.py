@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from fedjax_pers.core._client import ClientData
 from fedjax_pers.core._cohort import CohortSource
@@ -34,6 +35,9 @@ def cohort_source(data: FederatedData, client_states: Any, key: jax.Array, *,
     The `CohortSource`.
   """
 
+  if data.window is not None:
+    return _window_source(data, client_states)
+
   def rows(ids):
     state = None if client_states is None else jax.tree.map(lambda a: a[ids], client_states)
     if data.cap is not None:
@@ -53,3 +57,18 @@ def cohort_source(data: FederatedData, client_states: Any, key: jax.Array, *,
     read = lambda table, pos, idx: (table[0][pos[idx]], table[1][pos[idx]])
   return CohortSource(rows=rows, sizes=data.num_examples, table=(data.x, data.y),
                       handles=handles, read=read)
+
+
+def _window_source(data: FederatedData, client_states: Any) -> CohortSource:
+  """A gathered cohort's source: client c's rows are at its position in `data.window`."""
+  window = data.window
+  position = lambda ids: jnp.argmax(window[None, :] == ids[:, None], axis=1)
+
+  def rows(ids):
+    p = position(ids)
+    state = None if client_states is None else jax.tree.map(lambda a: a[ids], client_states)
+    return ClientData(data.x[p], data.y[p], data.num_examples[ids], state, ids)
+
+  return CohortSource(rows=rows, sizes=data.num_examples, table=(data.x, data.y),
+                      handles=position,
+                      read=lambda table, p, idx: (table[0][p, idx], table[1][p, idx]))

@@ -1,6 +1,7 @@
 """Data sets as `FederatedData`: synthetic generators, files, TFDS, partitioners, corruptions."""
 
 from fedjax_pers.data._corrupt import choose_clients, holdout, shuffle_labels
+from fedjax_pers.data._feed import CohortFeed, check_model, evaluate_store
 from fedjax_pers.data._files import from_leaf, mnist_idx, read_idx, read_leaf, write_leaf
 from fedjax_pers.data._partition import (
     dirichlet,
@@ -19,10 +20,18 @@ from fedjax_pers.data._shakespeare import (
     shakespeare,
     shakespeare_from_text,
 )
+from fedjax_pers.data._store import HostStore, StoreWriter, open_store, save_store
 from fedjax_pers.data._synthetic import synthetic, synthetic_arrays
 from fedjax_pers.data._tfds import from_tfds, prepared_builder, tfds_examples, tfds_image_arrays
 
 __all__ = [
+    "CohortFeed",
+    "HostStore",
+    "StoreWriter",
+    "check_model",
+    "evaluate_store",
+    "open_store",
+    "save_store",
     "OOV_ID",
     "VOCAB",
     "VOCAB_SIZE",

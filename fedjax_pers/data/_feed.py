@@ -1,0 +1,148 @@
+"""Rounds over a host store: each round's cohort gathered on the host, one round ahead.
+
+A `HostStore` never goes to the device whole. `CohortFeed` draws round t's
+cohort with the algorithm's own sampler (`FederatedAlgorithm.sample`, the
+function the round calls on the same key), gathers those clients' rows into
+fixed-shape buffers `[k, max_examples, ...]` and puts them on the device as a
+windowed `FederatedData`; a host thread prepares round t + 1 while round t
+computes. The round then trains exactly the clients, batches and keys it
+would on the whole population on device.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_pers.core._data import FederatedData
+from fedjax_pers.core._evaluate import ClientEval
+from fedjax_pers.core._model import Model
+from fedjax_pers.data._store import HostStore
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _chunk_eval(model, params, x, y, owner, chunk):
+  """Per-client sums of loss and metric over a flat chunk (owner `chunk`: padding)."""
+  logits = model.apply(params, x)
+  sums = lambda v: jax.ops.segment_sum(v, owner, num_segments=chunk + 1)[:chunk]
+  return sums(model.loss(logits, y)), sums(model.metrics(logits, y))
+
+
+class CohortFeed:
+  """Each round's cohort from `store`, following the key chain of `rng`.
+
+  Iterate it alongside the rounds, starting from the state whose key is `rng`:
+
+      feed = CohortFeed(alg, store, state.rng)
+      for _ in range(num_rounds):
+        state, metrics = round_fn(state, next(feed))
+
+  Args:
+    alg: The algorithm (its `sample` draws the cohorts).
+    store: The population.
+    rng: `state.rng` of the state the first round starts from (resume: the
+      restored state's).
+    prefetch: Gather round t + 1 on a host thread while round t runs.
+    sharding: Where the gathered arrays go (default: the default device; a
+      sharded round takes a replicated `NamedSharding`).
+  """
+
+  def __init__(self, alg, store: HostStore, rng: jax.Array, *, prefetch: bool = True,
+               sharding: Any = None):
+    if alg.sample is None:
+      raise ValueError("CohortFeed: the algorithm has no `sample` (it was not built by "
+                       "make_round/assemble), so its cohorts cannot be drawn on the host.")
+    self.store = store
+    put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jax.device_put
+    self._put = put
+    self._sizes = put(jnp.asarray(store.sizes, jnp.int32))
+    n = store.num_clients
+    self._sample = jax.jit(lambda r: alg.sample(r, n))
+    self._rng = rng
+    self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
+    self._next = None if self._pool is None else self._pool.submit(self._prepare, rng)
+
+  def _prepare(self, rng):
+    ids, rng_next = self._sample(rng)
+    ids = np.asarray(ids)
+    x, y = self.store.gather(ids)
+    store = self.store
+    data = FederatedData(
+        x=self._put(x), y=self._put(y), num_examples=self._sizes,
+        num_classes=store.num_classes, min_examples=int(store.sizes.min()),
+        host_sizes=store.host_sizes, window=self._put(jnp.asarray(ids, jnp.int32)))
+    return data, rng_next
+
+  def __iter__(self) -> CohortFeed:
+    return self
+
+  def __next__(self) -> FederatedData:
+    if self._pool is None:
+      data, self._rng = self._prepare(self._rng)
+      return data
+    data, self._rng = self._next.result()
+    self._next = self._pool.submit(self._prepare, self._rng)
+    return data
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def evaluate_store(model: Model, params: Any, store: HostStore, *,
+                   clients: np.ndarray | None = None, chunk: int = 1024) -> ClientEval:
+  """Loss and accuracy of `params` on the clients of a host store, streamed in chunks.
+
+  Each chunk of `chunk` clients (all clients in order, or the ids `clients`)
+  is read as one flat run of its real examples, padded to the longest chunk's
+  total so one compilation serves every chunk; memory is one chunk.
+
+  Returns:
+    `ClientEval` over the clients asked for, in their order.
+  """
+  ids = np.arange(store.num_clients) if clients is None else np.asarray(clients, np.int64)
+  if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= store.num_clients:
+    raise ValueError(f"clients must be a non-empty 1-D array of ids in [0, "
+                     f"{store.num_clients}); got shape {ids.shape}.")
+  if not (isinstance(chunk, int) and chunk >= 1):
+    raise ValueError(f"chunk must be an int >= 1; got {chunk!r}.")
+  sizes = store.sizes[ids]
+  starts = range(0, ids.size, chunk)
+  length = max(int(sizes[a:a + chunk].sum()) for a in starts)
+
+  losses, hits = [], []
+  for a in starts:
+    part = ids[a:a + chunk]
+    n = store.sizes[part]
+    first = store.offsets[part]
+    rows = np.repeat(first - np.cumsum(n) + n, n) + np.arange(n.sum())
+    pad = length - rows.size
+    x = np.concatenate([store.x[rows], np.zeros((pad, *store.feature_shape), store.x.dtype)])
+    y = np.concatenate([store.y[rows], np.zeros((pad,), np.int32)])
+    owner = np.concatenate([np.repeat(np.arange(part.size), n), np.full(pad, chunk)])
+    loss, hit = _chunk_eval(model, params, x, y, owner.astype(np.int32), chunk)
+    losses.append(np.asarray(loss)[:part.size] / n)
+    hits.append(np.asarray(hit)[:part.size] / n)
+  return ClientEval(loss=jnp.asarray(np.concatenate(losses), jnp.float32),
+                    accuracy=jnp.asarray(np.concatenate(hits), jnp.float32),
+                    num_examples=jnp.asarray(sizes, jnp.int32))
+
+
+def check_model(store: HostStore, model: Model, params: Any) -> None:
+  """Raises `ValueError` naming the store unless the model takes its features and labels."""
+  x = jax.ShapeDtypeStruct((1, *store.feature_shape), store.x.dtype)
+  try:
+    logits = jax.eval_shape(model.apply, params, x)
+  except Exception as e:  # noqa: BLE001 (any failure of the model on this shape)
+    raise ValueError(
+        f"Store {store.path!r}: features of shape {store.feature_shape} ({store.x.dtype}) "
+        f"do not fit the model ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+  if logits.shape[-1] < store.num_classes:
+    raise ValueError(
+        f"Store {store.path!r}: labels lie in [0, {store.num_classes}) but the model "
+        f"gives {logits.shape[-1]} logits.")

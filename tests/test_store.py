@@ -1,0 +1,183 @@
+"""A population on the host: the store format, and rounds fed from it one cohort at a time.
+
+A round over a host store's gathered cohort must train the same clients on the
+same batches with the same keys as a round over the whole population on device.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+from test_engine import run
+from test_execution import assert_same_rounds
+
+import fedjax_pers as fp
+from fedjax_pers.data._store import HEADER, OFFSETS, X, Y
+
+SIZES = [3, 41, 7, 12, 26, 5, 9, 60, 2, 15, 33, 8]
+LR = fp.models.logistic_regression((5,), 3)
+
+
+def clients(sizes=SIZES, seed=0):
+  rs = np.random.RandomState(seed)
+  xs = [rs.normal(size=(n, 5)).astype(np.float32) for n in sizes]
+  ys = [rs.randint(0, 3, n) for n in sizes]
+  return xs, ys
+
+
+@pytest.fixture
+def stored(tmp_path):
+  xs, ys = clients()
+  path = fp.data.save_store(str(tmp_path / "pop"), (xs, ys), num_classes=3, chunk=5)
+  return fp.data.open_store(path), fp.FederatedData.from_clients(xs, ys, num_classes=3)
+
+
+def test_store_reads_back_every_client_and_as_device_data(stored):
+  store, device = stored
+  xs, ys = clients()
+  assert store.num_clients == len(SIZES) and list(store.sizes) == SIZES
+  for c in range(len(SIZES)):
+    x, y = store.client(c)
+    np.testing.assert_array_equal(x, xs[c])
+    np.testing.assert_array_equal(y, ys[c])
+  again = store.to_federated_data()
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(device)):
+    np.testing.assert_array_equal(a, b)
+  gx, gy = store.gather(np.array([7, 2, 8]))
+  np.testing.assert_array_equal(gx, np.asarray(device.x)[[7, 2, 8]])
+  np.testing.assert_array_equal(gy, np.asarray(device.y)[[7, 2, 8]])
+
+
+def test_chunk_by_chunk_writer_writes_the_same_files(tmp_path, stored):
+  store, _ = stored
+  xs, ys = clients()
+  with fp.data.StoreWriter(str(tmp_path / "w"), (5,), 3) as w:
+    for a in (0, 1, 4, 9):   # uneven chunks, one client at a time at the start
+      b = {0: 1, 1: 4, 4: 9, 9: 12}[a]
+      w.add(xs[a:b], ys[a:b])
+  for name in (X, Y, OFFSETS):
+    with open(tmp_path / "w" / name, "rb") as f, open(os.path.join(store.path, name), "rb") as g:
+      assert f.read() == g.read(), name
+
+
+def build(name, execution=None, k=5):
+  sgd, one, work = optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(4, epochs=2)
+  kw = dict(clients_per_round=k, execution=execution)
+  if name == "fedavg":
+    return fp.algorithms.fedavg(LR, sgd, one, work, **kw)
+  if name == "q_ffl":   # a dynamic weighting of the clients' losses
+    return fp.algorithms.fedavg(LR, sgd, one, work, weighting=fp.aggregation.q_ffl(1.0, 10.0),
+                                **kw)
+  return fp.algorithms.ditto(LR, sgd, one, work, lam=0.5, **kw)
+
+
+def host_rounds(alg, store, device, n=3, seed=1, prefetch=True, sharding=None):
+  state = alg.init(jax.random.key(seed), device)
+  feed = fp.data.CohortFeed(alg, store, state.rng, prefetch=prefetch, sharding=sharding)
+  traces = []
+  step = jax.jit(lambda s, d: (traces.append(1), alg.round(s, d))[1])
+  metrics = []
+  for _ in range(n):
+    state, m = step(state, next(feed))
+    metrics.append(m)
+  feed.close()
+  assert len(traces) == 1   # one compile: every cohort has the same shapes
+  assert len({tuple(np.asarray(m.clients)) for m in metrics}) == n
+  return state, metrics
+
+
+@pytest.mark.parametrize("name", ["fedavg", "q_ffl", "ditto"])
+def test_host_store_rounds_equal_device_rounds(stored, name):
+  store, device = stored
+  ref = run(build(name), device, 3, seed=1)
+  got = host_rounds(build(name), store, device)
+  assert_same_rounds(ref, got)
+  # Prefetching only moves the gather to a thread: the same arrays, bit for bit.
+  plain = host_rounds(build(name), store, device, prefetch=False)
+  for a, b in zip(jax.tree.leaves((got[0].params, got[0].client_states, got[1])),
+                  jax.tree.leaves((plain[0].params, plain[0].client_states, plain[1]))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_host_store_rounds_sharded_over_four_devices(stored):
+  store, device = stored
+  mesh = fp.distributed.client_mesh(4)
+  ex = fp.Execution(strategy="lanes", mesh=mesh)
+  got = host_rounds(build("fedavg", ex, k=6), store, device,
+                    sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  assert_same_rounds(run(build("fedavg", k=6), device, 3, seed=1), got, atol=1e-5)
+
+
+@pytest.mark.parametrize("clients_", [None, np.array([9, 0, 4])])
+def test_streamed_store_evaluation_equals_device_evaluation(stored, clients_):
+  store, device = stored
+  params = LR.init(jax.random.key(0))
+  want = fp.core.evaluate(LR, params, device)
+  got = fp.data.evaluate_store(LR, params, store, clients=clients_, chunk=5)
+  ids = slice(None) if clients_ is None else clients_
+  np.testing.assert_allclose(got.loss, np.asarray(want.loss)[ids], rtol=1e-6)
+  np.testing.assert_allclose(got.accuracy, np.asarray(want.accuracy)[ids], rtol=1e-6)
+  np.testing.assert_array_equal(got.num_examples, np.asarray(want.num_examples)[ids])
+
+
+def corrupt(path, what):
+  if what == "missing":
+    return path + "-nowhere", "does not exist"
+  if what == "unsealed":
+    os.remove(os.path.join(path, HEADER))
+    return path, "never sealed"
+  if what == "truncated":
+    with open(os.path.join(path, X), "r+b") as f:
+      f.truncate(os.path.getsize(os.path.join(path, X)) - 4)
+    return path, r"x.bin holds \d+ bytes"
+  if what == "header":
+    with open(os.path.join(path, HEADER)) as f:
+      h = json.load(f)
+    h["num_examples"] += 1
+    with open(os.path.join(path, HEADER), "w") as f:
+      json.dump(h, f)
+    return path, "x.bin holds"
+  if what == "offsets":
+    o = np.fromfile(os.path.join(path, OFFSETS), "<i8")
+    o[3], o[4] = o[4], o[3]
+    o.tofile(os.path.join(path, OFFSETS))
+    return path, "offsets.bin must rise strictly"
+  raise AssertionError(what)
+
+
+@pytest.mark.parametrize("what", ["missing", "unsealed", "truncated", "header", "offsets"])
+def test_bad_store_is_refused_naming_the_path(stored, what):
+  store, _ = stored
+  path, match = corrupt(store.path, what)
+  with pytest.raises(ValueError, match=match) as e:
+    fp.data.open_store(path)
+  assert repr(path) in str(e.value)
+
+
+def test_bad_input_to_writer_feed_and_model_is_refused(tmp_path, stored):
+  store, device = stored
+  with pytest.raises(ValueError, match="already holds a store"):
+    fp.data.StoreWriter(store.path, (5,), 3)
+  with pytest.raises(ValueError, match=r"Client 0: expected x \[n, \*\(5,\)\]"):
+    with fp.data.StoreWriter(str(tmp_path / "b"), (5,), 3) as w:
+      w.add([np.zeros((2, 4))], [np.zeros(2, int)])
+  assert not os.path.exists(tmp_path / "b" / HEADER)   # a failed writer leaves no header
+  with pytest.raises(ValueError, match=r"labels must be integers in \[0, 3\)"):
+    fp.data.StoreWriter(str(tmp_path / "c"), (5,), 3).add([np.zeros((2, 5))], [np.array([0, 3])])
+  wide = fp.models.logistic_regression((7,), 3)
+  with pytest.raises(ValueError, match=r"features of shape \(5,\).*do not fit the model"):
+    fp.data.check_model(store, wide, wide.init(jax.random.key(0)))
+  few = fp.models.logistic_regression((5,), 2)
+  with pytest.raises(ValueError, match=r"labels lie in \[0, 3\) but the model gives 2"):
+    fp.data.check_model(store, few, few.init(jax.random.key(0)))
+  fp.data.check_model(store, LR, LR.init(jax.random.key(0)))
+  alg = build("fedavg")
+  state = alg.init(jax.random.key(0), device)
+  feed = fp.data.CohortFeed(build("fedavg", k=4), store, state.rng, prefetch=False)
+  with pytest.raises(ValueError, match=r"clients_per_round=5 needs \(5,\)"):
+    alg.round(state, next(feed))
+  with pytest.raises(ValueError, match="gathered cohort"):
+    fp.core.evaluate(LR, state.params, next(feed))
