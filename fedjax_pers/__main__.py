@@ -20,9 +20,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  from fedjax_pers.distributed import cpu_devices  # before JAX starts its backend
+  from fedjax_pers.distributed import cpu_devices, initialize  # before JAX starts a backend
 
   cpu_devices(config.execution.get("num_devices"))
+  d = config.distributed
+  initialize(d.coordinator_address, d.num_processes, d.process_id, auto=d.auto)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # keep orbax's INFO lines off the console
   import jax
@@ -35,6 +37,8 @@ def main(argv):
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = os.path.join("workdir", name)
   summary = train_and_evaluate(config, workdir)
+  if jax.process_index() != 0:   # process 0 reports for a run over several processes
+    return
   print(summary_table(summary))
   print(f"Wrote metrics.jsonl, summary.json, curves.png and checkpoints to {workdir}")
 

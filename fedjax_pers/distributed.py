@@ -6,9 +6,9 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from fedjax_pers.core._execution import CLIENTS_AXIS
+from fedjax_pers.core._execution import CLIENTS_AXIS, replicated
 
 
 def client_mesh(num_devices: int | None = None) -> Mesh:
@@ -47,9 +47,7 @@ def replicate(tree, mesh: Mesh | None):
     train = fp.distributed.replicate(train, mesh)
     alg = fp.algorithms.fedavg(..., execution=fp.Execution(mesh=mesh))
   """
-  if mesh is None:
-    return tree
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  return tree if mesh is None else replicated(tree, mesh)
 
 
 def cpu_devices(num_devices: int | None) -> None:
@@ -67,3 +65,41 @@ def cpu_devices(num_devices: int | None) -> None:
   n = num_devices if num_devices is not None else len(os.sched_getaffinity(0))
   if isinstance(n, int) and n > 1:
     jax.config.update("jax_num_cpu_devices", n)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, auto: bool = False) -> bool:
+  """Joins a run over several processes (`jax.distributed.initialize`) where asked.
+
+  With `coordinator_address`, `num_processes` and `process_id` (all three), this
+  process joins that run; with `auto=True` and none of them, JAX detects the
+  cluster itself (SLURM, Open MPI, TPU pods, ...). Otherwise nothing happens: a
+  single-process run. Call it before JAX starts a backend. Every process then
+  sees every process's devices in `jax.devices()`, `client_mesh()` spans them
+  all, and CPU devices talk through JAX's CPU collectives (gloo).
+
+  Returns:
+    Whether `jax.distributed.initialize` was called.
+  """
+  given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+           "process_id": process_id}
+  unset = sorted(k for k, v in given.items() if v is None)
+  if len(unset) == 3:
+    if auto:
+      jax.distributed.initialize()
+    return auto
+  if unset:
+    raise ValueError(
+        f"distributed: {', '.join(unset)} unset while {', '.join(sorted(set(given) - set(unset)))}"
+        " set; pass all three (or none, with auto=True on a cluster JAX detects).")
+  if not (isinstance(num_processes, int) and num_processes >= 1):
+    raise ValueError(f"distributed.num_processes must be an int >= 1; got {num_processes!r}.")
+  if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
+    raise ValueError(f"distributed.process_id must be an int in [0, {num_processes}); got "
+                     f"{process_id!r}.")
+  if auto:
+    raise ValueError("distributed.auto=True detects the cluster; it excludes "
+                     "coordinator_address, num_processes and process_id.")
+  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  return True

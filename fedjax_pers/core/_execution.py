@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Params = Any
 STRATEGIES = ("auto", "vmap", "chunked", "scan", "lanes")
@@ -25,6 +25,27 @@ AUTO_SCAN_MIN_PARAMS = 20_000
 # their upkeep only from a few lanes on (w3: 4 lanes beat one client at a time; FedProx's
 # 2 lanes lose to it by 20%).
 AUTO_MIN_CPU_LANES = 4
+
+
+def replicated(tree: Any, mesh: Mesh) -> Any:
+  """`tree` put whole on every device of `mesh`, across processes too.
+
+  One process: `jax.device_put`. Several (`jax.distributed`): a mesh spans
+  devices this process cannot address, which `device_put` takes only from host
+  arrays, so the leaves go through the host; every process must hold the same
+  values (they build them from the same seeds).
+  """
+  sharding = NamedSharding(mesh, PartitionSpec())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(leaf)),
+                                      impl=jax.random.key_impl(leaf))
+    return jax.device_put(np.asarray(leaf), sharding)
+
+  return jax.tree.map(put, tree)
 
 
 def _positive_int(v) -> bool:

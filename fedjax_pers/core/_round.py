@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._batching import width_classes
 from fedjax_pers.core._client import ClientData
 from fedjax_pers.core._cohort import execute_cohort, pad_cohort, safe_divide
 from fedjax_pers.core._data import FederatedData
-from fedjax_pers.core._execution import Execution, Plan, as_execution, plan
+from fedjax_pers.core._execution import Execution, Plan, as_execution, plan, replicated
 from fedjax_pers.core._program import LocalProgram, capped
 from fedjax_pers.core._sampling import check_cohort, check_probs, sample_clients
 from fedjax_pers.core._source import cohort_source
@@ -245,7 +244,7 @@ def place(state: ServerState, execution: Execution | None) -> ServerState:
   compiled twice (once for that placement, once for the mesh's).
   """
   mesh = as_execution(execution).mesh
-  return state if mesh is None else jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+  return state if mesh is None else replicated(state, mesh)
 
 
 def make_init(

@@ -38,6 +38,7 @@ class CohortFeed:
 
   Iterate it alongside the rounds, starting from the state whose key is `rng`:
 
+      state = alg.init(key, store.cohort_data([0]))   # (init reads the population size)
       feed = CohortFeed(alg, store, state.rng)
       for _ in range(num_rounds):
         state, metrics = round_fn(state, next(feed))
@@ -69,14 +70,7 @@ class CohortFeed:
 
   def _prepare(self, rng):
     ids, rng_next = self._sample(rng)
-    ids = np.asarray(ids)
-    x, y = self.store.gather(ids)
-    store = self.store
-    data = FederatedData(
-        x=self._put(x), y=self._put(y), num_examples=self._sizes,
-        num_classes=store.num_classes, min_examples=int(store.sizes.min()),
-        host_sizes=store.host_sizes, window=self._put(jnp.asarray(ids, jnp.int32)))
-    return data, rng_next
+    return self.store.cohort_data(np.asarray(ids), put=self._put, sizes=self._sizes), rng_next
 
   def __iter__(self) -> CohortFeed:
     return self

@@ -25,6 +25,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+import jax
 import numpy as np
 
 from fedjax_pers.core._data import FederatedData, HostSizes
@@ -190,6 +191,22 @@ class HostStore:
     y = self.y[rows].reshape(ids.size, slots)
     x[~valid], y[~valid] = 0, 0
     return x, y
+
+  def cohort_data(self, ids, *, put=jax.device_put, sizes: jax.Array | None = None
+                  ) -> FederatedData:
+    """Clients `ids` gathered as one round's windowed `FederatedData` (`window=ids`).
+
+    Args:
+      ids: The cohort's client ids, in the order the round samples them.
+      put: Puts a host array on the device(s) (`jax.device_put` by default).
+      sizes: Every client's size already on the device (default: put now).
+    """
+    ids = np.asarray(ids, np.int32)
+    x, y = self.gather(ids)
+    sizes = put(np.asarray(self.sizes, np.int32)) if sizes is None else sizes
+    return FederatedData(
+        x=put(x), y=put(y), num_examples=sizes, num_classes=self.num_classes,
+        min_examples=int(self.sizes.min()), host_sizes=self.host_sizes, window=put(ids))
 
   def to_federated_data(self) -> FederatedData:
     """The whole population as an on-device padded `FederatedData` (small stores)."""

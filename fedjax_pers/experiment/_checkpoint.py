@@ -39,10 +39,11 @@ def restore_latest(mngr: ocp.CheckpointManager, like: ServerState) -> ServerStat
 
 
 # Keys a resumed run may change: they say how long to run, what to print, and how the
-# clients are executed (up to float rounding), not what the rounds compute; `compare.*`
+# clients are executed (up to float rounding) and over how many processes, not what the
+# rounds compute; `compare.*`
 # describes the comparison a run belongs to.
 RESUMABLE_KEYS = ("num_rounds", "eval_every", "eval_train", "checkpoint_every", "progress")
-RESUMABLE_SECTIONS = ("compare.", "execution.")
+RESUMABLE_SECTIONS = ("compare.", "execution.", "distributed.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -78,5 +79,6 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: bo
           f"--workdir={workdir} holds checkpoints of a run with a different config ({diffs}"
           f"{'; ...' if len(changed) > 8 else ''}). Resuming would mix the two runs: use a new "
           "--workdir, or delete this one.")
-  with open(path, "w") as f:
-    json.dump(now, f, indent=1)
+  if jax.process_index() == 0:   # one writer in a run over several processes
+    with open(path, "w") as f:
+      json.dump(now, f, indent=1)

@@ -62,6 +62,7 @@ def _execution_summary(config, alg, params, train, steps) -> dict[str, Any]:
       "num_devices": _algorithms.make_execution(
           config, _algorithms.cohort_size(config, train.num_clients)).num_devices,
       "devices_visible": jax.device_count(),
+      "num_processes": jax.process_count(),
       "real_steps": real,
       "executed_steps": executed,
       "executed_per_real_step": round(executed / real, 4) if real else None,
@@ -103,13 +104,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   os.makedirs(workdir, exist_ok=True)
   t_start = time.perf_counter()
+  # Over several processes (`jax.distributed`) every process runs the same rounds
+  # and saves its share of each checkpoint; process 0 alone writes the other files.
+  primary = jax.process_index() == 0
   prepared = _registry.prepare_data(config)
   train, test = prepared.train, prepared.test
   corrupted = prepared.noisy | prepared.attackers
   _check_config(config, train.num_clients)
   padding = _padding_report(train, test)
   logging.info("data: %s", padding["line"])
-  if config.get("progress", True):
+  if primary and config.get("progress", True):
     print(f"data: {padding['line']}")
   model = _algorithms.make_run_model(config, train.feature_shape, train.num_classes)
   alg = _algorithms.make_algorithm(config, model, train, proxy=prepared.proxy,
@@ -130,8 +134,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   records, weight_rows = ([r for r in _outputs.read_jsonl(path) if r["round"] <= done_before]
                           for path in (metrics_path, weights_path))
   for path, rows in ((metrics_path, records), (weights_path, weight_rows)):
-    with open(path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
+    if primary:
+      with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
   round_fn = jax.jit(alg.round)
   eval_fn = jax.jit(lambda params, data: evaluate(model, params, data))
@@ -165,10 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if first == 0:
     rec, lists = evaluate_now(state, [])
     records.append(rec)
-    _outputs.append_jsonl(metrics_path, rec)
+    if primary:
+      _outputs.append_jsonl(metrics_path, rec)
   compile_seconds, round_seconds, train_losses, steps = 0.0, [], [], np.zeros(2, np.int64)
   bar = tqdm.trange(first, config.num_rounds, desc="rounds", unit="round",
-                    disable=not config.get("progress", True))
+                    disable=not (primary and config.get("progress", True)))
   for r in bar:
     t0 = time.perf_counter()
     state, m = round_fn(state, train)
@@ -180,7 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     row = {"round": r + 1, "clients": clients.tolist(),
            "weights": [round(float(w), 6) for w in weights]}
     weight_rows.append(row)
-    _outputs.append_jsonl(weights_path, row)
+    if primary:
+      _outputs.append_jsonl(weights_path, row)
     if r == first:
       compile_seconds = time.perf_counter() - t0
     else:
@@ -190,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec, lists = evaluate_now(state, train_losses)
       train_losses = []
       records.append(rec)
-      _outputs.append_jsonl(metrics_path, rec)
+      if primary:
+        _outputs.append_jsonl(metrics_path, rec)
       bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", loss=f"{rec['test_loss']:.4f}")
     every = config.get("checkpoint_every", 0)
     if (every and done % every == 0) or done == config.num_rounds:
@@ -242,6 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       before = json.load(f)
     for key in ("compile_and_first_round_seconds", "seconds_per_round"):
       summary[key] = before.get(key, summary[key])
+  if not primary:
+    return summary
   _outputs.write_json(summary_path, summary)
   _outputs.plot_weights(weight_rows, train.num_clients, os.path.join(workdir, "weights.png"),
                         marked=corrupted, title=f"aggregation weights: "

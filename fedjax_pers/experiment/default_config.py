@@ -32,6 +32,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.execution.num_devices = placeholder(int)    # shard cohorts over this many devices; None:
                                             # every device (on CPU, the CLI makes one per core)
 
+  # Several processes (jax.distributed): all three, or none (one process). auto=True
+  # lets JAX detect a cluster (SLURM, Open MPI, TPU pods) instead.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = placeholder(str)   # e.g. "10.0.0.1:1234"
+  c.distributed.num_processes = placeholder(int)
+  c.distributed.process_id = placeholder(int)
+  c.distributed.auto = False
+
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"
   c.data.alpha = 1.0
