@@ -30,31 +30,61 @@ def check_probs(probs, num_clients: int) -> np.ndarray:
   return p / p.sum()
 
 
+# From this population size on, uniform cohorts are drawn by Floyd's algorithm (k draws)
+# instead of a random permutation of all N clients (a sort of N keys: 0.63 s per round
+# at N = 10^6 on a 2-core CPU, for a 6.5 ms round).
+FLOYD_MIN_CLIENTS = 1 << 16
+
+
 def sample_clients(
     key: jax.Array, num_clients: int, clients_per_round: int, *,
-    probs: jax.Array | None = None,
+    probs: jax.Array | None = None, method: str | None = None,
 ) -> jax.Array:
   """Samples a cohort without replacement.
 
   With `probs=None` every cohort of size `k` is equally likely; a cohort of all
   clients is returned in order (`arange`), so the engine can skip gathering.
-  With `probs`, clients are drawn one by one with probability proportional to
-  `probs` among those not yet drawn (Gumbel top-k).
+  Below `FLOYD_MIN_CLIENTS` clients the cohort is the first k of a random
+  permutation (`jax.random.choice`); from there on, Floyd's algorithm (Bentley &
+  Floyd, CACM 1987): for j = N−k, ..., N−1 draw t uniform in [0, j] and take t,
+  or j if t was taken; every k-subset is equally likely, at O(k²) work instead of
+  a sort of N. With `probs`, clients are drawn one by one with probability
+  proportional to `probs` among those not yet drawn (Gumbel top-k).
 
   Args:
     key: PRNG key.
     num_clients: Population size `N` (static).
     clients_per_round: Cohort size `k` (static), `1 <= k <= N`.
     probs: Optional `[N]` non-negative sampling weights.
+    method: Uniform sampling only: `'permutation'` or `'floyd'` (default: by `N`
+      as above).
 
   Returns:
     `[k]` int32 client indices, distinct.
   """
   check_cohort(clients_per_round, num_clients)
+  if method not in (None, "permutation", "floyd"):
+    raise ValueError(f"method must be None, 'permutation' or 'floyd'; got {method!r}.")
   if probs is None:
     if clients_per_round == num_clients:
       return jnp.arange(num_clients, dtype=jnp.int32)
+    if method is None:
+      method = "floyd" if num_clients >= FLOYD_MIN_CLIENTS else "permutation"
+    if method == "floyd":
+      return _floyd(key, num_clients, clients_per_round)
     return jax.random.choice(
         key, num_clients, (clients_per_round,), replace=False).astype(jnp.int32)
   return jax.random.choice(
       key, num_clients, (clients_per_round,), replace=False, p=probs).astype(jnp.int32)
+
+
+def _floyd(key: jax.Array, n: int, k: int) -> jax.Array:
+  """Floyd's algorithm: a uniformly random k-subset of [0, n), in k draws."""
+  top = jnp.arange(n - k, n, dtype=jnp.int32)
+  draws = jax.random.randint(key, (k,), 0, top + 1, dtype=jnp.int32)
+
+  def take(i, chosen):
+    t = draws[i]
+    return chosen.at[i].set(jnp.where(jnp.any(chosen == t), top[i], t))
+
+  return jax.lax.fori_loop(0, k, take, jnp.full((k,), -1, jnp.int32))

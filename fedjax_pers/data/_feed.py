@@ -49,16 +49,20 @@ class CohortFeed:
     rng: `state.rng` of the state the first round starts from (resume: the
       restored state's).
     prefetch: Gather round t + 1 on a host thread while round t runs.
+    readahead: Also ask the kernel for the clients of this many rounds after
+      the one being gathered (a store on disk: their reads run in parallel).
     sharding: Where the gathered arrays go (default: the default device; a
       sharded round takes a replicated `NamedSharding`).
   """
 
   def __init__(self, alg, store: HostStore, rng: jax.Array, *, prefetch: bool = True,
-               sharding: Any = None):
+               readahead: int = 2, sharding: Any = None):
     if alg.sample is None:
       raise ValueError("CohortFeed: the algorithm has no `sample` (it was not built by "
                        "make_round/assemble), so its cohorts cannot be drawn on the host.")
-    self.store = store
+    if not (isinstance(readahead, int) and readahead >= 0):
+      raise ValueError(f"readahead must be an int >= 0; got {readahead!r}.")
+    self.store, self.readahead = store, readahead
     put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jax.device_put
     self._put = put
     self._sizes = put(jnp.asarray(store.sizes, jnp.int32))
@@ -70,6 +74,10 @@ class CohortFeed:
 
   def _prepare(self, rng):
     ids, rng_next = self._sample(rng)
+    later = rng_next
+    for _ in range(self.readahead):   # the next rounds' reads overlap this one's
+      upcoming, later = self._sample(later)
+      self.store.advise(np.asarray(upcoming))
     return self.store.cohort_data(np.asarray(ids), put=self._put, sizes=self._sizes), rng_next
 
   def __iter__(self) -> CohortFeed:
