@@ -65,7 +65,7 @@ class CohortFeed:
     self.store, self.readahead = store, readahead
     put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jax.device_put
     self._put = put
-    self._sizes = put(jnp.asarray(store.sizes, jnp.int32))
+    self._sizes = put(np.asarray(store.sizes, np.int32))
     n = store.num_clients
     self._sample = jax.jit(lambda r: alg.sample(r, n))
     self._rng = rng

@@ -10,6 +10,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from fedjax_pers.core import ServerState
+from fedjax_pers.experiment import _outputs
 
 
 def _to_saveable(state: ServerState) -> ServerState:
@@ -79,6 +80,5 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: bo
           f"--workdir={workdir} holds checkpoints of a run with a different config ({diffs}"
           f"{'; ...' if len(changed) > 8 else ''}). Resuming would mix the two runs: use a new "
           "--workdir, or delete this one.")
-  if jax.process_index() == 0:   # one writer in a run over several processes
-    with open(path, "w") as f:
-      json.dump(now, f, indent=1)
+  if jax.process_index() == 0:   # one writer in a run over several processes, and atomic:
+    _outputs.write_json(path, now, indent=1)   # the others read it meanwhile

@@ -21,9 +21,17 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def write_json(path: str, obj: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
+def write_text(path: str, text: str) -> None:
+  """Replaces `path` by `text` atomically: a reader (another process of the run) sees
+  the old file or the new one, never a truncated one."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+  write_text(path, json.dumps(obj, indent=indent))
 
 
 def plot_curves(records: list[dict[str, Any]], path: str, title: str = "",

@@ -134,9 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   records, weight_rows = ([r for r in _outputs.read_jsonl(path) if r["round"] <= done_before]
                           for path in (metrics_path, weights_path))
   for path, rows in ((metrics_path, records), (weights_path, weight_rows)):
-    if primary:
-      with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    if primary:   # atomically: the other processes may be reading it
+      _outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
   round_fn = jax.jit(alg.round)
   eval_fn = jax.jit(lambda params, data: evaluate(model, params, data))
