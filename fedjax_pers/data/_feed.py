@@ -11,6 +11,7 @@ would on the whole population on device.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 from typing import Any
@@ -68,27 +69,30 @@ class CohortFeed:
     self._sizes = put(np.asarray(store.sizes, np.int32))
     n = store.num_clients
     self._sample = jax.jit(lambda r: alg.sample(r, n))
-    self._rng = rng
+    self._rng = rng                      # key of the next round not drawn yet
+    self._drawn = collections.deque()    # cohorts drawn (and announced), not yet gathered
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
-    self._next = None if self._pool is None else self._pool.submit(self._prepare, rng)
+    self._next = None if self._pool is None else self._pool.submit(self._prepare)
 
-  def _prepare(self, rng):
-    ids, rng_next = self._sample(rng)
-    later = rng_next
-    for _ in range(self.readahead):   # the next rounds' reads overlap this one's
-      upcoming, later = self._sample(later)
-      self.store.advise(np.asarray(upcoming))
-    return self.store.cohort_data(np.asarray(ids), put=self._put, sizes=self._sizes), rng_next
+  def _prepare(self) -> FederatedData:
+    """The next round's cohort, gathered; the rounds after it drawn and announced to
+    the kernel once each (a store on disk: their reads run in parallel). One call at a
+    time: the worker thread, or the caller without prefetching."""
+    while len(self._drawn) < 1 + self.readahead:
+      ids, self._rng = self._sample(self._rng)
+      ids = np.asarray(ids)
+      self.store.advise(ids)
+      self._drawn.append(ids)
+    return self.store.cohort_data(self._drawn.popleft(), put=self._put, sizes=self._sizes)
 
   def __iter__(self) -> CohortFeed:
     return self
 
   def __next__(self) -> FederatedData:
     if self._pool is None:
-      data, self._rng = self._prepare(self._rng)
-      return data
-    data, self._rng = self._next.result()
-    self._next = self._pool.submit(self._prepare, self._rng)
+      return self._prepare()
+    data = self._next.result()
+    self._next = self._pool.submit(self._prepare)
     return data
 
   def close(self) -> None:

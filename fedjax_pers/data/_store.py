@@ -186,7 +186,7 @@ class HostStore:
     """Clients `ids`' rows, padded to `slots` (default the largest client): `x`, `y`."""
     ids = np.asarray(ids, np.int64)
     slots = self.max_examples if slots is None else slots
-    self.advise(ids)
+    self.advise(ids)   # (again, for a cohort a feed announced: a few syscalls)
     starts = self.offsets[ids][:, None]
     valid = np.arange(slots) < (self.offsets[ids + 1][:, None] - starts)
     rows = np.where(valid, starts + np.arange(slots), starts).ravel()

@@ -107,6 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Over several processes (`jax.distributed`) every process runs the same rounds
   # and saves its share of each checkpoint; process 0 alone writes the other files.
   primary = jax.process_index() == 0
+  append = _outputs.append_jsonl if primary else lambda path, record: None
   prepared = _registry.prepare_data(config)
   train, test = prepared.train, prepared.test
   corrupted = prepared.noisy | prepared.attackers
@@ -169,8 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if first == 0:
     rec, lists = evaluate_now(state, [])
     records.append(rec)
-    if primary:
-      _outputs.append_jsonl(metrics_path, rec)
+    append(metrics_path, rec)
   compile_seconds, round_seconds, train_losses, steps = 0.0, [], [], np.zeros(2, np.int64)
   bar = tqdm.trange(first, config.num_rounds, desc="rounds", unit="round",
                     disable=not (primary and config.get("progress", True)))
@@ -185,8 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     row = {"round": r + 1, "clients": clients.tolist(),
            "weights": [round(float(w), 6) for w in weights]}
     weight_rows.append(row)
-    if primary:
-      _outputs.append_jsonl(weights_path, row)
+    append(weights_path, row)
     if r == first:
       compile_seconds = time.perf_counter() - t0
     else:
@@ -196,8 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec, lists = evaluate_now(state, train_losses)
       train_losses = []
       records.append(rec)
-      if primary:
-        _outputs.append_jsonl(metrics_path, rec)
+      append(metrics_path, rec)
       bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", loss=f"{rec['test_loss']:.4f}")
     every = config.get("checkpoint_every", 0)
     if (every and done % every == 0) or done == config.num_rounds:
