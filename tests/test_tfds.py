@@ -5,6 +5,7 @@
 import os
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -139,3 +140,16 @@ def test_whole_loader_under_mock_data(mnist_dir):
   assert int(train.num_examples.sum() + test.num_examples.sum()) == 60
   assert float(train.x.min()) >= 0.0 and float(train.x.max()) <= 1.0
   assert int(train.y.max()) < 10
+
+
+@needs_mnist
+def test_from_tfds_writes_a_store_equal_to_its_device_data(mnist_dir, tmp_path):
+  d, _, _ = mnist_dir
+  kw = dict(split="test", data_dir=d, num_clients=30, partition="dirichlet", alpha=0.3,
+            min_client_examples=5)
+  device = fp.data.from_tfds("mnist", **kw)
+  stores = fp.data.from_tfds("mnist", store=str(tmp_path / "s"), **kw)
+  for dev, st in zip(device, stores):
+    assert st.source["loader"] == "tfds" and st.source["partition"] == "dirichlet"
+    for a, b in zip(jax.tree.leaves(st.to_federated_data()), jax.tree.leaves(dev)):
+      np.testing.assert_array_equal(a, b)

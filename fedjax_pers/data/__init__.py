@@ -20,6 +20,7 @@ from fedjax_pers.data._shakespeare import (
     shakespeare,
     shakespeare_from_text,
 )
+from fedjax_pers.data._sink import federate, open_split_store, store_exists
 from fedjax_pers.data._store import HostStore, StoreWriter, open_store, save_store
 from fedjax_pers.data._synthetic import synthetic, synthetic_arrays
 from fedjax_pers.data._tfds import from_tfds, prepared_builder, tfds_examples, tfds_image_arrays
@@ -30,6 +31,9 @@ __all__ = [
     "StoreWriter",
     "check_model",
     "evaluate_store",
+    "federate",
+    "open_split_store",
+    "store_exists",
     "open_store",
     "save_store",
     "OOV_ID",

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from fedjax_pers.core._data import FederatedData
+from fedjax_pers.data._sink import federate
 
 # IDX type codes (the third byte of the magic number) and their big-endian dtypes.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -107,9 +107,13 @@ def read_leaf(path: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]
   return users, xs, ys
 
 
-def from_leaf(train_path: str, test_path: str, num_classes: int | None = None
-              ) -> tuple[FederatedData, FederatedData]:
-  """Train and test `FederatedData` from LEAF JSON, clients matched by user name."""
+def from_leaf(train_path: str, test_path: str, num_classes: int | None = None, *,
+              store: str | None = None):
+  """Train and test `FederatedData` from LEAF JSON, clients matched by user name.
+
+  With `store`, they are written to `store/train` and `store/test` a chunk of
+  users at a time and returned as `HostStore`s (`federate`).
+  """
   tr_users, tr_x, tr_y = read_leaf(train_path)
   te_users, te_x, te_y = read_leaf(test_path)
   if set(tr_users) != set(te_users):
@@ -120,7 +124,7 @@ def from_leaf(train_path: str, test_path: str, num_classes: int | None = None
   if num_classes is None:
     num_classes = int(max(max(y.max(initial=0) for y in tr_y),
                           max(y.max(initial=0) for y in te_y))) + 1
-  train = FederatedData.from_clients(tr_x, tr_y, num_classes=num_classes)
-  test = FederatedData.from_clients([te_x[i] for i in order], [te_y[i] for i in order],
-                                    num_classes=num_classes)
-  return train, test
+  clients = ((tr_x[c], tr_y[c], te_x[i], te_y[i]) for c, i in enumerate(order))
+  source = dict(loader="leaf", train_path=os.path.abspath(train_path),
+                test_path=os.path.abspath(test_path), num_classes=num_classes)
+  return federate(clients, num_classes=num_classes, store=store, source=source)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedjax_pers.core._data import FederatedData
+from fedjax_pers.data._sink import federate
 
 
 def iid(num_examples: int, num_clients: int, seed: int = 0) -> list[np.ndarray]:
@@ -111,27 +111,30 @@ def natural(keys) -> tuple[list, list[np.ndarray]]:
 
 
 def split_clients(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], *,
-                  test_fraction: float, num_classes: int, seed: int = 0
-                  ) -> tuple[FederatedData, FederatedData]:
+                  test_fraction: float, num_classes: int, seed: int = 0,
+                  store: str | None = None, source: dict | None = None):
   """Each client's examples shuffled and split into train and test `FederatedData`.
 
   Client c keeps `n_c − ⌈test_fraction · n_c⌉` examples for training (at least
-  one) and the rest for its test split (at least one).
+  one) and the rest for its test split (at least one). With `store`, the splits
+  are written to `store/train` and `store/test` a chunk of clients at a time and
+  returned as `HostStore`s (`federate`; `source` goes in their headers).
   """
   if not 0 < test_fraction < 1:
     raise ValueError(f"test_fraction must be in (0, 1); got {test_fraction!r}.")
+  small = [c for c, idx in enumerate(parts) if len(idx) < 2]
+  if small:
+    raise ValueError(f"every client needs at least 2 examples to split; client {small[0]} "
+                     f"has {len(parts[small[0]])}.")
   rng = np.random.default_rng(seed)
-  train, test = [], []
-  for idx in parts:
-    if len(idx) < 2:
-      raise ValueError(f"every client needs at least 2 examples to split; got {len(idx)}.")
-    idx = rng.permutation(idx)
-    n_test = min(max(1, int(np.ceil(test_fraction * len(idx)))), len(idx) - 1)
-    train.append(idx[n_test:])
-    test.append(idx[:n_test])
-  build = lambda ids: FederatedData.from_clients([x[i] for i in ids], [y[i] for i in ids],
-                                                 num_classes=num_classes)
-  return build(train), build(test)
+
+  def clients():
+    for idx in parts:
+      idx = rng.permutation(idx)
+      n_test = min(max(1, int(np.ceil(test_fraction * len(idx)))), len(idx) - 1)
+      yield x[idx[n_test:]], y[idx[n_test:]], x[idx[:n_test]], y[idx[:n_test]]
+
+  return federate(clients(), num_classes=num_classes, store=store, source=source)
 
 
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew")
@@ -169,8 +172,7 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed
 
 
 def from_arrays(x: np.ndarray, y: np.ndarray, client_ids, *, test_fraction: float = 0.2,
-                seed: int = 0, num_classes: int | None = None
-                ) -> tuple[FederatedData, FederatedData]:
+                seed: int = 0, num_classes: int | None = None, store: str | None = None):
   """Train and test `FederatedData` from pooled arrays with a client-id column.
 
   Examples are grouped by `client_ids` with `natural` (clients in order of first
@@ -184,9 +186,12 @@ def from_arrays(x: np.ndarray, y: np.ndarray, client_ids, *, test_fraction: floa
     test_fraction: Share of each client's examples in its test split.
     seed: Seed of the per-client shuffles.
     num_classes: Labels lie in `[0, num_classes)`; default `max(y) + 1`.
+    store: None, or a directory to write the splits to as host stores, a chunk
+      of clients at a time (`split_clients`).
 
   Returns:
-    `(train, test)`; client c is the c-th distinct id in order of first appearance.
+    `(train, test)` (`HostStore`s with `store`); client c is the c-th distinct id
+    in order of first appearance.
 
   Example:
     >>> x = np.arange(6, dtype=np.float32)[:, None]
@@ -213,4 +218,4 @@ def from_arrays(x: np.ndarray, y: np.ndarray, client_ids, *, test_fraction: floa
   if num_classes is None:
     num_classes = int(y.max()) + 1
   return split_clients(x, y, parts, test_fraction=test_fraction, num_classes=num_classes,
-                       seed=seed)
+                       seed=seed, store=store)

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from fedjax_pers.core._data import FederatedData
+from fedjax_pers.data._sink import federate
 
 # The character vocabulary: id 0 is the newline, ids 1..95 are the printable ASCII
 # characters ' ' (32) .. '~' (126) in code-point order, and id 96 (`OOV_ID`) stands
@@ -87,8 +87,8 @@ def role_examples(ids: np.ndarray, *, seq_len: int, test_fraction: float, stride
 
 def shakespeare_from_text(text: str, *, min_chars: int = 1000, seq_len: int = 80,
                           test_fraction: float = 0.2, stride: int = 1,
-                          max_clients: int | None = None
-                          ) -> tuple[FederatedData, FederatedData, list[str]]:
+                          max_clients: int | None = None, store: str | None = None,
+                          source: dict | None = None):
   """Train and test `FederatedData` of next-character prediction, one client per role.
 
   See `shakespeare` for the arguments; `text` is the play text itself.
@@ -115,17 +115,15 @@ def shakespeare_from_text(text: str, *, min_chars: int = 1000, seq_len: int = 80
   if not keep:
     raise ValueError(f"no role has min_chars={min_chars} characters or more (the longest "
                      f"has {max((len(t) for t in texts), default=0)}).")
-  tr_x, tr_y, te_x, te_y = [], [], [], []
-  for i in keep:
-    (xa, ya), (xb, yb) = role_examples(encode(texts[i]), seq_len=seq_len,
-                                       test_fraction=test_fraction, stride=stride)
-    tr_x.append(xa)
-    tr_y.append(ya)
-    te_x.append(xb)
-    te_y.append(yb)
-  build = lambda xs, ys: FederatedData.from_clients(xs, ys, num_classes=VOCAB_SIZE,
-                                                    dtype=np.int32)
-  return build(tr_x, tr_y), build(te_x, te_y), [speakers[i] for i in keep]
+  def clients():
+    for i in keep:
+      (xa, ya), (xb, yb) = role_examples(encode(texts[i]), seq_len=seq_len,
+                                         test_fraction=test_fraction, stride=stride)
+      yield xa, ya, xb, yb
+
+  train, test = federate(clients(), num_classes=VOCAB_SIZE, dtype=np.int32, store=store,
+                         source=source)
+  return train, test, [speakers[i] for i in keep]
 
 
 def read_text(path: str) -> str:
@@ -138,8 +136,8 @@ def read_text(path: str) -> str:
 
 
 def shakespeare(path: str, *, min_chars: int = 1000, seq_len: int = 80,
-                test_fraction: float = 0.2, stride: int = 1, max_clients: int | None = None
-                ) -> tuple[FederatedData, FederatedData]:
+                test_fraction: float = 0.2, stride: int = 1, max_clients: int | None = None,
+                store: str | None = None):
   """Shakespeare by speaking role, from a play text such as `tinyshakespeare.txt(.gz)`.
 
   Every role with at least `min_chars` characters is a client (in order of first
@@ -157,9 +155,12 @@ def shakespeare(path: str, *, min_chars: int = 1000, seq_len: int = 80,
     test_fraction: Share of each role's examples (the latest) in its test split.
     stride: Keep every `stride`-th example of each split.
     max_clients: Keep only the first this many roles (None: all).
+    store: None, or a directory to write the splits to as host stores, a chunk
+      of roles at a time (`federate`).
 
   Returns:
-    `(train, test)` `FederatedData` with int32 x `[N, max_n, seq_len]`.
+    `(train, test)` `FederatedData` with int32 x `[N, max_n, seq_len]`
+    (`HostStore`s with `store`).
 
   Example:
     >>> import tempfile, os
@@ -171,5 +172,8 @@ def shakespeare(path: str, *, min_chars: int = 1000, seq_len: int = 80,
   """
   train, test, _ = shakespeare_from_text(
       read_text(path), min_chars=min_chars, seq_len=seq_len, test_fraction=test_fraction,
-      stride=stride, max_clients=max_clients)
+      stride=stride, max_clients=max_clients, store=store,
+      source=dict(loader="shakespeare", path=os.path.abspath(path), min_chars=min_chars,
+                  seq_len=seq_len, test_fraction=test_fraction, stride=stride,
+                  max_clients=max_clients))
   return train, test

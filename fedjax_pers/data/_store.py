@@ -4,7 +4,7 @@ On-disk format (a directory, version 1):
 
   header.json   {"format": "fedjax_pers.store", "version": 1, "num_clients": N,
                  "num_examples": T, "feature_shape": [...], "x_dtype": "float32",
-                 "num_classes": C}
+                 "num_classes": C, "source": {...} (optional: what wrote it)}
   x.bin         T example features, C order, little-endian `x_dtype`, client after client
   y.bin         T int32 labels, little-endian
   offsets.bin   N + 1 int64: client c holds rows offsets[c] : offsets[c + 1]
@@ -45,10 +45,12 @@ class StoreWriter:
     feature_shape: Shape of one example's features.
     num_classes: Labels must lie in `[0, num_classes)`.
     x_dtype: Stored feature dtype (float32; int32 for token ids).
+    source: Optional JSON-able description of what produced the data (a
+      loader's arguments), kept in the header as `source`.
   """
 
   def __init__(self, path: str, feature_shape: Sequence[int], num_classes: int, *,
-               x_dtype=np.float32):
+               x_dtype=np.float32, source: dict | None = None):
     if os.path.exists(os.path.join(path, HEADER)):
       raise ValueError(f"Store path {path!r} already holds a store ({HEADER}); "
                        "choose a new directory.")
@@ -59,6 +61,7 @@ class StoreWriter:
     self.feature_shape = tuple(int(d) for d in feature_shape)
     self.num_classes = int(num_classes)
     self.x_dtype = np.dtype(x_dtype).newbyteorder("<")
+    self.source = source
     self._x = open(os.path.join(path, X), "wb")
     self._y = open(os.path.join(path, Y), "wb")
     self._offsets = [0]
@@ -98,6 +101,8 @@ class StoreWriter:
     header = dict(format=FORMAT, version=VERSION, num_clients=len(self._offsets) - 1,
                   num_examples=self._offsets[-1], feature_shape=list(self.feature_shape),
                   x_dtype=self.x_dtype.name, num_classes=self.num_classes)
+    if self.source is not None:
+      header["source"] = self.source
     with open(os.path.join(self.path, HEADER), "w") as f:
       json.dump(header, f, indent=1)
     return self.path
@@ -147,6 +152,7 @@ class HostStore:
     offsets: `[N + 1]` int64 row ranges of the clients.
     num_classes: Number of label classes.
     path: Where it was read from (None in memory).
+    source: The header's `source` (what wrote the store), or None.
   """
 
   x: np.ndarray
@@ -154,6 +160,7 @@ class HostStore:
   offsets: np.ndarray
   num_classes: int
   path: str | None = None
+  source: dict | None = None
   host_sizes: HostSizes = dataclasses.field(init=False)
   min_examples: int = dataclasses.field(init=False)
 
@@ -286,4 +293,5 @@ def open_store(path: str, *, in_memory: bool = False) -> HostStore:
   y = np.memmap(os.path.join(path, Y), "<i4", shape=(t,), **mode)
   if in_memory:
     x, y = np.array(x), np.array(y)
-  return HostStore(x=x, y=y, offsets=offsets, num_classes=int(h["num_classes"]), path=path)
+  return HostStore(x=x, y=y, offsets=offsets, num_classes=int(h["num_classes"]), path=path,
+                   source=h.get("source"))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from fedjax_pers.core._data import FederatedData
+from fedjax_pers.data._sink import federate
+from fedjax_pers.data._store import HostStore
 
 
 def synthetic_arrays(
@@ -54,11 +58,63 @@ def _generate(rs, alpha, beta, num_clients, dim, num_classes, sample_scale, iid)
   return xs, ys
 
 
+def _copy(rs: np.random.RandomState) -> np.random.RandomState:
+  out = np.random.RandomState()
+  out.set_state(rs.get_state())
+  return out
+
+
+def _skip(rs: np.random.RandomState, count: int, block: int = 1 << 22) -> None:
+  """Advances `rs` past `count` Gaussian draws (legacy `normal`, `standard_normal` and
+  `multivariate_normal` each take one per number drawn)."""
+  while count > 0:
+    rs.standard_normal(min(count, block))
+    count -= block
+
+
+def _split_clients(rs, alpha, beta, num_clients, dim, num_classes, sample_scale, iid,
+                   test_fraction) -> Iterator[tuple[np.ndarray, ...]]:
+  """`_generate` then each client's shuffle and split, yielded one client at a time.
+
+  The script draws every client's data, then every client's shuffle, from one
+  stream. To yield client k before drawing client k + 1 without changing a single
+  number, three copies of the stream are positioned first (by skipping draws):
+  one where the input means start, one where the clients' models and inputs start,
+  one where the shuffles start. Memory is O(num_clients) scalars and one client.
+  """
+  sizes = (rs.lognormal(4, 2, num_clients).astype(int) + 50) * sample_scale
+  mean_w = rs.normal(0, alpha, num_clients)
+  big_b = rs.normal(0, beta, num_clients)
+  means = _copy(rs)
+  if not iid:
+    _skip(rs, num_clients * dim)
+  else:
+    w_global = rs.normal(0, 1, (dim, num_classes))
+    b_global = rs.normal(0, 1, num_classes)
+  draws = _copy(rs)
+  _skip(rs, int(np.sum(sizes, dtype=np.int64)) * dim
+        + num_clients * (dim * num_classes + num_classes))
+  shuffles = rs
+  cov = np.diag(np.power(np.arange(1, dim + 1, dtype=np.float64), -1.2))
+  for k in range(num_clients):
+    mean_x = np.ones(dim) * big_b[k] if iid else means.normal(big_b[k], 1, dim)
+    w = draws.normal(mean_w[k], 1, (dim, num_classes))
+    b = draws.normal(mean_w[k], 1, num_classes)
+    if iid:
+      w, b = w_global, b_global
+    x = draws.multivariate_normal(mean_x, cov, sizes[k])
+    y = np.argmax(x @ w + b, axis=1)
+    order = shuffles.permutation(len(y))
+    n_train = int((1 - test_fraction) * len(y))
+    tr, te = order[:n_train], order[n_train:]
+    yield x[tr], y[tr], x[te], y[te]
+
+
 def synthetic(
     alpha: float, beta: float, *, num_clients: int = 30, dim: int = 60,
     num_classes: int = 10, sample_scale: int = 1, iid: bool = False, seed: int = 0,
-    test_fraction: float = 0.1,
-) -> tuple[FederatedData, FederatedData]:
+    test_fraction: float = 0.1, store: str | None = None,
+) -> tuple[FederatedData, FederatedData] | tuple[HostStore, HostStore]:
   """Synthetic(α, β) (Shamir et al. 2014; Li et al., FedProx, MLSys 2020).
 
   α controls how much the clients' models differ, β how much their inputs do.
@@ -78,9 +134,13 @@ def synthetic(
     iid: One shared model and input mean law for all clients.
     seed: Seed of the legacy NumPy RNG.
     test_fraction: Fraction of each client's examples held out, in (0, 1).
+    store: None, or a directory: write `store/train` and `store/test` (see
+      `federate`) one chunk of clients at a time, never holding the population;
+      the numbers are the same as in memory.
 
   Returns:
-    `(train, test)` `FederatedData` with float32 features.
+    `(train, test)` `FederatedData` with float32 features (`HostStore`s with
+    `store`).
   """
   for name, v in (("alpha", alpha), ("beta", beta)):
     if not (np.isfinite(v) and v >= 0):
@@ -92,16 +152,10 @@ def synthetic(
     raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}.")
   if not 0 < test_fraction < 1:
     raise ValueError(f"test_fraction must lie in (0, 1); got {test_fraction!r}.")
-  rs = np.random.RandomState(seed)
-  xs, ys = _generate(rs, alpha, beta, num_clients, dim, num_classes, sample_scale, iid)
-  train_x, train_y, test_x, test_y = [], [], [], []
-  for x, y in zip(xs, ys):
-    order = rs.permutation(len(y))
-    n_train = int((1 - test_fraction) * len(y))
-    train_x.append(x[order[:n_train]])
-    train_y.append(y[order[:n_train]])
-    test_x.append(x[order[n_train:]])
-    test_y.append(y[order[n_train:]])
-  train = FederatedData.from_clients(train_x, train_y, num_classes=num_classes)
-  test = FederatedData.from_clients(test_x, test_y, num_classes=num_classes)
-  return train, test
+  source = dict(loader="synthetic", alpha=float(alpha), beta=float(beta),
+                num_clients=int(num_clients), dim=int(dim), num_classes=int(num_classes),
+                sample_scale=int(sample_scale), iid=bool(iid), seed=int(seed),
+                test_fraction=float(test_fraction))
+  clients = _split_clients(np.random.RandomState(seed), alpha, beta, num_clients, dim,
+                           num_classes, sample_scale, iid, test_fraction)
+  return federate(clients, num_classes=num_classes, store=store, source=source)

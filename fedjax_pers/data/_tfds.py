@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 
-from fedjax_pers.core._data import FederatedData
 from fedjax_pers.data._partition import partition as make_partition
 from fedjax_pers.data._partition import split_clients
 from fedjax_pers.data._shakespeare import VOCAB_SIZE, shakespeare_from_text
@@ -147,7 +146,8 @@ def from_tfds(
     min_chars: int = 1000,
     seq_len: int = 80,
     stride: int = 1,
-) -> tuple[FederatedData, FederatedData]:
+    store: str | None = None,
+):
   """A prepared TFDS data set as train and test `FederatedData` (no download, no TF).
 
   Image sets (`mnist`, `fashion_mnist`, `emnist[/config]`, `cifar10`, `cifar100`, or
@@ -179,15 +179,23 @@ def from_tfds(
     min_chars: Smallest role (tiny_shakespeare).
     seq_len: Input characters (tiny_shakespeare).
     stride: Keep every stride-th example (tiny_shakespeare).
+    store: None, or a directory to write the splits to as host stores, a chunk
+      of clients at a time (`federate`; the examples of `split` are read into
+      memory once, the padded population is never built).
 
   Returns:
-    `(train, test)`.
+    `(train, test)` (`HostStore`s with `store`).
 
   Raises:
     FileNotFoundError: The data set is not prepared in `data_dir` (raised in well
       under a second, with the command that prepares it).
   """
   base = name.split(":")[0].split("/")[0]
+  source = dict(loader="tfds", name=name, split=split, partition=partition,
+                num_clients=num_clients, seed=seed, test_fraction=test_fraction, alpha=alpha,
+                shards_per_client=shards_per_client, sigma=sigma,
+                min_client_examples=min_client_examples, min_chars=min_chars,
+                seq_len=seq_len, stride=stride)
   if base in TEXT_SETS:
     if partition not in (None, "natural"):
       raise ValueError(f"{name!r} is federated by speaking role; partition must be None; "
@@ -200,7 +208,8 @@ def from_tfds(
         "".join(tfds_examples(name, split=s, data_dir=data_dir)["text"].tolist())
         for s in ("train", "validation", "test"))
     train, test, _ = shakespeare_from_text(text, min_chars=min_chars, seq_len=seq_len,
-                                           test_fraction=test_fraction, stride=stride)
+                                           test_fraction=test_fraction, stride=stride,
+                                           store=store, source=source)
     assert train.num_classes == VOCAB_SIZE
     return train, test
   x, y, num_classes = tfds_image_arrays(name, split=split, data_dir=data_dir)
@@ -208,7 +217,7 @@ def from_tfds(
                          shards_per_client=shards_per_client, sigma=sigma,
                          min_size=min_client_examples)
   return split_clients(x, y, parts, test_fraction=test_fraction, num_classes=num_classes,
-                       seed=seed)
+                       seed=seed, store=store, source=source)
 
 
 def tfds_image_arrays(name: str, *, split: str = "train", data_dir: str | None = None
