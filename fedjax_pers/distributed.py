@@ -103,3 +103,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                              process_id=process_id)
   return True
+
+
+def barrier(name: str) -> None:
+  """Waits until every process of the run reaches the barrier `name` (one process: no-op)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

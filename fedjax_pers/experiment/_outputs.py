@@ -93,9 +93,14 @@ def weight_matrix(rows: list[dict[str, Any]], num_clients: int):
   return w
 
 
+MAX_PLOTTED_CLIENTS = 2000
+
+
 def plot_weights(rows: list[dict[str, Any]], num_clients: int, path: str,
                  marked=None, title: str = "") -> None:
   """Heatmap of each client's aggregation weight by round (blank: not sampled).
+
+  Over `MAX_PLOTTED_CLIENTS` clients, the rows are the clients ever sampled.
 
   `marked`: optional `[num_clients]` bool; those clients' columns are labelled
   in red (for instance the corrupted clients of a robustness study).
@@ -106,13 +111,20 @@ def plot_weights(rows: list[dict[str, Any]], num_clients: int, path: str,
   import matplotlib.pyplot as plt
   import numpy as np
 
+  label = "client"
+  if num_clients > MAX_PLOTTED_CLIENTS:   # a large population: the clients ever sampled
+    seen = np.unique(np.concatenate([np.asarray(r["clients"]) for r in rows] or [[0]]))
+    where = {int(c): i for i, c in enumerate(seen)}
+    rows = [dict(r, clients=[where[int(c)] for c in r["clients"]]) for r in rows]
+    marked = None if marked is None else np.asarray(marked)[seen]
+    num_clients, label = len(seen), f"sampled clients ({len(seen)} of {num_clients}, by id)"
   w = weight_matrix(rows, num_clients)
   fig, ax = plt.subplots(figsize=(min(4 + num_clients * 0.15, 16), 4.5))
   im = ax.imshow(np.ma.masked_invalid(w.T), aspect="auto", interpolation="nearest",
                  cmap="viridis", extent=(0.5, len(rows) + 0.5, num_clients - 0.5, -0.5))
   fig.colorbar(im, ax=ax, label="weight")
   ax.set_xlabel("round")
-  ax.set_ylabel("client")
+  ax.set_ylabel(label)
   if marked is not None and np.any(marked):
     for c in np.flatnonzero(marked):
       ax.axhline(c, color="red", alpha=0.25, linewidth=3)

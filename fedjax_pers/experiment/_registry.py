@@ -74,15 +74,20 @@ def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedDat
   test by `test_fraction`. `shakespeare`: the play text at `path`, one client per
   role with `min_chars`+ characters (`seq_len`, `stride`). (`example_cap` is
   applied by `prepare_data`.)
+
+  With `data.store`, the loader writes the pair of host stores there instead,
+  a chunk of clients at a time, and `(train, test)` are `HostStore`s.
   """
+  store = c.get("store")
   if c.name == "synthetic":
     train, test = data.synthetic(
         c.alpha, c.beta, num_clients=c.num_clients, dim=c.dim, num_classes=c.num_classes,
-        sample_scale=c.sample_scale, iid=c.iid, seed=c.seed, test_fraction=c.test_fraction)
+        sample_scale=c.sample_scale, iid=c.iid, seed=c.seed, test_fraction=c.test_fraction,
+        store=store)
   elif c.name == "mnist_idx":
     x, y = data.mnist_idx(c.data_dir, c.images, c.labels)
     train, test = data.split_clients(x, y, _partition(c, y), test_fraction=c.test_fraction,
-                                     num_classes=10, seed=c.seed)
+                                     num_classes=10, seed=c.seed, store=store)
   elif c.name == "tfds":
     train, test = data.from_tfds(
         c.tfds_name, split=c.get("tfds_split", "train"), partition=c.get("partition", "iid"),
@@ -91,12 +96,12 @@ def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedDat
         shards_per_client=c.get("shards_per_client", 2), sigma=c.get("quantity_sigma", 1.0),
         min_client_examples=c.get("min_client_examples", 10),
         min_chars=c.get("min_chars", 1000), seq_len=c.get("seq_len", 80),
-        stride=c.get("stride", 1))
+        stride=c.get("stride", 1), store=store)
   elif c.name == "shakespeare":
     train, test = data.shakespeare(
         c.path, min_chars=c.get("min_chars", 1000), seq_len=c.get("seq_len", 80),
         test_fraction=c.test_fraction, stride=c.get("stride", 1),
-        max_clients=c.get("max_clients"))
+        max_clients=c.get("max_clients"), store=store)
   else:
     raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['mnist_idx', "
                      "'shakespeare', 'synthetic', 'tfds'].")

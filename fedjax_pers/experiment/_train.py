@@ -13,9 +13,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from fedjax_pers import distributed
-from fedjax_pers.core import evaluate, summarize
-from fedjax_pers.experiment import _algorithms, _checkpoint, _outputs, _registry
+from fedjax_pers.core import summarize
+from fedjax_pers.experiment import _algorithms, _checkpoint, _outputs, _population, _registry
 from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
 
@@ -69,18 +68,6 @@ def _execution_summary(config, alg, params, train, steps) -> dict[str, Any]:
   }
 
 
-def _padding_report(train, test) -> dict[str, Any]:
-  """Padding share and stored bytes of the train and test data, and a one-line summary."""
-  parts = []
-  for name, d in (("train", train), ("test", test)):
-    n = int(np.sum(np.asarray(d.num_examples)))
-    what = (f"capped store, {d.cap} per client per round" if d.cap is not None
-            else f"{100 * d.padding_fraction:.1f}% padding")
-    parts.append(f"{name} {d.num_clients} clients, {n} examples, {what}, "
-                 f"{d.stored_bytes / 2**20:.1f} MiB")
-  return {"line": "; ".join(parts)}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `config.num_rounds` rounds, evaluating every `config.eval_every`.
 
@@ -108,21 +95,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # and saves its share of each checkpoint; process 0 alone writes the other files.
   primary = jax.process_index() == 0
   append = _outputs.append_jsonl if primary else lambda path, record: None
-  prepared = _registry.prepare_data(config)
-  train, test = prepared.train, prepared.test
-  corrupted = prepared.noisy | prepared.attackers
-  _check_config(config, train.num_clients)
-  padding = _padding_report(train, test)
-  logging.info("data: %s", padding["line"])
+  if config.data.get("store") is not None or config.data.name == "store":
+    stores = _population.open_stores(config)
+    prepared = None
+    num_clients, (feature_shape, num_classes) = stores[0].num_clients, (
+        stores[0].feature_shape, stores[0].num_classes)
+    corrupted = np.zeros(num_clients, bool)
+  else:
+    prepared = _registry.prepare_data(config)
+    if config.get("eval_clients") is not None:
+      raise ValueError(f"config.eval_clients={config.eval_clients!r} samples the clients of "
+                       "a host store (data.store); an on-device population is evaluated whole.")
+    num_clients = prepared.train.num_clients
+    feature_shape, num_classes = prepared.train.feature_shape, prepared.train.num_classes
+    corrupted = prepared.noisy | prepared.attackers
+  _check_config(config, num_clients)
+  model = _algorithms.make_run_model(config, feature_shape, num_classes)
+  mesh = _algorithms.make_execution(config, _algorithms.cohort_size(config, num_clients)).mesh
+  if prepared is None:
+    population = _population.store_population(config, model, mesh, stores)
+  else:
+    population = _population.device_population(prepared.train, prepared.test, model, mesh)
+  train, test = population.view, population.test
+  logging.info("data: %s", population.info["line"])
   if primary and config.get("progress", True):
-    print(f"data: {padding['line']}")
-  model = _algorithms.make_run_model(config, train.feature_shape, train.num_classes)
-  alg = _algorithms.make_algorithm(config, model, train, proxy=prepared.proxy,
-                                 attackers=prepared.attackers)
-  # A sharded round reads the data on every device: put them there once, not every round.
-  mesh = _algorithms.make_execution(
-      config, _algorithms.cohort_size(config, train.num_clients)).mesh
-  train, test = distributed.replicate((train, test), mesh)
+    print(f"data: {population.info['line']}")
+  alg = _algorithms.make_algorithm(
+      config, model, train, proxy=None if prepared is None else prepared.proxy,
+      attackers=None if prepared is None else prepared.attackers)
+  if prepared is None and jax.tree.leaves(alg.init(jax.random.key(0), train).client_states):
+    raise ValueError(f"algorithm={config.algorithm!r} keeps a state per client; a run from a "
+                     "host store (data.store) does not keep per-client state yet.")
 
   state = alg.init(jax.random.key(config.seed), train)
   mngr = _checkpoint.manager(workdir)
@@ -139,13 +142,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       _outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
   round_fn = jax.jit(alg.round)
-  eval_fn = jax.jit(lambda params, data: evaluate(model, params, data))
-  test_eval, train_eval = test, train
-  pers_fn = _algorithms.make_personalized_eval(config, model, alg, train, test)
+  pers_fn = None if prepared is None else _algorithms.make_personalized_eval(
+      config, model, alg, train, test)
 
   def evaluate_now(state, train_losses):
     rec = {"round": int(state.round)}
-    rec.update(summarize(eval_fn(state.params, test_eval), "test"))
+    rec.update(summarize(population.evaluate(state.params, "test"), "test"))
     per_client = rec.pop("per_client_test_accuracy")
     lists = {"per_client_test_accuracy": per_client}
     if pers_fn is not None:
@@ -159,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec["clean_client_test_accuracy"] = float(np.sum((n * acc)[clean]) / np.sum(n[clean]))
       rec["mean_clean_client_test_accuracy"] = float(acc[clean].mean())
     if config.get("eval_train", True):
-      tr = summarize(eval_fn(state.params, train_eval), "train")
+      tr = summarize(population.evaluate(state.params, "train"), "train")
       rec["train_loss"], rec["train_accuracy"] = tr["train_loss"], tr["train_accuracy"]
     if train_losses:
       rec["local_train_loss"] = float(np.mean(jax.device_get(train_losses)))
@@ -174,9 +176,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   compile_seconds, round_seconds, train_losses, steps = 0.0, [], [], np.zeros(2, np.int64)
   bar = tqdm.trange(first, config.num_rounds, desc="rounds", unit="round",
                     disable=not (primary and config.get("progress", True)))
+  feed = population.feed(alg, state.rng)
   for r in bar:
     t0 = time.perf_counter()
-    state, m = round_fn(state, train)
+    state, m = round_fn(state, next(feed))
     train_losses.append(m.train_loss)
     jax.block_until_ready(state)
     clients, weights, real, executed = jax.device_get(
@@ -201,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if (every and done % every == 0) or done == config.num_rounds:
       _checkpoint.save(mngr, state)
   mngr.wait_until_finished()
+  population.close()
 
   if int(state.round) == first:   # nothing left to run: evaluate the restored state
     rec, lists = evaluate_now(state, [])
@@ -221,12 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "compile_and_first_round_seconds": round(compile_seconds, 3),
       "seconds_per_round": float(np.median(round_seconds)) if round_seconds else 0.0,
       "execution": _execution_summary(config, alg, state.params, train, steps),
-      "num_clients": train.num_clients,
-      "train_padding_fraction": round(train.padding_fraction, 4),
-      "test_padding_fraction": round(test.padding_fraction, 4),
-      "train_stored_bytes": train.stored_bytes,
-      "test_stored_bytes": test.stored_bytes,
-      "train_example_cap": train.cap,
+      **{k: v for k, v in population.info.items() if k != "line"},
       "client_state_bytes": int(sum(leaf.nbytes for leaf in
                                     jax.tree.leaves(state.client_states))),
       "backend": jax.default_backend(),

@@ -20,6 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)
   c.eval_every = 5
   c.eval_train = True             # also evaluate the global model on the train splits
+  c.eval_clients = placeholder(int)   # host store: evaluate a seeded sample of this many
+                                      # clients (None: every client, streamed)
   c.seed = 0
   c.checkpoint_every = 0          # 0: only at the end
   c.progress = True
@@ -53,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.1
   c.data.proxy_examples = 0       # > 0: hold this many test examples out for the server
                                   # (FedLAW's proxy set); evaluation uses the rest
+  c.data.store = placeholder(str)   # a directory: the clients live there as host stores
+                                    # (train/, test/), written from data.* on the first
+                                    # run; data.name='store' runs from one as it is
   c.data.example_cap = placeholder(int)   # train clients larger than this train on a fresh
                                           # random subset of this many examples each round
                                           # (weights keep the true n_i); None: no cap
