@@ -102,6 +102,55 @@ def test_host_store_rounds_equal_device_rounds(stored, name):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["ditto", "fedper", "apfl"])
+def test_per_client_state_on_the_host_equals_the_device_rounds(stored, name):
+  """Ditto's v_k, FedPer's heads, APFL's (v_k, α_k) kept on the host: each round gets
+  its cohort's states in a ClientWindow and writes them back; after 3 rounds every
+  client's state and the global model equal the rounds with every state on device."""
+  store, device = stored
+  sgd, one, work = optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(4, epochs=2)
+  make = {"ditto": lambda: fp.algorithms.ditto(LR, sgd, one, work, lam=0.5,
+                                               clients_per_round=5),
+          "fedper": lambda: fp.algorithms.fedper(LR, sgd, one, work, clients_per_round=5,
+                                                 personal=lambda path: "bias" in path),
+          "apfl": lambda: fp.algorithms.apfl(LR, sgd, one, work, alpha=0.3, alpha_lr=0.05,
+                                             clients_per_round=5)}[name]
+  ref = run(make(), device, 3, seed=1)
+  alg = make()
+  state = alg.init(jax.random.key(1), store.cohort_data(np.arange(5)))
+  assert isinstance(state.client_states, fp.core.ClientWindow)
+  states = fp.data.HostClientStates(state.client_states, store.num_clients)
+  feed = fp.data.CohortFeed(alg, store, state.rng)
+  traces = []
+  step = jax.jit(lambda s, d: (traces.append(1), alg.round(s, d))[1])
+  snaps = []
+  for _ in range(3):
+    data = next(feed)
+    state, m = step(states.load(state, data), data)
+    states.save(state, data)
+    snaps.append(states.snapshot())
+  feed.close()
+  assert len(traces) == 1
+  np.testing.assert_allclose(m.weights, ref[1][-1].weights, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref[0].params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  every = states.gather(np.arange(store.num_clients))
+  for a, b in zip(jax.tree.leaves(every), jax.tree.leaves(ref[0].client_states)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  sampled = np.unique(np.concatenate([np.asarray(r.clients) for r in ref[1]]))
+  np.testing.assert_array_equal(np.flatnonzero(states.written), sampled)
+  # A snapshot restores exactly the states of its round (clients written later revert).
+  states.restore(snaps[0])
+  assert states.written.sum() == 5
+  again = states.gather(np.arange(store.num_clients))
+  states.restore(snaps[2])
+  for a, b in zip(jax.tree.leaves(states.gather(np.arange(store.num_clients))),
+                  jax.tree.leaves(every)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again),
+                                                      jax.tree.leaves(every)))
+
+
 def test_host_store_rounds_sharded_over_four_devices(stored):
   store, device = stored
   mesh = fp.distributed.client_mesh(4)

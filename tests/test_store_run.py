@@ -104,7 +104,7 @@ def test_a_store_holding_other_data_is_refused(tmp_path, change, message):
     (lambda c: c.corruption.update(attack_fraction=0.2), r"corruption\.\*"),
     (lambda c: c.update(algorithm="finetune") or c.personalization.update(finetune_steps=2),
      r"personalization.finetune_steps=2"),
-    (lambda c: c.update(algorithm="ditto"), r"keeps a state per client"),
+    (lambda c: c.update(algorithm="pfedme"), r"algorithm='pfedme' \(it trains every client"),
     (lambda c: c.update(eval_clients=9), r"eval_clients must be None \(all\) or an int in "
      r"\[1, num_clients\] = \[1, 8\]; got 9"),
     (lambda c: c.data.update(store=None, name="store"), r"set data.store=PATH"),
@@ -122,3 +122,29 @@ def test_eval_clients_needs_a_store(tmp_path):
   with pytest.raises(ValueError, match="samples the clients of a host store"):
     train_and_evaluate(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("algorithm", ["ditto", "apfl"])
+def test_per_client_state_runs_from_the_store_and_resumes(tmp_path, algorithm):
+  """Ditto's v_k / APFL's (v_k, α_k) on the host: the same run as on the device (global
+  and personalized figures), and a resume from round 2 of 4 restores the host states."""
+  c = tiny_config()
+  c.algorithm = algorithm
+  c.model.name = "mlp" if algorithm == "apfl" else c.model.name
+  c.model.hidden = (8,)
+  device = train_and_evaluate(c, str(tmp_path / "dev"))
+  c.data.store = str(tmp_path / "st")
+  c.checkpoint_every = 2
+  c.num_rounds = 2
+  train_and_evaluate(c, str(tmp_path / "run"))
+  assert sorted(os.listdir(tmp_path / "run" / "client_states")) == ["2.npz"]
+  c.num_rounds = 4
+  s = train_and_evaluate(c, str(tmp_path / "run"))
+  assert sorted(os.listdir(tmp_path / "run" / "client_states")) == ["2.npz", "4.npz"]
+  for key in ("final_test_loss", "personalized_test_accuracy", "personalized_test_loss",
+              "mean_client_gain"):
+    assert s[key] == pytest.approx(device[key], abs=1e-5), key
+  assert s["per_client_personalized_accuracy"] == pytest.approx(
+      device["per_client_personalized_accuracy"], abs=1e-5)
+  assert 0 < s["client_state_host_bytes"] and device["client_state_host_bytes"] is None
+  assert s["client_state_bytes"] < device["client_state_bytes"]   # k = 3 slots, not 8

@@ -23,6 +23,7 @@ from fedjax_pers.core._execution import (
 from fedjax_pers.core._model import Model, accuracy, from_flax, softmax_cross_entropy
 from fedjax_pers.core._program import Batch, LocalProgram, Steps, run_client
 from fedjax_pers.core._round import (
+    ClientWindow,
     FederatedAlgorithm,
     RoundMetrics,
     ServerState,
@@ -52,6 +53,7 @@ __all__ = [
     "RoundMetrics",
     "SGDState",
     "ServerState",
+    "ClientWindow",
     "Steps",
     "accuracy",
     "assemble",

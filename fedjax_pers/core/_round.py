@@ -50,6 +50,17 @@ class ServerState(NamedTuple):
   rng: jax.Array
 
 
+class ClientWindow(NamedTuple):
+  """The per-client state of one round's clients only: those of `data.window`, in
+  window order (a host store keeps the population's; `data.HostClientStates`).
+
+  `init` over windowed data starts every slot at a client's initial state; a
+  round over windowed data reads and writes slot j for client `window[j]`.
+  """
+
+  states: Any
+
+
 class RoundMetrics(NamedTuple):
   """What a round reports; per-client fields are over the sampled cohort.
 
@@ -198,9 +209,15 @@ def make_round(
     if data.cap is not None:
       program = capped(program, data.cap)
     how = plan_of(state.params, data)
-    personal = state.client_states if jax.tree.leaves(state.client_states) else None
+    windowed = isinstance(state.client_states, ClientWindow)
+    if windowed and data.window is None:
+      raise ValueError("state.client_states is a ClientWindow (one cohort's states); the "
+                       "round needs that cohort's gathered data (data.window set).")
+    stacked = state.client_states.states if windowed else state.client_states
+    personal = stacked if jax.tree.leaves(stacked) else None
     whole = (mesh is None and execution.sampling_probs is None and k == data.num_clients)
-    source = cohort_source(data, personal, jax.random.fold_in(k_sample, 1), whole=whole)
+    source = cohort_source(data, personal, jax.random.fold_in(k_sample, 1), whole=whole,
+                           windowed=windowed)
     result = execute_cohort(program, state.params, source, padded, valid, k_clients,
                             plan=how, mesh=mesh, score=aggregator.score)
     outputs = jax.tree.map(lambda a: a[:k], result.outputs)._replace(client_id=idx)
@@ -214,11 +231,14 @@ def make_round(
     client_states = state.client_states
     if outputs.client_state is not None:
       # Sampled clients with a finite update write their new state back; the
-      # others keep theirs bit for bit.
+      # others keep theirs bit for bit. (A window's slot j is client idx[j].)
       def scatter(all_, new):
         ok = outputs.finite.reshape((-1,) + (1,) * (new.ndim - 1))
+        if windowed:
+          return jnp.where(ok, new, all_)
         return all_.at[idx].set(jnp.where(ok, new, all_[idx]))
-      client_states = jax.tree.map(scatter, client_states, outputs.client_state)
+      client_states = jax.tree.map(scatter, stacked, outputs.client_state)
+      client_states = ClientWindow(client_states) if windowed else client_states
     pseudo_grad = jax.tree.map(jnp.negative, agg)
     updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -261,14 +281,21 @@ def make_init(
   The key splits into (model, rounds); the model's params start the server
   optimizer, `aggregator.init` the weight state, and `client_states(params,
   num_clients)` the per-client state (default none: `()`). With a mesh in
-  `execution` the state is replicated over it (`place`).
+  `execution` the state is replicated over it (`place`). Over windowed data (a
+  host store's cohort) the per-client state is a `ClientWindow` of the window's
+  slots, not the population's.
   """
 
   def init(key: jax.Array, data: FederatedData) -> ServerState:
     check_cohort(clients_per_round, data.num_clients)
     k_model, k_rounds = jax.random.split(key)
     params = model.init(k_model)
-    states = () if client_states is None else client_states(params, data.num_clients)
+    if client_states is None:
+      states = ()
+    elif data.window is not None:
+      states = ClientWindow(client_states(params, data.window.shape[0]))
+    else:
+      states = client_states(params, data.num_clients)
     return place(ServerState(
         params=params, opt_state=server_tx.init(params),
         weight_state=aggregator.init(data.num_clients), client_states=states,

@@ -20,23 +20,25 @@ from fedjax_pers.core._data import FederatedData
 
 
 def cohort_source(data: FederatedData, client_states: Any, key: jax.Array, *,
-                  whole: bool = False) -> CohortSource:
+                  whole: bool = False, windowed: bool = False) -> CohortSource:
   """The `CohortSource` of a round over `data`.
 
   Args:
     data: The population.
-    client_states: Per-client state stacked over all clients, or None.
+    client_states: Per-client state stacked over all clients (`windowed`: over
+      the slots of `data.window`), or None.
     key: The round's key for the capped store's subsets (client c's subset
       comes from `fold_in(key, c)`, so it does not depend on the order asked).
     whole: The ids asked for are `arange(N)` in order: the stored rows are used
       as they are, without a gather.
+    windowed: `client_states` holds the window's clients only (`ClientWindow`).
 
   Returns:
     The `CohortSource`.
   """
 
   if data.window is not None:
-    return _window_source(data, client_states)
+    return _window_source(data, client_states, windowed)
 
   def rows(ids):
     state = None if client_states is None else jax.tree.map(lambda a: a[ids], client_states)
@@ -59,14 +61,16 @@ def cohort_source(data: FederatedData, client_states: Any, key: jax.Array, *,
                       handles=handles, read=read)
 
 
-def _window_source(data: FederatedData, client_states: Any) -> CohortSource:
-  """A gathered cohort's source: client c's rows are at its position in `data.window`."""
+def _window_source(data: FederatedData, client_states: Any, windowed: bool) -> CohortSource:
+  """A gathered cohort's source: client c's rows (and, `windowed`, its state) are at its
+  position in `data.window`."""
   window = data.window
   position = lambda ids: jnp.argmax(window[None, :] == ids[:, None], axis=1)
 
   def rows(ids):
     p = position(ids)
-    state = None if client_states is None else jax.tree.map(lambda a: a[ids], client_states)
+    at = p if windowed else ids
+    state = None if client_states is None else jax.tree.map(lambda a: a[at], client_states)
     return ClientData(data.x[p], data.y[p], data.num_examples[ids], state, ids)
 
   return CohortSource(rows=rows, sizes=data.num_examples, table=(data.x, data.y),

@@ -1,5 +1,6 @@
 """Data sets as `FederatedData`: synthetic generators, files, TFDS, partitioners, corruptions."""
 
+from fedjax_pers.data._client_states import HostClientStates
 from fedjax_pers.data._corrupt import choose_clients, holdout, shuffle_labels
 from fedjax_pers.data._feed import CohortFeed, check_model, evaluate_store
 from fedjax_pers.data._files import from_leaf, mnist_idx, read_idx, read_leaf, write_leaf
@@ -27,6 +28,7 @@ from fedjax_pers.data._tfds import from_tfds, prepared_builder, tfds_examples, t
 
 __all__ = [
     "CohortFeed",
+    "HostClientStates",
     "HostStore",
     "StoreWriter",
     "check_model",

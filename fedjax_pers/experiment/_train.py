@@ -113,19 +113,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = _algorithms.make_run_model(config, feature_shape, num_classes)
   mesh = _algorithms.make_execution(config, _algorithms.cohort_size(config, num_clients)).mesh
   if prepared is None:
-    population = _population.store_population(config, model, mesh, stores)
+    population = _population.StorePopulation(config, model, mesh, stores)
   else:
-    population = _population.device_population(prepared.train, prepared.test, model, mesh)
+    population = _population.DevicePopulation(prepared.train, prepared.test, model, mesh)
   train, test = population.view, population.test
-  logging.info("data: %s", population.info["line"])
+  logging.info("data: %s", population.line)
   if primary and config.get("progress", True):
-    print(f"data: {population.info['line']}")
+    print(f"data: {population.line}")
   alg = _algorithms.make_algorithm(
       config, model, train, proxy=None if prepared is None else prepared.proxy,
       attackers=None if prepared is None else prepared.attackers)
-  if prepared is None and jax.tree.leaves(alg.init(jax.random.key(0), train).client_states):
-    raise ValueError(f"algorithm={config.algorithm!r} keeps a state per client; a run from a "
-                     "host store (data.store) does not keep per-client state yet.")
 
   state = alg.init(jax.random.key(config.seed), train)
   mngr = _checkpoint.manager(workdir)
@@ -141,9 +138,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if primary:   # atomically: the other processes may be reading it
       _outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
-  round_fn = jax.jit(alg.round)
-  pers_fn = None if prepared is None else _algorithms.make_personalized_eval(
-      config, model, alg, train, test)
+  state, run_round = population.start(alg, state, jax.jit(alg.round), workdir,
+                                      None if restored is None else int(state.round))
+  pers_fn = population.personalized() if prepared is None else (
+      _algorithms.make_personalized_eval(config, model, alg, train, test))
 
   def evaluate_now(state, train_losses):
     rec = {"round": int(state.round)}
@@ -176,10 +174,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   compile_seconds, round_seconds, train_losses, steps = 0.0, [], [], np.zeros(2, np.int64)
   bar = tqdm.trange(first, config.num_rounds, desc="rounds", unit="round",
                     disable=not (primary and config.get("progress", True)))
-  feed = population.feed(alg, state.rng)
   for r in bar:
     t0 = time.perf_counter()
-    state, m = round_fn(state, next(feed))
+    state, m = run_round(state)
     train_losses.append(m.train_loss)
     jax.block_until_ready(state)
     clients, weights, real, executed = jax.device_get(
@@ -203,6 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     every = config.get("checkpoint_every", 0)
     if (every and done % every == 0) or done == config.num_rounds:
       _checkpoint.save(mngr, state)
+      population.checkpoint(done, mngr.all_steps())
   mngr.wait_until_finished()
   population.close()
 
@@ -225,9 +223,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "compile_and_first_round_seconds": round(compile_seconds, 3),
       "seconds_per_round": float(np.median(round_seconds)) if round_seconds else 0.0,
       "execution": _execution_summary(config, alg, state.params, train, steps),
-      **{k: v for k, v in population.info.items() if k != "line"},
+      **population.info,
       "client_state_bytes": int(sum(leaf.nbytes for leaf in
                                     jax.tree.leaves(state.client_states))),
+      "client_state_host_bytes": population.host_state_bytes,
       "backend": jax.default_backend(),
       "config": config.to_dict(),
   }
