@@ -10,6 +10,7 @@ from fedjax_pers import (
     hypergrad,
     models,
     personalization,
+    privacy,
 )
 from fedjax_pers.core import (
     ClientOutput,
@@ -41,4 +42,5 @@ __all__ = [
     "hypergrad",
     "models",
     "personalization",
+    "privacy",
 ]

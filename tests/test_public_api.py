@@ -3,7 +3,7 @@
 import doctest
 
 import fedjax_pers as fp
-from fedjax_pers import aggregation, algorithms, core, data, models, personalization
+from fedjax_pers import aggregation, algorithms, core, data, models, personalization, privacy
 
 
 def test_surfaces():
@@ -16,7 +16,8 @@ def test_surfaces():
   assert {"from_tfds", "from_arrays", "shakespeare", "partition", "mnist_idx"} <= set(
       data.__all__)
   assert {"num_examples", "uniform", "WeightFn"} <= set(aggregation.__all__)
-  for mod in (fp, aggregation, algorithms, core, data, models, personalization):
+  assert {"epsilon", "calibrate_noise", "dp_fedavg_aggregator"} <= set(privacy.__all__)
+  for mod in (fp, aggregation, algorithms, core, data, models, personalization, privacy):
     for name in mod.__all__:
       assert hasattr(mod, name), (mod.__name__, name)
       assert not name.startswith("_")

@@ -1,0 +1,32 @@
+"""Privacy: client-level DP-FedAvg (clipping, Gaussian noise, a fixed denominator)
+and its accounting with Google's `dp-accounting` (RDP and PLD)."""
+
+from fedjax_pers.privacy._accounting import (
+    ACCOUNTANTS,
+    SAMPLINGS,
+    calibrate_noise,
+    dp_event,
+    epsilon,
+    make_accountant,
+)
+from fedjax_pers.privacy._gaussian import (
+    capped_weights,
+    clip_updates,
+    dp_fedavg_aggregator,
+    expected_weight,
+    global_norms,
+)
+
+__all__ = [
+    "ACCOUNTANTS",
+    "SAMPLINGS",
+    "calibrate_noise",
+    "capped_weights",
+    "clip_updates",
+    "dp_event",
+    "dp_fedavg_aggregator",
+    "epsilon",
+    "expected_weight",
+    "global_norms",
+    "make_accountant",
+]
