@@ -16,6 +16,7 @@ import numpy as np
 from fedjax_pers import algorithms, distributed, personalization
 from fedjax_pers.algorithms._pfedme import AVERAGES as PFEDME_AVERAGES
 from fedjax_pers.core import Execution, FederatedAlgorithm, FederatedData, LocalWork, Model
+from fedjax_pers.experiment import _privacy
 from fedjax_pers.experiment._registry import _pick, make_local_work, make_model, make_optimizer
 from fedjax_pers.experiment._weighting import make_weighting, weighting_name
 
@@ -139,15 +140,18 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
 
   `config.sampling`: `uniform` cohorts, or `num_examples` (clients drawn with
   probability ∝ n_i without replacement, as FedProx's code samples).
-  `config.aggregation.weighting`: see `make_weighting`.
+  `config.aggregation.weighting`: see `make_weighting`. `config.privacy.clip_norm`
+  set: the DP-FedAvg aggregate instead (`_privacy`).
   """
   sampling = config.get("sampling", "uniform")
   probs = _pick({"uniform": None, "num_examples": np.asarray(train.num_examples, np.float64)},
                 sampling, "sampling")
   cohort = cohort_size(config, train.num_clients)
+  dp = _privacy.make_plan(config, host_sizes(train))
   kwargs = dict(
       clients_per_round=config.clients_per_round,
-      weighting=make_weighting(config, model, train, proxy, attackers),
+      weighting=make_weighting(config, model, train, proxy, attackers,
+                               base=None if dp is None else _privacy.aggregator(dp, config.seed)),
       execution=make_execution(config, cohort, probs))
   client_tx = make_optimizer(config.client, "client")
   server_tx = make_optimizer(config.server, "server")
@@ -184,6 +188,13 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
                               steps=config.fedrep.head_steps), **kwargs),
   }
   return _pick(table, config.algorithm, "algorithm")()
+
+
+def host_sizes(train: FederatedData) -> np.ndarray:
+  """Every client's size on the host."""
+  if train.sizes is not None:
+    return train.sizes
+  return np.asarray(jax.tree.map(lambda a: a.addressable_data(0), train.num_examples))
 
 
 def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,

@@ -14,7 +14,14 @@ import numpy as np
 import tqdm
 
 from fedjax_pers.core import summarize
-from fedjax_pers.experiment import _algorithms, _checkpoint, _outputs, _population, _registry
+from fedjax_pers.experiment import (
+    _algorithms,
+    _checkpoint,
+    _outputs,
+    _population,
+    _privacy,
+    _registry,
+)
 from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
 
@@ -66,6 +73,10 @@ def _execution_summary(config, alg, params, train, steps) -> dict[str, Any]:
       "executed_steps": executed,
       "executed_per_real_step": round(executed / real, 4) if real else None,
   }
+
+
+def _eps(eps: float | None) -> str:
+  return "inf" if eps is None else f"{eps:.3g}"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -124,6 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config, model, train, proxy=None if prepared is None else prepared.proxy,
       attackers=None if prepared is None else prepared.attackers)
 
+  dp = _privacy.make_plan(config, _algorithms.host_sizes(train))
   state = alg.init(jax.random.key(config.seed), train)
   mngr = _checkpoint.manager(workdir)
   _checkpoint.check_same_run(workdir, config, resuming=mngr.latest_step() is not None)
@@ -163,6 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec["train_loss"], rec["train_accuracy"] = tr["train_loss"], tr["train_accuracy"]
     if train_losses:
       rec["local_train_loss"] = float(np.mean(jax.device_get(train_losses)))
+    if dp is not None:   # ε of the rounds so far (computed afresh: resumes agree)
+      rec.update(dp.report(int(state.round)))
     rec["elapsed_seconds"] = round(time.perf_counter() - t_start, 3)
     return rec, lists
 
@@ -196,7 +210,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_losses = []
       records.append(rec)
       append(metrics_path, rec)
-      bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", loss=f"{rec['test_loss']:.4f}")
+      bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", loss=f"{rec['test_loss']:.4f}",
+                      **({} if dp is None else {"eps": _eps(rec["dp_epsilon"])}))
     every = config.get("checkpoint_every", 0)
     if (every and done % every == 0) or done == config.num_rounds:
       _checkpoint.save(mngr, state)
@@ -237,6 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         r["personalized_test_accuracy"] for r in records)
     summary["best_personalized_test_accuracy_note"] = (
         "max over evaluated rounds of the fine-tuned models' accuracy (as papers report)")
+  if dp is not None:
+    summary.update({k: v for k, v in final.items() if k.startswith("dp_")})
   if corrupted.any():
     summary.update(_corruption_summary(final, weight_rows, corrupted, train))
   summary_path = os.path.join(workdir, "summary.json")

@@ -80,15 +80,18 @@ def weighting_table(config: ml_collections.ConfigDict, model: Model, train: Fede
 
 
 def make_weighting(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
-                   proxy=None, attackers: np.ndarray | None = None):
+                   proxy=None, attackers: np.ndarray | None = None, base=None):
   """The `WeightFn` or `Aggregator` named by `config.aggregation.weighting`.
 
   `default` is the algorithm's own (`weighting_name`).
   Names joined by `*` multiply weight functions (`num_examples*label_divergence`);
   `aggregation.power` and `aggregation.floor` then sharpen/flatten and floor
   them. With `attackers` (a client mask), those clients send
-  `corruption.attack_scale` times their update.
+  `corruption.attack_scale` times their update. `base`: an aggregator that
+  replaces the configured weighting (DP-FedAvg's), attackers still applied.
   """
+  if base is not None:
+    return _attacked(config, base, attackers)
   c = config.aggregation
   table = weighting_table(config, model, train, proxy)
   weighting = weighting_name(config)
@@ -110,6 +113,11 @@ def make_weighting(config: ml_collections.ConfigDict, model: Model, train: Feder
       how = aggregation.power(how, c.power)
     if c.floor != 0.0:
       how = aggregation.floor(how, c.floor)
+  return _attacked(config, how, attackers)
+
+
+def _attacked(config: ml_collections.ConfigDict, how, attackers: np.ndarray | None):
+  """`how` with the `attackers`' updates scaled by `corruption.attack_scale`."""
   if attackers is not None and attackers.any():
     how = aggregation.scaled_updates(how, attackers, config.corruption.attack_scale)
   return how

@@ -107,6 +107,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.personalization.momentum = 0.0
   c.personalization.batch_size = 10
 
+  # Client-level DP-FedAvg (fedjax_pers.privacy): clip_norm set turns it on.
+  c.privacy = ml_collections.ConfigDict()
+  c.privacy.clip_norm = placeholder(float)         # C: each client's update clipped to it
+  c.privacy.noise_multiplier = placeholder(float)  # z: noise N(0, (zC)²) on the sum; or
+  c.privacy.target_epsilon = placeholder(float)    # ε after num_rounds: z calibrated to it
+  c.privacy.delta = placeholder(float)             # δ (None: 1 / N^1.1)
+  c.privacy.accountant = "rdp"                     # rdp (fixed-size cohorts: RDP only)
+  c.privacy.example_cap = placeholder(int)         # num_examples weighting: min(n_i/cap, 1)
+
   c.corruption = ml_collections.ConfigDict()
   c.corruption.label_shuffle_fraction = 0.0   # clients whose train labels are shuffled
   c.corruption.attack_fraction = 0.0          # clients that send attack_scale × update
