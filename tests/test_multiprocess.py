@@ -119,3 +119,28 @@ def test_incomplete_distributed_config_is_refused():
   with pytest.raises(ValueError, match=r"process_id must be an int in \[0, 2\); got 2"):
     fp.distributed.initialize("127.0.0.1:1", 2, 2)
   assert fp.distributed.initialize() is False
+
+
+def test_store_run_over_two_processes_gathers_each_process_share(tmp_path):
+  """A run from a host store (Ditto: per-client states on the host too): each of two
+  processes gathers only the clients its two devices run (4 of the 8 padded rows of a
+  cohort of 6), and the run equals one process with four devices."""
+  extra = ["--config.num_rounds=4", "--config.algorithm=ditto", "--config.model.hidden=(8,)"]
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  port = free_port()
+  launch(lambda i: cli(two, [*extra, f"--config.data.store={tmp_path / 'store2'}",
+                             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                             "--config.distributed.num_processes=2",
+                             f"--config.distributed.process_id={i}"]), 2, 2, tmp_path)
+  launch(lambda i: cli(one, [*extra, f"--config.data.store={tmp_path / 'store1'}",
+                             "--config.execution.num_devices=4"]), 1, 4, tmp_path)
+  with open(os.path.join(two, "summary.json")) as f:
+    a = json.load(f)
+  with open(os.path.join(one, "summary.json")) as f:
+    b = json.load(f)
+  assert a["execution"]["num_processes"] == 2 and b["execution"]["num_processes"] == 1
+  assert a["rows_gathered_per_cohort"] == 4 and b["rows_gathered_per_cohort"] == 8
+  assert abs(a["final_test_loss"] - b["final_test_loss"]) <= 1e-5
+  assert abs(a["personalized_test_accuracy"] - b["personalized_test_accuracy"]) <= 1e-5
+  for x, y in zip(final_params(two), final_params(one)):
+    np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)

@@ -74,9 +74,13 @@ def build(name, execution=None, k=5):
   return fp.algorithms.ditto(LR, sgd, one, work, lam=0.5, **kw)
 
 
-def host_rounds(alg, store, device, n=3, seed=1, prefetch=True, sharding=None):
+def host_rounds(alg, store, device, n=3, seed=1, prefetch=True, sharding=None, mesh=None,
+                feeds=None):
   state = alg.init(jax.random.key(seed), device)
-  feed = fp.data.CohortFeed(alg, store, state.rng, prefetch=prefetch, sharding=sharding)
+  feed = fp.data.CohortFeed(alg, store, state.rng, prefetch=prefetch, sharding=sharding,
+                            mesh=mesh)
+  if feeds is not None:
+    feeds.append(feed)
   traces = []
   step = jax.jit(lambda s, d: (traces.append(1), alg.round(s, d))[1])
   metrics = []
@@ -158,6 +162,52 @@ def test_host_store_rounds_sharded_over_four_devices(stored):
   got = host_rounds(build("fedavg", ex, k=6), store, device,
                     sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   assert_same_rounds(run(build("fedavg", k=6), device, 3, seed=1), got, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "ditto"])
+def test_dealt_cohorts_split_over_the_mesh_equal_the_device_rounds(stored, name):
+  """CohortFeed(mesh=): each cohort of 6 is padded to 8, dealt as the round deals it and
+  split over the 4 devices (2 rows each); the rounds equal those on the device."""
+  store, device = stored
+  mesh = fp.distributed.client_mesh(4)
+  ex = fp.Execution(strategy="lanes", mesh=mesh)
+  alg = build(name, ex, k=6)
+  feeds = []
+  got = host_rounds(alg, store, device, prefetch=False, mesh=mesh, feeds=feeds)
+  assert_same_rounds(run(build(name, k=6), device, 3, seed=1), got, atol=1e-5)
+  assert feeds[0].rows_gathered == 3 * 8
+  state = alg.init(jax.random.key(1), device)
+  feed = fp.data.CohortFeed(alg, store, state.rng, prefetch=False, mesh=mesh)
+  d = next(feed)
+  assert d.deal.shape == (8,) and sorted(np.asarray(d.deal)) == list(range(8))
+  assert [s.data.shape[0] for s in d.x.addressable_shards] == [2, 2, 2, 2]
+  padded = np.concatenate([np.asarray(d.window), np.asarray(d.window)[:2]])
+  for s in d.x.addressable_shards:   # each device holds the rows of its dealt clients
+    rows = padded[np.asarray(d.deal)][s.index[0]]
+    np.testing.assert_array_equal(s.data, store.gather(rows)[0])
+  feed.close()
+
+
+def test_host_balance_is_the_rounds_balance():
+  rng = np.random.default_rng(0)
+  for k, dev in ((8, 4), (12, 3), (6, 2), (16, 8)):
+    counts = rng.integers(0, 5, k)   # ties: the stable order decides
+    want = np.asarray(fp.core._cohort.balance(jax.numpy.asarray(counts, np.int32), dev))
+    np.testing.assert_array_equal(fp.core._cohort.balance_on_host(counts, dev), want)
+
+
+def test_a_deal_needs_a_mesh_round(stored):
+  store, device = stored
+  mesh = fp.distributed.client_mesh(4)
+  dealt = fp.data.CohortFeed(build("fedavg", fp.Execution(mesh=mesh), k=6), store,
+                             jax.random.key(0), prefetch=False, mesh=mesh)
+  data = next(dealt)
+  dealt.close()
+  alg = build("fedavg", k=6)   # one device: no deal
+  with pytest.raises(ValueError, match="data.deal needs .* 6 padded clients"):
+    jax.jit(alg.round)(alg.init(jax.random.key(1), device), data)
+  with pytest.raises(ValueError, match="mesh .the round's. or sharding, not both"):
+    fp.data.CohortFeed(alg, store, jax.random.key(0), mesh=mesh, sharding=mesh)
 
 
 @pytest.mark.parametrize("clients_", [None, np.array([9, 0, 4])])

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -39,6 +40,10 @@ class CohortSource(NamedTuple):
     table: The arrays the steps read batches from (replicated over a mesh).
     handles: `handles(ids)`: per client, stacked, where its rows are in `table`.
     read: `read(table, handle, idx) -> (x, y)`, a client's rows at slots `idx`.
+    deal: None, or a host feed's deal of the padded cohort (`FederatedData.deal`):
+      the round runs it instead of `balance`; `table`'s rows are the dealt
+      clients, split over the mesh, each device reading its own rows (its
+      handles are those rows' local positions).
   """
 
   rows: Callable[[jax.Array], ClientData]
@@ -46,6 +51,7 @@ class CohortSource(NamedTuple):
   table: Any
   handles: Callable[[jax.Array], Any]
   read: Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array]]
+  deal: jax.Array | None = None
 
 
 class CohortResult(NamedTuple):
@@ -96,6 +102,21 @@ def balance(counts: jax.Array, num_devices: int) -> jax.Array:
   zeros = jnp.zeros((num_devices,), jnp.int32)
   _, slots = jax.lax.scan(deal, (zeros, zeros), order)
   return jnp.zeros((k,), jnp.int32).at[slots].set(order)
+
+
+def balance_on_host(counts: np.ndarray, num_devices: int) -> np.ndarray:
+  """`balance` in NumPy (the same permutation), for a feed that deals ahead."""
+  counts = np.asarray(counts, np.int64)
+  per = counts.shape[0] // num_devices
+  load = np.zeros(num_devices, np.int64)
+  fill = np.zeros(num_devices, np.int64)
+  perm = np.zeros(counts.shape[0], np.int32)
+  for c in np.argsort(-counts, kind="stable"):
+    j = int(np.argmin(np.where(fill < per, load, np.iinfo(np.int64).max)))
+    perm[j * per + fill[j]] = c
+    load[j] += counts[c]
+    fill[j] += 1
+  return perm
 
 
 def _chunk_cost(counts: jax.Array, chunk: int) -> jax.Array:
@@ -226,11 +247,22 @@ def execute_cohort(program: LocalProgram, params: Params, source: CohortSource,
   """
   d = 1 if mesh is None else mesh.shape[CLIENTS_AXIS]
   perm = None
-  if d > 1 and not plan.differentiable:
+  if source.deal is not None:
+    if d == 1 or plan.differentiable or source.deal.shape != ids.shape:
+      raise ValueError(
+          f"data.deal {source.deal.shape} lays a cohort of {ids.shape[0]} over a mesh; this "
+          f"round runs on {d} device(s){' with a differentiable plan' * plan.differentiable}"
+          ", which takes no deal: gather the cohort without one (CohortFeed without mesh).")
+    perm = source.deal
+  elif d > 1 and not plan.differentiable:
     counts = jnp.where(valid, step_counts(program, source.sizes, ids), 0)
     perm = balance(counts, d)
+  if perm is not None:
     ids, valid = ids[perm], valid[perm]
-  clients, handles = source.rows(ids), source.handles(ids)
+  clients = source.rows(ids)
+  # A dealt table: device j holds rows j k/d ... (j+1) k/d - 1, read at local positions.
+  handles = (source.handles(ids) if source.deal is None
+             else jnp.arange(ids.shape[0]) % (ids.shape[0] // d))
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
 
   def local(params, table, clients, keys, valid, handles):
@@ -247,7 +279,8 @@ def execute_cohort(program: LocalProgram, params: Params, source: CohortSource,
     spec = P(CLIENTS_AXIS)
     streamed = plan.strategy == "scan" and score is not None
     out_specs = (spec, P(), spec if streamed else P(), P())
-    local = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), spec, spec, spec, spec),
+    table_spec = P() if source.deal is None else spec
+    local = jax.shard_map(local, mesh=mesh, in_specs=(P(), table_spec, spec, spec, spec, spec),
                           out_specs=out_specs, check_vma=False)
   (outputs, counts), acc, u, executed = local(params, source.table, clients, keys, valid,
                                               handles)

@@ -59,6 +59,12 @@ class FederatedData:
       `y` hold, in the order the round's key samples them; `num_examples` stays
       `[num_clients]`. The round trains exactly these clients. None: `x`/`y`
       hold every client.
+    deal: With `window`, over a mesh: `[k_pad]` int32, the permutation of the
+      padded cohort (`window` padded to a multiple of the devices, as the round
+      pads it) its devices run, `k_pad / d` each; `x`/`y` then hold
+      `[k_pad, max_examples, ...]` rows in that order, split over the mesh's
+      `clients` axis, so each process gathers only its devices' clients
+      (`data.CohortFeed(mesh=...)`; `FederatedAlgorithm.deal` gives it).
   """
 
   x: jax.Array
@@ -70,6 +76,7 @@ class FederatedData:
   cap: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   host_sizes: HostSizes | None = dataclasses.field(default=None, metadata=dict(static=True))
   window: jax.Array | None = None
+  deal: jax.Array | None = None
 
   @property
   def sizes(self) -> np.ndarray | None:

@@ -9,6 +9,7 @@ algorithm file.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -46,6 +47,27 @@ def replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(np.asarray(leaf), sharding)
 
   return jax.tree.map(put, tree)
+
+
+def host_put(sharding: NamedSharding | None) -> Callable[[Any], jax.Array]:
+  """A function putting host arrays (a pytree) where `sharding` says (the default device for
+  None), every process from its own copy.
+
+  Over several processes `jax.device_put` checks that they agree with a collective;
+  a collective on the feed's thread can interleave with the round's and hang or break
+  the run, so this one builds the array from this process's shards
+  (`jax.make_array_from_callback`) and talks to nobody.
+  """
+  if sharding is None:
+    return jax.device_put
+  if jax.process_count() == 1:
+    return lambda a: jax.device_put(a, sharding)
+
+  def put(a):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+  return lambda tree: jax.tree.map(put, tree)
 
 
 def _positive_int(v) -> bool:

@@ -20,7 +20,7 @@ import optax
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._batching import width_classes
 from fedjax_pers.core._client import ClientData
-from fedjax_pers.core._cohort import execute_cohort, pad_cohort, safe_divide
+from fedjax_pers.core._cohort import balance_on_host, execute_cohort, pad_cohort, safe_divide
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._execution import Execution, Plan, as_execution, plan, replicated
 from fedjax_pers.core._program import LocalProgram, capped
@@ -98,6 +98,10 @@ class FederatedAlgorithm(NamedTuple):
     sample: Optional `sample(rng, num_clients) -> (ids, next_rng)`: the cohort a
       round started from key `rng` trains and the key of the next round, as the
       round computes them (a host store's feed draws cohorts ahead with it).
+    deal: Optional `deal(data) -> fn`, `fn(ids) -> perm` on the host: how a round
+      over `data`'s population on the execution's mesh deals cohort `ids` (the
+      permutation of the padded cohort, `FederatedData.deal`); None where the
+      round does not deal (one device, a differentiable plan).
   """
 
   init: Callable[[jax.Array, FederatedData], ServerState]
@@ -105,6 +109,7 @@ class FederatedAlgorithm(NamedTuple):
   personal: Callable[[ServerState], Any] | None = None
   plan: Callable[[Params, FederatedData], Plan] | None = None
   sample: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] | None = None
+  deal: Callable[[FederatedData], Callable[[np.ndarray], np.ndarray] | None] | None = None
 
 
 def population_counts(program: LocalProgram, data: FederatedData) -> np.ndarray | None:
@@ -205,6 +210,11 @@ def make_round(
                          f"clients_per_round={k} needs ({k},).")
       idx = data.window
     padded, valid = pad_cohort(idx, execution.num_devices)
+    if data.deal is not None and (data.window is None or data.x.shape[0] != padded.shape[0]):
+      raise ValueError(f"data.deal needs a window and x rows for the {padded.shape[0]} padded "
+                       f"clients of the round; got window "
+                       f"{None if data.window is None else data.window.shape}, x rows "
+                       f"{data.x.shape[0]}.")
     program = make_program(data)
     if data.cap is not None:
       program = capped(program, data.cap)
@@ -326,7 +336,8 @@ def assemble(
                    client_states=client_states, execution=execution)
   return FederatedAlgorithm(init=init, round=round_fn, personal=personal,
                             plan=cohort_plan(make_program, execution, clients_per_round),
-                            sample=cohort_sampler(clients_per_round, execution))
+                            sample=cohort_sampler(clients_per_round, execution),
+                            deal=cohort_dealer(make_program, execution))
 
 
 def cohort_sampler(clients_per_round: int, execution: Execution | None = None):
@@ -338,3 +349,31 @@ def cohort_sampler(clients_per_round: int, execution: Execution | None = None):
     return ids, keys[0]
 
   return next_cohort
+
+
+def cohort_dealer(make_program: Callable[[FederatedData], LocalProgram],
+                  execution: Execution | None = None):
+  """`FederatedAlgorithm.deal` of a round built by `make_round`: the deal `execute_cohort`
+  would compute (`balance` of the padded cohort's steps), on the host."""
+  execution = as_execution(execution)
+
+  def deal(data: FederatedData):
+    d = execution.num_devices
+    if execution.mesh is None or d == 1 or execution.differentiable:
+      return None
+    program = make_program(data)
+    if data.cap is not None:
+      program = capped(program, data.cap)
+    counts = population_counts(program, data)
+    if counts is None:
+      counts = np.zeros(data.num_clients, np.int64)
+
+    def perm(ids: np.ndarray) -> np.ndarray:
+      ids = np.asarray(ids)
+      k = ids.shape[0]
+      padded = np.concatenate([ids, np.resize(ids, -k % d)])
+      return balance_on_host(np.where(np.arange(padded.size) < k, counts[padded], 0), d)
+
+    return perm
+
+  return deal

@@ -63,7 +63,8 @@ def cohort_source(data: FederatedData, client_states: Any, key: jax.Array, *,
 
 def _window_source(data: FederatedData, client_states: Any, windowed: bool) -> CohortSource:
   """A gathered cohort's source: client c's rows (and, `windowed`, its state) are at its
-  position in `data.window`."""
+  position in `data.window`; with `data.deal`, the rows are already in the dealt order
+  the round asks for them in (and split over the mesh)."""
   window = data.window
   position = lambda ids: jnp.argmax(window[None, :] == ids[:, None], axis=1)
 
@@ -71,8 +72,10 @@ def _window_source(data: FederatedData, client_states: Any, windowed: bool) -> C
     p = position(ids)
     at = p if windowed else ids
     state = None if client_states is None else jax.tree.map(lambda a: a[at], client_states)
-    return ClientData(data.x[p], data.y[p], data.num_examples[ids], state, ids)
+    x, y = (data.x[p], data.y[p]) if data.deal is None else (data.x, data.y)
+    return ClientData(x, y, data.num_examples[ids], state, ids)
 
   return CohortSource(rows=rows, sizes=data.num_examples, table=(data.x, data.y),
                       handles=position,
-                      read=lambda table, p, idx: (table[0][p, idx], table[1][p, idx]))
+                      read=lambda table, p, idx: (table[0][p, idx], table[1][p, idx]),
+                      deal=data.deal)

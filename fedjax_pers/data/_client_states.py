@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._round import ClientWindow, ServerState
@@ -93,7 +94,11 @@ class HostClientStates:
 
 
 def _local(a):
-  """This process's copy of a (replicated) array, on the host."""
+  """A (global) array on this process's host: its own copy where it is replicated,
+  else gathered from every process (a collective: every process calls it)."""
   if isinstance(a, jax.Array) and not a.is_fully_addressable:
-    a = a.addressable_data(0)
+    if a.sharding.is_fully_replicated:
+      a = a.addressable_data(0)
+    else:
+      a = multihost_utils.process_allgather(a, tiled=True)
   return np.asarray(a)

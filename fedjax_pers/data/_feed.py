@@ -19,9 +19,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._evaluate import ClientEval
+from fedjax_pers.core._execution import CLIENTS_AXIS, host_put
 from fedjax_pers.core._model import Model
 from fedjax_pers.data._store import HostStore
 
@@ -52,23 +54,41 @@ class CohortFeed:
     prefetch: Gather round t + 1 on a host thread while round t runs.
     readahead: Also ask the kernel for the clients of this many rounds after
       the one being gathered (a store on disk: their reads run in parallel).
-    sharding: Where the gathered arrays go (default: the default device; a
-      sharded round takes a replicated `NamedSharding`).
+    sharding: Where the gathered arrays go (default: the default device).
+    mesh: The round's mesh (instead of `sharding`): each cohort is dealt to its
+      devices as the round deals it (`alg.deal`, `FederatedData.deal`) and each
+      process gathers only the clients of its own devices
+      (`jax.make_array_from_callback`); the small arrays are replicated. Where
+      the round does not deal (a differentiable plan), the cohort is gathered
+      whole and replicated.
+
+  Attributes:
+    rows_gathered: Client rows this process has gathered so far (its share of
+      each cohort with `mesh`, the whole cohort without).
+    cohorts_gathered: Cohorts gathered so far (prefetched ones included).
   """
 
   def __init__(self, alg, store: HostStore, rng: jax.Array, *, prefetch: bool = True,
-               readahead: int = 2, sharding: Any = None):
+               readahead: int = 2, sharding: Any = None, mesh: Mesh | None = None):
     if alg.sample is None:
       raise ValueError("CohortFeed: the algorithm has no `sample` (it was not built by "
                        "make_round/assemble), so its cohorts cannot be drawn on the host.")
     if not (isinstance(readahead, int) and readahead >= 0):
       raise ValueError(f"readahead must be an int >= 0; got {readahead!r}.")
+    if mesh is not None and sharding is not None:
+      raise ValueError("CohortFeed takes mesh (the round's) or sharding, not both.")
     self.store, self.readahead = store, readahead
-    put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jax.device_put
-    self._put = put
+    self.rows_gathered = self.cohorts_gathered = 0
+    if mesh is not None:
+      sharding = NamedSharding(mesh, PartitionSpec())
+      self._rows = NamedSharding(mesh, PartitionSpec(CLIENTS_AXIS))
+    self._put = put = host_put(sharding)
     self._sizes = put(np.asarray(store.sizes, np.int32))
     n = store.num_clients
     self._sample = jax.jit(lambda r: alg.sample(r, n))
+    self._deal = None
+    if mesh is not None and alg.deal is not None:   # (its static shapes only)
+      self._deal = alg.deal(store.cohort_data(np.arange(1), put=np.asarray))
     self._rng = rng                      # key of the next round not drawn yet
     self._drawn = collections.deque()    # cohorts drawn (and announced), not yet gathered
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
@@ -83,7 +103,36 @@ class CohortFeed:
       ids = np.asarray(ids)
       self.store.advise(ids)
       self._drawn.append(ids)
-    return self.store.cohort_data(self._drawn.popleft(), put=self._put, sizes=self._sizes)
+    ids = self._drawn.popleft()
+    self.cohorts_gathered += 1
+    if self._deal is None:
+      self.rows_gathered += ids.size
+      return self.store.cohort_data(ids, put=self._put, sizes=self._sizes)
+    return self._dealt(ids, self._deal(ids))
+
+  def _dealt(self, ids: np.ndarray, deal: np.ndarray) -> FederatedData:
+    """Cohort `ids` in the order of `deal`, split over the mesh: this process gathers
+    the rows of its own devices only."""
+    store, k = self.store, ids.size
+    dealt = np.concatenate([ids, np.resize(ids, deal.size - k)])[deal]
+    shards = {}
+
+    def shard(index, which):
+      rows = index[0]
+      key = (rows.start, rows.stop)
+      if key not in shards:
+        shards[key] = store.gather(dealt[rows])
+        self.rows_gathered += len(dealt[rows])
+      return shards[key][which]
+
+    shape = (deal.size, store.max_examples)
+    x = jax.make_array_from_callback((*shape, *store.feature_shape), self._rows,
+                                     lambda index: shard(index, 0))
+    y = jax.make_array_from_callback(shape, self._rows, lambda index: shard(index, 1))
+    return FederatedData(x=x, y=y, num_examples=self._sizes, num_classes=store.num_classes,
+                         min_examples=store.min_examples, host_sizes=store.host_sizes,
+                         window=self._put(ids.astype(np.int32)),
+                         deal=self._put(deal.astype(np.int32)))
 
   def __iter__(self) -> CohortFeed:
     return self

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_pers import data, distributed, personalization
 from fedjax_pers.core import ClientEval, ClientWindow, FederatedData, ServerState, evaluate
+from fedjax_pers.core._execution import host_put
 from fedjax_pers.data._store import OFFSETS, X, Y
 from fedjax_pers.experiment import _outputs, _registry
 
@@ -167,8 +168,9 @@ class StorePopulation:
     data.check_model(train, model, jax.eval_shape(model.init, jax.random.key(0)))
     self.model, self.test = model, None
     self.ids = eval_clients(config, test.num_clients)
+    self._mesh = mesh
     self._sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    self._put = lambda a: jax.device_put(a, self._sharding)
+    self._put = host_put(self._sharding)
     k = min(config.clients_per_round, train.num_clients)
     self.view = train.cohort_data(np.arange(k), put=self._put)
     self._feed = self.states = self._dir = None
@@ -202,7 +204,7 @@ class StorePopulation:
                            "per-client states of a run from a host store).")
         with np.load(file) as snap:
           self.states.restore(dict(snap))
-    self._feed = data.CohortFeed(alg, self.train, state.rng, sharding=self._sharding)
+    self._feed = data.CohortFeed(alg, self.train, state.rng, mesh=self._mesh)
 
     def step_fn(s):
       d = next(self._feed)
@@ -266,8 +268,13 @@ class StorePopulation:
         os.remove(os.path.join(self._dir, name))
 
   def close(self) -> None:
+    """Stops the feed; `info` gains the client rows this process gathered per cohort
+    (over a mesh, its devices' share)."""
     if self._feed is not None:
       self._feed.close()
+      f = self._feed
+      self.info["rows_gathered_per_cohort"] = (
+          f.rows_gathered / f.cohorts_gathered if f.cohorts_gathered else None)
 
 
 def _local(tree):
