@@ -59,7 +59,7 @@ def main():
   targets = [float(e) for e in args.epsilons.split(",")] + [None]
   rows = [run(args.out, t, args.rounds) for t in targets]
   print(f"\nconfigs/mnist_dp.py, {args.rounds} rounds, δ = 1e-3, C = 1\n")
-  print("| target ε | ε reported | z | noise std / cohort weight | test accuracy | test loss "
+  print("| target ε | ε reported | z | noise std in the mean, zC/W | test accuracy | test loss "
         "| s/round |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
