@@ -302,12 +302,14 @@ def pad_cohort(idx: jax.Array, num_devices: int) -> tuple[jax.Array, jax.Array]:
   Returns:
     `(padded idx, valid)`: padding repeats the first clients and is marked
     invalid, so it never enters an aggregate (and, unless the plan is
-    differentiable, runs no step).
+    differentiable, runs no step). NumPy in, NumPy out (a host feed pads as
+    the round does).
   """
+  xp = np if isinstance(idx, np.ndarray) else jnp
   k = idx.shape[0]
   pad = -k % num_devices
-  valid = jnp.arange(k + pad) < k
-  return jnp.concatenate([idx, jnp.resize(idx, (pad,))]), valid
+  valid = xp.arange(k + pad) < k
+  return xp.concatenate([idx, xp.resize(idx, (pad,))]), valid
 
 
 def weighted_sum(weights: jax.Array, deltas: Params) -> Params:

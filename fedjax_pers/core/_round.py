@@ -98,9 +98,10 @@ class FederatedAlgorithm(NamedTuple):
     sample: Optional `sample(rng, num_clients) -> (ids, next_rng)`: the cohort a
       round started from key `rng` trains and the key of the next round, as the
       round computes them (a host store's feed draws cohorts ahead with it).
-    deal: Optional `deal(data) -> fn`, `fn(ids) -> perm` on the host: how a round
-      over `data`'s population on the execution's mesh deals cohort `ids` (the
-      permutation of the padded cohort, `FederatedData.deal`); None where the
+    deal: Optional `deal(data) -> fn`, `fn(ids) -> (padded, perm)` on the host:
+      how a round over `data`'s population on the execution's mesh deals cohort
+      `ids`: the cohort padded as the round pads it (`pad_cohort`) and the
+      permutation of it the devices run (`FederatedData.deal`); None where the
       round does not deal (one device, a differentiable plan).
   """
 
@@ -109,7 +110,8 @@ class FederatedAlgorithm(NamedTuple):
   personal: Callable[[ServerState], Any] | None = None
   plan: Callable[[Params, FederatedData], Plan] | None = None
   sample: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] | None = None
-  deal: Callable[[FederatedData], Callable[[np.ndarray], np.ndarray] | None] | None = None
+  deal: Callable[[FederatedData], Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+                 | None] | None = None
 
 
 def population_counts(program: LocalProgram, data: FederatedData) -> np.ndarray | None:
@@ -368,12 +370,10 @@ def cohort_dealer(make_program: Callable[[FederatedData], LocalProgram],
     if counts is None:
       counts = np.zeros(data.num_clients, np.int64)
 
-    def perm(ids: np.ndarray) -> np.ndarray:
-      ids = np.asarray(ids)
-      k = ids.shape[0]
-      padded = np.concatenate([ids, np.resize(ids, -k % d)])
-      return balance_on_host(np.where(np.arange(padded.size) < k, counts[padded], 0), d)
+    def padded_and_perm(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      padded, valid = pad_cohort(np.asarray(ids), d)
+      return padded, balance_on_host(np.where(valid, counts[padded], 0), d)
 
-    return perm
+    return padded_and_perm
 
   return deal

@@ -108,13 +108,13 @@ class CohortFeed:
     if self._deal is None:
       self.rows_gathered += ids.size
       return self.store.cohort_data(ids, put=self._put, sizes=self._sizes)
-    return self._dealt(ids, self._deal(ids))
+    return self._dealt(ids, *self._deal(ids))
 
-  def _dealt(self, ids: np.ndarray, deal: np.ndarray) -> FederatedData:
-    """Cohort `ids` in the order of `deal`, split over the mesh: this process gathers
-    the rows of its own devices only."""
-    store, k = self.store, ids.size
-    dealt = np.concatenate([ids, np.resize(ids, deal.size - k)])[deal]
+  def _dealt(self, ids: np.ndarray, padded: np.ndarray, deal: np.ndarray) -> FederatedData:
+    """Cohort `ids` (`padded` as the round pads it) in the order of `deal`, split over
+    the mesh: this process gathers the rows of its own devices only."""
+    store = self.store
+    dealt = padded[deal]
     shards = {}
 
     def shard(index, which):
