@@ -146,7 +146,7 @@ def test_noise_of_zero_updates_has_std_zc_over_denominator():
   k, dim, c, z, den = 5, 40_000, 0.7, 1.3, 3.0
   out = make_outputs(k=k, bad=())._replace(delta={"w": jnp.zeros((k, dim))})
   a = privacy.dp_fedavg_aggregator(c, z, den, jax.random.key(7))
-  delta, _, key = jax.jit(a.apply)(out, a.init(10), None)
+  delta, _, st = jax.jit(a.apply)(out, a.init(10), None)
   x = np.asarray(delta["w"], np.float64)
   sd = z * c / den
   # dim · s² / σ² ~ χ²(dim) (mean known to be 0): a two-sided 1e-6 interval.
@@ -156,7 +156,7 @@ def test_noise_of_zero_updates_has_std_zc_over_denominator():
   # The key moves on: the next round's noise is fresh; the same key, the same noise.
   again, _, _ = jax.jit(a.apply)(out, a.init(10), None)
   np.testing.assert_array_equal(again["w"], delta["w"])
-  nxt, _, _ = jax.jit(a.apply)(out, key, None)
+  nxt, _, _ = jax.jit(a.apply)(out, st, None)
   assert abs(np.corrcoef(np.asarray(nxt["w"]), x)[0, 1]) < 0.05
 
 
@@ -194,8 +194,77 @@ def test_dp_round_adds_noise_of_std_zc_over_w_and_carries_its_key():
                          for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(q1.params))])
   lo, hi = stats.chi2.ppf([5e-7, 1 - 5e-7], diff.size)
   assert lo <= np.sum((diff / (c / den)) ** 2) <= hi
-  assert not np.array_equal(np.asarray(jax.random.key_data(s1.weight_state)),
-                            np.asarray(jax.random.key_data(s0.weight_state)))
+  assert not np.array_equal(np.asarray(jax.random.key_data(s1.weight_state.key)),
+                            np.asarray(jax.random.key_data(s0.weight_state.key)))
   s2, _ = jax.jit(noisy.round)(s1, data)
-  assert not np.array_equal(np.asarray(jax.random.key_data(s2.weight_state)),
-                            np.asarray(jax.random.key_data(s1.weight_state)))
+  assert not np.array_equal(np.asarray(jax.random.key_data(s2.weight_state.key)),
+                            np.asarray(jax.random.key_data(s1.weight_state.key)))
+
+
+def test_update_noise_multiplier_leaves_the_total_at_z():
+  """Andrew et al., Theorem 1: z_Δ⁻² + (2σ_b)⁻² = z⁻²; σ_b ≤ z / 2 is refused."""
+  for z, sb in ((1.0, 1.0), (0.7, 5.0), (3.0, 1.6)):
+    zd = privacy.update_noise_multiplier(z, sb)
+    assert zd > z
+    assert zd ** -2 + (2 * sb) ** -2 == pytest.approx(z ** -2, rel=1e-12)
+  assert privacy.update_noise_multiplier(0.0, 0.0) == 0.0
+  with pytest.raises(ValueError, match=r"count_stddev must exceed noise_multiplier / 2 = 0.5"):
+    privacy.update_noise_multiplier(1.0, 0.5)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 0.9])
+def test_adaptive_clipping_without_noise_converges_to_the_quantile(gamma):
+  """z = 0, σ_b = 0, every round the same 400 update norms (log-normal): C ends where a
+  fraction γ of them is not clipped (to the grain of one client in 400 per step)."""
+  rng = np.random.default_rng(0)
+  k = 400
+  norms = np.exp(rng.normal(0.0, 1.0, k))
+  out = make_outputs(k=k, bad=())._replace(
+      delta={"w": jnp.asarray(norms[:, None] * np.eye(1, 3)[0], jnp.float32)},
+      finite=jnp.ones(k, bool))
+  a = privacy.dp_fedavg_aggregator(0.01, 0.0, float(k), jax.random.key(0),
+                                   target_quantile=gamma, count_stddev=0.0,
+                                   expected_clients=float(k))
+  apply = jax.jit(a.apply)
+  st = a.init(k)
+  for _ in range(300):
+    _, _, st = apply(out, st, None)
+  c = float(st.clip_norm)
+  assert abs(np.mean(norms <= c) - gamma) <= 2 / k + 1e-9
+  # The NumPy reference of the same 300 geometric steps.
+  ref = 0.01
+  for _ in range(300):
+    ref *= math.exp(-0.2 * (np.mean(norms <= ref) - gamma))
+  assert c == pytest.approx(ref, rel=1e-4)
+
+
+def test_adaptive_clipping_noises_the_update_at_z_delta_c_and_the_count_at_sigma_b():
+  k, dim, c0, z, sb, den = 5, 40_000, 0.7, 1.3, 2.0, 3.0
+  out = make_outputs(k=k, bad=())._replace(delta={"w": jnp.zeros((k, dim))})
+  a = privacy.dp_fedavg_aggregator(c0, z, den, jax.random.key(7), target_quantile=0.5,
+                                   count_stddev=sb, expected_clients=4.0)
+  delta, _, st = jax.jit(a.apply)(out, a.init(10), None)
+  x = np.asarray(delta["w"], np.float64)
+  sd = privacy.update_noise_multiplier(z, sb) * c0 / den
+  lo, hi = stats.chi2.ppf([5e-7, 1 - 5e-7], dim)
+  assert lo <= np.sum(x ** 2) / sd ** 2 <= hi
+  # All five zero updates are unclipped: C moves by exp(−0.2 ((5 + noise) / 4 − 0.5)).
+  counts = []
+  st = a.init(10)
+  for _ in range(400):
+    _, _, nxt = jax.jit(a.apply)(out, st, None)
+    counts.append(4.0 * (-math.log(float(nxt.clip_norm) / float(st.clip_norm)) / 0.2 + 0.5)
+                  - 5.0)
+    st = nxt._replace(clip_norm=jnp.float32(c0))
+  assert abs(np.mean(counts)) < 4 * sb / math.sqrt(400)
+  assert np.std(counts) == pytest.approx(sb, rel=0.15)
+
+
+def test_adaptive_clipping_refusals():
+  mk = lambda **kw: privacy.dp_fedavg_aggregator(1.0, 1.0, 5.0, jax.random.key(0), **kw)
+  with pytest.raises(ValueError, match=r"target_quantile must be a number in \(0, 1\)"):
+    mk(target_quantile=1.0, expected_clients=5.0)
+  with pytest.raises(ValueError, match="expected_clients must be a finite number > 0"):
+    mk(target_quantile=0.5)
+  with pytest.raises(ValueError, match="count_stddev must exceed"):
+    mk(target_quantile=0.5, expected_clients=5.0, count_stddev=0.5)

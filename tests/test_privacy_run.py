@@ -50,6 +50,17 @@ def test_noise_changes_the_run_and_clipping_alone_does_not_account(tmp_path):
   assert noisy["final_test_loss"] != quiet["final_test_loss"]
 
 
+def test_adaptive_clipping_moves_c_and_costs_the_same_epsilon(tmp_path):
+  s = train_and_evaluate(dp_config(target_quantile=0.5, clipped_count_stddev=1.0,
+                                   clip_norm=1e-3), str(tmp_path / "run"))
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  # Every update is clipped at C = 1e-3: the noised count stays near 0 and C grows.
+  assert rows[0]["dp_clip_norm"] == pytest.approx(1e-3)
+  assert rows[0]["dp_clip_norm"] < rows[1]["dp_clip_norm"] < rows[2]["dp_clip_norm"]
+  assert s["dp_clip_norm"] == rows[2]["dp_clip_norm"]
+  assert s["dp_epsilon"] == privacy.epsilon(0.8, 3 / 8, 4, 1e-3, "rdp", "fixed", 8)
+
+
 def test_target_epsilon_calibrates_the_noise_for_the_planned_rounds(tmp_path):
   s = train_and_evaluate(dp_config(noise_multiplier=None, target_epsilon=5.0),
                          str(tmp_path / "run"))
@@ -88,6 +99,11 @@ def test_personal_models_under_dp(tmp_path):
     (lambda c: setattr(c.privacy, "accountant", "pld"), "no event for sampling without"),
     (lambda c: setattr(c.privacy, "clip_norm", -1.0), "clip_norm must be a finite number"),
     (lambda c: setattr(c.privacy, "delta", 2.0), "delta must be a number in"),
+    (lambda c: setattr(c.privacy, "target_quantile", 1.5), "target_quantile must be a number"),
+    (lambda c: setattr(c.privacy, "clip_learning_rate", 0.5), "is for adaptive clipping"),
+    (lambda c: (setattr(c.privacy, "target_quantile", 0.5),
+                setattr(c.privacy, "clipped_count_stddev", 0.1)),
+     "count_stddev must exceed noise_multiplier / 2 = 0.4"),
 ])
 def test_refusals(tmp_path, edit, message):
   c = dp_config()

@@ -6,7 +6,10 @@ fixed denominator `W = q Σ_k w_k`), whatever the algorithm, and every
 evaluation reports ε at `privacy.delta` after the rounds run so far. Rounds
 draw `clients_per_round` of the `N` clients uniformly without replacement, so
 the accounting is fixed-size sampling at `q = k / N` (RDP; see
-`privacy._accounting`).
+`privacy._accounting`). `privacy.target_quantile=γ` makes `C` adaptive
+(Andrew et al., NeurIPS 2021): `clip_norm` is then its start, it follows the
+γ-quantile of the update norms by `privacy.clip_learning_rate`, from a count
+noised by `privacy.clipped_count_stddev` (default `k / 20`), inside the same `z`.
 """
 
 from __future__ import annotations
@@ -37,16 +40,22 @@ class DpPlan(NamedTuple):
   accountant: str
   example_cap: int | None
   denominator: float
+  target_quantile: float | None = None
+  clip_learning_rate: float = 0.2
+  count_stddev: float | None = None
+  expected_clients: float = 1.0
 
-  def report(self, rounds: int) -> dict[str, Any]:
-    """The `dp_*` figures after `rounds` rounds (ε from scratch: a resumed run's too)."""
+  def report(self, rounds: int, weight_state=None) -> dict[str, Any]:
+    """The `dp_*` figures after `rounds` rounds (ε from scratch: a resumed run's too);
+    `dp_clip_norm` is the current `C` of `weight_state` where clipping is adaptive."""
     eps = privacy.epsilon(self.noise_multiplier, self.sampling_rate, rounds, self.delta,
                           self.accountant, "fixed", self.num_clients)
     return {"dp_epsilon": eps if math.isfinite(eps) else None, "dp_delta": self.delta,
             "dp_noise_multiplier": self.noise_multiplier,
             "dp_sampling_rate": self.sampling_rate, "dp_steps": rounds,
             "dp_accountant": self.accountant, "dp_sampling": "fixed",
-            "dp_clip_norm": self.clip_norm}
+            "dp_clip_norm": self.clip_norm if self.target_quantile is None or weight_state
+            is None else current_clip_norm(weight_state)}
 
 
 def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | None:
@@ -81,6 +90,11 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
   if weighting == "uniform" and cap is not None:
     raise ValueError(f"privacy.example_cap={cap!r} caps the num_examples weights; with "
                      "aggregation.weighting='uniform' it would be ignored: unset it.")
+  gamma = p.get("target_quantile")
+  for key in ("clip_learning_rate", "clipped_count_stddev"):
+    if gamma is None and p.get(key) is not None and p.get(key) != DEFAULTS.get(key):
+      raise ValueError(f"privacy.{key}={p.get(key)!r} is for adaptive clipping; set "
+                       f"privacy.target_quantile (γ in (0, 1)) or unset it.")
   delta = p.get("delta")
   delta = 1.0 / n ** 1.1 if delta is None else delta
   q = k / n
@@ -92,11 +106,27 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
     z = _calibrated(target, q, config.num_rounds, delta, p.accountant, "fixed", n)
   privacy.epsilon(z, q, 1, delta, p.accountant, "fixed", n)   # checks every argument
   sizes = np.asarray(sizes)
-  return DpPlan(clip_norm=p.clip_norm, noise_multiplier=float(z), delta=delta,
+  plan = DpPlan(clip_norm=p.clip_norm, noise_multiplier=float(z), delta=delta,
                 sampling_rate=q, num_clients=n, accountant=p.accountant,
                 example_cap=cap if weighting == "num_examples" else None,
                 denominator=privacy.expected_weight(
-                    sizes, cap if weighting == "num_examples" else None, q))
+                    sizes, cap if weighting == "num_examples" else None, q),
+                target_quantile=gamma,
+                clip_learning_rate=p.get("clip_learning_rate", DEFAULTS["clip_learning_rate"]),
+                count_stddev=p.get("clipped_count_stddev"), expected_clients=float(k))
+  aggregator(plan, 0)   # checks γ, η_C and σ_b against z before anything compiles
+  return plan
+
+
+# Adaptive clipping's settings (Andrew et al.'s defaults), refused without γ if changed.
+DEFAULTS = {"clip_learning_rate": 0.2, "clipped_count_stddev": None}
+
+
+def current_clip_norm(weight_state) -> float:
+  """`C` of the `privacy.DpState` inside an aggregator's state."""
+  found = [s for s in jax.tree.leaves(weight_state, is_leaf=lambda x: isinstance(
+      x, privacy.DpState)) if isinstance(s, privacy.DpState)]
+  return float(found[0].clip_norm)
 
 
 # The driver asks for the plan twice (the algorithm, the reports); calibrate once.
@@ -106,5 +136,8 @@ _calibrated = functools.lru_cache(maxsize=16)(privacy.calibrate_noise)
 def aggregator(plan: DpPlan, seed: int):
   """The plan's `privacy.dp_fedavg_aggregator`; its noise key comes from `seed`."""
   key = jax.random.fold_in(jax.random.key(seed), 0xD9)
-  return privacy.dp_fedavg_aggregator(plan.clip_norm, plan.noise_multiplier,
-                                      plan.denominator, key, example_cap=plan.example_cap)
+  return privacy.dp_fedavg_aggregator(
+      plan.clip_norm, plan.noise_multiplier, plan.denominator, key,
+      example_cap=plan.example_cap, target_quantile=plan.target_quantile,
+      clip_learning_rate=plan.clip_learning_rate, count_stddev=plan.count_stddev,
+      expected_clients=plan.expected_clients)

@@ -176,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if train_losses:
       rec["local_train_loss"] = float(np.mean(jax.device_get(train_losses)))
     if dp is not None:   # ε of the rounds so far (computed afresh: resumes agree)
-      rec.update(dp.report(int(state.round)))
+      rec.update(dp.report(int(state.round), state.weight_state))
     rec["elapsed_seconds"] = round(time.perf_counter() - t_start, 3)
     return rec, lists
 

@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.privacy.delta = placeholder(float)             # δ (None: 1 / N^1.1)
   c.privacy.accountant = "rdp"                     # rdp (fixed-size cohorts: RDP only)
   c.privacy.example_cap = placeholder(int)         # num_examples weighting: min(n_i/cap, 1)
+  c.privacy.target_quantile = placeholder(float)   # γ: adaptive C (Andrew et al. 2021)
+  c.privacy.clip_learning_rate = 0.2               # η_C of C's geometric update
+  c.privacy.clipped_count_stddev = placeholder(float)  # σ_b (None: clients_per_round / 20)
 
   c.corruption = ml_collections.ConfigDict()
   c.corruption.label_shuffle_fraction = 0.0   # clients whose train labels are shuffled

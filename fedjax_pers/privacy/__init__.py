@@ -10,16 +10,21 @@ from fedjax_pers.privacy._accounting import (
     make_accountant,
 )
 from fedjax_pers.privacy._gaussian import (
+    DpState,
+    adapt_clip_norm,
     capped_weights,
     clip_updates,
     dp_fedavg_aggregator,
     expected_weight,
     global_norms,
+    update_noise_multiplier,
 )
 
 __all__ = [
     "ACCOUNTANTS",
+    "DpState",
     "SAMPLINGS",
+    "adapt_clip_norm",
     "calibrate_noise",
     "capped_weights",
     "clip_updates",
@@ -29,4 +34,5 @@ __all__ = [
     "expected_weight",
     "global_norms",
     "make_accountant",
+    "update_noise_multiplier",
 ]

@@ -13,14 +13,28 @@ realised sum, which would depend on who took part:
 
     Δ = (Σ_{i ∈ cohort} w_i clip(Δ_i, C) + N(0, (zC)² I)) / W.
 
-The noise comes from a key kept in the aggregator's state (split every round),
-so it is part of the checkpointed server state and a resumed run draws what an
-uninterrupted one does.
+The noise comes from a key kept in the aggregator's state (`DpState`, split
+every round), so it is part of the checkpointed server state and a resumed run
+draws what an uninterrupted one does.
+
+Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private
+Learning with Adaptive Clipping", NeurIPS 2021, Algorithm 1): `C` follows the
+γ-quantile of the update norms. Each round also releases the noised fraction of
+cohort clients whose update was not clipped,
+
+    b̃ = (Σ_{i ∈ cohort} 1[‖Δ_i‖ ≤ C] + N(0, σ_b²)) / m,      (m: expected cohort size)
+    C ← C · exp(−η_C (b̃ − γ))                                 (geometric update),
+
+and the update's noise multiplier drops to `z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2)`, so
+that the two Gaussian releases together are one Gaussian mechanism of
+multiplier `z` (their Theorem 1; the count's bits, centred at ½, have
+sensitivity ½): the accountant charges `z`, as for fixed clipping. `C` lives in
+`DpState`, checkpointed with the key.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +44,42 @@ from fedjax_pers.core._aggregate import Aggregator
 from fedjax_pers.core._client import ClientOutput
 
 Params = Any
+
+
+class DpState(NamedTuple):
+  """The DP aggregate's server state: the noise key and the current clip norm `C`."""
+
+  key: jax.Array
+  clip_norm: jax.Array
+
+
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+  """`z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2)`: the update's share of a total multiplier `z`.
+
+  Raises `ValueError` unless `σ_b > z / 2` (below, the count alone would cost
+  more than `z` allows). `z = 0` (no privacy) gives 0.
+  """
+  if noise_multiplier == 0:
+    return 0.0
+  rest = noise_multiplier ** -2 - (2.0 * count_stddev) ** -2 if count_stddev > 0 else -1.0
+  if rest <= 0:
+    raise ValueError(
+        f"count_stddev must exceed noise_multiplier / 2 = {0.5 * noise_multiplier:.6g} "
+        f"for adaptive clipping to fit in noise_multiplier={noise_multiplier!r}; got "
+        f"{count_stddev!r}.")
+  return rest ** -0.5
+
+
+def adapt_clip_norm(clip_norm, norms, valid, count_noise, *, target_quantile: float,
+                    learning_rate: float, expected_clients: float):
+  """One geometric step of `C` towards the γ-quantile of `norms` (module docstring).
+
+  `valid[k]` masks the clients that count; `count_noise` is the draw of
+  `N(0, σ_b²)` (0 without privacy). Returns `(C_next, b̃)`.
+  """
+  unclipped = jnp.sum(jnp.where(valid & (norms <= clip_norm), 1.0, 0.0))
+  frac = (unclipped + count_noise) / expected_clients
+  return clip_norm * jnp.exp(-learning_rate * (frac - target_quantile)), frac
 
 
 def global_norms(deltas: Params) -> jax.Array:
@@ -67,45 +117,72 @@ def expected_weight(sizes: np.ndarray, example_cap: int | None, sampling_rate: f
 
 
 def dp_fedavg_aggregator(clip_norm: float, noise_multiplier: float, denominator: float,
-                         key: jax.Array, *, example_cap: int | None = None) -> Aggregator:
+                         key: jax.Array, *, example_cap: int | None = None,
+                         target_quantile: float | None = None,
+                         clip_learning_rate: float = 0.2,
+                         count_stddev: float | None = None,
+                         expected_clients: float | None = None) -> Aggregator:
   """The DP-FedAvg aggregate (module docstring) as the round's `Aggregator`.
 
   Args:
-    clip_norm: `C` > 0.
-    noise_multiplier: `z` ≥ 0 (0: clipping only, no privacy).
+    clip_norm: `C` > 0 (with `target_quantile`: its initial value).
+    noise_multiplier: `z` ≥ 0 (0: clipping only, no privacy); with adaptive
+      clipping, the total over the update and the count (module docstring).
     denominator: `W` > 0, fixed (`expected_weight`).
     key: Key of the noise (the aggregator's state carries its successors).
     example_cap: `n_cap` for the capped data-size weights; None: `w_i = 1`.
+    target_quantile: γ in (0, 1) turns adaptive clipping on; None: fixed `C`.
+    clip_learning_rate: η_C > 0 of the geometric update.
+    count_stddev: σ_b ≥ 0 of the count's noise (default `m / 20`, the paper's);
+      must exceed `z / 2` when `z > 0`.
+    expected_clients: `m` > 0, the expected cohort size (needed with γ).
 
   Returns:
-    An `Aggregator` whose `weights` are `w_i / W` (zero for non-finite updates,
-    which are left out; what a client sends does not change the noise).
+    An `Aggregator` with state `DpState` whose `weights` are `w_i / W` (zero for
+    non-finite updates, which are left out; what a client sends does not change
+    the noise).
   """
   _check_number("clip_norm", clip_norm, zero=False)
   _check_number("noise_multiplier", noise_multiplier, zero=True)
   _check_number("denominator", denominator, zero=False)
   if example_cap is not None and not (isinstance(example_cap, int) and example_cap >= 1):
     raise ValueError(f"example_cap must be None or an int >= 1; got {example_cap!r}.")
-  sigma = float(noise_multiplier) * float(clip_norm)
+  z_update = float(noise_multiplier)
+  if target_quantile is not None:
+    if not (isinstance(target_quantile, (int, float)) and 0 < target_quantile < 1):
+      raise ValueError(f"target_quantile must be a number in (0, 1) (or None: fixed "
+                       f"clipping); got {target_quantile!r}.")
+    _check_number("clip_learning_rate", clip_learning_rate, zero=False)
+    _check_number("expected_clients", expected_clients, zero=False)
+    count_stddev = expected_clients / 20 if count_stddev is None else count_stddev
+    _check_number("count_stddev", count_stddev, zero=True)
+    z_update = update_noise_multiplier(float(noise_multiplier), float(count_stddev))
 
-  def apply(outputs: ClientOutput, key, params):
+  def apply(outputs: ClientOutput, state: DpState, params):
     del params
+    c = state.clip_norm
     w = jnp.where(outputs.finite, capped_weights(outputs.num_examples, example_cap), 0.0)
     finite = outputs.finite
     deltas = jax.tree.map(
         lambda d: jnp.where(finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0),
         outputs.delta)
-    clipped, _ = clip_updates(deltas, clip_norm)
-    key, k_noise = jax.random.split(key)
+    clipped, norms = clip_updates(deltas, c)
+    key, k_noise = jax.random.split(state.key)
     leaves, tree = jax.tree.flatten(clipped)
     keys = jax.random.split(k_noise, len(leaves))
     noised = [jnp.tensordot(w.astype(d.dtype), d, axes=1)
-              + sigma * jax.random.normal(k, d.shape[1:], d.dtype)
+              + (z_update * c * jax.random.normal(k, d.shape[1:], d.dtype)).astype(d.dtype)
               for d, k in zip(leaves, keys)]
     delta = jax.tree.map(lambda s: s / denominator, jax.tree.unflatten(tree, noised))
-    return delta, w / denominator, key
+    if target_quantile is not None:
+      count_noise = count_stddev * jax.random.normal(jax.random.fold_in(k_noise, 1), ())
+      c, _ = adapt_clip_norm(c, norms, finite, count_noise, target_quantile=target_quantile,
+                             learning_rate=clip_learning_rate,
+                             expected_clients=expected_clients)
+    return delta, w / denominator, DpState(key, c)
 
-  return Aggregator(init=lambda num_clients: key, apply=apply)
+  return Aggregator(init=lambda num_clients: DpState(key, jnp.float32(clip_norm)),
+                    apply=apply)
 
 
 def _check_number(name: str, v, *, zero: bool) -> None:
