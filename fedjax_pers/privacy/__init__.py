@@ -1,5 +1,6 @@
-"""Privacy: client-level DP-FedAvg (clipping, Gaussian noise, a fixed denominator)
-and its accounting with Google's `dp-accounting` (RDP and PLD)."""
+"""Privacy and communication: client-level DP-FedAvg (clipping, Gaussian noise, a
+fixed denominator, adaptive clipping) and its accounting with Google's
+`dp-accounting` (RDP and PLD); compressed updates (quantisation, rotation, top-k)."""
 
 from fedjax_pers.privacy._accounting import (
     ACCOUNTANTS,
@@ -8,6 +9,18 @@ from fedjax_pers.privacy._accounting import (
     dp_event,
     epsilon,
     make_accountant,
+)
+from fedjax_pers.privacy._compression import (
+    CompressedState,
+    Compressor,
+    bits_per_client,
+    compressed,
+    hadamard,
+    padded_size,
+    quantize,
+    rotate,
+    top_k,
+    unrotate,
 )
 from fedjax_pers.privacy._gaussian import (
     DpState,
@@ -21,6 +34,16 @@ from fedjax_pers.privacy._gaussian import (
 )
 
 __all__ = [
+    "CompressedState",
+    "Compressor",
+    "bits_per_client",
+    "compressed",
+    "hadamard",
+    "padded_size",
+    "quantize",
+    "rotate",
+    "top_k",
+    "unrotate",
     "ACCOUNTANTS",
     "DpState",
     "SAMPLINGS",
