@@ -16,7 +16,7 @@ import numpy as np
 from fedjax_pers import algorithms, distributed, personalization
 from fedjax_pers.algorithms._pfedme import AVERAGES as PFEDME_AVERAGES
 from fedjax_pers.core import Execution, FederatedAlgorithm, FederatedData, LocalWork, Model
-from fedjax_pers.experiment import _privacy
+from fedjax_pers.experiment import _communication, _privacy
 from fedjax_pers.experiment._registry import _pick, make_local_work, make_model, make_optimizer
 from fedjax_pers.experiment._weighting import make_weighting, weighting_name
 
@@ -141,7 +141,9 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
   `config.sampling`: `uniform` cohorts, or `num_examples` (clients drawn with
   probability ∝ n_i without replacement, as FedProx's code samples).
   `config.aggregation.weighting`: see `make_weighting`. `config.privacy.clip_norm`
-  set: the DP-FedAvg aggregate instead (`_privacy`).
+  set: the DP-FedAvg aggregate instead (`_privacy`), through secure aggregation
+  with `secure_aggregation.bits`; `compression.method`: compressed updates
+  (`_communication`).
   """
   sampling = config.get("sampling", "uniform")
   probs = _pick({"uniform": None, "num_examples": np.asarray(train.num_examples, np.float64)},
@@ -150,8 +152,10 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
   dp = _privacy.make_plan(config, host_sizes(train))
   kwargs = dict(
       clients_per_round=config.clients_per_round,
-      weighting=make_weighting(config, model, train, proxy, attackers,
-                               base=None if dp is None else _privacy.aggregator(dp, config.seed)),
+      weighting=make_weighting(
+          config, model, train, proxy, attackers,
+          base=None if dp is None else _privacy.aggregator(dp, config),
+          encode=_communication.encoder(config, model)),
       execution=make_execution(config, cohort, probs))
   client_tx = make_optimizer(config.client, "client")
   server_tx = make_optimizer(config.server, "server")

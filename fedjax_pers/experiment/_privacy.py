@@ -66,6 +66,11 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
   own average), both or neither of `noise_multiplier` and `target_epsilon`.
   """
   p = config.get("privacy")
+  secure = config.get("secure_aggregation", {}).get("bits")
+  if secure is not None and (p is None or p.get("clip_norm") is None):
+    raise ValueError(f"secure_aggregation.bits={secure!r} needs privacy.clip_norm: updates "
+                     "are clipped to it to fit the fixed-point range (privacy."
+                     "noise_multiplier=0 for no noise).")
   if p is None or p.get("clip_norm") is None:
     return None
   n, k = len(sizes), config.clients_per_round
@@ -95,6 +100,10 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
     if gamma is None and p.get(key) is not None and p.get(key) != DEFAULTS.get(key):
       raise ValueError(f"privacy.{key}={p.get(key)!r} is for adaptive clipping; set "
                        f"privacy.target_quantile (γ in (0, 1)) or unset it.")
+  if secure is not None and gamma is not None:
+    raise ValueError(f"privacy.target_quantile={gamma!r} with secure_aggregation.bits="
+                     f"{secure!r}: adaptive clipping's count of unclipped clients would need "
+                     "its own secure sum, which is not built; fix privacy.clip_norm.")
   delta = p.get("delta")
   delta = 1.0 / n ** 1.1 if delta is None else delta
   q = k / n
@@ -114,7 +123,7 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
                 target_quantile=gamma,
                 clip_learning_rate=p.get("clip_learning_rate", DEFAULTS["clip_learning_rate"]),
                 count_stddev=p.get("clipped_count_stddev"), expected_clients=float(k))
-  aggregator(plan, 0)   # checks γ, η_C and σ_b against z before anything compiles
+  aggregator(plan, config)   # checks γ, η_C, σ_b and secure_aggregation.* before compiling
   return plan
 
 
@@ -133,9 +142,16 @@ def current_clip_norm(weight_state) -> float:
 _calibrated = functools.lru_cache(maxsize=16)(privacy.calibrate_noise)
 
 
-def aggregator(plan: DpPlan, seed: int):
-  """The plan's `privacy.dp_fedavg_aggregator`; its noise key comes from `seed`."""
-  key = jax.random.fold_in(jax.random.key(seed), 0xD9)
+def aggregator(plan: DpPlan, config: ml_collections.ConfigDict):
+  """The plan's `privacy.dp_fedavg_aggregator` (its noise key from `config.seed`), or
+  its release through `privacy.secure_aggregator` with `secure_aggregation.bits`."""
+  key = jax.random.fold_in(jax.random.key(config.seed), 0xD9)
+  secure = config.get("secure_aggregation", {})
+  if secure.get("bits") is not None:
+    return privacy.secure_aggregator(
+        plan.clip_norm, secure.bits, config.clients_per_round, key,
+        dropout_rate=secure.get("dropout_rate", 0.0), noise_multiplier=plan.noise_multiplier,
+        denominator=plan.denominator, example_cap=plan.example_cap)
   return privacy.dp_fedavg_aggregator(
       plan.clip_norm, plan.noise_multiplier, plan.denominator, key,
       example_cap=plan.example_cap, target_quantile=plan.target_quantile,

@@ -15,12 +15,13 @@ import tqdm
 
 from fedjax_pers.core import summarize
 from fedjax_pers.experiment import (
-    _algorithms,
-    _checkpoint,
-    _outputs,
-    _population,
-    _privacy,
-    _registry,
+  _algorithms,
+  _checkpoint,
+  _communication,
+  _outputs,
+  _population,
+  _privacy,
+  _registry,
 )
 from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
@@ -136,6 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       attackers=None if prepared is None else prepared.attackers)
 
   dp = _privacy.make_plan(config, _algorithms.host_sizes(train))
+  comm = _communication.plan(config, model)
   state = alg.init(jax.random.key(config.seed), train)
   mngr = _checkpoint.manager(workdir)
   _checkpoint.check_same_run(workdir, config, resuming=mngr.latest_step() is not None)
@@ -177,6 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec["local_train_loss"] = float(np.mean(jax.device_get(train_losses)))
     if dp is not None:   # ε of the rounds so far (computed afresh: resumes agree)
       rec.update(dp.report(int(state.round), state.weight_state))
+    if comm is not None:
+      rec.update(comm.report())
     rec["elapsed_seconds"] = round(time.perf_counter() - t_start, 3)
     return rec, lists
 
@@ -254,6 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "max over evaluated rounds of the fine-tuned models' accuracy (as papers report)")
   if dp is not None:
     summary.update({k: v for k, v in final.items() if k.startswith("dp_")})
+  if comm is not None:
+    summary.update(comm.report())
   if corrupted.any():
     summary.update(_corruption_summary(final, weight_rows, corrupted, train))
   summary_path = os.path.join(workdir, "summary.json")

@@ -80,7 +80,8 @@ def weighting_table(config: ml_collections.ConfigDict, model: Model, train: Fede
 
 
 def make_weighting(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
-                   proxy=None, attackers: np.ndarray | None = None, base=None):
+                   proxy=None, attackers: np.ndarray | None = None, base=None,
+                   encode=None):
   """The `WeightFn` or `Aggregator` named by `config.aggregation.weighting`.
 
   `default` is the algorithm's own (`weighting_name`).
@@ -89,9 +90,11 @@ def make_weighting(config: ml_collections.ConfigDict, model: Model, train: Feder
   them. With `attackers` (a client mask), those clients send
   `corruption.attack_scale` times their update. `base`: an aggregator that
   replaces the configured weighting (DP-FedAvg's), attackers still applied.
+  `encode`: `aggregator -> aggregator` of the clients' compression, between the
+  attackers (who compress what they send) and the weighting.
   """
   if base is not None:
-    return _attacked(config, base, attackers)
+    return _attacked(config, base if encode is None else encode(base), attackers)
   c = config.aggregation
   table = weighting_table(config, model, train, proxy)
   weighting = weighting_name(config)
@@ -113,7 +116,7 @@ def make_weighting(config: ml_collections.ConfigDict, model: Model, train: Feder
       how = aggregation.power(how, c.power)
     if c.floor != 0.0:
       how = aggregation.floor(how, c.floor)
-  return _attacked(config, how, attackers)
+  return _attacked(config, how if encode is None else encode(how), attackers)
 
 
 def _attacked(config: ml_collections.ConfigDict, how, attackers: np.ndarray | None):

@@ -119,6 +119,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.privacy.clip_learning_rate = 0.2               # η_C of C's geometric update
   c.privacy.clipped_count_stddev = placeholder(float)  # σ_b (None: clients_per_round / 20)
 
+  # Compressed updates (fedjax_pers.privacy.compressed): method set turns it on.
+  c.compression = ml_collections.ConfigDict()
+  c.compression.method = placeholder(str)   # quantize (2^bits levels) or top_k
+  c.compression.bits = 8                    # quantize: bits per coordinate, 1 to 16
+  c.compression.rotate = False              # quantize: random Hadamard rotation first
+  c.compression.fraction = 0.01             # top_k: fraction of coordinates sent
+  c.compression.error_feedback = True       # top_k: clients keep what they did not send
+
+  # Secure aggregation, simulated (Bonawitz et al. 2017): bits set turns it on; it
+  # clips to privacy.clip_norm (noise_multiplier=0: no noise) and sums in b-bit fixed point.
+  c.secure_aggregation = ml_collections.ConfigDict()
+  c.secure_aggregation.bits = placeholder(int)   # b in [8, 32]
+  c.secure_aggregation.dropout_rate = 0.0        # sampled clients that drop after masking
+
   c.corruption = ml_collections.ConfigDict()
   c.corruption.label_shuffle_fraction = 0.0   # clients whose train labels are shuffled
   c.corruption.attack_fraction = 0.0          # clients that send attack_scale × update

@@ -1,6 +1,7 @@
 """Privacy and communication: client-level DP-FedAvg (clipping, Gaussian noise, a
 fixed denominator, adaptive clipping) and its accounting with Google's
-`dp-accounting` (RDP and PLD); compressed updates (quantisation, rotation, top-k)."""
+`dp-accounting` (RDP and PLD); compressed updates (quantisation, rotation, top-k);
+secure aggregation, simulated."""
 
 from fedjax_pers.privacy._accounting import (
     ACCOUNTANTS,
@@ -14,6 +15,7 @@ from fedjax_pers.privacy._compression import (
     CompressedState,
     Compressor,
     bits_per_client,
+    check_compressor,
     compressed,
     hadamard,
     padded_size,
@@ -32,11 +34,16 @@ from fedjax_pers.privacy._gaussian import (
     global_norms,
     update_noise_multiplier,
 )
+from fedjax_pers.privacy._secagg import SecAggState, secure_aggregator, secure_sum
 
 __all__ = [
+    "SecAggState",
+    "secure_aggregator",
+    "secure_sum",
     "CompressedState",
     "Compressor",
     "bits_per_client",
+    "check_compressor",
     "compressed",
     "hadamard",
     "padded_size",
