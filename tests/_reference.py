@@ -69,12 +69,14 @@ def engine_plan(rng, data, work, c=0, *, split=True):
                             min_examples=data.min_examples, client_id=int(c))
 
 
-def client_deltas(params, data, rng, work, lr, clients_per_round, mu=None):
+def client_deltas(params, data, rng, work, lr, clients_per_round, mu=None, ids=None):
   """Each sampled client's local training, with the engine's batches.
 
   Uses the engine's documented randomness: the round key splits into
   (next, sample, clients); client i's key is fold_in(clients, i), split into
   (plan, train).
+
+  `ids`: these clients instead of the uniform sampler's.
 
   Returns:
     `(w, b, clients)` with the global float64 params and, per sampled client,
@@ -83,7 +85,8 @@ def client_deltas(params, data, rng, work, lr, clients_per_round, mu=None):
   w = np.asarray(params["Dense_0"]["kernel"], np.float64)
   b = np.asarray(params["Dense_0"]["bias"], np.float64)
   _, k_sample, _ = jax.random.split(rng, 3)
-  idx = np.asarray(fp.core.sample_clients(k_sample, data.num_clients, clients_per_round))
+  idx = (np.asarray(fp.core.sample_clients(k_sample, data.num_clients, clients_per_round))
+         if ids is None else np.asarray(ids))
   clients = []
   for c in idx:
     n = int(data.num_examples[c])

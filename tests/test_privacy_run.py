@@ -61,6 +61,18 @@ def test_adaptive_clipping_moves_c_and_costs_the_same_epsilon(tmp_path):
   assert s["dp_epsilon"] == privacy.epsilon(0.8, 3 / 8, 4, 1e-3, "rdp", "fixed", 8)
 
 
+def test_poisson_sampling_run_reports_realised_cohorts_and_pld_epsilon(tmp_path):
+  s = train_and_evaluate(dp_config(sampling="poisson", accountant="pld"), str(tmp_path / "run"))
+  assert s["dp_epsilon"] == privacy.epsilon(0.8, 3 / 8, 4, 1e-3, "pld", "poisson")
+  assert s["dp_sampling"] == "poisson" and s["dp_cohort_slots"] == 8   # N = 8: all slots
+  assert 0 < s["dp_delta_truncation"] <= 4e-12 or s["dp_delta_truncation"] == 0
+  rows = [json.loads(line) for line in (tmp_path / "run" / "round_weights.jsonl").open()]
+  assert [len(r["clients"]) for r in rows] == [r["cohort_size"] for r in rows]
+  assert s["dp_cohort_sizes"]["mean"] == np.mean([r["cohort_size"] for r in rows])
+  for r in rows:   # every present client weighs 1 / W, W = q N = 3
+    np.testing.assert_allclose(r["weights"], 1 / 3, rtol=1e-5)
+
+
 def test_target_epsilon_calibrates_the_noise_for_the_planned_rounds(tmp_path):
   s = train_and_evaluate(dp_config(noise_multiplier=None, target_epsilon=5.0),
                          str(tmp_path / "run"))
@@ -97,6 +109,7 @@ def test_personal_models_under_dp(tmp_path):
     (lambda c: setattr(c.aggregation, "weighting", "num_examples"), "privacy.example_cap"),
     (lambda c: setattr(c.privacy, "example_cap", 10), "it would be ignored"),
     (lambda c: setattr(c.privacy, "accountant", "pld"), "no event for sampling without"),
+    (lambda c: setattr(c.privacy, "sampling", "shuffle"), "privacy.sampling='shuffle'"),
     (lambda c: setattr(c.privacy, "clip_norm", -1.0), "clip_norm must be a finite number"),
     (lambda c: setattr(c.privacy, "delta", 2.0), "delta must be a number in"),
     (lambda c: setattr(c.privacy, "target_quantile", 1.5), "target_quantile must be a number"),

@@ -133,9 +133,9 @@ def pfedme(
     raise ValueError(f"beta must be in (0, 2); got {beta!r}.")
   check_average(average)
   execution = as_execution(execution)
-  if execution.sampling_probs is not None:
-    raise ValueError("pfedme: every client trains every round; execution.sampling_probs must "
-                     "be None (the averaged clients are drawn uniformly).")
+  if execution.sampling_probs is not None or execution.poisson_rate is not None:
+    raise ValueError("pfedme: every client trains every round; execution.sampling_probs and "
+                     "poisson_rate must be None (the averaged clients are drawn uniformly).")
 
   def make_program(data: FederatedData):
     check_local_work(work, data.num_clients)

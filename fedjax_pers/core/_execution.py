@@ -108,6 +108,10 @@ class Execution:
       devices, balanced by steps (see `fedjax_pers.distributed.client_mesh`).
     sampling_probs: Optional `[N]` non-negative client sampling weights
       (default: uniform cohorts).
+    poisson_rate: Optional `q` in (0, 1]: Poisson sampling, each client taking
+      part with probability `q` independently; the round's `clients_per_round`
+      is then the static number of slots `K` (`poisson_max_cohort`), the
+      absent slots masked (`core._sampling.poisson_cohort`).
     differentiable: Run the masked, fixed-length path (see above).
 
   Example:
@@ -128,6 +132,7 @@ class Execution:
   mesh: Mesh | None = None
   sampling_probs: np.ndarray | None = None
   differentiable: bool = False
+  poisson_rate: float | None = None
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -159,6 +164,13 @@ class Execution:
         raise ValueError(
             "Execution sampling_probs must be a 1-D array of finite, non-negative weights, "
             f"not all zero; got shape {p.shape}, min {p.min() if p.size else None}.")
+    if self.poisson_rate is not None:
+      q = self.poisson_rate
+      if not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 1):
+        raise ValueError(f"Execution poisson_rate must be a number in (0, 1]; got {q!r}.")
+      if self.sampling_probs is not None:
+        raise ValueError("Execution poisson_rate and sampling_probs are two ways to sample a "
+                         "cohort; give one.")
 
   @property
   def num_devices(self) -> int:

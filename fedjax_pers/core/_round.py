@@ -24,7 +24,12 @@ from fedjax_pers.core._cohort import balance_on_host, execute_cohort, pad_cohort
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._execution import Execution, Plan, as_execution, plan, replicated
 from fedjax_pers.core._program import LocalProgram, capped
-from fedjax_pers.core._sampling import check_cohort, check_probs, sample_clients
+from fedjax_pers.core._sampling import (
+    check_cohort,
+    check_probs,
+    poisson_cohort,
+    sample_clients,
+)
 from fedjax_pers.core._source import cohort_source
 
 Params = Any
@@ -73,6 +78,8 @@ class RoundMetrics(NamedTuple):
     real_steps: Σ over the cohort of each client's steps that hold a real example.
     executed_steps: Client-steps the compiled round computed (padded steps or
       lane-steps; `executed_steps / real_steps` is the round's overhead).
+    present: `[k]` bool: the slot's client took part (all True but under
+      Poisson sampling, whose absent slots train nothing and weigh 0).
   """
 
   train_loss: jax.Array
@@ -82,6 +89,7 @@ class RoundMetrics(NamedTuple):
   client_train_loss: jax.Array
   real_steps: jax.Array
   executed_steps: jax.Array
+  present: jax.Array
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -145,16 +153,22 @@ def make_sampler(clients_per_round: int, execution: Execution | None = None):
   """`sample(rng, num_clients) -> (ids, (next_rng, k_sample, k_clients))` of a round.
 
   The round's key splits into (next round, sampling, clients); the cohort is
-  `sample_clients(k_sample, ...)` with the execution's sampling probabilities.
+  `sample_clients(k_sample, ...)` with the execution's sampling probabilities,
+  or the `clients_per_round` slots of `poisson_cohort(k_sample, ...)`.
   """
-  probs = as_execution(execution).sampling_probs
+  execution = as_execution(execution)
+  probs = execution.sampling_probs
   probs = None if probs is None else jnp.asarray(probs, jnp.float32)
+  rate = execution.poisson_rate
 
   def sample(rng: jax.Array, num_clients: int):
     if probs is not None:
       check_probs(np.asarray(probs), num_clients)
     rng, k_sample, k_clients = jax.random.split(rng, 3)
-    ids = sample_clients(k_sample, num_clients, clients_per_round, probs=probs)
+    if rate is not None:
+      ids, _ = poisson_cohort(k_sample, num_clients, clients_per_round, rate)
+    else:
+      ids = sample_clients(k_sample, num_clients, clients_per_round, probs=probs)
     return ids, (rng, k_sample, k_clients)
 
   return sample
@@ -211,7 +225,13 @@ def make_round(
         raise ValueError(f"data.window holds {data.window.shape} client ids; a round of "
                          f"clients_per_round={k} needs ({k},).")
       idx = data.window
+    present = jnp.ones(k, bool)
+    if execution.poisson_rate is not None:
+      # Who of the slots took part, as the sampler drew them (a feed's window too).
+      ids, present = poisson_cohort(k_sample, data.num_clients, k, execution.poisson_rate)
+      present = present & (ids == idx)
     padded, valid = pad_cohort(idx, execution.num_devices)
+    valid = valid & jnp.concatenate([present, jnp.zeros(valid.shape[0] - k, bool)])
     if data.deal is not None and (data.window is None or data.x.shape[0] != padded.shape[0]):
       raise ValueError(f"data.deal needs a window and x rows for the {padded.shape[0]} padded "
                        f"clients of the round; got window "
@@ -227,12 +247,15 @@ def make_round(
                        "round needs that cohort's gathered data (data.window set).")
     stacked = state.client_states.states if windowed else state.client_states
     personal = stacked if jax.tree.leaves(stacked) else None
-    whole = (mesh is None and execution.sampling_probs is None and k == data.num_clients)
+    whole = (mesh is None and execution.sampling_probs is None
+             and execution.poisson_rate is None and k == data.num_clients)
     source = cohort_source(data, personal, jax.random.fold_in(k_sample, 1), whole=whole,
                            windowed=windowed)
     result = execute_cohort(program, state.params, source, padded, valid, k_clients,
                             plan=how, mesh=mesh, score=aggregator.score)
     outputs = jax.tree.map(lambda a: a[:k], result.outputs)._replace(client_id=idx)
+    nonfinite = jnp.sum(~outputs.finite & present).astype(jnp.int32)
+    outputs = outputs._replace(finite=outputs.finite & present)   # absent slots weigh 0
     weight_state = state.weight_state
     if result.score_sum is not None:
       acc, total = result.score_sum
@@ -258,9 +281,9 @@ def make_round(
     metrics = RoundMetrics(
         train_loss=jnp.sum(n * jnp.where(outputs.finite, outputs.train_loss, 0.0))
         / jnp.maximum(jnp.sum(n), 1.0),
-        num_nonfinite=jnp.sum(~outputs.finite).astype(jnp.int32),
+        num_nonfinite=nonfinite,
         clients=idx, weights=weights, client_train_loss=outputs.train_loss,
-        real_steps=result.real_steps, executed_steps=result.executed_steps)
+        real_steps=result.real_steps, executed_steps=result.executed_steps, present=present)
     new_state = ServerState(
         params=params, opt_state=opt_state, weight_state=weight_state,
         client_states=client_states, round=state.round + 1, rng=rng)

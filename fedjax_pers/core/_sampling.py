@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,49 @@ def _floyd(key: jax.Array, n: int, k: int) -> jax.Array:
     return chosen.at[i].set(jnp.where(jnp.any(chosen == t), top[i], t))
 
   return jax.lax.fori_loop(0, k, take, jnp.full((k,), -1, jnp.int32))
+
+
+def poisson_max_cohort(num_clients: int, rate: float, tail: float = 1e-12) -> int:
+  """The static cohort size of Poisson sampling: the smallest `K` with
+  `P(Binomial(N, q) > K) ≤ tail` (computed in log space, exactly enough at any N)."""
+  if not (isinstance(rate, (int, float)) and 0 < rate <= 1):
+    raise ValueError(f"poisson_rate must be a number in (0, 1]; got {rate!r}.")
+  if rate == 1:
+    return num_clients
+  ks = np.arange(num_clients + 1)
+  lg = np.vectorize(math.lgamma)
+  logpmf = (lg(num_clients + 1.0) - lg(ks + 1.0) - lg(num_clients - ks + 1.0)
+            + ks * math.log(rate) + (num_clients - ks) * math.log1p(-rate))
+  pmf = np.exp(logpmf - logpmf.max()) * math.exp(logpmf.max())
+  above = np.cumsum(pmf[::-1])[::-1]            # above[K] = P(X >= K)
+  over = np.append(above[1:], 0.0)               # over[K] = P(X > K)
+  return max(1, int(np.argmax(over <= tail)))
+
+
+def poisson_tail(num_clients: int, rate: float, max_clients: int) -> float:
+  """`P(Binomial(N, q) > K)`: the chance that a round's Poisson draw overflows `K` slots."""
+  ks = np.arange(max_clients + 1, num_clients + 1)
+  if ks.size == 0:
+    return 0.0
+  lg = np.vectorize(math.lgamma)
+  logpmf = (lg(num_clients + 1.0) - lg(ks + 1.0) - lg(num_clients - ks + 1.0)
+            + ks * math.log(rate) + (num_clients - ks) * math.log1p(-rate))
+  return float(np.exp(logpmf).sum())
+
+
+def poisson_cohort(key: jax.Array, num_clients: int, max_clients: int, rate: float
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Poisson sampling in `K = max_clients` static slots.
+
+  Every client draws `u_i ~ U(0, 1)` and takes part iff `u_i < q`, independently
+  of the others. The slots hold the `K` clients of smallest `u_i` in order, so
+  the `m` participants come first and the rest are distinct non-participants
+  (masked); a draw with `m > K` keeps the `K` smallest (the driver picks `K`
+  so that this has probability ≤ 1e-12 per round: `poisson_max_cohort`).
+
+  Returns:
+    `([K] int32 client ids, [K] bool present)`.
+  """
+  u = jax.random.uniform(key, (num_clients,))
+  neg, ids = jax.lax.top_k(-u, max_clients)
+  return ids.astype(jnp.int32), -neg < rate

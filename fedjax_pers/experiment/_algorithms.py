@@ -6,6 +6,7 @@ would not read are refused (`_refuse_ignored`) rather than ignored.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -148,15 +149,19 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
   sampling = config.get("sampling", "uniform")
   probs = _pick({"uniform": None, "num_examples": np.asarray(train.num_examples, np.float64)},
                 sampling, "sampling")
-  cohort = cohort_size(config, train.num_clients)
   dp = _privacy.make_plan(config, host_sizes(train))
+  poisson = dp is not None and dp.sampling == "poisson"
+  cohort = dp.max_cohort if poisson else cohort_size(config, train.num_clients)
+  execution = make_execution(config, cohort, probs)
+  if poisson:
+    execution = dataclasses.replace(execution, poisson_rate=dp.sampling_rate)
   kwargs = dict(
-      clients_per_round=config.clients_per_round,
+      clients_per_round=cohort if poisson else config.clients_per_round,
       weighting=make_weighting(
           config, model, train, proxy, attackers,
           base=None if dp is None else _privacy.aggregator(dp, config),
           encode=_communication.encoder(config, model)),
-      execution=make_execution(config, cohort, probs))
+      execution=execution)
   client_tx = make_optimizer(config.client, "client")
   server_tx = make_optimizer(config.server, "server")
   work = make_local_work(config.client)

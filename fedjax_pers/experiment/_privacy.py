@@ -3,10 +3,15 @@
 `privacy.clip_norm` set turns DP on: the round's aggregate becomes
 `privacy.dp_fedavg_aggregator` (clipped updates, Gaussian noise `z C`, the
 fixed denominator `W = q Σ_k w_k`), whatever the algorithm, and every
-evaluation reports ε at `privacy.delta` after the rounds run so far. Rounds
-draw `clients_per_round` of the `N` clients uniformly without replacement, so
-the accounting is fixed-size sampling at `q = k / N` (RDP; see
-`privacy._accounting`). `privacy.target_quantile=γ` makes `C` adaptive
+evaluation reports ε at `privacy.delta` after the rounds run so far. With
+`privacy.sampling='fixed'` (default) rounds draw `clients_per_round` of the `N`
+clients uniformly without replacement, accounted as fixed-size sampling at
+`q = k / N` (RDP; see `privacy._accounting`). With `'poisson'` each client takes
+part with probability `q = k / N` on its own (`Execution(poisson_rate=q)`), in
+`K` static slots, the smallest with `P(Binomial(N, q) > K) ≤ 1e-12`; a round
+that draws more keeps `K` (the reported `dp_delta_truncation`, `T` times that
+tail, bounds the chance it ever happens: the run is `(ε, δ + it)`-DP), and
+either accountant applies. `privacy.target_quantile=γ` makes `C` adaptive
 (Andrew et al., NeurIPS 2021): `clip_norm` is then its start, it follows the
 γ-quantile of the update norms by `privacy.clip_learning_rate`, from a count
 noised by `privacy.clipped_count_stddev` (default `k / 20`), inside the same `z`.
@@ -23,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_pers import privacy
+from fedjax_pers.core._sampling import poisson_max_cohort, poisson_tail
 from fedjax_pers.experiment._weighting import weighting_name
 
 # Weightings with a privacy cost defined: 1, or the paper's capped data size.
@@ -40,6 +46,8 @@ class DpPlan(NamedTuple):
   accountant: str
   example_cap: int | None
   denominator: float
+  sampling: str = "fixed"
+  max_cohort: int | None = None
   target_quantile: float | None = None
   clip_learning_rate: float = 0.2
   count_stddev: float | None = None
@@ -49,11 +57,15 @@ class DpPlan(NamedTuple):
     """The `dp_*` figures after `rounds` rounds (ε from scratch: a resumed run's too);
     `dp_clip_norm` is the current `C` of `weight_state` where clipping is adaptive."""
     eps = privacy.epsilon(self.noise_multiplier, self.sampling_rate, rounds, self.delta,
-                          self.accountant, "fixed", self.num_clients)
+                          self.accountant, self.sampling, self.num_clients)
+    extra = {} if self.sampling == "fixed" else {
+        "dp_cohort_slots": self.max_cohort,
+        "dp_delta_truncation": rounds * poisson_tail(self.num_clients, self.sampling_rate,
+                                                     self.max_cohort)}
     return {"dp_epsilon": eps if math.isfinite(eps) else None, "dp_delta": self.delta,
             "dp_noise_multiplier": self.noise_multiplier,
             "dp_sampling_rate": self.sampling_rate, "dp_steps": rounds,
-            "dp_accountant": self.accountant, "dp_sampling": "fixed",
+            "dp_accountant": self.accountant, "dp_sampling": self.sampling, **extra,
             "dp_clip_norm": self.clip_norm if self.target_quantile is None or weight_state
             is None else current_clip_norm(weight_state)}
 
@@ -82,6 +94,12 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
                f"{DP_WEIGHTINGS})")
   if config.get("sampling", "uniform") != "uniform":
     why.append(f"sampling={config.sampling!r} (the accounting is for uniform cohorts)")
+  sampling = p.get("sampling", "fixed")
+  if sampling not in privacy.SAMPLINGS:
+    why.append(f"privacy.sampling={sampling!r} (expected one of {privacy.SAMPLINGS})")
+  if sampling == "poisson" and config.get("data", {}).get("store") is not None:
+    why.append("privacy.sampling='poisson' with data.store (a host feed of Poisson cohorts "
+               "is not built; use sampling='fixed')")
   if config.algorithm == "pfedme":
     why.append("algorithm='pfedme' (it trains every client each round with its own average)")
   if why:
@@ -112,14 +130,16 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
     raise ValueError(f"privacy: set exactly one of noise_multiplier and target_epsilon; got "
                      f"noise_multiplier={z!r}, target_epsilon={target!r}.")
   if z is None:
-    z = _calibrated(target, q, config.num_rounds, delta, p.accountant, "fixed", n)
-  privacy.epsilon(z, q, 1, delta, p.accountant, "fixed", n)   # checks every argument
+    z = _calibrated(target, q, config.num_rounds, delta, p.accountant, sampling, n)
+  privacy.epsilon(z, q, 1, delta, p.accountant, sampling, n)   # checks every argument
   sizes = np.asarray(sizes)
   plan = DpPlan(clip_norm=p.clip_norm, noise_multiplier=float(z), delta=delta,
                 sampling_rate=q, num_clients=n, accountant=p.accountant,
                 example_cap=cap if weighting == "num_examples" else None,
                 denominator=privacy.expected_weight(
                     sizes, cap if weighting == "num_examples" else None, q),
+                sampling=sampling,
+                max_cohort=poisson_max_cohort(n, q) if sampling == "poisson" else None,
                 target_quantile=gamma,
                 clip_learning_rate=p.get("clip_learning_rate", DEFAULTS["clip_learning_rate"]),
                 count_stddev=p.get("clipped_count_stddev"), expected_clients=float(k))
@@ -149,7 +169,7 @@ def aggregator(plan: DpPlan, config: ml_collections.ConfigDict):
   secure = config.get("secure_aggregation", {})
   if secure.get("bits") is not None:
     return privacy.secure_aggregator(
-        plan.clip_norm, secure.bits, config.clients_per_round, key,
+        plan.clip_norm, secure.bits, plan.max_cohort or config.clients_per_round, key,
         dropout_rate=secure.get("dropout_rate", 0.0), noise_multiplier=plan.noise_multiplier,
         denominator=plan.denominator, example_cap=plan.example_cap)
   return privacy.dp_fedavg_aggregator(

@@ -197,11 +197,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, m = run_round(state)
     train_losses.append(m.train_loss)
     jax.block_until_ready(state)
-    clients, weights, real, executed = jax.device_get(
-        (m.clients, m.weights, m.real_steps, m.executed_steps))
+    clients, weights, real, executed, present = jax.device_get(
+        (m.clients, m.weights, m.real_steps, m.executed_steps, m.present))
     steps += (int(real), int(executed))
-    row = {"round": r + 1, "clients": clients.tolist(),
-           "weights": [round(float(w), 6) for w in weights]}
+    row = {"round": r + 1, "clients": clients[present].tolist(),
+           "weights": [round(float(w), 6) for w in weights[present]]}
+    if dp is not None and dp.sampling == "poisson":   # the realised Poisson cohort
+      row["cohort_size"] = int(present.sum())
     weight_rows.append(row)
     append(weights_path, row)
     if r == first:
@@ -258,6 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "max over evaluated rounds of the fine-tuned models' accuracy (as papers report)")
   if dp is not None:
     summary.update({k: v for k, v in final.items() if k.startswith("dp_")})
+    if dp.sampling == "poisson":
+      sizes = [row["cohort_size"] for row in weight_rows if "cohort_size" in row]
+      summary["dp_cohort_sizes"] = {"mean": float(np.mean(sizes)), "min": int(min(sizes)),
+                                    "max": int(max(sizes))} if sizes else None
   if comm is not None:
     summary.update(comm.report())
   if corrupted.any():

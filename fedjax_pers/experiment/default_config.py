@@ -113,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.privacy.noise_multiplier = placeholder(float)  # z: noise N(0, (zC)²) on the sum; or
   c.privacy.target_epsilon = placeholder(float)    # ε after num_rounds: z calibrated to it
   c.privacy.delta = placeholder(float)             # δ (None: 1 / N^1.1)
-  c.privacy.accountant = "rdp"                     # rdp (fixed-size cohorts: RDP only)
+  c.privacy.accountant = "rdp"                     # rdp, or pld (poisson sampling only)
+  c.privacy.sampling = "fixed"                     # fixed: k of N; poisson: each at q = k/N
   c.privacy.example_cap = placeholder(int)         # num_examples weighting: min(n_i/cap, 1)
   c.privacy.target_quantile = placeholder(float)   # γ: adaptive C (Andrew et al. 2021)
   c.privacy.clip_learning_rate = 0.2               # η_C of C's geometric update
