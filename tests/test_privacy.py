@@ -268,3 +268,22 @@ def test_adaptive_clipping_refusals():
     mk(target_quantile=0.5)
   with pytest.raises(ValueError, match="count_stddev must exceed"):
     mk(target_quantile=0.5, expected_clients=5.0, count_stddev=0.5)
+
+
+def test_local_dp_noises_each_client_and_accounts_without_amplification():
+  """Σ_i w_i (0 + N(0, (zC)²)) / W: std zC √(Σ w_i²) / W; ε: T releases of z / 2."""
+  k, dim, c, z, den, cap = 5, 40_000, 0.7, 1.3, 3.0, 20
+  out = make_outputs(k=k, bad=())._replace(delta={"w": jnp.zeros((k, dim))})
+  a = privacy.dp_fedavg_aggregator(c, z, den, jax.random.key(7), example_cap=cap, local=True)
+  delta, w, _ = jax.jit(a.apply)(out, a.init(10), None)
+  wi = np.minimum(np.asarray(out.num_examples) / cap, 1.0)
+  sd = z * c * np.sqrt(np.sum(wi ** 2)) / den
+  x = np.asarray(delta["w"], np.float64)
+  lo, hi = stats.chi2.ppf([5e-7, 1 - 5e-7], dim)
+  assert lo <= np.sum(x ** 2) / sd ** 2 <= hi
+  gauss = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z / 2), 7)
+  assert privacy.local_epsilon(z, 7, 1e-5) == pytest.approx(
+      rdp.RdpAccountant().compose(gauss).get_epsilon(1e-5), rel=1e-12)
+  with pytest.raises(ValueError, match="under local DP is not built"):
+    privacy.dp_fedavg_aggregator(c, z, den, jax.random.key(0), local=True,
+                                 target_quantile=0.5, expected_clients=5.0)

@@ -73,6 +73,15 @@ def test_poisson_sampling_run_reports_realised_cohorts_and_pld_epsilon(tmp_path)
     np.testing.assert_allclose(r["weights"], 1 / 3, rtol=1e-5)
 
 
+def test_local_dp_run_reports_local_epsilon_and_calibrates_for_it(tmp_path):
+  s = train_and_evaluate(dp_config(local=True, noise_multiplier=None, target_epsilon=20.0),
+                         str(tmp_path / "run"))
+  z = s["dp_noise_multiplier"]
+  assert s["dp_local"] is True
+  assert s["dp_epsilon"] == privacy.local_epsilon(z, 4, 1e-3) <= 20.0
+  assert privacy.local_epsilon(0.99 * z, 4, 1e-3) > 20.0
+
+
 def test_target_epsilon_calibrates_the_noise_for_the_planned_rounds(tmp_path):
   s = train_and_evaluate(dp_config(noise_multiplier=None, target_epsilon=5.0),
                          str(tmp_path / "run"))
@@ -110,6 +119,8 @@ def test_personal_models_under_dp(tmp_path):
     (lambda c: setattr(c.privacy, "example_cap", 10), "it would be ignored"),
     (lambda c: setattr(c.privacy, "accountant", "pld"), "no event for sampling without"),
     (lambda c: setattr(c.privacy, "sampling", "shuffle"), "privacy.sampling='shuffle'"),
+    (lambda c: (setattr(c.privacy, "local", True), setattr(c.secure_aggregation, "bits", 16)),
+     "the secure sum adds no client-side noise"),
     (lambda c: setattr(c.privacy, "clip_norm", -1.0), "clip_norm must be a finite number"),
     (lambda c: setattr(c.privacy, "delta", 2.0), "delta must be a number in"),
     (lambda c: setattr(c.privacy, "target_quantile", 1.5), "target_quantile must be a number"),

@@ -11,10 +11,13 @@ part with probability `q = k / N` on its own (`Execution(poisson_rate=q)`), in
 `K` static slots, the smallest with `P(Binomial(N, q) > K) ≤ 1e-12`; a round
 that draws more keeps `K` (the reported `dp_delta_truncation`, `T` times that
 tail, bounds the chance it ever happens: the run is `(ε, δ + it)`-DP), and
-either accountant applies. `privacy.target_quantile=γ` makes `C` adaptive
-(Andrew et al., NeurIPS 2021): `clip_norm` is then its start, it follows the
-γ-quantile of the update norms by `privacy.clip_learning_rate`, from a count
-noised by `privacy.clipped_count_stddev` (default `k / 20`), inside the same `z`.
+either accountant applies. `privacy.local=True`: local DP, each client noising
+its own clipped update; ε is then `privacy.local_epsilon` (every round a
+participation, no amplification) and `target_epsilon` calibrates for it.
+`privacy.target_quantile=γ` makes `C` adaptive (Andrew et al., NeurIPS 2021):
+`clip_norm` is then its start, it follows the γ-quantile of the update norms by
+`privacy.clip_learning_rate`, from a count noised by
+`privacy.clipped_count_stddev` (default `max(k / 20, z)`), inside the same `z`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class DpPlan(NamedTuple):
   example_cap: int | None
   denominator: float
   sampling: str = "fixed"
+  local: bool = False
   max_cohort: int | None = None
   target_quantile: float | None = None
   clip_learning_rate: float = 0.2
@@ -56,8 +60,12 @@ class DpPlan(NamedTuple):
   def report(self, rounds: int, weight_state=None) -> dict[str, Any]:
     """The `dp_*` figures after `rounds` rounds (ε from scratch: a resumed run's too);
     `dp_clip_norm` is the current `C` of `weight_state` where clipping is adaptive."""
-    eps = privacy.epsilon(self.noise_multiplier, self.sampling_rate, rounds, self.delta,
-                          self.accountant, self.sampling, self.num_clients)
+    if self.local:
+      eps = (privacy.local_epsilon(self.noise_multiplier, rounds, self.delta, self.accountant)
+             if self.noise_multiplier > 0 else math.inf)
+    else:
+      eps = privacy.epsilon(self.noise_multiplier, self.sampling_rate, rounds, self.delta,
+                            self.accountant, self.sampling, self.num_clients)
     extra = {} if self.sampling == "fixed" else {
         "dp_cohort_slots": self.max_cohort,
         "dp_delta_truncation": rounds * poisson_tail(self.num_clients, self.sampling_rate,
@@ -65,7 +73,8 @@ class DpPlan(NamedTuple):
     return {"dp_epsilon": eps if math.isfinite(eps) else None, "dp_delta": self.delta,
             "dp_noise_multiplier": self.noise_multiplier,
             "dp_sampling_rate": self.sampling_rate, "dp_steps": rounds,
-            "dp_accountant": self.accountant, "dp_sampling": self.sampling, **extra,
+            "dp_accountant": self.accountant, "dp_sampling": self.sampling,
+            "dp_local": self.local, **extra,
             "dp_clip_norm": self.clip_norm if self.target_quantile is None or weight_state
             is None else current_clip_norm(weight_state)}
 
@@ -118,6 +127,12 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
     if gamma is None and p.get(key) is not None and p.get(key) != DEFAULTS.get(key):
       raise ValueError(f"privacy.{key}={p.get(key)!r} is for adaptive clipping; set "
                        f"privacy.target_quantile (γ in (0, 1)) or unset it.")
+  local = p.get("local", False)
+  if not isinstance(local, bool):
+    raise ValueError(f"privacy.local must be a bool; got {local!r}.")
+  if secure is not None and local:
+    raise ValueError(f"privacy.local=True with secure_aggregation.bits={secure!r}: the "
+                     "secure sum adds no client-side noise; use one or the other.")
   if secure is not None and gamma is not None:
     raise ValueError(f"privacy.target_quantile={gamma!r} with secure_aggregation.bits="
                      f"{secure!r}: adaptive clipping's count of unclipped clients would need "
@@ -129,7 +144,9 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
   if (z is None) == (target is None):
     raise ValueError(f"privacy: set exactly one of noise_multiplier and target_epsilon; got "
                      f"noise_multiplier={z!r}, target_epsilon={target!r}.")
-  if z is None:
+  if z is None and local:   # local_epsilon(z) = ε of z / 2, unsampled
+    z = 2 * _calibrated(target, 1.0, config.num_rounds, delta, p.accountant, "poisson", None)
+  elif z is None:
     z = _calibrated(target, q, config.num_rounds, delta, p.accountant, sampling, n)
   privacy.epsilon(z, q, 1, delta, p.accountant, sampling, n)   # checks every argument
   sizes = np.asarray(sizes)
@@ -138,7 +155,7 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
                 example_cap=cap if weighting == "num_examples" else None,
                 denominator=privacy.expected_weight(
                     sizes, cap if weighting == "num_examples" else None, q),
-                sampling=sampling,
+                sampling=sampling, local=local,
                 max_cohort=poisson_max_cohort(n, q) if sampling == "poisson" else None,
                 target_quantile=gamma,
                 clip_learning_rate=p.get("clip_learning_rate", DEFAULTS["clip_learning_rate"]),
@@ -176,4 +193,4 @@ def aggregator(plan: DpPlan, config: ml_collections.ConfigDict):
       plan.clip_norm, plan.noise_multiplier, plan.denominator, key,
       example_cap=plan.example_cap, target_quantile=plan.target_quantile,
       clip_learning_rate=plan.clip_learning_rate, count_stddev=plan.count_stddev,
-      expected_clients=plan.expected_clients)
+      expected_clients=plan.expected_clients, local=plan.local)

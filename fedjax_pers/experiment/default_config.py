@@ -115,10 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.privacy.delta = placeholder(float)             # δ (None: 1 / N^1.1)
   c.privacy.accountant = "rdp"                     # rdp, or pld (poisson sampling only)
   c.privacy.sampling = "fixed"                     # fixed: k of N; poisson: each at q = k/N
+  c.privacy.local = False                          # True: each client noises its own update
   c.privacy.example_cap = placeholder(int)         # num_examples weighting: min(n_i/cap, 1)
   c.privacy.target_quantile = placeholder(float)   # γ: adaptive C (Andrew et al. 2021)
   c.privacy.clip_learning_rate = 0.2               # η_C of C's geometric update
-  c.privacy.clipped_count_stddev = placeholder(float)  # σ_b (None: clients_per_round / 20)
+  c.privacy.clipped_count_stddev = placeholder(float)  # σ_b (None: max(k / 20, z))
 
   # Compressed updates (fedjax_pers.privacy.compressed): method set turns it on.
   c.compression = ml_collections.ConfigDict()

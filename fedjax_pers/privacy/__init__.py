@@ -9,6 +9,7 @@ from fedjax_pers.privacy._accounting import (
     calibrate_noise,
     dp_event,
     epsilon,
+    local_epsilon,
     make_accountant,
 )
 from fedjax_pers.privacy._compression import (
@@ -63,6 +64,7 @@ __all__ = [
     "epsilon",
     "expected_weight",
     "global_norms",
+    "local_epsilon",
     "make_accountant",
     "update_noise_multiplier",
 ]

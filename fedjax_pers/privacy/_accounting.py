@@ -148,3 +148,12 @@ def _check(**values) -> None:
               isinstance(v, (int, float)) and math.isfinite(v))
     if isinstance(v, bool) or not number or not ok(v):
       raise ValueError(f"{name} must be {want}; got {v!r}.")
+
+
+def local_epsilon(noise_multiplier: float, steps: int, delta: float,
+                  accountant: str = "rdp") -> float:
+  """ε of local DP-FedAvg against the server: `steps` Gaussian releases of one client's
+  clipped update, each of multiplier `z / 2` (sensitivity `2C`: the update may change
+  arbitrarily), with no amplification by sampling (the server knows who took part)."""
+  _check(noise_multiplier=noise_multiplier, sampling_rate=1.0, steps=steps)
+  return epsilon(noise_multiplier / 2, 1.0, steps, delta, accountant, "poisson")

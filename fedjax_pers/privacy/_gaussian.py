@@ -30,6 +30,13 @@ that the two Gaussian releases together are one Gaussian mechanism of
 multiplier `z` (their Theorem 1; the count's bits, centred at ½, have
 sensitivity ½): the accountant charges `z`, as for fixed clipping. `C` lives in
 `DpState`, checkpointed with the key.
+
+Local DP (`local=True`): each client adds `N(0, (zC)² I)` to its own clipped
+update before it leaves the device, so the server (trusted with nothing) sees
+only noised updates: `Δ = Σ_i w_i (clip(Δ_i, C) + N(0, (zC)² I)) / W`. Against
+the server there is no amplification by sampling and a client's data may change
+its update arbitrarily (sensitivity `2C`): each participation is a Gaussian
+mechanism of multiplier `z / 2`, composed over every round (`local_epsilon`).
 """
 
 from __future__ import annotations
@@ -121,7 +128,8 @@ def dp_fedavg_aggregator(clip_norm: float, noise_multiplier: float, denominator:
                          target_quantile: float | None = None,
                          clip_learning_rate: float = 0.2,
                          count_stddev: float | None = None,
-                         expected_clients: float | None = None) -> Aggregator:
+                         expected_clients: float | None = None,
+                         local: bool = False) -> Aggregator:
   """The DP-FedAvg aggregate (module docstring) as the round's `Aggregator`.
 
   Args:
@@ -133,9 +141,12 @@ def dp_fedavg_aggregator(clip_norm: float, noise_multiplier: float, denominator:
     example_cap: `n_cap` for the capped data-size weights; None: `w_i = 1`.
     target_quantile: γ in (0, 1) turns adaptive clipping on; None: fixed `C`.
     clip_learning_rate: η_C > 0 of the geometric update.
-    count_stddev: σ_b ≥ 0 of the count's noise (default `m / 20`, the paper's);
-      must exceed `z / 2` when `z > 0`.
+    count_stddev: σ_b ≥ 0 of the count's noise; must exceed `z / 2` when
+      `z > 0`. Default: the paper's `m / 20`, or `z` where that is larger (the
+      paper's cohorts were large and `z` near 1): `z_Δ ≤ 1.155 z`.
     expected_clients: `m` > 0, the expected cohort size (needed with γ).
+    local: Local DP: each client noises its own clipped update (module
+      docstring); the server adds nothing.
 
   Returns:
     An `Aggregator` with state `DpState` whose `weights` are `w_i / W` (zero for
@@ -148,13 +159,19 @@ def dp_fedavg_aggregator(clip_norm: float, noise_multiplier: float, denominator:
   if example_cap is not None and not (isinstance(example_cap, int) and example_cap >= 1):
     raise ValueError(f"example_cap must be None or an int >= 1; got {example_cap!r}.")
   z_update = float(noise_multiplier)
+  if not isinstance(local, bool):
+    raise ValueError(f"local must be a bool; got {local!r}.")
+  if local and target_quantile is not None:
+    raise ValueError("Adaptive clipping (target_quantile) under local DP is not built: the "
+                     "count of unclipped clients would need each client's own noise.")
   if target_quantile is not None:
     if not (isinstance(target_quantile, (int, float)) and 0 < target_quantile < 1):
       raise ValueError(f"target_quantile must be a number in (0, 1) (or None: fixed "
                        f"clipping); got {target_quantile!r}.")
     _check_number("clip_learning_rate", clip_learning_rate, zero=False)
     _check_number("expected_clients", expected_clients, zero=False)
-    count_stddev = expected_clients / 20 if count_stddev is None else count_stddev
+    if count_stddev is None:   # the paper's m / 20, raised to z where that is too little
+      count_stddev = max(expected_clients / 20, float(noise_multiplier))
     _check_number("count_stddev", count_stddev, zero=True)
     z_update = update_noise_multiplier(float(noise_multiplier), float(count_stddev))
 
@@ -170,9 +187,13 @@ def dp_fedavg_aggregator(clip_norm: float, noise_multiplier: float, denominator:
     key, k_noise = jax.random.split(state.key)
     leaves, tree = jax.tree.flatten(clipped)
     keys = jax.random.split(k_noise, len(leaves))
-    noised = [jnp.tensordot(w.astype(d.dtype), d, axes=1)
-              + (z_update * c * jax.random.normal(k, d.shape[1:], d.dtype)).astype(d.dtype)
-              for d, k in zip(leaves, keys)]
+    if local:   # each client's own noise, then the weighted sum
+      noised = [jnp.tensordot(w.astype(d.dtype), d + (z_update * c * jax.random.normal(
+          k, d.shape, d.dtype)).astype(d.dtype), axes=1) for d, k in zip(leaves, keys)]
+    else:
+      noised = [jnp.tensordot(w.astype(d.dtype), d, axes=1)
+                + (z_update * c * jax.random.normal(k, d.shape[1:], d.dtype)).astype(d.dtype)
+                for d, k in zip(leaves, keys)]
     delta = jax.tree.map(lambda s: s / denominator, jax.tree.unflatten(tree, noised))
     if target_quantile is not None:
       count_noise = count_stddev * jax.random.normal(jax.random.fold_in(k_noise, 1), ())
