@@ -336,3 +336,61 @@ def test_sorting_network_matches_numpy_sort(n):
   x[0, 0, 0] = np.inf
   x[n // 2, 1, 1] = -np.inf
   np.testing.assert_array_equal(np.asarray(jax.jit(agg.sort_clients)(x)), np.sort(x, axis=0))
+
+
+def test_fedadp_smoothed_angle_is_the_running_mean_over_participations():
+  """Four rounds over different cohorts: each client's θ̃ is the plain mean of the angles
+  of the rounds it took part in (a ½-weight moving average agrees only up to t = 2)."""
+  fn = agg.fedadp()
+  state = fn.init(N)
+  seen = {}
+  rng = np.random.default_rng(7)
+  for t in range(4):
+    o = make_outputs(seed=10 + t, bad=())
+    ids = np.sort(rng.permutation(N)[:K]) if t else np.arange(K)
+    if t == 3:
+      ids = np.arange(K)   # clients 0..K-1 again: some reach three or four participations
+    o = o._replace(client_id=jnp.asarray(ids, jnp.int32))
+    _, state = weights_of(fn, o, state)
+    theta = np.arccos(np.clip(np_cos(np_out(o)), -1, 1))
+    for i, th in zip(ids, theta):
+      seen.setdefault(int(i), []).append(th)
+  assert max(len(v) for v in seen.values()) >= 3
+  for i, angles in seen.items():
+    assert float(state.angle[i]) == pytest.approx(np.mean(angles), rel=1e-5), i
+    assert int(state.count[i]) == len(angles)
+
+
+def test_label_divergence_at_temperature_zero_is_data_size_whatever_the_population():
+  """The issue's case: q gives label 2 probability 0, which client 2 holds."""
+  hist = jnp.asarray([[5, 5, 0], [10, 0, 0], [2, 2, 2]], jnp.float32)
+  o = make_outputs(k=3, bad=())._replace(label_hist=hist,
+                                          num_examples=jnp.asarray([10, 10, 6], jnp.int32))
+  w, _ = weights_of(agg.label_divergence(0.0, population=[0.5, 0.5, 0.0]), o)
+  np.testing.assert_allclose(w, np.array([10, 10, 6]) / 26, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"population gives probability 0 to labels \[2\]"):
+    agg.label_divergence(1.0, population=[0.5, 0.5, 0.0])
+  w, _ = weights_of(agg.label_divergence(1.0, population=[0.45, 0.45, 0.1]), o)
+  assert np.all(np.isfinite(w)) and abs(float(np.sum(w)) - 1) < 1e-6
+
+
+def test_krum_scores_survive_a_large_common_part_in_float32():
+  """5,000 parameters, spread 1e-3 around a common part of norm 30 (the issue's case):
+  the scores match float64 arithmetic and Krum picks what float64 picks."""
+  rng = np.random.default_rng(0)
+  d, k, f = 5000, 10, 2
+  picks = 0
+  for _ in range(20):
+    common = rng.normal(size=d)
+    common *= 30 / np.linalg.norm(common)
+    x = common[None] + 1e-3 * rng.normal(size=(k, d)) * rng.uniform(0.5, 2.0, (k, 1))
+    o = make_outputs(k=k, bad=())._replace(delta={"w": jnp.asarray(x, jnp.float32)},
+                                            finite=jnp.ones(k, bool))
+    got = np.asarray(agg.krum_scores(o, f), np.float64)
+    x32 = np.asarray(np.asarray(x, np.float32), np.float64)   # the same float32 inputs
+    dist = ((x32[:, None] - x32[None]) ** 2).sum(-1)
+    np.fill_diagonal(dist, np.inf)
+    want = np.sort(dist, axis=1)[:, :k - f - 2].sum(1)
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+    picks += int(np.argmin(got) == np.argmin(want))
+  assert picks == 20

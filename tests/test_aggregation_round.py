@@ -191,3 +191,20 @@ def test_fedlaw_in_a_round():
   assert abs(float(np.sum(m.weights)) - 1) < 1e-6
   with pytest.raises(ValueError, match="proxy"):
     agg.fedlaw(model, data.x[0, :5], data.y[0, :4])
+
+
+def test_fedlaw_starts_from_the_fedavg_weights():
+  """With a learning rate of 0 the learned weights stay where they start: λ = n_i / Σ n_j
+  over the finite clients and γ = 1, so the aggregate is FedAvg's (uniform would not be)."""
+  model, params, deltas, finite, x, y, _ = fedlaw_setup(jnp.float32)
+  n = jnp.asarray([6, 5, 7, 2, 9])
+  out = fp.core.ClientOutput(delta=deltas, num_examples=n, train_loss=None, num_steps=None,
+                             label_hist=None, finite=finite, client_id=jnp.arange(5))
+  a = agg.fedlaw(model, x, y, steps=3, optimizer=optax.sgd(0.0))
+  delta, w, state = jax.jit(a.apply)(out, a.init(5), params)
+  want = np.where(finite, n, 0) / np.sum(np.where(finite, n, 0))
+  np.testing.assert_allclose(w, want, rtol=1e-6)
+  assert float(state.gamma) == 1.0
+  for d, got in zip(jax.tree.leaves(deltas), jax.tree.leaves(delta)):
+    np.testing.assert_allclose(got, np.tensordot(want, np.nan_to_num(np.asarray(d)), axes=1),
+                               rtol=1e-5, atol=1e-6)

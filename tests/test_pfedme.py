@@ -99,3 +99,33 @@ def test_pfedme_refuses_settings_it_would_ignore(key, value, match):
   (c[section] if section else c)[name] = value
   with pytest.raises(ValueError, match=match):
     make_algorithm(c, model, data.train)
+
+
+def test_several_local_rounds_carry_theta_and_anchor_it_at_the_local_w():
+  """R = 3 local rounds of one client against NumPy: θ continues from the previous local
+  round's θ (it does not restart from w) and its proximal term pulls towards the local
+  w_{i,r}, not the round's w_t. With R = 1 these could not be told apart."""
+  data = small_data(num_clients=1, sizes=[9])
+  rounds = 3
+  work = fp.LocalWork(3, steps=rounds)
+  eta, eta_p, lam, k_inner, beta = 0.1, 0.15, 2.0, 3, 1.0
+  alg = pfedme(logreg(), work, learning_rate=eta, personal_learning_rate=eta_p, lam=lam,
+               inner_steps=k_inner, beta=beta, clients_per_round=1)
+  s0 = alg.init(jax.random.key(2), data)
+  s1, _ = jax.jit(alg.round)(s0, data)
+  plan = engine_plan(s0.rng, data, work)
+  xs, ys = np.asarray(data.x[0], np.float64), np.asarray(data.y[0])
+  w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
+  tw, tb, lw, lb = w.copy(), b.copy(), w.copy(), b.copy()
+  for r in range(rounds):
+    sel = np.asarray(plan.idx[r])[np.asarray(plan.mask[r])]
+    x, y = xs[sel], ys[sel]
+    for _ in range(k_inner):
+      gw, gb = logreg_grad(tw, tb, x, y)
+      tw, tb = tw - eta_p * (gw + lam * (tw - lw)), tb - eta_p * (gb + lam * (tb - lb))
+    lw, lb = lw - eta * lam * (lw - tw), lb - eta * lam * (lb - tb)
+  np.testing.assert_allclose(s1.client_states["Dense_0"]["kernel"][0], tw, atol=1e-5)
+  np.testing.assert_allclose(s1.client_states["Dense_0"]["bias"][0], tb, atol=1e-5)
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], lw, atol=1e-5)   # β = 1
+  np.testing.assert_allclose(s1.params["Dense_0"]["bias"], lb, atol=1e-5)

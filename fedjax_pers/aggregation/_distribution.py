@@ -36,8 +36,10 @@ def label_divergence(temperature: float = 1.0, population=None) -> WeightFn:
   what a server sees from the clients' reported histograms in the round.
 
   Args:
-    temperature: τ ≥ 0 (0 gives data-size weights).
-    population: Optional `[C]` label distribution q (non-negative, sums to 1).
+    temperature: τ ≥ 0 (0 gives data-size weights, whatever the labels).
+    population: Optional `[C]` label distribution q (non-negative, sums to 1);
+      with τ > 0 every label must have q > 0: a client holding a label of
+      probability 0 would have KL = ∞ and no weight, so such a q is refused.
   """
   if not (isinstance(temperature, (int, float)) and temperature >= 0):
     raise ValueError(f"temperature must be a number >= 0; got {temperature!r}.")
@@ -46,7 +48,16 @@ def label_divergence(temperature: float = 1.0, population=None) -> WeightFn:
     if q.ndim != 1 or np.any(q < 0) or abs(q.sum() - 1) > 1e-4:
       raise ValueError(
           f"population must be a 1-D distribution (>= 0, summing to 1); got {population!r}.")
+    if temperature > 0 and np.any(q == 0):
+      raise ValueError(
+          f"population gives probability 0 to labels {np.flatnonzero(q == 0).tolist()}: a "
+          f"client holding one has KL(p_i ‖ q) = ∞ and weight 0 at temperature="
+          f"{temperature!r}; smooth the population (mix in a little of the uniform) or use "
+          "the cohort's own (population=None).")
     population = jnp.asarray(q, jnp.float32)
+  if temperature == 0:   # exactly n_i: KL is never computed (0 · ∞ would be NaN)
+    return WeightFn(init=stateless, apply=lambda o, s: (_sizes(o), s),
+                    score=lambda out: out.num_examples.astype(jnp.float32))
 
   def apply(outputs, state):
     hist = jnp.where(outputs.finite[:, None], outputs.label_hist, 0.0)
@@ -61,6 +72,13 @@ def label_divergence(temperature: float = 1.0, population=None) -> WeightFn:
     score = lambda out: out.num_examples * jnp.exp(
         -temperature * label_kl(out.label_hist[None], population)[0])
   return WeightFn(init=stateless, apply=apply, score=score)
+
+
+def _sizes(outputs) -> jax.Array:
+  """`n_i / Σ n_j` over the finite clients with data."""
+  n = outputs.num_examples.astype(jnp.float32)
+  keep = outputs.finite & (n > 0)
+  return masked_softmax(jnp.log(jnp.where(keep, n, 1.0)), keep)
 
 
 def label_entropy(temperature: float = 1.0) -> WeightFn:

@@ -109,10 +109,16 @@ def trimmed_mean(beta: float) -> Aggregator:
 def krum_scores(outputs, f: int) -> jax.Array:
   """`[k]` Krum scores: the sum of squared distances to the `m − f − 2` nearest other updates.
 
-  Non-finite clients score +inf and are never neighbours.
+  Non-finite clients score +inf and are never neighbours. Distances are taken
+  about the finite clients' mean, `‖a − b‖² = ‖a'‖² + ‖b'‖² − 2⟨a', b'⟩` with
+  `a' = a − μ`: uncentred, a large common part of the updates cancels in float32
+  and drowns their spread (and can change the pick).
   """
   deltas = zero_nonfinite(outputs)
   k = outputs.finite.shape[0]
+  mu = weighted_sum(normalize(jnp.ones(k), outputs.finite), deltas)
+  keep = lambda d: outputs.finite.reshape((-1,) + (1,) * (d.ndim - 1))
+  deltas = jax.tree.map(lambda d, m: jnp.where(keep(d), d - m[None], 0.0), deltas, mu)
   sq = sq_norms(deltas)
   flat = [d.reshape(k, -1) for d in jax.tree.leaves(deltas)]
   gram = sum(d @ d.T for d in flat)
