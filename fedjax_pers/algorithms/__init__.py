@@ -7,8 +7,9 @@ from fedjax_pers.algorithms._fedper import fedper, fedrep, lg_fedavg
 from fedjax_pers.algorithms._per_fedavg import per_fedavg
 from fedjax_pers.algorithms._pfedme import pfedme
 from fedjax_pers.algorithms._reptile import reptile
+from fedjax_pers.algorithms._scaffold import scaffold
 
 __all__ = [
     "apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep", "lg_fedavg", "per_fedavg",
-    "pfedme", "reptile",
+    "pfedme", "reptile", "scaffold",
 ]

@@ -45,6 +45,9 @@ class ServerState(NamedTuple):
     client_states: Per-client state stacked over all clients (or `()`).
     round: Rounds completed, int32.
     rng: PRNG key of the next round.
+    algorithm: The algorithm's own server state beyond the optimizer's and the
+      aggregator's (SCAFFOLD's control variate c), `()` for most; a round
+      built by `make_round` carries it unchanged.
   """
 
   params: Params
@@ -53,6 +56,7 @@ class ServerState(NamedTuple):
   client_states: Any
   round: jax.Array
   rng: jax.Array
+  algorithm: Any = ()
 
 
 class ClientWindow(NamedTuple):
@@ -286,7 +290,8 @@ def make_round(
         real_steps=result.real_steps, executed_steps=result.executed_steps, present=present)
     new_state = ServerState(
         params=params, opt_state=opt_state, weight_state=weight_state,
-        client_states=client_states, round=state.round + 1, rng=rng)
+        client_states=client_states, round=state.round + 1, rng=rng,
+        algorithm=state.algorithm)
     return new_state, metrics
 
   return round_fn

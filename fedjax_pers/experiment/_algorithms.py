@@ -78,6 +78,16 @@ def _reptile(config, model, client_tx, work, kwargs):
   return algorithms.reptile(model, client_tx, work, outer_lr=config.reptile.outer_lr, **kwargs)
 
 
+def _scaffold(config, model, server_tx, work, kwargs):
+  """SCAFFOLD's clients take plain SGD steps at client.learning_rate (its c_i formula)."""
+  if config.client.optimizer != "sgd" or config.client.get("momentum"):
+    raise ValueError(f"algorithm='scaffold' takes plain SGD steps (its control variates "
+                     f"assume them); got client.optimizer={config.client.optimizer!r}, "
+                     f"client.momentum={config.client.get('momentum')!r}.")
+  return algorithms.scaffold(model, work, learning_rate=config.client.learning_rate,
+                             server_tx=server_tx, **kwargs)
+
+
 def _pfedme(config, model, work, kwargs):
   """pFedMe from `config.pfedme`; η = `client.learning_rate`.
 
@@ -191,6 +201,7 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
       "per_fedavg_hf": lambda: _per_fedavg(config, model, client_tx, server_tx, work, kwargs,
                                            "finite_difference"),
       "reptile": lambda: _reptile(config, model, client_tx, work, kwargs),
+      "scaffold": lambda: _scaffold(config, model, server_tx, work, kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,
           head_work=LocalWork(batch_size=config.client.batch_size,

@@ -111,6 +111,9 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
                "is not built; use sampling='fixed')")
   if config.algorithm == "pfedme":
     why.append("algorithm='pfedme' (it trains every client each round with its own average)")
+  if config.algorithm == "scaffold":
+    why.append("algorithm='scaffold' (its control variates c_i reach the server unclipped "
+               "and unnoised)")
   if why:
     raise ValueError(f"privacy.clip_norm={p.clip_norm!r} (DP-FedAvg) does not take "
                      + "; ".join(why) + ".")

@@ -1,0 +1,105 @@
+"""SCAFFOLD: x* is its fixed point on heterogeneous quadratics (not FedAvg's), two rounds
+against NumPy, no recompilation, the config."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _reference import engine_plan, logreg_grad
+from test_engine import logreg, small_data
+from test_experiment import tiny_config
+
+import fedjax_pers as fp
+from fedjax_pers import aggregation as agg
+from fedjax_pers.algorithms import fedavg, scaffold
+from fedjax_pers.experiment import train_and_evaluate
+
+D = 3
+
+
+def quadratic_model():
+  """f(x) = mean_j ½ (a_jᵀ x − b_j)² over a client's rows [a_j, b_j]."""
+  return fp.Model(init=lambda key: {"w": jnp.zeros(D, jnp.float32)},
+                  apply=lambda p, x, key=None, train=False: x[:, :D] @ p["w"] - x[:, D],
+                  loss=lambda r, y: 0.5 * r ** 2, metrics=lambda r, y: jnp.zeros_like(r))
+
+
+def quadratics(n=6, clients=4, seed=0):
+  rng = np.random.default_rng(seed)
+  a = [rng.normal(size=(n, D)) * rng.uniform(0.5, 2.0) for _ in range(clients)]
+  b = [rng.normal(size=n) + 3.0 * i for i in range(clients)]   # heterogeneous optima
+  xs = [np.concatenate([ai, bi[:, None]], 1).astype(np.float32) for ai, bi in zip(a, b)]
+  data = fp.FederatedData.from_clients(xs, [np.zeros(n, np.int32)] * clients, num_classes=1)
+  big_a, big_b = np.concatenate(a), np.concatenate(b)
+  x_star = np.linalg.lstsq(big_a, big_b, rcond=None)[0]
+  grads = [ai.T @ (ai @ x_star - bi) / n for ai, bi in zip(a, b)]
+  return data, x_star, np.asarray(grads)
+
+
+def test_the_minimiser_is_a_fixed_point_of_scaffold_not_of_fedavg():
+  """c_i = ∇f_i(x*), c = 0: every corrected step is g_i(x*) − c_i + c = 0 (K = 5 > 1)."""
+  data, x_star, grads = quadratics()
+  assert np.abs(grads.sum(0)).max() < 1e-9 and np.abs(grads).max() > 0.5
+  work = fp.LocalWork(6, steps=5)   # full batches: exact local gradients
+  s = scaffold(quadratic_model(), work, learning_rate=0.05, clients_per_round=4)
+  s0 = s.init(jax.random.key(0), data)
+  s0 = s0._replace(params={"w": jnp.asarray(x_star, jnp.float32)},
+                   client_states={"w": jnp.asarray(grads, jnp.float32)})
+  s1, _ = jax.jit(s.round)(s0, data)
+  np.testing.assert_allclose(s1.params["w"], x_star, atol=2e-5)
+  np.testing.assert_allclose(s1.client_states["w"], grads, atol=2e-4)
+  np.testing.assert_allclose(s1.algorithm["w"], 0.0, atol=2e-5)
+  f = fedavg(quadratic_model(), optax.sgd(0.05), optax.sgd(1.0), work, clients_per_round=4,
+             weighting=agg.uniform())
+  f0 = f.init(jax.random.key(0), data)._replace(params={"w": jnp.asarray(x_star, jnp.float32)})
+  f1, _ = jax.jit(f.round)(f0, data)
+  assert np.abs(np.asarray(f1.params["w"]) - x_star).max() > 1e-2   # client drift
+
+
+def test_two_rounds_against_numpy():
+  """N = 3, one client a round: y ← y − η (g − c_i + c); c_i⁺ = c_i − c + (x − y)/(K η);
+  x ← x + Δy; c ← c + Δc_i / N."""
+  data = small_data(num_clients=3, sizes=[7, 5, 9])
+  work = fp.LocalWork(3, epochs=1)
+  eta = 0.2
+  alg = scaffold(logreg(), work, learning_rate=eta, clients_per_round=1)
+  state = alg.init(jax.random.key(4), data)
+  step = jax.jit(alg.round)
+  f64 = lambda a: np.asarray(a, np.float64)
+  w, b = f64(state.params["Dense_0"]["kernel"]), f64(state.params["Dense_0"]["bias"])
+  cw, cb = np.zeros_like(w), np.zeros_like(b)
+  ciw, cib = np.zeros((3,) + w.shape), np.zeros((3,) + b.shape)
+  for _ in range(2):
+    rng = state.rng
+    state, m = step(state, data)
+    (i,) = np.asarray(m.clients)
+    plan = engine_plan(rng, data, work, i)
+    xs, ys = f64(data.x[i]), np.asarray(data.y[i])
+    yw, yb, k = w.copy(), b.copy(), 0
+    for idx, mask in zip(np.asarray(plan.idx), np.asarray(plan.mask)):
+      if not mask.any():
+        continue
+      gw, gb = logreg_grad(yw, yb, xs[idx[mask]], ys[idx[mask]])
+      yw, yb, k = yw - eta * (gw - ciw[i] + cw), yb - eta * (gb - cib[i] + cb), k + 1
+    new_w, new_b = ciw[i] - cw + (w - yw) / (k * eta), cib[i] - cb + (b - yb) / (k * eta)
+    cw, cb = cw + (new_w - ciw[i]) / 3, cb + (new_b - cib[i]) / 3
+    ciw[i], cib[i] = new_w, new_b
+    w, b = yw, yb
+    np.testing.assert_allclose(state.params["Dense_0"]["kernel"], w, atol=1e-5)
+    np.testing.assert_allclose(state.params["Dense_0"]["bias"], b, atol=1e-5)
+    np.testing.assert_allclose(state.client_states["Dense_0"]["kernel"], ciw, atol=1e-4)
+    np.testing.assert_allclose(state.algorithm["Dense_0"]["bias"], cb, atol=1e-4)
+  assert step._cache_size() == 1
+
+
+def test_scaffold_from_the_config_and_its_refusals(tmp_path):
+  c = tiny_config()
+  c.algorithm = "scaffold"
+  s = train_and_evaluate(c, str(tmp_path / "run"))
+  assert s["rounds"] == 4 and np.isfinite(s["final_test_loss"])
+  c.client.optimizer = "adam"
+  with pytest.raises(ValueError, match="algorithm='scaffold' takes plain SGD steps"):
+    train_and_evaluate(c, str(tmp_path / "adam"))
+  with pytest.raises(ValueError, match="learning_rate"):
+    scaffold(logreg(), fp.LocalWork(3, steps=1), learning_rate=0.0, clients_per_round=1)
