@@ -7,8 +7,9 @@ from fedjax_pers import aggregation, algorithms, core, data, models, personaliza
 
 
 def test_surfaces():
-  assert set(algorithms.__all__) == {"apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep",
-                                     "lg_fedavg", "per_fedavg", "pfedme", "reptile"}
+  assert set(algorithms.__all__) == {"apfl", "ditto", "fedavg", "fednova", "fedper", "fedprox",
+                                     "fedrep", "lg_fedavg", "per_fedavg", "pfedme", "reptile",
+                                     "scaffold"}
   assert {"personalize", "evaluate_personal", "meta_gradient", "hvp"} <= set(
       personalization.__all__)
   assert {"hypergradient", "unrolled_objective"} <= set(dir(fp.hypergrad))
@@ -16,7 +17,8 @@ def test_surfaces():
   assert {"from_tfds", "from_arrays", "shakespeare", "partition", "mnist_idx"} <= set(
       data.__all__)
   assert {"num_examples", "uniform", "WeightFn"} <= set(aggregation.__all__)
-  assert {"epsilon", "calibrate_noise", "dp_fedavg_aggregator"} <= set(privacy.__all__)
+  assert {"epsilon", "calibrate_noise", "dp_fedavg_aggregator", "local_epsilon", "compressed",
+          "secure_aggregator"} <= set(privacy.__all__)
   for mod in (fp, aggregation, algorithms, core, data, models, personalization, privacy):
     for name in mod.__all__:
       assert hasattr(mod, name), (mod.__name__, name)

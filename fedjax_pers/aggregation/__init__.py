@@ -13,6 +13,7 @@ from fedjax_pers.aggregation._fedlaw import (
     fedlaw_aggregate,
     fedlaw_objective,
 )
+from fedjax_pers.aggregation._fednova import fednova, norm_a
 from fedjax_pers.aggregation._qffl import q_ffl
 from fedjax_pers.aggregation._quality import (
     FedAdpState,
@@ -57,6 +58,8 @@ __all__ = [
     "cosine_to_mean",
     "fedadp",
     "fedlaw",
+    "fednova",
+    "norm_a",
     "fedlaw_aggregate",
     "fedlaw_objective",
     "floor",

@@ -3,6 +3,7 @@
 from fedjax_pers.algorithms._apfl import apfl
 from fedjax_pers.algorithms._ditto import ditto
 from fedjax_pers.algorithms._fedavg import fedavg, fedprox
+from fedjax_pers.algorithms._fednova import fednova
 from fedjax_pers.algorithms._fedper import fedper, fedrep, lg_fedavg
 from fedjax_pers.algorithms._per_fedavg import per_fedavg
 from fedjax_pers.algorithms._pfedme import pfedme
@@ -10,6 +11,6 @@ from fedjax_pers.algorithms._reptile import reptile
 from fedjax_pers.algorithms._scaffold import scaffold
 
 __all__ = [
-    "apfl", "ditto", "fedavg", "fedper", "fedprox", "fedrep", "lg_fedavg", "per_fedavg",
+    "apfl", "ditto", "fedavg", "fednova", "fedper", "fedprox", "fedrep", "lg_fedavg", "per_fedavg",
     "pfedme", "reptile", "scaffold",
 ]

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedjax_pers import algorithms, distributed, personalization
+from fedjax_pers import aggregation, algorithms, distributed, personalization
 from fedjax_pers.algorithms._pfedme import AVERAGES as PFEDME_AVERAGES
 from fedjax_pers.core import Execution, FederatedAlgorithm, FederatedData, LocalWork, Model
 from fedjax_pers.experiment import _communication, _privacy
@@ -76,6 +76,20 @@ def _reptile(config, model, client_tx, work, kwargs):
   """Reptile: FedAvg whose server step is SGD with rate ε = `reptile.outer_lr`."""
   _refuse_ignored(config, "its own server step (reptile.outer_lr)", _plain_server(config))
   return algorithms.reptile(model, client_tx, work, outer_lr=config.reptile.outer_lr, **kwargs)
+
+
+def _fednova(config, model, client_tx, server_tx, work, kwargs):
+  """FedNova's ‖a_i‖₁ from the clients' optimizer: plain SGD, or heavy-ball momentum."""
+  if config.client.optimizer not in ("sgd", "momentum"):
+    raise ValueError(f"algorithm='fednova' normalises SGD or momentum steps; got "
+                     f"client.optimizer={config.client.optimizer!r}.")
+  how = kwargs["weighting"]
+  if not isinstance(how, aggregation.WeightFn):
+    raise ValueError(f"algorithm='fednova' normalises a weighted mean; aggregation.weighting="
+                     f"{weighting_name(config)!r} (or compression / attacks around it) gives "
+                     "an aggregator: use a weight function (num_examples, uniform, ...).")
+  return algorithms.fednova(model, client_tx, server_tx, work,
+                            momentum=config.client.get("momentum") or 0.0, **kwargs)
 
 
 def _scaffold(config, model, server_tx, work, kwargs):
@@ -202,6 +216,7 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
                                            "finite_difference"),
       "reptile": lambda: _reptile(config, model, client_tx, work, kwargs),
       "scaffold": lambda: _scaffold(config, model, server_tx, work, kwargs),
+      "fednova": lambda: _fednova(config, model, client_tx, server_tx, work, kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,
           head_work=LocalWork(batch_size=config.client.batch_size,

@@ -111,6 +111,8 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
                "is not built; use sampling='fixed')")
   if config.algorithm == "pfedme":
     why.append("algorithm='pfedme' (it trains every client each round with its own average)")
+  if config.algorithm == "fednova":
+    why.append("algorithm='fednova' (its normalised weights τ_eff p_i / ‖a_i‖₁ exceed 1)")
   if config.algorithm == "scaffold":
     why.append("algorithm='scaffold' (its control variates c_i reach the server unclipped "
                "and unnoised)")
