@@ -216,6 +216,8 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
                                            "finite_difference"),
       "reptile": lambda: _reptile(config, model, client_tx, work, kwargs),
       "scaffold": lambda: _scaffold(config, model, server_tx, work, kwargs),
+      "feddyn": lambda: algorithms.feddyn(model, client_tx, work, alpha=config.feddyn.alpha,
+                                          server_tx=server_tx, **kwargs),
       "fednova": lambda: _fednova(config, model, client_tx, server_tx, work, kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,

@@ -141,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.corruption.attack_scale = -10.0
   c.corruption.seed = 0
 
+  c.feddyn = ml_collections.ConfigDict()
+  c.feddyn.alpha = 0.01           # FedDyn's α (the paper tries 0.1, 0.01, 0.001)
+
   c.ditto = ml_collections.ConfigDict()
   c.ditto.lam = 0.1               # Ditto's λ (personal steps as client.*)
 

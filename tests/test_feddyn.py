@@ -1,0 +1,61 @@
+"""FedDyn: two rounds against NumPy (one client a round of three), one compilation, the
+config."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from _reference import engine_plan, logreg_grad
+from test_engine import logreg, small_data
+from test_experiment import tiny_config
+
+import fedjax_pers as fp
+from fedjax_pers.algorithms import feddyn
+from fedjax_pers.experiment import train_and_evaluate
+
+
+def test_two_rounds_against_numpy():
+  """θ ← θ − η (∇L_k(θ) − g_k + α (θ − θ^{t−1})); g_k ← g_k − α Δ_k;
+  h ← h − (α/N) Δ_k; θ^t = θ^{t−1} + Δ_k − h/α."""
+  data = small_data(num_clients=3, sizes=[7, 5, 9])
+  work = fp.LocalWork(3, epochs=1)
+  eta, alpha = 0.2, 0.3
+  alg = feddyn(logreg(), optax.sgd(eta), work, alpha=alpha, clients_per_round=1)
+  state = alg.init(jax.random.key(5), data)
+  step = jax.jit(alg.round)
+  f64 = lambda a: np.asarray(a, np.float64)
+  w, b = f64(state.params["Dense_0"]["kernel"]), f64(state.params["Dense_0"]["bias"])
+  hw, hb = np.zeros_like(w), np.zeros_like(b)
+  gw, gb = np.zeros((3,) + w.shape), np.zeros((3,) + b.shape)
+  for _ in range(2):
+    rng = state.rng
+    state, m = step(state, data)
+    (i,) = np.asarray(m.clients)
+    plan = engine_plan(rng, data, work, i)
+    xs, ys = f64(data.x[i]), np.asarray(data.y[i])
+    tw, tb = w.copy(), b.copy()
+    for idx, mask in zip(np.asarray(plan.idx), np.asarray(plan.mask)):
+      if not mask.any():
+        continue
+      dw, db = logreg_grad(tw, tb, xs[idx[mask]], ys[idx[mask]])
+      tw, tb = (tw - eta * (dw - gw[i] + alpha * (tw - w)),
+                tb - eta * (db - gb[i] + alpha * (tb - b)))
+    gw[i], gb[i] = gw[i] - alpha * (tw - w), gb[i] - alpha * (tb - b)
+    hw, hb = hw - alpha * (tw - w) / 3, hb - alpha * (tb - b) / 3
+    w, b = tw - hw / alpha, tb - hb / alpha
+    np.testing.assert_allclose(state.params["Dense_0"]["kernel"], w, atol=1e-5)
+    np.testing.assert_allclose(state.params["Dense_0"]["bias"], b, atol=1e-5)
+    np.testing.assert_allclose(state.client_states["Dense_0"]["kernel"], gw, atol=1e-5)
+    np.testing.assert_allclose(state.algorithm["Dense_0"]["kernel"], hw, atol=1e-5)
+  assert step._cache_size() == 1
+
+
+def test_feddyn_from_the_config_and_its_refusals(tmp_path):
+  c = tiny_config()
+  c.algorithm = "feddyn"
+  c.feddyn.alpha = 0.1
+  s = train_and_evaluate(c, str(tmp_path / "run"))
+  assert s["rounds"] == 4 and np.isfinite(s["final_test_loss"])
+  c.feddyn.alpha = 0.0
+  with pytest.raises(ValueError, match="alpha \\(FedDyn's α\\) must be a number > 0"):
+    train_and_evaluate(c, str(tmp_path / "zero"))
