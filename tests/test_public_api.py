@@ -9,7 +9,7 @@ from fedjax_pers import aggregation, algorithms, core, data, models, personaliza
 def test_surfaces():
   assert set(algorithms.__all__) == {
       "apfl", "ditto", "fedavg", "feddyn", "fednova", "fedper", "fedprox", "fedrep",
-      "lg_fedavg", "per_fedavg", "pfedme", "reptile", "scaffold"}
+      "lg_fedavg", "moon", "per_fedavg", "pfedme", "reptile", "scaffold"}
   assert {"personalize", "evaluate_personal", "meta_gradient", "hvp"} <= set(
       personalization.__all__)
   assert {"hypergradient", "unrolled_objective"} <= set(dir(fp.hypergrad))

@@ -58,8 +58,8 @@ def test_the_minimiser_is_a_fixed_point_of_scaffold_not_of_fedavg():
 
 
 def test_three_rounds_against_numpy():
-  """N = 2, one client a round for three rounds: y ← y − η (g − c_i + c); c_i⁺ = c_i − c + (x − y)/(K η);
-  x ← x + Δy; c ← c + Δc_i / N."""
+  """N = 2, one client a round for three rounds: y ← y − η (g − c_i + c);
+  c_i⁺ = c_i − c + (x − y)/(K η); x ← x + Δy; c ← c + Δc_i / N."""
   data = small_data(num_clients=2, sizes=[7, 9])
   work = fp.LocalWork(3, epochs=1)
   eta = 0.2

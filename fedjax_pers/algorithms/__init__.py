@@ -6,6 +6,7 @@ from fedjax_pers.algorithms._fedavg import fedavg, fedprox
 from fedjax_pers.algorithms._feddyn import feddyn
 from fedjax_pers.algorithms._fednova import fednova
 from fedjax_pers.algorithms._fedper import fedper, fedrep, lg_fedavg
+from fedjax_pers.algorithms._moon import moon
 from fedjax_pers.algorithms._per_fedavg import per_fedavg
 from fedjax_pers.algorithms._pfedme import pfedme
 from fedjax_pers.algorithms._reptile import reptile
@@ -13,5 +14,5 @@ from fedjax_pers.algorithms._scaffold import scaffold
 
 __all__ = [
     "apfl", "ditto", "fedavg", "feddyn", "fednova", "fedper", "fedprox", "fedrep",
-    "lg_fedavg", "per_fedavg", "pfedme", "reptile", "scaffold",
+    "lg_fedavg", "moon", "per_fedavg", "pfedme", "reptile", "scaffold",
 ]

@@ -12,21 +12,22 @@ import optax
 from fedjax_pers.aggregation._weights import WeightFn, uniform
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._batching import LocalWork, check_local_work, work_steps
-from fedjax_pers.core._client import masked_mean_loss, stack_clients
+from fedjax_pers.core._client import masked_mean_loss
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram, tree_where
 from fedjax_pers.core._round import (
-    ClientWindow,
     FederatedAlgorithm,
     ServerState,
     cohort_dealer,
     cohort_plan,
     cohort_sampler,
+    cohort_state_change,
     make_init,
     make_round,
     place,
+    zero_client_states,
 )
 from fedjax_pers.core._sgd import SGDState, client_output, sgd_init, sgd_steps
 
@@ -115,17 +116,13 @@ def feddyn(
 
   def round_fn(state: ServerState, data: FederatedData):
     new, metrics = inner(state, data)
-    # −α Σ_{k∈P_t} Δ_k is the change of the cohort's g_k (a window holds just the cohort's).
-    old_g, new_g = (s.states if isinstance(s, ClientWindow) else s
-                    for s in (state.client_states, new.client_states))
-    moved = jax.tree.map(lambda a, b: jnp.sum(b - a, axis=0), old_g, new_g)
+    moved = cohort_state_change(state, new)   # Σ_k (g_k⁺ − g_k) = −α Σ_{k∈P_t} Δ_k
     h = jax.tree.map(lambda hh, m: hh + m / data.num_clients, state.algorithm, moved)
     params = jax.tree.map(lambda p, hh: p - hh / alpha, new.params, h)
     return new._replace(params=params, algorithm=h), metrics
 
-  zeros = lambda params, n: stack_clients(jax.tree.map(jnp.zeros_like, params), n)
   base_init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
-                        client_states=zeros, execution=execution)
+                        client_states=zero_client_states, execution=execution)
 
   def init(key: jax.Array, data: FederatedData) -> ServerState:
     state = base_init(key, data)

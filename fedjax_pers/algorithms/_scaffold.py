@@ -12,21 +12,22 @@ import optax
 from fedjax_pers.aggregation._weights import WeightFn, uniform
 from fedjax_pers.core._aggregate import Aggregator, as_aggregator
 from fedjax_pers.core._batching import LocalWork, check_local_work, work_steps
-from fedjax_pers.core._client import masked_mean_loss, stack_clients
+from fedjax_pers.core._client import masked_mean_loss
 from fedjax_pers.core._data import FederatedData
 from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram, tree_where
 from fedjax_pers.core._round import (
-    ClientWindow,
     FederatedAlgorithm,
     ServerState,
     cohort_dealer,
     cohort_plan,
     cohort_sampler,
+    cohort_state_change,
     make_init,
     make_round,
     place,
+    zero_client_states,
 )
 from fedjax_pers.core._sgd import client_output, sgd_steps
 
@@ -126,16 +127,12 @@ def scaffold(
     inner = make_round(lambda d: program(d, c), aggregator, server_tx,
                        clients_per_round=clients_per_round, execution=execution)
     new, metrics = inner(state, data)
-    # Σ_{i∈S} Δc_i: only the cohort's c_i changed (a window holds just the cohort's).
-    old_c, new_c = (s.states if isinstance(s, ClientWindow) else s
-                    for s in (state.client_states, new.client_states))
-    moved = jax.tree.map(lambda a, b: jnp.sum(b - a, axis=0), old_c, new_c)
+    moved = cohort_state_change(state, new)   # Σ_{i∈S} Δc_i
     c = jax.tree.map(lambda cc, m: cc + m / data.num_clients, c, moved)
     return new._replace(algorithm=c), metrics
 
-  zeros = lambda params, n: stack_clients(jax.tree.map(jnp.zeros_like, params), n)
   base_init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
-                        client_states=zeros, execution=execution)
+                        client_states=zero_client_states, execution=execution)
 
   def init(key: jax.Array, data: FederatedData) -> ServerState:
     state = base_init(key, data)

@@ -20,7 +20,13 @@ from fedjax_pers.core._execution import (
     plan,
     resolve_strategy,
 )
-from fedjax_pers.core._model import Model, accuracy, from_flax, softmax_cross_entropy
+from fedjax_pers.core._model import (
+    REPRESENTATION,
+    Model,
+    accuracy,
+    from_flax,
+    softmax_cross_entropy,
+)
 from fedjax_pers.core._program import Batch, LocalProgram, Steps, run_client
 from fedjax_pers.core._round import (
     ClientWindow,
@@ -35,6 +41,7 @@ from fedjax_pers.core._sampling import sample_clients
 from fedjax_pers.core._sgd import SGDState, fedavg_program, local_train, sgd_program
 
 __all__ = [
+    "REPRESENTATION",
     "CLIENTS_AXIS",
     "STRATEGIES",
     "Batch",

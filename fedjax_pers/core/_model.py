@@ -23,12 +23,21 @@ class Model(NamedTuple):
     loss: `loss(logits, y) -> per-example loss`, shape `y.shape`.
     metrics: `metrics(logits, y) -> per-example correctness` (1.0 when the arg-max
       prediction equals the label), shape `y.shape`.
+    represent: Optional `represent(params, x, key=None, train=False) -> [batch, r]`:
+      the representation the head reads (the penultimate layer's output), for
+      representation-level methods (MOON). `from_flax` sets it when the module
+      sows it (`self.sow("intermediates", REPRESENTATION, h)`), as `models/` do.
   """
 
   init: Callable[[PRNGKey], Params]
   apply: Callable[..., jax.Array]
   loss: Callable[[jax.Array, jax.Array], jax.Array]
   metrics: Callable[[jax.Array, jax.Array], jax.Array]
+  represent: Callable[..., jax.Array] | None = None
+
+
+# The name under which a flax module sows its representation (`Model.represent`).
+REPRESENTATION = "representation"
 
 
 def softmax_cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
@@ -79,7 +88,18 @@ def from_flax(
     kwargs = {"train": train} if _takes_train(module) else {}
     return module.apply({"params": params}, x, rngs=rngs, **kwargs)
 
-  return Model(init=init, apply=apply, loss=loss, metrics=metrics)
+  def represent(params, x, key=None, train=False):
+    rngs = None if key is None else {"dropout": key}
+    kwargs = {"train": train} if _takes_train(module) else {}
+    _, sown = module.apply({"params": params}, x, rngs=rngs, mutable=["intermediates"],
+                           **kwargs)
+    return sown["intermediates"][REPRESENTATION][0]
+
+  sows = jax.eval_shape(lambda: module.apply(
+      module.init(jax.random.key(0), sample_x), sample_x, mutable=["intermediates"])[1])
+  has = REPRESENTATION in sows.get("intermediates", {})
+  return Model(init=init, apply=apply, loss=loss, metrics=metrics,
+               represent=represent if has else None)
 
 
 def _takes_train(module: Any) -> bool:

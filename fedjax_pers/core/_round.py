@@ -297,6 +297,19 @@ def make_round(
   return round_fn
 
 
+def cohort_state_change(before: ServerState, after: ServerState) -> Any:
+  """`Σ_i (s_i⁺ − s_i)` over the per-client states: the sampled clients' total change (the
+  others keep theirs bit for bit; a `ClientWindow` holds only the cohort's)."""
+  old, new = (s.states if isinstance(s, ClientWindow) else s
+              for s in (before.client_states, after.client_states))
+  return jax.tree.map(lambda a, b: jnp.sum(b - a, axis=0), old, new)
+
+
+def zero_client_states(params: Params, num_clients: int) -> Any:
+  """Per-client states of `params`' shapes, all zero (control variates, gradients)."""
+  return jax.tree.map(lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype), params)
+
+
 def place(state: ServerState, execution: Execution | None) -> ServerState:
   """`state` replicated over the execution's mesh, where a sharded round leaves it.
 

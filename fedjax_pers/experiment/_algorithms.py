@@ -216,6 +216,8 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
                                            "finite_difference"),
       "reptile": lambda: _reptile(config, model, client_tx, work, kwargs),
       "scaffold": lambda: _scaffold(config, model, server_tx, work, kwargs),
+      "moon": lambda: algorithms.moon(model, client_tx, server_tx, work, mu=config.moon.mu,
+                                      temperature=config.moon.temperature, **kwargs),
       "feddyn": lambda: algorithms.feddyn(model, client_tx, work, alpha=config.feddyn.alpha,
                                           server_tx=server_tx, **kwargs),
       "fednova": lambda: _fednova(config, model, client_tx, server_tx, work, kwargs),

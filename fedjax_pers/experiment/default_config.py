@@ -141,6 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.corruption.attack_scale = -10.0
   c.corruption.seed = 0
 
+  c.moon = ml_collections.ConfigDict()
+  c.moon.mu = 1.0                 # MOON's μ (1 or 5 in the paper)
+  c.moon.temperature = 0.5        # τ of the model-contrastive loss
+
   c.feddyn = ml_collections.ConfigDict()
   c.feddyn.alpha = 0.01           # FedDyn's α (the paper tries 0.1, 0.01, 0.001)
 

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_pers.core._model import Model, from_flax
+from fedjax_pers.core._model import REPRESENTATION, Model, from_flax
 
 
 class _CharRNN(nn.Module):
@@ -22,6 +22,7 @@ class _CharRNN(nn.Module):
     cell = nn.OptimizedLSTMCell if self.cell == "lstm" else nn.GRUCell
     for _ in range(self.layers):
       h = nn.RNN(cell(self.hidden))(h)
+    self.sow("intermediates", REPRESENTATION, h[:, -1])
     return nn.Dense(self.vocab_size)(h[:, -1])
 
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_pers.core._model import Model, from_flax
+from fedjax_pers.core._model import REPRESENTATION, Model, from_flax
 
 
 class _MLP(nn.Module):
@@ -20,6 +20,7 @@ class _MLP(nn.Module):
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
       x = nn.relu(nn.Dense(width)(x))
+    self.sow("intermediates", REPRESENTATION, x)
     return nn.Dense(self.num_classes)(x)
 
 
@@ -39,6 +40,7 @@ class _CNN(nn.Module):
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.dense)(x))
+    self.sow("intermediates", REPRESENTATION, x)
     return nn.Dense(self.num_classes)(x)
 
 
