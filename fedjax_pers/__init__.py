@@ -21,6 +21,7 @@ from fedjax_pers.core import (
     Model,
     RoundMetrics,
     ServerState,
+    System,
 )
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClientOutput",
     "Execution",
+    "System",
     "FederatedAlgorithm",
     "FederatedData",
     "LocalWork",

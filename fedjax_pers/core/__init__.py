@@ -17,6 +17,7 @@ from fedjax_pers.core._execution import (
     STRATEGIES,
     Execution,
     Plan,
+    System,
     plan,
     resolve_strategy,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "ClientOutput",
     "CohortResult",
     "Execution",
+    "System",
     "FederatedAlgorithm",
     "FederatedData",
     "LocalProgram",

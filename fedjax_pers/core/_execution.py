@@ -74,6 +74,46 @@ def _positive_int(v) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
 
+@dataclasses.dataclass(frozen=True)
+class System:
+  """Simulated system heterogeneity of a round's cohort (FedProx's experiments, Li et al.,
+  MLSys 2020, §5.2): stragglers and clients that drop out.
+
+  Attributes:
+    straggler_fraction: Fraction of each cohort (rounded to whole clients) that
+      straggles: client i does `⌈j_i S_i / levels⌉` of its `S_i` local steps,
+      `j_i` uniform in {1, ..., levels} (with `levels` = the local epochs E, a
+      straggler runs a whole number of epochs in [1, E], as in the paper).
+    levels: The grain of a straggler's work (see above).
+    drop_stragglers: Stragglers are left out of the aggregate and train nothing
+      (FedAvg in the paper) instead of sending their partial work (FedProx).
+    dropout_rate: Probability that a sampled client never reports: it trains
+      nothing and weighs 0; the round still runs and counts it.
+  """
+
+  straggler_fraction: float = 0.0
+  levels: int = 1
+  drop_stragglers: bool = False
+  dropout_rate: float = 0.0
+
+  def __post_init__(self):
+    for name, v in (("straggler_fraction", self.straggler_fraction),
+                    ("dropout_rate", self.dropout_rate)):
+      ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+      if not ok or (name == "dropout_rate" and v == 1):
+        raise ValueError(f"system.{name} must be a number in "
+                         f"{'[0, 1)' if name == 'dropout_rate' else '[0, 1]'}; got {v!r}.")
+    if not _positive_int(self.levels):
+      raise ValueError(f"system.levels must be an int >= 1; got {self.levels!r}.")
+    if not isinstance(self.drop_stragglers, bool):
+      raise ValueError(f"system.drop_stragglers must be a bool; got {self.drop_stragglers!r}.")
+
+  @property
+  def active(self) -> bool:
+    """Whether anything is simulated (a `System()` round is the plain round, bit for bit)."""
+    return self.straggler_fraction > 0 or self.dropout_rate > 0
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Execution:
   """How the sampled clients of a round execute (never what they compute).
@@ -112,6 +152,7 @@ class Execution:
       part with probability `q` independently; the round's `clients_per_round`
       is then the static number of slots `K` (`poisson_max_cohort`), the
       absent slots masked (`core._sampling.poisson_cohort`).
+    system: Optional `System`: stragglers and dropouts in each cohort.
     differentiable: Run the masked, fixed-length path (see above).
 
   Example:
@@ -133,6 +174,7 @@ class Execution:
   sampling_probs: np.ndarray | None = None
   differentiable: bool = False
   poisson_rate: float | None = None
+  system: System | None = None
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -171,6 +213,10 @@ class Execution:
       if self.sampling_probs is not None:
         raise ValueError("Execution poisson_rate and sampling_probs are two ways to sample a "
                          "cohort; give one.")
+
+    if self.system is not None and not isinstance(self.system, System):
+      raise ValueError(f"Execution system must be a fedjax_pers.core.System; got "
+                       f"{self.system!r}.")
 
   @property
   def num_devices(self) -> int:

@@ -31,6 +31,8 @@ from fedjax_pers.core._sampling import (
     sample_clients,
 )
 from fedjax_pers.core._source import cohort_source
+from fedjax_pers.core._system import draw as draw_system
+from fedjax_pers.core._system import straggling
 
 Params = Any
 
@@ -83,7 +85,9 @@ class RoundMetrics(NamedTuple):
     executed_steps: Client-steps the compiled round computed (padded steps or
       lane-steps; `executed_steps / real_steps` is the round's overhead).
     present: `[k]` bool: the slot's client took part (all True but under
-      Poisson sampling, whose absent slots train nothing and weigh 0).
+      Poisson sampling, whose absent slots train nothing and weigh 0, and for
+      clients that dropped out or straggled and were dropped: `System`).
+    stragglers: `[k]` bool: the slot's client straggled (`System`).
   """
 
   train_loss: jax.Array
@@ -94,6 +98,7 @@ class RoundMetrics(NamedTuple):
   real_steps: jax.Array
   executed_steps: jax.Array
   present: jax.Array
+  stragglers: jax.Array
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -234,6 +239,14 @@ def make_round(
       # Who of the slots took part, as the sampler drew them (a feed's window too).
       ids, present = poisson_cohort(k_sample, data.num_clients, k, execution.poisson_rate)
       present = present & (ids == idx)
+    system = execution.system
+    straggler = jnp.zeros(k, bool)
+    if system is not None and system.active:   # stragglers and dropouts of this cohort
+      sys_draw = draw_system(jax.random.fold_in(k_sample, 2), k, system)
+      straggler = sys_draw.straggler
+      present = present & ~sys_draw.dropped
+      if system.drop_stragglers:
+        present = present & ~straggler
     padded, valid = pad_cohort(idx, execution.num_devices)
     valid = valid & jnp.concatenate([present, jnp.zeros(valid.shape[0] - k, bool)])
     if data.deal is not None and (data.window is None or data.x.shape[0] != padded.shape[0]):
@@ -244,6 +257,8 @@ def make_round(
     program = make_program(data)
     if data.cap is not None:
       program = capped(program, data.cap)
+    if system is not None and system.straggler_fraction > 0 and not system.drop_stragglers:
+      program = straggling(program, idx, sys_draw.share, system.levels, data.num_clients)
     how = plan_of(state.params, data)
     windowed = isinstance(state.client_states, ClientWindow)
     if windowed and data.window is None:
@@ -287,7 +302,8 @@ def make_round(
         / jnp.maximum(jnp.sum(n), 1.0),
         num_nonfinite=nonfinite,
         clients=idx, weights=weights, client_train_loss=outputs.train_loss,
-        real_steps=result.real_steps, executed_steps=result.executed_steps, present=present)
+        real_steps=result.real_steps, executed_steps=result.executed_steps, present=present,
+        stragglers=straggler)
     new_state = ServerState(
         params=params, opt_state=opt_state, weight_state=weight_state,
         client_states=client_states, round=state.round + 1, rng=rng,

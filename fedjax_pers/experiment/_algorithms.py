@@ -16,7 +16,14 @@ import numpy as np
 
 from fedjax_pers import aggregation, algorithms, distributed, personalization
 from fedjax_pers.algorithms._pfedme import AVERAGES as PFEDME_AVERAGES
-from fedjax_pers.core import Execution, FederatedAlgorithm, FederatedData, LocalWork, Model
+from fedjax_pers.core import (
+    Execution,
+    FederatedAlgorithm,
+    FederatedData,
+    LocalWork,
+    Model,
+    System,
+)
 from fedjax_pers.experiment import _communication, _privacy
 from fedjax_pers.experiment._registry import _pick, make_local_work, make_model, make_optimizer
 from fedjax_pers.experiment._weighting import make_weighting, weighting_name
@@ -131,6 +138,38 @@ def _pfedme(config, model, work, kwargs):
 
 
 EXECUTION_KEYS = ("strategy", "client_chunk", "lanes", "num_devices")
+SYSTEM_KEYS = ("straggler_fraction", "dropout_rate", "drop_stragglers")
+
+
+def make_system(config: ml_collections.ConfigDict) -> System | None:
+  """`config.system` as a `System`, or None when nothing is simulated.
+
+  A straggler does a whole number of `client.local_epochs` (or of
+  `client.local_steps`), uniform in [1, E]; `system.drop_stragglers` defaults to
+  the FedProx paper's setting: FedAvg drops stragglers, every other algorithm
+  keeps their partial work.
+  """
+  c = config.get("system")
+  if c is None:
+    return None
+  unknown = sorted(set(c.keys()) - set(SYSTEM_KEYS))
+  if unknown:
+    raise ValueError(f"Unknown system keys {unknown}; expected some of {list(SYSTEM_KEYS)}.")
+  drop = c.get("drop_stragglers")
+  drop = config.algorithm == "fedavg" if drop is None else drop
+  levels = config.client.get("local_epochs") or config.client.get("local_steps") or 1
+  system = System(straggler_fraction=c.get("straggler_fraction", 0.0),
+                  levels=int(levels), drop_stragglers=drop,
+                  dropout_rate=c.get("dropout_rate", 0.0))
+  if not system.active:
+    return None
+  if config.algorithm == "pfedme":
+    raise ValueError("system.* with algorithm='pfedme' is not built (every client trains "
+                     "every round, outside the sampled cohort).")
+  if config.get("data", {}).get("store") is not None:
+    raise ValueError("system.* with data.store is not built (the host feed deals cohorts by "
+                     "their full work).")
+  return system
 
 
 def cohort_size(config: ml_collections.ConfigDict, num_clients: int) -> int:
@@ -179,6 +218,9 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
   execution = make_execution(config, cohort, probs)
   if poisson:
     execution = dataclasses.replace(execution, poisson_rate=dp.sampling_rate)
+  system = make_system(config)
+  if system is not None:
+    execution = dataclasses.replace(execution, system=system)
   kwargs = dict(
       clients_per_round=cohort if poisson else config.clients_per_round,
       weighting=make_weighting(

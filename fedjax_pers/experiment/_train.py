@@ -138,6 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   dp = _privacy.make_plan(config, _algorithms.host_sizes(train))
   comm = _communication.plan(config, model)
+  alg_system = _algorithms.make_system(config)
   state = alg.init(jax.random.key(config.seed), train)
   mngr = _checkpoint.manager(workdir)
   _checkpoint.check_same_run(workdir, config, resuming=mngr.latest_step() is not None)
@@ -197,13 +198,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, m = run_round(state)
     train_losses.append(m.train_loss)
     jax.block_until_ready(state)
-    clients, weights, real, executed, present = jax.device_get(
-        (m.clients, m.weights, m.real_steps, m.executed_steps, m.present))
+    clients, weights, real, executed, present, stragglers = jax.device_get(
+        (m.clients, m.weights, m.real_steps, m.executed_steps, m.present, m.stragglers))
     steps += (int(real), int(executed))
     row = {"round": r + 1, "clients": clients[present].tolist(),
            "weights": [round(float(w), 6) for w in weights[present]]}
     if dp is not None and dp.sampling == "poisson":   # the realised Poisson cohort
       row["cohort_size"] = int(present.sum())
+    if alg_system is not None:   # who straggled, who never reported
+      row["stragglers"] = clients[stragglers].tolist()
+      row["not_reported"] = clients[~present].tolist()
     weight_rows.append(row)
     append(weights_path, row)
     if r == first:

@@ -135,6 +135,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.secure_aggregation.bits = placeholder(int)   # b in [8, 32]
   c.secure_aggregation.dropout_rate = 0.0        # sampled clients that drop after masking
 
+  # System heterogeneity (FedProx's experiments): stragglers and dropouts in each cohort.
+  c.system = ml_collections.ConfigDict()
+  c.system.straggler_fraction = 0.0      # of each cohort: a random number of epochs in [1, E]
+  c.system.dropout_rate = 0.0            # sampled clients that never report
+  c.system.drop_stragglers = placeholder(bool)   # None: True for fedavg, else False
+
   c.corruption = ml_collections.ConfigDict()
   c.corruption.label_shuffle_fraction = 0.0   # clients whose train labels are shuffled
   c.corruption.attack_fraction = 0.0          # clients that send attack_scale × update
