@@ -74,12 +74,22 @@ def test_stragglers_send_their_first_epochs_against_numpy():
   assert np.all(np.asarray(m.present))
 
 
+def test_a_straggler_does_the_ceiling_of_its_share():
+  """⌈j S / levels⌉ steps, also where levels does not divide S (j = 1, S = 9, levels = 2)."""
+  data = small_data(num_clients=2, sizes=[6, 6])
+  program = fp.core.LocalProgram(None, None, None, lambda client: 9)
+  p = _system.straggling(program, jax.numpy.asarray([1]), jax.numpy.asarray([1]), 2, 2)
+  ids = jax.numpy.asarray([0, 1])
+  client = fp.core.ClientData(None, None, data.num_examples, id=ids)
+  np.testing.assert_array_equal(jax.vmap(lambda c: p.num_steps(c))(client), [9, 5])
+
+
 def test_fedavg_drops_stragglers_and_dropouts_weigh_nothing():
   system = fp.System(straggler_fraction=0.5, levels=3, drop_stragglers=True, dropout_rate=0.3)
-  s0, s1, m = run(system)
+  s0, s1, m = run(system, seed=5)   # two of the three non-stragglers drop out
   present = np.asarray(m.present)
   strag = np.asarray(m.stragglers)
-  assert strag.sum() == 3 and not present[strag].any()
+  assert strag.sum() == 3 and not present[strag].any() and present.sum() == 1
   w = np.asarray(m.weights)
   np.testing.assert_allclose(w[~present], 0.0)
   np.testing.assert_allclose(w[present], 1 / present.sum(), rtol=1e-6)
