@@ -116,7 +116,8 @@ def feddyn(
 
   def round_fn(state: ServerState, data: FederatedData):
     new, metrics = inner(state, data)
-    moved = cohort_state_change(state, new)   # Σ_k (g_k⁺ − g_k) = −α Σ_{k∈P_t} Δ_k
+    # Σ_k (g_k⁺ − g_k) = −α Σ_{k∈P_t} Δ_k
+    moved = cohort_state_change(state, new, metrics.clients)
     h = jax.tree.map(lambda hh, m: hh + m / data.num_clients, state.algorithm, moved)
     params = jax.tree.map(lambda p, hh: p - hh / alpha, new.params, h)
     return new._replace(params=params, algorithm=h), metrics

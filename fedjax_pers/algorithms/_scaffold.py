@@ -127,7 +127,7 @@ def scaffold(
     inner = make_round(lambda d: program(d, c), aggregator, server_tx,
                        clients_per_round=clients_per_round, execution=execution)
     new, metrics = inner(state, data)
-    moved = cohort_state_change(state, new)   # Σ_{i∈S} Δc_i
+    moved = cohort_state_change(state, new, metrics.clients)   # Σ_{i∈S} Δc_i
     c = jax.tree.map(lambda cc, m: cc + m / data.num_clients, c, moved)
     return new._replace(algorithm=c), metrics
 

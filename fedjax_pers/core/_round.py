@@ -313,12 +313,16 @@ def make_round(
   return round_fn
 
 
-def cohort_state_change(before: ServerState, after: ServerState) -> Any:
-  """`Σ_i (s_i⁺ − s_i)` over the per-client states: the sampled clients' total change (the
-  others keep theirs bit for bit; a `ClientWindow` holds only the cohort's)."""
-  old, new = (s.states if isinstance(s, ClientWindow) else s
-              for s in (before.client_states, after.client_states))
-  return jax.tree.map(lambda a, b: jnp.sum(b - a, axis=0), old, new)
+def cohort_state_change(before: ServerState, after: ServerState, clients: jax.Array) -> Any:
+  """`Σ_{i ∈ clients} (s_i⁺ − s_i)`: the cohort's total change of its per-client states
+  (`clients`: the round's distinct ids, `RoundMetrics.clients`; the others keep theirs bit
+  for bit). Gathered, not summed over the population (on CPU a column sum over `N` rows
+  cost a SCAFFOLD round 3× its clients' work); a `ClientWindow` holds only the cohort's."""
+  if isinstance(before.client_states, ClientWindow):
+    return jax.tree.map(lambda a, b: jnp.sum(b - a, axis=0),
+                        before.client_states.states, after.client_states.states)
+  return jax.tree.map(lambda a, b: jnp.sum(b[clients] - a[clients], axis=0),
+                      before.client_states, after.client_states)
 
 
 def zero_client_states(params: Params, num_clients: int) -> Any:
