@@ -9,6 +9,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fedjax_pers._cli import guarded
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "experiment", "default_config.py")
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -16,7 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default ./workdir/<config>).")
 
 
-def main(argv):
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
@@ -41,6 +43,10 @@ def main(argv):
     return
   print(summary_table(summary))
   print(f"Wrote metrics.jsonl, summary.json, curves.png and checkpoints to {workdir}")
+
+
+def main(argv):
+  guarded(_main, argv)
 
 
 def run():

@@ -10,13 +10,15 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fedjax_pers._cli import guarded
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Comparison config file (get_config() with a `compare` block).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default ./workdir/<config>).")
 
 
-def main(argv):
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
@@ -38,6 +40,10 @@ def main(argv):
   out = compare(config, workdir)
   print(comparison_table(out))
   print(f"Wrote comparison.json, comparison.md and comparison.png to {workdir}")
+
+
+def main(argv):
+  guarded(_main, argv)
 
 
 if __name__ == "__main__":
