@@ -158,3 +158,28 @@ def test_cli_num_devices_shards_and_matches(tmp_path):
     assert summary["execution"]["num_devices"] == (min(cores, 4) if n is None else n)
   assert accs[0] == pytest.approx(accs[1], rel=1e-5)
   assert accs[0] == pytest.approx(accs[2], rel=1e-5)
+
+
+def test_tensorboard_events_read_back_as_the_metrics(tmp_path):
+  """tensorboard's own reader finds every evaluation's numbers and each round's weights."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  c = tiny_config()
+  train_and_evaluate(c, str(tmp_path / "run"))
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"),
+                        size_guidance={"scalars": 0, "histograms": 0})
+  ea.Reload()
+  for key in ("test_accuracy", "test_loss", "mean_client_test_accuracy", "elapsed_seconds"):
+    got = [(e.step, e.value) for e in ea.Scalars(key)]
+    want = [(r["round"], r[key]) for r in rows]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+  hist = ea.Histograms("aggregation_weights")
+  weights = [json.loads(line) for line in (tmp_path / "run" / "round_weights.jsonl").open()]
+  assert [h.step for h in hist] == [w["round"] for w in weights]
+  assert all(h.histogram_value.num == len(w["weights"]) for h, w in zip(hist, weights))
+  assert all(abs(h.histogram_value.sum - sum(w["weights"])) < 1e-5 for h, w in zip(hist, weights))
+  c.tensorboard = False
+  train_and_evaluate(c, str(tmp_path / "off"))
+  assert not (tmp_path / "off" / "tensorboard").exists()

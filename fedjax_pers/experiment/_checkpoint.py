@@ -42,7 +42,8 @@ def restore_latest(mngr: ocp.CheckpointManager, like: ServerState) -> ServerStat
 # Keys a resumed run may change: they say how long to run, what to print, and how the
 # clients are executed (up to float rounding) and over how many processes, not what the
 # rounds compute; `compare.*` describes the comparison a run belongs to.
-RESUMABLE_KEYS = ("num_rounds", "eval_every", "eval_train", "checkpoint_every", "progress")
+RESUMABLE_KEYS = ("num_rounds", "eval_every", "eval_train", "checkpoint_every", "progress",
+                  "tensorboard")
 RESUMABLE_SECTIONS = ("compare.", "execution.", "distributed.")
 
 

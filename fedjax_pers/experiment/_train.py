@@ -22,6 +22,7 @@ from fedjax_pers.experiment import (
   _population,
   _privacy,
   _registry,
+  _tensorboard,
 )
 from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
@@ -149,6 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   done_before = int(state.round) if restored is not None else -1
   records, weight_rows = ([r for r in _outputs.read_jsonl(path) if r["round"] <= done_before]
                           for path in (metrics_path, weights_path))
+  board = _tensorboard.Board(workdir, primary and config.get("tensorboard", True))
   for path, rows in ((metrics_path, records), (weights_path, weight_rows)):
     if primary:   # atomically: the other processes may be reading it
       _outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -190,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rec, lists = evaluate_now(state, [])
     records.append(rec)
     append(metrics_path, rec)
+    board.evaluation(rec)
   compile_seconds, round_seconds, train_losses, steps = 0.0, [], [], np.zeros(2, np.int64)
   bar = tqdm.trange(first, config.num_rounds, desc="rounds", unit="round",
                     disable=not (primary and config.get("progress", True)))
@@ -210,6 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       row["not_reported"] = clients[~present].tolist()
     weight_rows.append(row)
     append(weights_path, row)
+    board.round(r + 1, row["weights"])
     if r == first:
       compile_seconds = time.perf_counter() - t0
     else:
@@ -220,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_losses = []
       records.append(rec)
       append(metrics_path, rec)
+      board.evaluation(rec)
       bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", loss=f"{rec['test_loss']:.4f}",
                       **({} if dp is None else {"eps": _eps(rec["dp_epsilon"])}))
     every = config.get("checkpoint_every", 0)
@@ -228,6 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       population.checkpoint(done, mngr.all_steps())
   mngr.wait_until_finished()
   population.close()
+  board.close()
 
   if int(state.round) == first:   # nothing left to run: evaluate the restored state
     rec, lists = evaluate_now(state, [])

@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling = "uniform"          # uniform | num_examples (p ∝ n_i, without replacement)
   c.eval_every = 5
   c.eval_train = True             # also evaluate the global model on the train splits
+  c.tensorboard = True              # event files in WORKDIR/tensorboard (tensorboardX)
   c.eval_clients = placeholder(int)   # host store: evaluate a seeded sample of this many
                                       # clients (None: every client, streamed)
   c.seed = 0
