@@ -20,16 +20,13 @@ from fedjax_pers.core._program import LocalProgram, tree_where
 from fedjax_pers.core._round import (
     FederatedAlgorithm,
     ServerState,
-    cohort_dealer,
-    cohort_plan,
-    cohort_sampler,
+    assembled,
     cohort_state_change,
     make_init,
     make_round,
-    place,
     zero_client_states,
 )
-from fedjax_pers.core._sgd import SGDState, client_output, sgd_init, sgd_steps
+from fedjax_pers.core._sgd import apply_grads, client_output, sgd_init, sgd_steps
 
 Params = Any
 
@@ -95,10 +92,7 @@ def feddyn(
       (_, total), g = jax.value_and_grad(
           lambda w: masked_mean_loss(model, w, x, y, mask, key), has_aux=True)(s.w)
       g = jax.tree.map(lambda gi, gk, w, p: gi - gk + alpha * (w - p), g, g_k, s.w, params)
-      updates, opt_state = client_tx.update(g, s.opt_state, s.w)
-      new = SGDState(optax.apply_updates(s.w, updates), opt_state,
-                     s.loss_sum + total.astype(s.loss_sum.dtype),
-                     s.count + jnp.sum(mask, dtype=jnp.int32))
+      new = apply_grads(client_tx, s, g, total, mask)
       return tree_where(jnp.any(mask), new, s), g_k
 
     def finish(params, client, carry):
@@ -122,15 +116,7 @@ def feddyn(
     params = jax.tree.map(lambda p, hh: p - hh / alpha, new.params, h)
     return new._replace(params=params, algorithm=h), metrics
 
-  base_init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
-                        client_states=zero_client_states, execution=execution)
-
-  def init(key: jax.Array, data: FederatedData) -> ServerState:
-    state = base_init(key, data)
-    return place(state._replace(algorithm=jax.tree.map(jnp.zeros_like, state.params)),
-                 execution)
-
-  return FederatedAlgorithm(
-      init=init, round=round_fn, plan=cohort_plan(make_program, execution, clients_per_round),
-      sample=cohort_sampler(clients_per_round, execution),
-      deal=cohort_dealer(make_program, execution))
+  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
+                   client_states=zero_client_states, execution=execution,
+                   algorithm=lambda params: jax.tree.map(jnp.zeros_like, params))
+  return assembled(init, round_fn, make_program, execution, clients_per_round)

@@ -17,7 +17,7 @@ from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram, tree_where
 from fedjax_pers.core._round import FederatedAlgorithm, assemble
-from fedjax_pers.core._sgd import SGDState, client_output, sgd_init, sgd_steps
+from fedjax_pers.core._sgd import apply_grads, client_output, sgd_init, sgd_steps
 
 Params = Any
 
@@ -108,10 +108,7 @@ def moon(
         return mean, total
 
       (_, total), g = jax.value_and_grad(objective, has_aux=True)(s.w)
-      updates, opt_state = client_tx.update(g, s.opt_state, s.w)
-      new = SGDState(optax.apply_updates(s.w, updates), opt_state,
-                     s.loss_sum + total.astype(s.loss_sum.dtype),
-                     s.count + jnp.sum(mask, dtype=jnp.int32))
+      new = apply_grads(client_tx, s, g, total, mask)
       return tree_where(jnp.any(mask), new, s), prev
 
     def finish(params, client, carry):

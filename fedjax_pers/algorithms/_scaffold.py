@@ -20,13 +20,10 @@ from fedjax_pers.core._program import LocalProgram, tree_where
 from fedjax_pers.core._round import (
     FederatedAlgorithm,
     ServerState,
-    cohort_dealer,
-    cohort_plan,
-    cohort_sampler,
+    assembled,
     cohort_state_change,
     make_init,
     make_round,
-    place,
     zero_client_states,
 )
 from fedjax_pers.core._sgd import client_output, sgd_steps
@@ -131,16 +128,7 @@ def scaffold(
     c = jax.tree.map(lambda cc, m: cc + m / data.num_clients, c, moved)
     return new._replace(algorithm=c), metrics
 
-  base_init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
-                        client_states=zero_client_states, execution=execution)
-
-  def init(key: jax.Array, data: FederatedData) -> ServerState:
-    state = base_init(key, data)
-    return place(state._replace(algorithm=jax.tree.map(jnp.zeros_like, state.params)),
-                 execution)
-
-  plan_program = lambda d: program(d, None)
-  return FederatedAlgorithm(
-      init=init, round=round_fn, plan=cohort_plan(plan_program, execution, clients_per_round),
-      sample=cohort_sampler(clients_per_round, execution),
-      deal=cohort_dealer(plan_program, execution))
+  init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
+                   client_states=zero_client_states, execution=execution,
+                   algorithm=lambda params: jax.tree.map(jnp.zeros_like, params))
+  return assembled(init, round_fn, lambda d: program(d, None), execution, clients_per_round)

@@ -348,12 +348,14 @@ def make_init(
     clients_per_round: int,
     client_states: Callable[[Params, int], Any] | None = None,
     execution: Execution | None = None,
+    algorithm: Callable[[Params], Any] | None = None,
 ) -> Callable[[jax.Array, FederatedData], ServerState]:
   """`init(key, data) -> ServerState` of the FedAvg family.
 
   The key splits into (model, rounds); the model's params start the server
-  optimizer, `aggregator.init` the weight state, and `client_states(params,
-  num_clients)` the per-client state (default none: `()`). With a mesh in
+  optimizer, `aggregator.init` the weight state, `client_states(params,
+  num_clients)` the per-client state (default none: `()`) and
+  `algorithm(params)` the algorithm's own server state (default `()`). With a mesh in
   `execution` the state is replicated over it (`place`). Over windowed data (a
   host store's cohort) the per-client state is a `ClientWindow` of the window's
   slots, not the population's.
@@ -372,9 +374,21 @@ def make_init(
     return place(ServerState(
         params=params, opt_state=server_tx.init(params),
         weight_state=aggregator.init(data.num_clients), client_states=states,
-        round=jnp.zeros((), jnp.int32), rng=k_rounds), execution)
+        round=jnp.zeros((), jnp.int32), rng=k_rounds,
+        algorithm=() if algorithm is None else algorithm(params)), execution)
 
   return init
+
+
+def assembled(init, round_fn, make_program: Callable[[FederatedData], LocalProgram],
+              execution: Execution | None, clients_per_round: int,
+              personal: Callable[[ServerState], Any] | None = None) -> FederatedAlgorithm:
+  """A `FederatedAlgorithm` of `init` and `round_fn` whose cohort runs `make_program` as
+  `make_round` does (its plan, sampler and dealer), for rounds built around `make_round`."""
+  return FederatedAlgorithm(init=init, round=round_fn, personal=personal,
+                            plan=cohort_plan(make_program, execution, clients_per_round),
+                            sample=cohort_sampler(clients_per_round, execution),
+                            deal=cohort_dealer(make_program, execution))
 
 
 def assemble(
@@ -397,10 +411,7 @@ def assemble(
       execution=execution)
   init = make_init(model, server_tx, aggregator, clients_per_round=clients_per_round,
                    client_states=client_states, execution=execution)
-  return FederatedAlgorithm(init=init, round=round_fn, personal=personal,
-                            plan=cohort_plan(make_program, execution, clients_per_round),
-                            sample=cohort_sampler(clients_per_round, execution),
-                            deal=cohort_dealer(make_program, execution))
+  return assembled(init, round_fn, make_program, execution, clients_per_round, personal)
 
 
 def cohort_sampler(clients_per_round: int, execution: Execution | None = None):

@@ -72,6 +72,12 @@ def sgd_step(model: Model, tx: optax.GradientTransformation, state: SGDState, x:
     return mean, total
 
   (_, total), grads = jax.value_and_grad(objective, has_aux=True)(state.w)
+  return apply_grads(tx, state, grads, total, mask)
+
+
+def apply_grads(tx: optax.GradientTransformation, state: SGDState, grads: Params,
+                total: jax.Array, mask: jax.Array) -> SGDState:
+  """One step of `tx` on `grads`, adding the batch's loss sum `total` and real examples."""
   updates, opt_state = tx.update(grads, state.opt_state, state.w)
   return SGDState(optax.apply_updates(state.w, updates), opt_state,
                   state.loss_sum + total.astype(state.loss_sum.dtype),
