@@ -8,7 +8,7 @@ from fedjax_pers import aggregation, algorithms, core, data, models, personaliza
 
 def test_surfaces():
   assert set(algorithms.__all__) == {
-      "apfl", "ditto", "fedavg", "feddyn", "fednova", "fedper", "fedprox", "fedrep",
+      "apfl", "ditto", "fedavg", "fedbuff", "feddyn", "fednova", "fedper", "fedprox", "fedrep",
       "lg_fedavg", "moon", "per_fedavg", "pfedme", "reptile", "scaffold"}
   assert {"personalize", "evaluate_personal", "meta_gradient", "hvp"} <= set(
       personalization.__all__)

@@ -190,6 +190,7 @@ def make_round(
     *,
     clients_per_round: int,
     execution: Execution | None = None,
+    cohort: jax.Array | None = None,
 ) -> Callable[[ServerState, FederatedData], tuple[ServerState, RoundMetrics]]:
   """Builds the round of the FedAvg family around a one-client `LocalProgram`.
 
@@ -212,6 +213,9 @@ def make_round(
     server_tx: Server optimizer.
     clients_per_round: Cohort size `k`.
     execution: How the cohort runs and is sampled (default `Execution()`).
+    cohort: Optional `[clients_per_round]` distinct client ids the round runs
+      instead of sampling (an asynchronous server's arrivals: `fedbuff`); the
+      keys split as in a sampled round.
 
   Returns:
     `round(state, data) -> (state, RoundMetrics)`.
@@ -229,6 +233,8 @@ def make_round(
     check_cohort(clients_per_round, data.num_clients)
     k = clients_per_round
     idx, (rng, k_sample, k_clients) = sample(state.rng, data.num_clients)
+    if cohort is not None:
+      idx = jnp.asarray(cohort, jnp.int32)
     if data.window is not None:   # gathered by a host feed, which drew `idx` ahead
       if data.window.shape != (k,):
         raise ValueError(f"data.window holds {data.window.shape} client ids; a round of "
@@ -267,7 +273,8 @@ def make_round(
     stacked = state.client_states.states if windowed else state.client_states
     personal = stacked if jax.tree.leaves(stacked) else None
     whole = (mesh is None and execution.sampling_probs is None
-             and execution.poisson_rate is None and k == data.num_clients)
+             and execution.poisson_rate is None and cohort is None
+             and k == data.num_clients)
     source = cohort_source(data, personal, jax.random.fold_in(k_sample, 1), whole=whole,
                            windowed=windowed)
     result = execute_cohort(program, state.params, source, padded, valid, k_clients,

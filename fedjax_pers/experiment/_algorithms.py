@@ -99,6 +99,20 @@ def _fednova(config, model, client_tx, server_tx, work, kwargs):
                             momentum=config.client.get("momentum") or 0.0, **kwargs)
 
 
+def _fedbuff(config, model, client_tx, server_tx, work, kwargs, train):
+  """FedBuff with K = fedbuff.buffer_size (default clients_per_round) and M =
+  fedbuff.concurrency (default 2K, at most N)."""
+  c = config.fedbuff
+  k = c.get("buffer_size") or config.clients_per_round
+  m = c.get("concurrency") or min(2 * k, train.num_clients)
+  if config.aggregation.weighting not in ("default", "uniform"):
+    raise ValueError(f"algorithm='fedbuff' weights reports by their staleness; "
+                     f"aggregation.weighting={config.aggregation.weighting!r} does not apply.")
+  return algorithms.fedbuff(model, client_tx, server_tx, work, concurrency=m, buffer_size=k,
+                            staleness_exponent=c.staleness_exponent,
+                            latency_spread=c.latency_spread, execution=kwargs["execution"])
+
+
 def _scaffold(config, model, server_tx, work, kwargs):
   """SCAFFOLD's clients take plain SGD steps at client.learning_rate (its c_i formula)."""
   if config.client.optimizer != "sgd" or config.client.get("momentum"):
@@ -258,6 +272,7 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
                                            "finite_difference"),
       "reptile": lambda: _reptile(config, model, client_tx, work, kwargs),
       "scaffold": lambda: _scaffold(config, model, server_tx, work, kwargs),
+      "fedbuff": lambda: _fedbuff(config, model, client_tx, server_tx, work, kwargs, train),
       "moon": lambda: algorithms.moon(model, client_tx, server_tx, work, mu=config.moon.mu,
                                       temperature=config.moon.temperature, **kwargs),
       "feddyn": lambda: algorithms.feddyn(model, client_tx, work, alpha=config.feddyn.alpha,

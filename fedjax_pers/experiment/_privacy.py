@@ -113,6 +113,9 @@ def make_plan(config: ml_collections.ConfigDict, sizes: np.ndarray) -> DpPlan | 
     why.append("algorithm='pfedme' (it trains every client each round with its own average)")
   if config.algorithm == "fednova":
     why.append("algorithm='fednova' (its normalised weights τ_eff p_i / ‖a_i‖₁ exceed 1)")
+  if config.algorithm == "fedbuff":
+    why.append("algorithm='fedbuff' (its rounds are asynchronous server steps, not sampled "
+               "cohorts)")
   if config.algorithm in ("scaffold", "feddyn"):
     why.append(f"algorithm={config.algorithm!r} (its server state moves by the clients' "
                "unclipped, unnoised updates)")

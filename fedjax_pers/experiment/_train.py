@@ -184,6 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec.update(dp.report(int(state.round), state.weight_state))
     if comm is not None:
       rec.update(comm.report())
+    if hasattr(state.algorithm, "clock"):   # an asynchronous server's simulated time
+      rec["simulated_time"] = float(state.algorithm.clock)
     rec["elapsed_seconds"] = round(time.perf_counter() - t_start, 3)
     return rec, lists
 

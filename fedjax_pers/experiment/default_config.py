@@ -152,6 +152,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.moon.mu = 1.0                 # MOON's μ (1 or 5 in the paper)
   c.moon.temperature = 0.5        # τ of the model-contrastive loss
 
+  c.fedbuff = ml_collections.ConfigDict()
+  c.fedbuff.buffer_size = placeholder(int)   # K (None: clients_per_round)
+  c.fedbuff.concurrency = placeholder(int)   # M (None: 2K, at most N)
+  c.fedbuff.staleness_exponent = 0.5         # reports weighted by (1 + s)^(-a)
+  c.fedbuff.latency_spread = 1.0             # σ of the clients' lognormal durations
+
   c.feddyn = ml_collections.ConfigDict()
   c.feddyn.alpha = 0.01           # FedDyn's α (the paper tries 0.1, 0.01, 0.001)
 

@@ -1,0 +1,86 @@
+"""FedBuff: zero latency spread and K = M is synchronous FedAvg, stale reports against
+NumPy, the in-flight set, the config."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from _reference import client_deltas, engine_plan, logreg_sgd
+from test_engine import logreg, small_data
+from test_experiment import tiny_config
+
+import fedjax_pers as fp
+from fedjax_pers.algorithms import fedbuff
+from fedjax_pers.experiment import train_and_evaluate
+
+DATA = small_data(num_clients=8, sizes=[3, 11, 6, 9, 4, 12, 7, 5])
+WORK = fp.LocalWork(2, epochs=1)
+
+
+def test_no_spread_and_k_equal_m_is_synchronous_fedavg():
+  alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=3, buffer_size=3,
+                latency_spread=0.0)
+  state = alg.init(jax.random.key(0), DATA)
+  step = jax.jit(alg.round)
+  for t in range(3):
+    before, ids = state, np.sort(np.asarray(state.algorithm.in_flight))
+    state, m = step(state, DATA)
+    assert sorted(np.asarray(m.clients).tolist()) == ids.tolist()
+    w, b, clients = client_deltas(before.params, DATA, before.rng, WORK, 0.1, 3,
+                                  ids=np.asarray(m.clients))
+    np.testing.assert_allclose(state.params["Dense_0"]["kernel"],
+                               w + np.mean([c["dw"] for c in clients], 0), atol=1e-5)
+    np.testing.assert_allclose(state.params["Dense_0"]["bias"],
+                               b + np.mean([c["db"] for c in clients], 0), atol=1e-5)
+    np.testing.assert_allclose(m.weights, 1 / 3, rtol=1e-6)
+    assert float(state.algorithm.clock) == t + 1
+  assert step._cache_size() == 1
+
+
+def test_stale_reports_are_discounted_against_numpy():
+  alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=4, buffer_size=2,
+                staleness_exponent=0.5, latency_spread=1.0)
+  state = alg.init(jax.random.key(3), DATA)
+  step = jax.jit(alg.round)
+  seen_stale = False
+  for _ in range(4):
+    a = state.algorithm
+    assert len(set(np.asarray(a.in_flight).tolist())) == 4
+    order = np.argsort(np.asarray(a.finish), kind="stable")[:2]
+    stale = int(a.steps) - np.asarray(a.version)[order]
+    seen_stale |= bool((stale > 0).any())
+    before, rng = state, state.rng
+    state, m = step(state, DATA)
+    ids = np.asarray(a.in_flight)[order]
+    np.testing.assert_array_equal(np.asarray(m.clients), ids)
+    disc = (1.0 + stale) ** -0.5 / 2
+    np.testing.assert_allclose(m.weights, disc, rtol=1e-6)
+    w = np.asarray(before.params["Dense_0"]["kernel"], np.float64)
+    upd = np.zeros_like(w)
+    for c, d in zip(ids, disc):
+      sw = np.asarray(before.client_states["Dense_0"]["kernel"][c], np.float64)
+      sb = np.asarray(before.client_states["Dense_0"]["bias"][c], np.float64)
+      plan = engine_plan(rng, DATA, WORK, c)
+      x, y = np.asarray(DATA.x[c], np.float64), np.asarray(DATA.y[c])
+      yw, _, _, _ = logreg_sgd(sw, sb, x, y, np.asarray(plan.idx), np.asarray(plan.mask), 0.1)
+      upd += d * (yw - sw)
+    np.testing.assert_allclose(state.params["Dense_0"]["kernel"], w + upd, atol=1e-5)
+    assert float(state.algorithm.clock) == pytest.approx(float(np.max(np.asarray(a.finish)[order])))
+    # The new ones start from the new model.
+    for c in np.setdiff1d(np.asarray(state.algorithm.in_flight), np.asarray(a.in_flight)):
+      np.testing.assert_array_equal(state.client_states["Dense_0"]["kernel"][c],
+                                    state.params["Dense_0"]["kernel"])
+  assert seen_stale
+
+
+def test_fedbuff_from_the_config_and_its_refusals(tmp_path):
+  c = tiny_config()
+  c.algorithm = "fedbuff"
+  s = train_and_evaluate(c, str(tmp_path / "run"))
+  assert s["rounds"] == 4
+  import json
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  times = [r["simulated_time"] for r in rows]
+  assert times[0] == 0 and times == sorted(times) and times[-1] > 0
+  with pytest.raises(ValueError, match="buffer_size \\(K=4\\) must be <= concurrency"):
+    fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=3, buffer_size=4)
