@@ -84,6 +84,16 @@ def test_a_straggler_does_the_ceiling_of_its_share():
   np.testing.assert_array_equal(jax.vmap(lambda c: p.num_steps(c))(client), [9, 5])
 
 
+def test_no_recompilation_across_rounds():
+  a = fedprox(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=6, mu=0.1,
+              execution=fp.Execution(system=fp.System(straggler_fraction=0.5, levels=3,
+                                                      dropout_rate=0.2)))
+  state, step = a.init(jax.random.key(0), DATA), jax.jit(a.round)
+  for _ in range(3):
+    state, _ = step(state, DATA)
+  assert step._cache_size() == 1
+
+
 def test_fedavg_drops_stragglers_and_dropouts_weigh_nothing():
   system = fp.System(straggler_fraction=0.5, levels=3, drop_stragglers=True, dropout_rate=0.3)
   s0, s1, m = run(system, seed=5)   # two of the three non-stragglers drop out
