@@ -29,7 +29,7 @@ from fedjax_pers.experiment._registry import _pick, make_local_work, make_model,
 from fedjax_pers.experiment._weighting import make_weighting, weighting_name
 
 # Algorithms whose global model is an initialization that clients adapt before testing.
-ADAPTING = ("finetune", "per_fedavg", "per_fedavg_fo", "per_fedavg_hf", "reptile")
+ADAPTING = ("finetune", "fedbabu", "per_fedavg", "per_fedavg_fo", "per_fedavg_hf", "reptile")
 
 
 def _meta_sgd(config: ml_collections.ConfigDict) -> bool:
@@ -272,6 +272,8 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
                                            "finite_difference"),
       "reptile": lambda: _reptile(config, model, client_tx, work, kwargs),
       "scaffold": lambda: _scaffold(config, model, server_tx, work, kwargs),
+      # The head stays at its initialisation; evaluated after every client fine-tunes.
+      "fedbabu": lambda: algorithms.fedbabu(model, client_tx, server_tx, work, **kwargs),
       "fedbuff": lambda: _fedbuff(config, model, client_tx, server_tx, work, kwargs, train),
       "moon": lambda: algorithms.moon(model, client_tx, server_tx, work, mu=config.moon.mu,
                                       temperature=config.moon.temperature, **kwargs),

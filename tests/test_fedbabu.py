@@ -1,0 +1,78 @@
+"""FedBABU: the head is bitwise unchanged by federated training, the body learns as FedAvg's
+would with that head, personalization by fine-tuning from the config."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from test_engine import small_data
+from test_experiment import tiny_config
+
+import fedjax_pers as fp
+from fedjax_pers.algorithms import fedavg, fedbabu
+from fedjax_pers.experiment import train_and_evaluate
+
+DATA = small_data(num_clients=6)
+MODEL = fp.models.mlp((5,), 3, hidden=(4,))
+
+
+def test_the_head_is_bitwise_unchanged_by_federated_training():
+  """Three rounds with an adaptive server optimizer (whose state would move a zero update)."""
+  alg = fedbabu(MODEL, optax.sgd(0.1), optax.adam(0.05), fp.LocalWork(3, epochs=2),
+                clients_per_round=3)
+  s0 = alg.init(jax.random.key(0), DATA)
+  state, step = s0, jax.jit(alg.round)
+  for _ in range(3):
+    state, _ = step(state, DATA)
+  for k in ("kernel", "bias"):
+    np.testing.assert_array_equal(state.params["Dense_1"][k], s0.params["Dense_1"][k])
+    assert not np.array_equal(state.params["Dense_0"][k], s0.params["Dense_0"][k])
+  assert step._cache_size() == 1
+
+
+def test_one_step_of_the_body_is_fedavg_s():
+  """One local step from the same start: the body's gradient does not depend on whether the
+  head will move, so FedBABU's body equals FedAvg's after one step; the head differs."""
+  work = fp.LocalWork(3, steps=1)
+  a = fedbabu(MODEL, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3)
+  b = fedavg(MODEL, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3)
+  sa, _ = jax.jit(a.round)(a.init(jax.random.key(1), DATA), DATA)
+  sb, _ = jax.jit(b.round)(b.init(jax.random.key(1), DATA), DATA)
+  for k in ("kernel", "bias"):
+    np.testing.assert_allclose(sa.params["Dense_0"][k], sb.params["Dense_0"][k], rtol=1e-6,
+                               atol=1e-7)
+  assert not np.allclose(sa.params["Dense_1"]["kernel"], sb.params["Dense_1"]["kernel"])
+
+
+def test_fedbabu_from_the_config_and_its_refusals(tmp_path):
+  c = tiny_config()
+  c.algorithm = "fedbabu"
+  c.model.name = "mlp"
+  c.model.hidden = (8,)
+  c.personalization.finetune_steps = 2
+  s = train_and_evaluate(c, str(tmp_path / "run"))
+  assert "personalized_test_accuracy" in s and s["rounds"] == 4
+  with pytest.raises(ValueError, match="the head covers every parameter"):
+    fedbabu(fp.models.logistic_regression((5,), 3), optax.sgd(0.1), optax.sgd(1.0),
+            fp.LocalWork(3, steps=1), clients_per_round=1)
+
+
+def test_both_sides_freeze_the_head():
+  """Clients send a zero head update (a plain server leaves the head alone), and the server
+  ignores whatever reaches it (DP noise on the aggregate cannot move the head)."""
+  from fedjax_pers import privacy
+  from fedjax_pers.algorithms._fedbabu import frozen
+  from fedjax_pers.personalization._layers import last_layer
+
+  template = jax.eval_shape(MODEL.init, jax.random.key(0))
+  tx = frozen(optax.sgd(0.1), template, last_layer(template))
+  plain_server = fedavg(MODEL, tx, optax.sgd(1.0), fp.LocalWork(3, epochs=2),
+                        clients_per_round=3)
+  noisy = fedbabu(MODEL, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, epochs=2),
+                  clients_per_round=3,
+                  weighting=privacy.dp_fedavg_aggregator(1.0, 1.0, 3.0, jax.random.key(5)))
+  for alg in (plain_server, noisy):
+    s0 = alg.init(jax.random.key(2), DATA)
+    s1, _ = jax.jit(alg.round)(s0, DATA)
+    np.testing.assert_array_equal(s1.params["Dense_1"]["kernel"], s0.params["Dense_1"]["kernel"])
+    assert not np.array_equal(s1.params["Dense_0"]["kernel"], s0.params["Dense_0"]["kernel"])
