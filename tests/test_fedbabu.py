@@ -76,3 +76,23 @@ def test_both_sides_freeze_the_head():
     s1, _ = jax.jit(alg.round)(s0, DATA)
     np.testing.assert_array_equal(s1.params["Dense_1"]["kernel"], s0.params["Dense_1"]["kernel"])
     assert not np.array_equal(s1.params["Dense_0"]["kernel"], s0.params["Dense_0"]["kernel"])
+
+
+def test_the_body_trains_against_the_fixed_head():
+  """Several local steps: FedBABU is FedAvg with head-frozen clients (not FedAvg's body)."""
+  from fedjax_pers.algorithms._fedbabu import frozen
+  from fedjax_pers.personalization._layers import last_layer
+
+  template = jax.eval_shape(MODEL.init, jax.random.key(0))
+  work = fp.LocalWork(3, epochs=3)
+  runs = []
+  for alg in (fedbabu(MODEL, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3),
+              fedavg(MODEL, frozen(optax.sgd(0.1), template, last_layer(template)),
+                     optax.sgd(1.0), work, clients_per_round=3),
+              fedavg(MODEL, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3)):
+    s = alg.init(jax.random.key(3), DATA)
+    for _ in range(2):
+      s, _ = jax.jit(alg.round)(s, DATA)
+    runs.append(np.asarray(s.params["Dense_0"]["kernel"]))
+  np.testing.assert_allclose(runs[0], runs[1], rtol=1e-6, atol=1e-7)
+  assert np.abs(runs[0] - runs[2]).max() > 1e-4
