@@ -28,6 +28,7 @@ from fedjax_pers.core._sampling import (
     check_cohort,
     check_probs,
     poisson_cohort,
+    poisson_present,
     sample_clients,
 )
 from fedjax_pers.core._source import cohort_source
@@ -243,8 +244,7 @@ def make_round(
     present = jnp.ones(k, bool)
     if execution.poisson_rate is not None:
       # Who of the slots took part, as the sampler drew them (a feed's window too).
-      ids, present = poisson_cohort(k_sample, data.num_clients, k, execution.poisson_rate)
-      present = present & (ids == idx)
+      present = poisson_present(k_sample, idx, data.num_clients, execution.poisson_rate)
     system = execution.system
     straggler = jnp.zeros(k, bool)
     if system is not None and system.active:   # stragglers and dropouts of this cohort

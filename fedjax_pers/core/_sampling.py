@@ -136,3 +136,10 @@ def poisson_cohort(key: jax.Array, num_clients: int, max_clients: int, rate: flo
   u = jax.random.uniform(key, (num_clients,))
   neg, ids = jax.lax.top_k(-u, max_clients)
   return ids.astype(jnp.int32), -neg < rate
+
+
+def poisson_present(key: jax.Array, ids: jax.Array, num_clients: int, rate: float
+                    ) -> jax.Array:
+  """`[K]` bool: which of the slots `ids` took part in the Poisson draw of `key` (the
+  `present` of `poisson_cohort(key, ...)`, without its top-k)."""
+  return jax.random.uniform(key, (num_clients,))[ids] < rate

@@ -53,42 +53,35 @@ def _prg(key, d, bits):
   return jax.random.bits(key, (d,), jnp.uint32) & modulus_mask(bits)
 
 
-def masks(ids: jax.Array, key: jax.Array, d: int, bits: int) -> jax.Array:
-  """`[k, d]` uint32: each client's `PRG(b_i) + Σ_{j>i} PRG(s_ij) − Σ_{j<i} PRG(s_ji)`."""
+def _masks(ids: jax.Array, key: jax.Array, d: int, bits: int, pair_on, self_on) -> jax.Array:
+  """`[k, d]` uint32: row i is `[self_on(i)] PRG(b_i) + Σ_j [pair_on(i, j)] ±PRG(s_ij)`,
+  `+` where `ids[i] < ids[j]`, modulo 2^32 (callers reduce mod 2^b)."""
   k_pair, k_self = jax.random.split(key)
-  mask = modulus_mask(bits)
 
   def one(i):
     def pair(j):
       lo, hi = jnp.minimum(ids[i], ids[j]), jnp.maximum(ids[i], ids[j])
       m = _prg(jax.random.fold_in(jax.random.fold_in(k_pair, lo), hi), d, bits)
-      return jnp.where(i == j, jnp.uint32(0), jnp.where(ids[i] < ids[j], m, -m))
-    pairs = jax.lax.map(pair, jnp.arange(ids.shape[0]))
-    return (jnp.sum(pairs, axis=0, dtype=jnp.uint32)
-            + _prg(jax.random.fold_in(k_self, ids[i]), d, bits)) & mask
+      return jnp.where(pair_on(i, j), jnp.where(ids[i] < ids[j], m, -m), jnp.uint32(0))
+    pairs = jnp.sum(jax.lax.map(pair, jnp.arange(ids.shape[0])), axis=0, dtype=jnp.uint32)
+    own = _prg(jax.random.fold_in(k_self, ids[i]), d, bits)
+    return pairs + jnp.where(self_on(i), own, jnp.uint32(0))
 
   return jax.lax.map(one, jnp.arange(ids.shape[0]))
+
+
+def masks(ids: jax.Array, key: jax.Array, d: int, bits: int) -> jax.Array:
+  """`[k, d]` uint32: each client's `PRG(b_i) + Σ_{j>i} PRG(s_ij) − Σ_{j<i} PRG(s_ji)`."""
+  return _masks(ids, key, d, bits, lambda i, j: i != j, lambda i: True) & modulus_mask(bits)
 
 
 def unmask(masked_sum: jax.Array, ids: jax.Array, alive: jax.Array, key: jax.Array,
            bits: int) -> jax.Array:
   """The server's recovery: `masked_sum` (of the alive clients' `y_i`) less the alive
-  clients' own masks and their pairwise masks with the dropped ones."""
-  k_pair, k_self = jax.random.split(key)
-  d, mask = masked_sum.shape[0], modulus_mask(bits)
-
-  def one(i):
-    def pair(j):
-      lo, hi = jnp.minimum(ids[i], ids[j]), jnp.maximum(ids[i], ids[j])
-      m = _prg(jax.random.fold_in(jax.random.fold_in(k_pair, lo), hi), d, bits)
-      live = alive[i] & ~alive[j]   # i's mask with a dropped j does not cancel
-      return jnp.where(live, jnp.where(ids[i] < ids[j], m, -m), jnp.uint32(0))
-    pairs = jnp.sum(jax.lax.map(pair, jnp.arange(ids.shape[0])), axis=0, dtype=jnp.uint32)
-    own = jnp.where(alive[i], _prg(jax.random.fold_in(k_self, ids[i]), d, bits), 0)
-    return pairs + own
-
-  return (masked_sum - jnp.sum(jax.lax.map(one, jnp.arange(ids.shape[0])), axis=0,
-                               dtype=jnp.uint32)) & mask
+  clients' own masks and their pairwise masks with the dropped ones (which do not cancel)."""
+  revealed = _masks(ids, key, masked_sum.shape[0], bits,
+                    lambda i, j: alive[i] & ~alive[j], lambda i: alive[i])
+  return (masked_sum - jnp.sum(revealed, axis=0, dtype=jnp.uint32)) & modulus_mask(bits)
 
 
 def secure_sum(q: jax.Array, ids: jax.Array, alive: jax.Array, key: jax.Array,
