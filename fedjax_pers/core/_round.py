@@ -121,6 +121,10 @@ class FederatedAlgorithm(NamedTuple):
       `ids`: the cohort padded as the round pads it (`pad_cohort`) and the
       permutation of it the devices run (`FederatedData.deal`); None where the
       round does not deal (one device, a differentiable plan).
+    adapt: Optional `adapt(state, data, key) -> params` stacked over `data`'s
+      clients: the algorithm's own adaptation of a client that never trained
+      (IFCA's choice of cluster, pFedHN's fitted embedding) from its data
+      (their train splits); None where a newcomer fine-tunes the global model.
   """
 
   init: Callable[[jax.Array, FederatedData], ServerState]
@@ -130,6 +134,7 @@ class FederatedAlgorithm(NamedTuple):
   sample: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] | None = None
   deal: Callable[[FederatedData], Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
                  | None] | None = None
+  adapt: Callable[[ServerState, FederatedData, jax.Array], Any] | None = None
 
 
 def population_counts(program: LocalProgram, data: FederatedData) -> np.ndarray | None:

@@ -1,7 +1,13 @@
 """Data sets as `FederatedData`: synthetic generators, files, TFDS, partitioners, corruptions."""
 
 from fedjax_pers.data._client_states import HostClientStates
-from fedjax_pers.data._corrupt import choose_clients, holdout, shuffle_labels
+from fedjax_pers.data._corrupt import (
+    choose_clients,
+    holdout,
+    holdout_clients,
+    shuffle_labels,
+    subset_clients,
+)
 from fedjax_pers.data._feed import CohortFeed, check_model, evaluate_store
 from fedjax_pers.data._files import from_leaf, mnist_idx, read_idx, read_leaf, write_leaf
 from fedjax_pers.data._partition import (
@@ -47,6 +53,7 @@ __all__ = [
     "from_leaf",
     "from_tfds",
     "holdout",
+    "holdout_clients",
     "iid",
     "mnist_idx",
     "natural",
@@ -59,6 +66,7 @@ __all__ = [
     "shakespeare_from_text",
     "shards",
     "shuffle_labels",
+    "subset_clients",
     "split_clients",
     "synthetic",
     "synthetic_arrays",

@@ -1,4 +1,4 @@
-"""Corrupted populations for robustness studies: label noise and a server hold-out set."""
+"""Populations changed for a study: label noise, a server hold-out set, held-out clients."""
 
 from __future__ import annotations
 
@@ -95,3 +95,46 @@ def holdout(data: FederatedData, num_examples: int, seed: int = 0
   rest = _rebuild(data, [x[k] for (x, _), k in zip(clients, keep)],
                   [y[k] for (_, y), k in zip(clients, keep)])
   return rest, x_all[take], y_all[take]
+
+
+def subset_clients(data: FederatedData, ids) -> FederatedData:
+  """The clients `ids` of `data` (in that order) as their own `FederatedData`, padded to
+  their own largest client, in `data`'s layout (feature dtype, example cap)."""
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or not len(ids) or ids.min() < 0 or ids.max() >= data.num_clients:
+    raise ValueError(f"ids must be a non-empty 1-D array of client ids in [0, "
+                     f"{data.num_clients}); got {ids.tolist()!r}.")
+  pairs = [data.client(int(c)) for c in ids]
+  return _rebuild(data, [x for x, _ in pairs], [y for _, y in pairs])
+
+
+def holdout_clients(train: FederatedData, test: FederatedData, fraction: float,
+                    seed: int = 0) -> tuple[FederatedData, FederatedData, FederatedData,
+                                            FederatedData, np.ndarray]:
+  """Keeps a seeded fraction of the clients out of training entirely (the participation
+  gap of Yuan et al., "What Do We Mean by Generalization in Federated Learning?", ICLR
+  2022): they are evaluated as clients the federation never saw.
+
+  Args:
+    train, test: Every client's train and test splits (the same clients).
+    fraction: Share of the clients held out, in (0, 1): `choose_clients(N, fraction,
+      seed)`; at least one client must stay in training.
+    seed: Seed of the choice.
+
+  Returns:
+    `(train, test, unseen_train, unseen_test, unseen)`: the training clients' splits
+    (in their original order), the held-out clients' splits, and the `[N]` bool mask of
+    the held-out clients.
+  """
+  if train.num_clients != test.num_clients:
+    raise ValueError(f"train and test must hold the same clients; got {train.num_clients} "
+                     f"and {test.num_clients}.")
+  if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+    raise ValueError(f"holdout fraction must be in (0, 1); got {fraction!r}.")
+  unseen = choose_clients(train.num_clients, float(fraction), seed)
+  if unseen.all():
+    raise ValueError(f"holdout fraction={fraction!r} of {train.num_clients} clients holds "
+                     "out every client; at least one must train.")
+  seen_ids, unseen_ids = np.flatnonzero(~unseen), np.flatnonzero(unseen)
+  return (subset_clients(train, seen_ids), subset_clients(test, seen_ids),
+          subset_clients(train, unseen_ids), subset_clients(test, unseen_ids), unseen)

@@ -308,11 +308,12 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
   c = config.get("personalization")
   # The training rounds' devices: the state lives there.
   execution = make_execution(config, cohort_size(config, train.num_clients))
-  if alg.personal is not None and c is not None and c.finetune_steps:
+  held_out = config.data.get("holdout_clients")   # newcomers fine-tune (`_unseen`)
+  if alg.personal is not None and c is not None and c.finetune_steps and not held_out:
     raise ValueError(
         f"algorithm={config.algorithm!r} is evaluated with its clients' own models, not by "
-        f"fine-tuning; personalization.finetune_steps={c.finetune_steps!r} would be ignored: "
-        "set it to 0.")
+        f"fine-tuning; personalization.finetune_steps={c.finetune_steps!r} would be ignored "
+        "(it applies to clients held out of training, data.holdout_clients): set it to 0.")
   if alg.personal is not None:
     # The data are arguments, not closed-over constants (XLA would fold them).
     fn = jax.jit(lambda state, test: personalization.evaluate_personal(

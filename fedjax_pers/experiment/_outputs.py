@@ -159,6 +159,18 @@ def summary_table(summary: dict[str, Any]) -> str:
          f"{summary['worst10_client_personalized_accuracy']:.4f}"),
         ("fraction of clients improved", f"{summary['fraction_clients_improved']:.3f}"),
     ]
+  if "unseen_test_accuracy" in summary:
+    n = len(summary["unseen_clients"])
+    rows.append((f"unseen clients ({n}): test accuracy",
+                 f"{summary['unseen_test_accuracy']:.4f}"))
+    if "unseen_personalized_test_accuracy" in summary:
+      rows += [
+          ("unseen clients: personalized accuracy (worst 10%)",
+           f"{summary['unseen_personalized_test_accuracy']:.4f} "
+           f"({summary['unseen_worst10_client_personalized_accuracy']:.4f})"),
+          ("unseen clients: fraction improved",
+           f"{summary['unseen_fraction_clients_improved']:.3f}"),
+      ]
   if "clean_client_test_accuracy" in summary:
     rows += [
         ("test accuracy on clean clients", f"{summary['clean_client_test_accuracy']:.4f}"),

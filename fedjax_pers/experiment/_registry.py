@@ -117,6 +117,9 @@ class ExperimentData(NamedTuple):
     proxy: `(x, y)` server proxy set, or None.
     noisy: `[N]` bool, clients whose training labels are shuffled.
     attackers: `[N]` bool, clients that send scaled updates.
+    unseen: `(train, test)` of the clients held out of training
+      (`data.holdout_clients`), or None.
+    unseen_ids: The held-out clients' ids in the partition (`[0]` shape when none).
   """
 
   train: FederatedData
@@ -124,12 +127,16 @@ class ExperimentData(NamedTuple):
   proxy: tuple[np.ndarray, np.ndarray] | None
   noisy: np.ndarray
   attackers: np.ndarray
+  unseen: tuple[FederatedData, FederatedData] | None = None
+  unseen_ids: np.ndarray = np.zeros(0, np.int64)
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
   """`make_data`, then `data.proxy_examples` held out of the test splits for the server,
   and `config.corruption` applied (label shuffling, attackers; see `data.shuffle_labels`),
-  and last `data.example_cap`: train clients larger than it train on a fresh random
+  then `data.holdout_clients` of the clients set aside, never to train (`unseen`; the
+  rest keep their order and are the run's clients), then the corruption, and last
+  `data.example_cap`: train clients larger than it train on a fresh random
   `example_cap` of their examples each round (see `FederatedData.with_cap`).
 
   The corrupted clients are drawn with `corruption.seed`; label-noise and attack
@@ -141,6 +148,12 @@ def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
   if m:
     test, px, py = data.holdout(test, m, seed=config.data.seed)
     proxy = (px, py)
+  unseen, unseen_ids = None, np.zeros(0, np.int64)
+  f = config.data.get("holdout_clients") or 0.0
+  if f:
+    train, test, u_train, u_test, mask = data.holdout_clients(train, test, f,
+                                                              seed=config.data.seed)
+    unseen, unseen_ids = (u_train, u_test), np.flatnonzero(mask)
   c = config.get("corruption") or ml_collections.ConfigDict(
       dict(label_shuffle_fraction=0.0, attack_fraction=0.0, seed=0))
   noisy = data.choose_clients(train.num_clients, c.label_shuffle_fraction, c.seed)
@@ -150,7 +163,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
   cap = config.data.get("example_cap")
   if cap is not None:   # last: the corruptions above rebuild the clients' arrays
     train = train.with_cap(cap, seed=config.data.seed)
-  return ExperimentData(train, test, proxy, noisy, attackers)
+  return ExperimentData(train, test, proxy, noisy, attackers, unseen, unseen_ids)
 
 
 def make_model(c: ml_collections.ConfigDict, feature_shape, num_classes: int) -> Model:

@@ -23,6 +23,7 @@ from fedjax_pers.experiment import (
   _privacy,
   _registry,
   _tensorboard,
+  _unseen,
 )
 from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
@@ -109,6 +110,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   primary = jax.process_index() == 0
   append = _outputs.append_jsonl if primary else lambda path, record: None
   if config.data.get("store") is not None or config.data.name == "store":
+    if config.data.get("holdout_clients"):
+      raise ValueError(f"data.holdout_clients={config.data.holdout_clients!r} with a host "
+                       "store (data.store) is not built: hold clients out of an on-device "
+                       "population.")
     stores = _population.open_stores(config)
     prepared = None
     num_clients, (feature_shape, num_classes) = stores[0].num_clients, (
@@ -159,6 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       None if restored is None else int(state.round))
   pers_fn = population.personalized() if prepared is None else (
       _algorithms.make_personalized_eval(config, model, alg, train, test))
+  unseen_fn = None if prepared is None or prepared.unseen is None else (
+      _unseen.make_unseen_eval(config, model, alg, *prepared.unseen, num_clients))
 
   def evaluate_now(state, train_losses):
     rec = {"round": int(state.round)}
@@ -169,6 +176,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pers = summarize_personalization(pers_fn(state))
       lists.update({k: pers.pop(k) for k in list(pers) if k.startswith("per_client")})
       rec.update(pers)
+    if unseen_fn is not None:   # the clients held out of training
+      unseen = unseen_fn(state)
+      lists.update({k: unseen.pop(k) for k in list(unseen) if "per_client" in k})
+      rec.update(unseen)
     if corrupted.any():
       clean = ~corrupted
       acc = np.asarray(per_client)
@@ -270,6 +281,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         r["personalized_test_accuracy"] for r in records)
     summary["best_personalized_test_accuracy_note"] = (
         "max over evaluated rounds of the fine-tuned models' accuracy (as papers report)")
+  if unseen_fn is not None:
+    summary.update({k: v for k, v in final.items() if k.startswith(_unseen.PREFIX)})
+    summary["unseen_clients"] = prepared.unseen_ids.tolist()
   if dp is not None:
     summary.update({k: v for k, v in final.items() if k.startswith("dp_")})
     if dp.sampling == "poisson":

@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.1
   c.data.proxy_examples = 0       # > 0: hold this many test examples out for the server
                                   # (FedLAW's proxy set); evaluation uses the rest
+  c.data.holdout_clients = 0.0    # > 0: this share of the clients never trains; the
+                                  # summary's unseen_* keys report them
   c.data.store = placeholder(str)   # a directory: the clients live there as host stores
                                     # (train/, test/), written from data.* on the first
                                     # run; data.name='store' runs from one as it is
