@@ -2,6 +2,7 @@
 
 from fedjax_pers.algorithms._apfl import apfl
 from fedjax_pers.algorithms._ditto import ditto
+from fedjax_pers.algorithms._fedala import ALAState, fedala
 from fedjax_pers.algorithms._fedavg import fedavg, fedprox
 from fedjax_pers.algorithms._fedbabu import fedbabu
 from fedjax_pers.algorithms._fedbuff import fedbuff
@@ -15,6 +16,6 @@ from fedjax_pers.algorithms._reptile import reptile
 from fedjax_pers.algorithms._scaffold import scaffold
 
 __all__ = [
-    "apfl", "ditto", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova", "fedper", "fedprox",
-    "fedrep", "lg_fedavg", "moon", "per_fedavg", "pfedme", "reptile", "scaffold",
+    "ALAState", "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova",
+    "fedper", "fedprox", "fedrep", "lg_fedavg", "moon", "per_fedavg", "pfedme", "reptile", "scaffold",
 ]

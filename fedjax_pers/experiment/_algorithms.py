@@ -279,6 +279,10 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
                                       temperature=config.moon.temperature, **kwargs),
       "feddyn": lambda: algorithms.feddyn(model, client_tx, work, alpha=config.feddyn.alpha,
                                           server_tx=server_tx, **kwargs),
+      "fedala": lambda: algorithms.fedala(
+          model, client_tx, server_tx, work, **{k: config.fedala[k] for k in (
+              "eta", "sample_fraction", "threshold", "num_pre_loss", "max_start_epochs")},
+          **kwargs),
       "fednova": lambda: _fednova(config, model, client_tx, server_tx, work, kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,

@@ -150,6 +150,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.corruption.attack_scale = -10.0
   c.corruption.seed = 0
 
+  c.fedala = ml_collections.ConfigDict()   # FedALA's adaptive local aggregation
+  c.fedala.eta = 1.0              # η, the mixing weights' learning rate (0: FedAvg)
+  c.fedala.sample_fraction = 0.8  # s, the share of local data ALA reads
+  c.fedala.threshold = 0.1        # start phase: stop when the last losses' std is below
+  c.fedala.num_pre_loss = 10      # ... over this many epochs
+  c.fedala.max_start_epochs = 100
+
   c.moon = ml_collections.ConfigDict()
   c.moon.mu = 1.0                 # MOON's μ (1 or 5 in the paper)
   c.moon.temperature = 0.5        # τ of the model-contrastive loss

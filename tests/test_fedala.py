@@ -1,0 +1,136 @@
+"""FedALA: adaptive local aggregation against NumPy, η = 0 is FedAvg bit for bit, the client
+state's phases and the personalized model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _reference import logreg_grad, logreg_loss
+from test_engine import logreg, small_data
+from test_experiment import tiny_config
+
+import fedjax_pers as fp
+from fedjax_pers.algorithms import ALAState, fedala, fedavg
+from fedjax_pers.algorithms._fedala import NO_LOCAL, START, TRAINED, ala
+from fedjax_pers.core import ClientData
+from fedjax_pers.experiment import train_and_evaluate
+
+DATA = small_data(num_clients=6)
+MLP = fp.models.mlp((5,), 3, hidden=(4,))
+
+
+def _ref_epoch(glob, local, w, x, y, eta):
+  """One ALA epoch of one batch (all examples) on logistic regression, in float64."""
+  theta = {k: glob[k] - (glob[k] - local[k]) * (1 - w[k]) for k in glob}
+  gk, gb = logreg_grad(theta["kernel"], theta["bias"], x, y)
+  loss = logreg_loss(theta["kernel"], theta["bias"], x, y)
+  g = {"kernel": gk, "bias": gb}
+  return loss, {k: np.clip(w[k] - eta * g[k] * (glob[k] - local[k]), 0.0, 1.0) for k in w}
+
+
+@pytest.mark.parametrize("phase", [NO_LOCAL, START, TRAINED])
+def test_ala_weights_match_numpy(phase):
+  """Logistic regression (the head is the whole model), one batch per epoch: TRAINED runs
+  one epoch, START repeats them until the last 3 losses' std < threshold (or 40 epochs),
+  NO_LOCAL none."""
+  rs = np.random.RandomState(3)
+  n, d, c = 7, 4, 3
+  x, y = rs.normal(size=(n, d)), rs.randint(0, c, n)
+  glob = {"kernel": rs.normal(size=(d, c)), "bias": rs.normal(size=c)}
+  local = {k: v + rs.normal(size=v.shape) for k, v in glob.items()}
+  w0 = {k: rs.uniform(0.2, 1.0, size=v.shape) for k, v in glob.items()}
+  eta, threshold, pre, cap = 0.5, 1e-3, 3, 40
+  with jax.enable_x64(True):
+    model = logreg(d, c)
+    params = {"Dense_0": {k: jnp.asarray(v) for k, v in glob.items()}}
+    tup = lambda t: (jnp.asarray(t["bias"]), jnp.asarray(t["kernel"]))   # leaves' order
+    state = ALAState(tup(local), tup(w0), jnp.asarray(phase, jnp.int32))
+    client = ClientData(jnp.asarray(np.vstack([x, np.zeros((2, d))])),
+                        jnp.asarray(np.r_[y, [0, 0]], jnp.int32), jnp.asarray(n, jnp.int32))
+    epochs, w = ala(model, params, state, client, jax.random.key(0), [True, True], eta=eta,
+                    sample_fraction=1.0, batch_size=16, threshold=threshold, num_pre_loss=pre,
+                    max_start_epochs=cap, max_examples=n + 2)
+  ref, losses = dict(w0), []
+  while phase != NO_LOCAL:
+    loss, ref = _ref_epoch(glob, local, ref, x, y, eta)
+    losses.append(loss)
+    if phase == TRAINED or len(losses) == cap or (
+        len(losses) > pre and np.std(losses[-pre:]) < threshold):
+      break
+  assert int(epochs) == len(losses)
+  if phase == START:
+    assert 3 < len(losses) < cap   # the criterion, not the cap, stopped it
+  np.testing.assert_allclose(w[0], ref["bias"], rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(w[1], ref["kernel"], rtol=1e-10, atol=1e-12)
+  # The sampled share reads floor(s n) examples: s = 0.5 reads 3 of the 7 (another loss).
+  with jax.enable_x64(True):
+    _, half = ala(model, params, state._replace(phase=jnp.asarray(TRAINED)), client,
+                  jax.random.key(0), [True, True], eta=eta, sample_fraction=0.5,
+                  batch_size=16, threshold=threshold, num_pre_loss=pre, max_start_epochs=cap,
+                  max_examples=n + 2)
+  assert not np.allclose(half[1], _ref_epoch(glob, local, w0, x, y, eta)[1]["kernel"])
+  # Any loss settles under an infinite threshold: the start phase still needs more than
+  # num_pre_loss epochs (as the paper's code: len(losses) > num_pre_loss).
+  with jax.enable_x64(True):
+    e, _ = ala(model, params, state._replace(phase=jnp.asarray(START)), client,
+               jax.random.key(0), [True, True], eta=eta, sample_fraction=1.0, batch_size=16,
+               threshold=np.inf, num_pre_loss=pre, max_start_epochs=cap, max_examples=n + 2)
+  assert int(e) == pre + 1
+
+
+def test_eta_zero_starts_every_client_from_the_global_model_and_is_fedavg():
+  work = fp.LocalWork(3, epochs=2)
+  a = fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3, eta=0.0)
+  b = fedavg(MLP, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3)
+  sa, sb = a.init(jax.random.key(0), DATA), b.init(jax.random.key(0), DATA)
+  step_a, step_b = jax.jit(a.round), jax.jit(b.round)
+  for _ in range(4):   # past every sampled client's start phase
+    sa, _ = step_a(sa, DATA)
+    sb, _ = step_b(sb, DATA)
+  for x, y in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)):
+    np.testing.assert_array_equal(x, y)
+  assert int(np.max(sa.client_states.phase)) == TRAINED
+  for leaf, g in zip(jax.tree.leaves(a.personal(sa)), jax.tree.leaves(sa.params)):
+    np.testing.assert_array_equal(leaf, np.broadcast_to(g, leaf.shape))
+  assert step_a._cache_size() == 1
+
+
+def test_a_round_moves_the_phases_keeps_the_local_head_and_personalizes_by_it():
+  alg = fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, epochs=1),
+               clients_per_round=3, threshold=1e9)   # the start phase: 11 epochs
+  s0 = alg.init(jax.random.key(2), DATA)
+  step = jax.jit(alg.round)
+  s1, m1 = step(s0, DATA)
+  s2, m2 = step(s1, DATA)
+  phases = np.zeros(6, int)
+  for ids in (np.asarray(m1.clients), np.asarray(m2.clients)):
+    phases[ids] += 1
+  np.testing.assert_array_equal(s2.client_states.phase, phases)
+  # The personal model: lower layer Θ, head Θ − (Θ − θ_i) ⊙ (1 − W_i) (Θ where never trained).
+  pers = alg.personal(s2)
+  cs = s2.client_states
+  for i in range(6):
+    np.testing.assert_array_equal(pers["Dense_0"]["kernel"][i], s2.params["Dense_0"]["kernel"])
+    for j, k in enumerate(("bias", "kernel")):
+      g, t, w = (np.asarray(a) for a in (s2.params["Dense_1"][k], cs.local[j][i],
+                                         cs.weights[j][i]))
+      want = g if phases[i] == NO_LOCAL else g - (g - t) * (1 - w)
+      np.testing.assert_allclose(pers["Dense_1"][k][i], want, rtol=1e-6, atol=1e-7)
+  twice = np.flatnonzero(phases == TRAINED)
+  assert twice.size and not np.allclose(np.asarray(cs.weights[1])[twice], 1.0)
+  once = np.flatnonzero(phases == START)
+  np.testing.assert_array_equal(np.asarray(cs.weights[1])[once], 1.0)
+
+
+def test_fedala_from_the_config_and_its_refusals(tmp_path):
+  c = tiny_config()
+  c.algorithm, c.model.name, c.model.hidden = "fedala", "mlp", (8,)
+  s = train_and_evaluate(c, str(tmp_path / "run"))
+  assert "personalized_test_accuracy" in s and s["rounds"] == 4
+  with pytest.raises(ValueError, match=r"fedala: sample_fraction out of range; got 0.0"):
+    fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1),
+           clients_per_round=1, sample_fraction=0.0)
+  with pytest.raises(ValueError, match=r"fedala: num_pre_loss must be an int >= 1; got 0"):
+    fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1),
+           clients_per_round=1, num_pre_loss=0)
