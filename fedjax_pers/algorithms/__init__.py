@@ -9,6 +9,7 @@ from fedjax_pers.algorithms._fedbuff import fedbuff
 from fedjax_pers.algorithms._feddyn import feddyn
 from fedjax_pers.algorithms._fednova import fednova
 from fedjax_pers.algorithms._fedper import fedper, fedrep, lg_fedavg
+from fedjax_pers.algorithms._fedrod import balanced_softmax_loss, fedrod
 from fedjax_pers.algorithms._moon import moon
 from fedjax_pers.algorithms._per_fedavg import per_fedavg
 from fedjax_pers.algorithms._pfedme import pfedme
@@ -16,6 +17,7 @@ from fedjax_pers.algorithms._reptile import reptile
 from fedjax_pers.algorithms._scaffold import scaffold
 
 __all__ = [
-    "ALAState", "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova",
-    "fedper", "fedprox", "fedrep", "lg_fedavg", "moon", "per_fedavg", "pfedme", "reptile", "scaffold",
+    "ALAState", "apfl", "balanced_softmax_loss", "ditto", "fedala", "fedavg", "fedbabu",
+    "fedbuff", "feddyn", "fednova", "fedper", "fedprox", "fedrep", "fedrod", "lg_fedavg", "moon",
+    "per_fedavg", "pfedme", "reptile", "scaffold",
 ]

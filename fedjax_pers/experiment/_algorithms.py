@@ -283,6 +283,8 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
           model, client_tx, server_tx, work, **{k: config.fedala[k] for k in (
               "eta", "sample_fraction", "threshold", "num_pre_loss", "max_start_epochs")},
           **kwargs),
+      # A generic head (balanced softmax) and a personal head per client on one body.
+      "fedrod": lambda: algorithms.fedrod(model, client_tx, server_tx, work, **kwargs),
       "fednova": lambda: _fednova(config, model, client_tx, server_tx, work, kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,
