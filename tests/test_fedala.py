@@ -11,8 +11,8 @@ from test_engine import logreg, small_data
 from test_experiment import tiny_config
 
 import fedjax_pers as fp
-from fedjax_pers.algorithms import ALAState, fedala, fedavg
-from fedjax_pers.algorithms._fedala import NO_LOCAL, START, TRAINED, ala
+from fedjax_pers.algorithms import fedala, fedavg
+from fedjax_pers.algorithms._fedala import NO_LOCAL, START, TRAINED, ALAState, ala
 from fedjax_pers.core import ClientData
 from fedjax_pers.experiment import train_and_evaluate
 

@@ -11,7 +11,8 @@ from test_engine import logreg, small_data
 from test_experiment import tiny_config
 
 import fedjax_pers as fp
-from fedjax_pers.algorithms import balanced_softmax_loss, fedrod
+from fedjax_pers.algorithms import fedrod
+from fedjax_pers.algorithms._fedrod import balanced_softmax_loss
 from fedjax_pers.experiment import train_and_evaluate
 
 

@@ -8,8 +8,9 @@ from fedjax_pers import aggregation, algorithms, core, data, models, personaliza
 
 def test_surfaces():
   assert set(algorithms.__all__) == {
-      "apfl", "ditto", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova", "fedper", "fedprox",
-      "fedrep", "lg_fedavg", "moon", "per_fedavg", "pfedme", "reptile", "scaffold"}
+      "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova", "fedper",
+      "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg", "pfedme",
+      "reptile", "scaffold"}
   assert {"personalize", "evaluate_personal", "meta_gradient", "hvp"} <= set(
       personalization.__all__)
   assert {"hypergradient", "unrolled_objective"} <= set(dir(fp.hypergrad))

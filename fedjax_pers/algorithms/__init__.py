@@ -2,14 +2,15 @@
 
 from fedjax_pers.algorithms._apfl import apfl
 from fedjax_pers.algorithms._ditto import ditto
-from fedjax_pers.algorithms._fedala import ALAState, fedala
+from fedjax_pers.algorithms._fedala import fedala
 from fedjax_pers.algorithms._fedavg import fedavg, fedprox
 from fedjax_pers.algorithms._fedbabu import fedbabu
 from fedjax_pers.algorithms._fedbuff import fedbuff
 from fedjax_pers.algorithms._feddyn import feddyn
 from fedjax_pers.algorithms._fednova import fednova
 from fedjax_pers.algorithms._fedper import fedper, fedrep, lg_fedavg
-from fedjax_pers.algorithms._fedrod import balanced_softmax_loss, fedrod
+from fedjax_pers.algorithms._fedrod import fedrod
+from fedjax_pers.algorithms._ifca import ifca
 from fedjax_pers.algorithms._moon import moon
 from fedjax_pers.algorithms._per_fedavg import per_fedavg
 from fedjax_pers.algorithms._pfedme import pfedme
@@ -17,7 +18,7 @@ from fedjax_pers.algorithms._reptile import reptile
 from fedjax_pers.algorithms._scaffold import scaffold
 
 __all__ = [
-    "ALAState", "apfl", "balanced_softmax_loss", "ditto", "fedala", "fedavg", "fedbabu",
-    "fedbuff", "feddyn", "fednova", "fedper", "fedprox", "fedrep", "fedrod", "lg_fedavg", "moon",
-    "per_fedavg", "pfedme", "reptile", "scaffold",
+    "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova", "fedper",
+    "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg", "pfedme", "reptile",
+    "scaffold",
 ]

@@ -37,6 +37,7 @@ from fedjax_pers.core._round import (
     assemble,
     make_init,
     make_round,
+    served,
 )
 from fedjax_pers.core._sampling import sample_clients
 from fedjax_pers.core._sgd import SGDState, fedavg_program, local_train, sgd_program
@@ -81,6 +82,7 @@ __all__ = [
     "run_client",
     "run_cohort",
     "sample_clients",
+    "served",
     "sgd_program",
     "shuffle_valid",
     "softmax_cross_entropy",

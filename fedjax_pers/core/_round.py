@@ -125,6 +125,9 @@ class FederatedAlgorithm(NamedTuple):
       clients: the algorithm's own adaptation of a client that never trained
       (IFCA's choice of cluster, pFedHN's fitted embedding) from its data
       (their train splits); None where a newcomer fine-tunes the global model.
+    serve: Optional `serve(state) -> params`: the one model a client gets without
+      adapting, evaluated as the global model, where `state.params` is not one
+      (IFCA's k cluster models); None: `state.params`.
   """
 
   init: Callable[[jax.Array, FederatedData], ServerState]
@@ -135,6 +138,12 @@ class FederatedAlgorithm(NamedTuple):
   deal: Callable[[FederatedData], Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
                  | None] | None = None
   adapt: Callable[[ServerState, FederatedData, jax.Array], Any] | None = None
+  serve: Callable[[ServerState], Params] | None = None
+
+
+def served(alg: FederatedAlgorithm, state: ServerState) -> Params:
+  """The global model of `state`: `alg.serve(state)`, or `state.params`."""
+  return state.params if alg.serve is None else alg.serve(state)
 
 
 def population_counts(program: LocalProgram, data: FederatedData) -> np.ndarray | None:

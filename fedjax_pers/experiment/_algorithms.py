@@ -23,6 +23,7 @@ from fedjax_pers.core import (
     LocalWork,
     Model,
     System,
+    served,
 )
 from fedjax_pers.experiment import _communication, _privacy
 from fedjax_pers.experiment._registry import _pick, make_local_work, make_model, make_optimizer
@@ -111,6 +112,17 @@ def _fedbuff(config, model, client_tx, server_tx, work, kwargs, train):
   return algorithms.fedbuff(model, client_tx, server_tx, work, concurrency=m, buffer_size=k,
                             staleness_exponent=c.staleness_exponent,
                             latency_spread=c.latency_spread, execution=kwargs["execution"])
+
+
+def _ifca(config, model, client_tx, server_tx, work, kwargs):
+  """IFCA with k = ifca.num_clusters, averaging within clusters by a weight function."""
+  if not isinstance(kwargs["weighting"], aggregation.WeightFn):
+    raise ValueError(f"algorithm='ifca' averages within clusters by a weight function; "
+                     f"aggregation.weighting={weighting_name(config)!r} (or privacy, "
+                     "compression or attacks around it) gives an aggregator: use num_examples,"
+                     " uniform, ...")
+  return algorithms.ifca(model, client_tx, server_tx, work,
+                         num_clusters=config.ifca.num_clusters, **kwargs)
 
 
 def _scaffold(config, model, server_tx, work, kwargs):
@@ -285,6 +297,8 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
           **kwargs),
       # A generic head (balanced softmax) and a personal head per client on one body.
       "fedrod": lambda: algorithms.fedrod(model, client_tx, server_tx, work, **kwargs),
+      # k models; each client trains the one of lowest loss on its data.
+      "ifca": lambda: _ifca(config, model, client_tx, server_tx, work, kwargs),
       "fednova": lambda: _fednova(config, model, client_tx, server_tx, work, kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,
@@ -301,15 +315,41 @@ def host_sizes(train: FederatedData) -> np.ndarray:
   return np.asarray(jax.tree.map(lambda a: a.addressable_data(0), train.num_examples))
 
 
+def adaptation(config: ml_collections.ConfigDict, model: Model, alg: FederatedAlgorithm,
+               execution: Execution, key: jax.Array):
+  """`fn(state, train, test) -> PersonalizedEval` (jitted) of clients personalized by the
+  algorithm's own adaptation (`alg.adapt`: IFCA's cluster choice), then by
+  `personalization.finetune_steps` steps of `personalization.optimizer` on their train
+  split (from the global model where nothing adapts); None when neither applies. The
+  key of round t is `fold_in(key, t)`."""
+  c = config.get("personalization")
+  steps = 0 if c is None else c.finetune_steps
+  if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
+    raise ValueError(f"personalization.finetune_steps must be an int >= 0; got {steps!r}.")
+  if alg.adapt is None and not steps:
+    return None
+  # Meta-SGD adapts with its learned per-parameter rates.
+  tx = None if not steps else personalization.meta_sgd_tx() if _meta_sgd(config) else (
+      make_optimizer(c, "personalization"))
+  work = LocalWork(batch_size=c.batch_size, steps=steps) if steps else None
+
+  def fn(state, train, test):
+    k = jax.random.fold_in(key, state.round)
+    starts = None if alg.adapt is None else alg.adapt(state, train, k)
+    return personalization.personalize(model, tx, served(alg, state), train, test, k, work,
+                                       execution=execution, starts=starts)
+
+  return jax.jit(fn)
+
+
 def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
                            alg: FederatedAlgorithm, train: FederatedData, test: FederatedData):
   """`fn(state) -> PersonalizedEval` (jitted), or None when nothing is personalized.
 
   An algorithm with personal models (`alg.personal`, e.g. Ditto) is evaluated
-  with them. Otherwise, with `config.personalization.finetune_steps > 0`, every
-  client fine-tunes the global model for that many steps of
-  `personalization.optimizer` on its train split; the key depends on the seed
-  and the round only. Either way each client is tested on its test split.
+  with them. Otherwise each client adapts as `adaptation` says (the algorithm's
+  own adaptation, fine-tuning, or both); the key depends on the seed and the
+  round only. Either way each client is tested on its test split.
   """
   c = config.get("personalization")
   # The training rounds' devices: the state lives there.
@@ -323,19 +363,8 @@ def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
   if alg.personal is not None:
     # The data are arguments, not closed-over constants (XLA would fold them).
     fn = jax.jit(lambda state, test: personalization.evaluate_personal(
-        model, alg.personal(state), state.params, test, execution=execution))
+        model, alg.personal(state), served(alg, state), test, execution=execution))
     return lambda state: fn(state, test)
-  if c is None or not c.finetune_steps:
-    return None
-  if not (isinstance(c.finetune_steps, int) and c.finetune_steps > 0):
-    raise ValueError(
-        f"personalization.finetune_steps must be an int >= 0; got {c.finetune_steps!r}.")
-  # Meta-SGD adapts with its learned per-parameter rates.
-  tx = personalization.meta_sgd_tx() if _meta_sgd(config) else make_optimizer(
-      c, "personalization")
-  work = LocalWork(batch_size=c.batch_size, steps=c.finetune_steps)
-  key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  fn = jax.jit(lambda state, train, test: personalization.personalize(
-      model, tx, state.params, train, test, jax.random.fold_in(key, state.round), work,
-      execution=execution))
-  return lambda state: fn(state, train, test)
+  fn = adaptation(config, model, alg, execution,
+                  jax.random.fold_in(jax.random.key(config.seed), 1))
+  return None if fn is None else lambda state: fn(state, train, test)

@@ -83,14 +83,39 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str = "",
   plt.close(fig)
 
 
-def weight_matrix(rows: list[dict[str, Any]], num_clients: int):
-  """`[rounds, num_clients]` weights from `round_weights.jsonl` rows (NaN: not sampled)."""
+def weight_matrix(rows: list[dict[str, Any]], num_clients: int, key: str = "weights"):
+  """`[rounds, num_clients]` weights (or another per-client field, `key`) from
+  `round_weights.jsonl` rows (NaN: not sampled)."""
   import numpy as np
 
   w = np.full((len(rows), num_clients), np.nan)
   for t, r in enumerate(rows):
-    w[t, r["clients"]] = r["weights"]
+    w[t, r["clients"]] = r[key]
   return w
+
+
+def plot_clusters(rows: list[dict[str, Any]], num_clients: int, num_clusters: int,
+                  path: str, title: str = "") -> None:
+  """The cluster each sampled client chose, by client and round (blank: not sampled)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  c = weight_matrix(rows, num_clients, "clusters")
+  fig, ax = plt.subplots(figsize=(min(4 + num_clients * 0.15, 16), 4.5))
+  cmap = plt.get_cmap("tab10" if num_clusters <= 10 else "tab20", num_clusters)
+  im = ax.imshow(np.ma.masked_invalid(c.T), aspect="auto", interpolation="nearest", cmap=cmap,
+                 vmin=-0.5, vmax=num_clusters - 0.5,
+                 extent=(0.5, len(rows) + 0.5, num_clients - 0.5, -0.5))
+  fig.colorbar(im, ax=ax, label="cluster", ticks=range(num_clusters))
+  ax.set_xlabel("round")
+  ax.set_ylabel("client")
+  ax.set_title(title or "cluster chosen by each sampled client")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 MAX_PLOTTED_CLIENTS = 2000

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from fedjax_pers.core import summarize
+from fedjax_pers.core import served, summarize
 from fedjax_pers.experiment import (
   _algorithms,
   _checkpoint,
@@ -142,6 +142,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config, model, train, proxy=None if prepared is None else prepared.proxy,
       attackers=None if prepared is None else prepared.attackers)
 
+  if prepared is None and (alg.adapt is not None or alg.serve is not None):
+    raise ValueError(f"algorithm={config.algorithm!r} with a host store (data.store) is not "
+                     "built (its evaluation adapts every client on the device).")
   dp = _privacy.make_plan(config, _algorithms.host_sizes(train))
   comm = _communication.plan(config, model)
   alg_system = _algorithms.make_system(config)
@@ -169,7 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def evaluate_now(state, train_losses):
     rec = {"round": int(state.round)}
-    rec.update(summarize(population.evaluate(state.params, "test"), "test"))
+    glob = served(alg, state)   # the global model (IFCA: its most chosen cluster's)
+    rec.update(summarize(population.evaluate(glob, "test"), "test"))
     per_client = rec.pop("per_client_test_accuracy")
     lists = {"per_client_test_accuracy": per_client}
     if pers_fn is not None:
@@ -187,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec["clean_client_test_accuracy"] = float(np.sum((n * acc)[clean]) / np.sum(n[clean]))
       rec["mean_clean_client_test_accuracy"] = float(acc[clean].mean())
     if config.get("eval_train", True):
-      tr = summarize(population.evaluate(state.params, "train"), "train")
+      tr = summarize(population.evaluate(glob, "train"), "train")
       rec["train_loss"], rec["train_accuracy"] = tr["train_loss"], tr["train_accuracy"]
     if train_losses:
       rec["local_train_loss"] = float(np.mean(jax.device_get(train_losses)))
@@ -224,6 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if alg_system is not None:   # who straggled, who never reported
       row["stragglers"] = clients[stragglers].tolist()
       row["not_reported"] = clients[~present].tolist()
+    if hasattr(state.client_states, "cluster"):   # the clusters the cohort chose (IFCA)
+      row["clusters"] = np.asarray(state.client_states.cluster)[clients[present]].tolist()
     weight_rows.append(row)
     append(weights_path, row)
     board.round(r + 1, row["weights"])
@@ -306,6 +312,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _outputs.plot_weights(weight_rows, train.num_clients, os.path.join(workdir, "weights.png"),
                         marked=corrupted, title=f"aggregation weights: "
                         f"{weighting_name(config)}")
+  if weight_rows and "clusters" in weight_rows[-1]:
+    _outputs.plot_clusters(weight_rows, train.num_clients, config.ifca.num_clusters,
+                           os.path.join(workdir, "clusters.png"),
+                           title=f"IFCA, k = {config.ifca.num_clusters}: cluster by client")
   _outputs.plot_curves(records, os.path.join(workdir, "curves.png"),
                        title=f"{config.algorithm} on {config.data.name}",
                        gains=summary.get("per_client_gain"))

@@ -23,9 +23,8 @@ import jax
 import ml_collections
 
 from fedjax_pers import personalization
-from fedjax_pers.core import FederatedAlgorithm, FederatedData, LocalWork, Model, summarize
-from fedjax_pers.experiment._algorithms import _meta_sgd, cohort_size, make_execution
-from fedjax_pers.experiment._registry import make_optimizer
+from fedjax_pers.core import FederatedAlgorithm, FederatedData, Model, served, summarize
+from fedjax_pers.experiment._algorithms import adaptation, cohort_size, make_execution
 
 PREFIX = "unseen_"
 
@@ -51,7 +50,7 @@ def make_unseen_eval(config: ml_collections.ConfigDict, model: Model, alg: Feder
   where the run personalizes, `unseen_personalized_test_accuracy`,
   `unseen_worst10_client_personalized_accuracy`, `unseen_fraction_clients_improved`,
   `unseen_mean_client_gain` and the per-client lists (`unseen_per_client_*`). The
-  fine-tuning key is the seen clients' (seed, round) key folded with 2.
+  adaptation key is the seen clients' (seed, round) key folded with 2.
 
   Args:
     config: The run's config.
@@ -61,24 +60,12 @@ def make_unseen_eval(config: ml_collections.ConfigDict, model: Model, alg: Feder
     seen_clients: Clients in training (the devices the state lives on are theirs).
   """
   check(config, alg)
-  c = config.personalization
   execution = make_execution(config, cohort_size(config, seen_clients))
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), 2)
-  if alg.adapt is not None:
-    fn = jax.jit(lambda state, train, test: personalization.evaluate_personal(
-        model, alg.adapt(state, train, jax.random.fold_in(key, state.round)),
-        state.params, test, execution=execution))
-  elif c.finetune_steps:
-    tx = personalization.meta_sgd_tx() if _meta_sgd(config) else make_optimizer(
-        c, "personalization")
-    work = LocalWork(batch_size=c.batch_size, steps=c.finetune_steps)
-    fn = jax.jit(lambda state, train, test: personalization.personalize(
-        model, tx, state.params, train, test, jax.random.fold_in(key, state.round), work,
-        execution=execution))
-  else:   # nothing personalizes: the global model only
-    fn = jax.jit(lambda state, train, test: personalization.personalize(
-        model, None, state.params, train, test, key, None))
-  personal = alg.adapt is not None or bool(c.finetune_steps)
+  adapted = adaptation(config, model, alg, execution, key)
+  personal = adapted is not None
+  fn = adapted or jax.jit(lambda state, train, test: personalization.personalize(
+      model, None, served(alg, state), train, test, key, None))   # the global model only
 
   def record(state) -> dict[str, Any]:
     ev = fn(state, train, test)

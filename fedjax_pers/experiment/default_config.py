@@ -157,6 +157,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedala.num_pre_loss = 10      # ... over this many epochs
   c.fedala.max_start_epochs = 100
 
+  c.ifca = ml_collections.ConfigDict()
+  c.ifca.num_clusters = 2         # k cluster models
+
   c.moon = ml_collections.ConfigDict()
   c.moon.mu = 1.0                 # MOON's μ (1 or 5 in the paper)
   c.moon.temperature = 0.5        # τ of the model-contrastive loss

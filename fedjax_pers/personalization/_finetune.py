@@ -156,8 +156,8 @@ def _check_padded(data: FederatedData, name: str) -> None:
 
 def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
                 train: FederatedData, test: FederatedData, key: jax.Array,
-                work: LocalWork | None, *, execution: Execution | None = None
-                ) -> PersonalizedEval:
+                work: LocalWork | None, *, execution: Execution | None = None,
+                starts: Params | None = None) -> PersonalizedEval:
   """Fine-tunes the global model on every client's train split, evaluates on its test split.
 
   Client c's key is `fold_in(key, c)`. Fine-tuning and the evaluation of the
@@ -179,6 +179,9 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
     work: Fine-tuning work, or None for K = 0 (the personalized model is the
       global one).
     execution: How the clients run (strategy, lanes, chunks, mesh).
+    starts: Optional per-client starting points stacked over the clients (an
+      algorithm's own adaptation: IFCA's chosen cluster models), fine-tuned
+      instead of `params`, which stays the global model tested beside them.
 
   Returns:
     A `PersonalizedEval`.
@@ -189,20 +192,23 @@ def personalize(model: Model, tx: optax.GradientTransformation, params: Params,
   _check_padded(test, "test")
   glob = evaluate(model, params, test)
   if work is None:
-    return PersonalizedEval(glob, glob)
+    return PersonalizedEval(glob, glob if starts is None else _evaluate_own(
+        model, starts, params, test, execution))
   check_local_work(work, train.num_clients)
   program = sgd_program(model, tx, work, max_examples=train.max_examples,
-                        min_examples=train.min_examples)
+                        min_examples=train.min_examples,
+                        start_from=None if starts is None else lambda p, client: client.state)
   program = program._replace(finish=lambda params, client, state: state.w)
   if train.cap is None:
-    source = cohort_source(train, None, key, whole=as_execution(execution).mesh is None)
+    source = cohort_source(train, starts, key, whole=as_execution(execution).mesh is None)
   else:
     program = capped(program, train.cap)
 
     def rows(ids):
       one = lambda c: train.cohort(c[None], jax.random.fold_in(jax.random.fold_in(key, c), 1))
       x, y, n = jax.vmap(one)(ids)
-      return ClientData(x[:, 0], y[:, 0], n[:, 0], None, ids)
+      own = None if starts is None else jax.tree.map(lambda a: a[ids], starts)
+      return ClientData(x[:, 0], y[:, 0], n[:, 0], own, ids)
 
     source = CohortSource(rows, train.num_examples, None, lambda ids: rows(ids),
                           lambda table, client, idx: (client.x[idx], client.y[idx]))
