@@ -9,7 +9,7 @@ from fedjax_pers import aggregation, algorithms, core, data, models, personaliza
 def test_surfaces():
   assert set(algorithms.__all__) == {
       "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova", "fedper",
-      "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg", "pfedme",
+      "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg", "pfedhn", "pfedme",
       "reptile", "scaffold"}
   assert {"personalize", "evaluate_personal", "meta_gradient", "hvp"} <= set(
       personalization.__all__)

@@ -13,12 +13,13 @@ from fedjax_pers.algorithms._fedrod import fedrod
 from fedjax_pers.algorithms._ifca import ifca
 from fedjax_pers.algorithms._moon import moon
 from fedjax_pers.algorithms._per_fedavg import per_fedavg
+from fedjax_pers.algorithms._pfedhn import pfedhn
 from fedjax_pers.algorithms._pfedme import pfedme
 from fedjax_pers.algorithms._reptile import reptile
 from fedjax_pers.algorithms._scaffold import scaffold
 
 __all__ = [
     "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova", "fedper",
-    "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg", "pfedme", "reptile",
-    "scaffold",
+    "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg", "pfedhn", "pfedme",
+    "reptile", "scaffold",
 ]

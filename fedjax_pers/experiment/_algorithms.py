@@ -125,6 +125,20 @@ def _ifca(config, model, client_tx, server_tx, work, kwargs):
                          num_clusters=config.ifca.num_clusters, **kwargs)
 
 
+def _pfedhn(config, model, client_tx, work, kwargs):
+  """pFedHN from `config.pfedhn`: its own server step (the hypernetwork's SGD)."""
+  _refuse_ignored(config, "its own server step (pfedhn.outer_lr, pfedhn.outer_momentum)",
+                  _plain_server(config))
+  if not isinstance(kwargs["weighting"], aggregation.WeightFn):
+    raise ValueError(f"algorithm='pfedhn' averages the hypernetwork's gradients by a weight "
+                     f"function; aggregation.weighting={weighting_name(config)!r} (or privacy,"
+                     " compression or attacks around it) gives an aggregator.")
+  c = config.pfedhn
+  return algorithms.pfedhn(model, client_tx, work, **{k: c[k] for k in (
+      "outer_lr", "outer_momentum", "embed_lr", "embed_dim", "hidden", "num_hidden",
+      "adapt_steps", "adapt_lr")}, **kwargs)
+
+
 def _scaffold(config, model, server_tx, work, kwargs):
   """SCAFFOLD's clients take plain SGD steps at client.learning_rate (its c_i formula)."""
   if config.client.optimizer != "sgd" or config.client.get("momentum"):
@@ -299,6 +313,8 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
       "fedrod": lambda: algorithms.fedrod(model, client_tx, server_tx, work, **kwargs),
       # k models; each client trains the one of lowest loss on its data.
       "ifca": lambda: _ifca(config, model, client_tx, server_tx, work, kwargs),
+      # A server hypernetwork generates each client's model from its embedding.
+      "pfedhn": lambda: _pfedhn(config, model, client_tx, work, kwargs),
       "fednova": lambda: _fednova(config, model, client_tx, server_tx, work, kwargs),
       "fedrep": lambda: algorithms.fedrep(
           model, client_tx, server_tx, work,

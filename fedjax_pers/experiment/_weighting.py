@@ -14,7 +14,8 @@ from fedjax_pers.core import FederatedData, Model
 # Reptile and pFedMe average the cohort uniformly ((1/rn) Σ w_i); the others weight by n_i.
 PAPER_WEIGHTING = {"per_fedavg": "uniform", "per_fedavg_fo": "uniform",
                    "per_fedavg_hf": "uniform", "reptile": "uniform", "pfedme": "uniform",
-                   "scaffold": "uniform", "feddyn": "uniform", "fedbuff": "uniform"}
+                   "scaffold": "uniform", "feddyn": "uniform", "fedbuff": "uniform",
+                   "pfedhn": "uniform"}
 
 
 def weighting_name(config: ml_collections.ConfigDict) -> str:

@@ -160,6 +160,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.ifca = ml_collections.ConfigDict()
   c.ifca.num_clusters = 2         # k cluster models
 
+  c.pfedhn = ml_collections.ConfigDict()   # the server's hypernetwork (paper's defaults)
+  c.pfedhn.outer_lr = 0.01        # α, the hypernetwork's SGD rate
+  c.pfedhn.outer_momentum = 0.9
+  c.pfedhn.embed_lr = placeholder(float)   # the embeddings' rate (None: outer_lr)
+  c.pfedhn.embed_dim = placeholder(int)    # e (None: 1 + num_clients / 4)
+  c.pfedhn.hidden = 100
+  c.pfedhn.num_hidden = 3
+  c.pfedhn.adapt_steps = 50       # a newcomer fits its embedding: steps of gradient descent
+  c.pfedhn.adapt_lr = 0.1         # ... at this rate, the hypernetwork frozen
+
   c.moon = ml_collections.ConfigDict()
   c.moon.mu = 1.0                 # MOON's μ (1 or 5 in the paper)
   c.moon.temperature = 0.5        # τ of the model-contrastive loss
