@@ -40,7 +40,7 @@ def test_hyper_gradient_matches_central_differences_in_float64():
     rs = np.random.RandomState(1)
     for _ in range(4):   # random directions through every leaf of φ
       d = jax.tree.map(lambda a: jnp.asarray(rs.normal(size=a.shape)), phi)
-      shift = lambda t: jax.tree.map(lambda a, b: a + t * b, phi, d)
+      shift = lambda t, d=d: jax.tree.map(lambda a, b: a + t * b, phi, d)
       fd = (surrogate(shift(eps), v) - surrogate(shift(-eps), v)) / (2 * eps)
       dot = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(g_phi), jax.tree.leaves(d)))
       np.testing.assert_allclose(dot, fd, rtol=1e-7)
@@ -77,7 +77,7 @@ def test_a_round_is_the_papers_update():
   # Every client's personalized model is generated from its embedding.
   pers = alg.personal(s1)
   for i in range(4):
-    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda p: p[i], pers)),
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda p, i=i: p[i], pers)),
                     jax.tree.leaves(generate(s1.params, s1.client_states[i]))):
       np.testing.assert_allclose(a, b, rtol=1e-6)
 
@@ -91,7 +91,7 @@ def test_a_newcomer_fits_its_embedding_with_the_hypernetwork_frozen():
   start = alg.serve(state)
   for c in range(4):
     client = ClientData(data.x[c], data.y[c], data.num_examples[c])
-    mine = jax.tree.map(lambda p: p[c], adapted)
+    mine = jax.tree.map(lambda p, c=c: p[c], adapted)
     assert float(full_loss(MLP, mine, client)) < float(full_loss(MLP, start, client))
 
 
