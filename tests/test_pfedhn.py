@@ -42,7 +42,7 @@ def test_hyper_gradient_matches_central_differences_in_float64():
       d = jax.tree.map(lambda a: jnp.asarray(rs.normal(size=a.shape)), phi)
       shift = lambda t, d=d: jax.tree.map(lambda a, b: a + t * b, phi, d)
       fd = (surrogate(shift(eps), v) - surrogate(shift(-eps), v)) / (2 * eps)
-      dot = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(g_phi), jax.tree.leaves(d)))
+      dot = sum(jnp.sum(g * u) for g, u in zip(jax.tree.leaves(g_phi), jax.tree.leaves(d)))
       np.testing.assert_allclose(dot, fd, rtol=1e-7)
 
 
