@@ -120,3 +120,39 @@ def test_ifca_from_the_config_reports_and_plots_the_clusters(tmp_path):
   with pytest.raises(ValueError, match="num_clusters must be an int >= 1; got 0"):
     ifca(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1), num_clusters=0,
          clients_per_round=1)
+
+
+def test_cluster_recovery_by_hand():
+  from fedjax_pers.data import cluster_recovery
+  group = np.array([0, 0, 1, 1, 2, 2])
+  assert cluster_recovery(np.array([2, 2, 0, 0, 1, 1]), group) == 1.0   # renamed, exact
+  assert cluster_recovery(np.array([1, 1, 1, 1, 0, 0]), group) == pytest.approx(4 / 6)
+  assert cluster_recovery(np.array([-1, 0, 1, 1, 2, 2]), group) == pytest.approx(5 / 6)
+
+
+def test_clustered_synthetic_labels_come_from_the_groups_generators():
+  from fedjax_pers.data import cluster_groups, clustered_synthetic
+  train, test, group = clustered_synthetic(3, num_clients=9, dim=4, num_classes=3, seed=2)
+  np.testing.assert_array_equal(group, cluster_groups(9, 3, 2))
+  assert np.bincount(group).tolist() == [3, 3, 3] and train.num_clients == test.num_clients == 9
+  # Within a group one linear map explains every label; across groups it does not.
+  def fits(clients):
+    x = np.concatenate([np.asarray(train.client(c)[0], np.float64) for c in clients])
+    y = np.concatenate([train.client(c)[1] for c in clients])
+    # Least squares on one-hot targets separates a linear argmax rule's classes here.
+    onehot = np.eye(3)[y]
+    w = np.linalg.lstsq(np.c_[x, np.ones(len(x))], onehot, rcond=None)[0]
+    return np.mean(np.argmax(np.c_[x, np.ones(len(x))] @ w, axis=1) == y)
+  same = fits(np.flatnonzero(group == 0))
+  mixed = fits(np.arange(9))
+  assert same > mixed + 0.1
+
+
+def test_ifca_reports_cluster_recovery_on_clustered_data(tmp_path):
+  c = tiny_config()
+  c.algorithm, c.data.name, c.data.clusters, c.ifca.num_clusters = (
+      "ifca", "clustered_synthetic", 2, 2)
+  c.data.holdout_clients = 0.25
+  s = train_and_evaluate(c, str(tmp_path / "run"))
+  assert 0.5 <= s["cluster_recovery"] <= 1.0
+  assert len(s["unseen_clients"]) == 2 and "unseen_personalized_test_accuracy" in s

@@ -37,6 +37,14 @@ def choose(model: Model, models: Params, client: ClientData) -> jax.Array:
   return jnp.argmin(losses).astype(jnp.int32)
 
 
+def assignments(model: Model, models: Params, data: FederatedData) -> jax.Array:
+  """`[N]` int32: the cluster each client of `data` (padded rows) would choose now."""
+  if data.cap is not None:
+    raise ValueError("ifca reads padded client rows to choose clusters; got a capped store.")
+  return jax.vmap(lambda x, y, n: choose(model, models, ClientData(x, y, n)))(
+      data.x, data.y, data.num_examples)
+
+
 def at(models: Params, j: jax.Array) -> Params:
   """Cluster `j`'s model."""
   return jax.tree.map(lambda a: a[j], models)
@@ -142,10 +150,7 @@ def ifca(
 
   def adapt(state, data: FederatedData, key):
     del key
-    if data.cap is not None:
-      raise ValueError("ifca.adapt reads padded client rows; got a capped store.")
-    one = lambda x, y, n: at(state.params, choose(model, state.params, ClientData(x, y, n)))
-    return jax.vmap(one)(data.x, data.y, data.num_examples)
+    return at(state.params, assignments(model, state.params, data))
 
   def serve(state):
     chosen = state.client_states.cluster

@@ -1,6 +1,7 @@
 """Data sets as `FederatedData`: synthetic generators, files, TFDS, partitioners, corruptions."""
 
 from fedjax_pers.data._client_states import HostClientStates
+from fedjax_pers.data._clustered import cluster_groups, cluster_recovery, clustered_synthetic
 from fedjax_pers.data._corrupt import (
     choose_clients,
     holdout,
@@ -48,6 +49,9 @@ __all__ = [
     "VOCAB",
     "VOCAB_SIZE",
     "choose_clients",
+    "cluster_groups",
+    "cluster_recovery",
+    "clustered_synthetic",
     "dirichlet",
     "from_arrays",
     "from_leaf",

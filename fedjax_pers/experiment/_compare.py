@@ -114,9 +114,11 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "worst10_client_personalized_accuracy": summary.get(
             "worst10_client_personalized_accuracy"),
         "per_client_personalized_accuracy": summary.get("per_client_personalized_accuracy"),
+        **{k: summary.get(k) for k in UNSEEN_KEYS},
     })
   for r in results:
     r.update(against_first(r, results[0]))
+    r.update(against_first(r, results[0], prefix="unseen_"))
   out = {"target_accuracy": target, "strategies": results, "config": config.to_dict()}
   _outputs.write_json(os.path.join(workdir, "comparison.json"), out)
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
@@ -125,31 +127,45 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return out
 
 
-def _client_accuracy(result: dict[str, Any]) -> np.ndarray:
-  """Per-client accuracy of what a strategy deploys: personalized models where it has them."""
-  pers = result.get("per_client_personalized_accuracy")
-  return np.asarray(result["per_client_accuracy"] if pers is None else pers, np.float64)
+# The held-out clients' figures a run reports (`data.holdout_clients`), kept per strategy.
+UNSEEN_KEYS = ("unseen_test_accuracy", "unseen_personalized_test_accuracy",
+               "unseen_worst10_client_personalized_accuracy", "unseen_per_client_test_accuracy",
+               "unseen_per_client_personalized_accuracy")
 
 
-def against_first(result: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
+def _client_accuracy(result: dict[str, Any], prefix: str = "") -> np.ndarray | None:
+  """Per-client accuracy of what a strategy deploys: personalized models where it has them
+  (`prefix` 'unseen_': on the clients held out of training; None where there are none)."""
+  if prefix:
+    pers = result.get("unseen_per_client_personalized_accuracy")
+    glob = result.get("unseen_per_client_test_accuracy")
+  else:
+    pers, glob = result.get("per_client_personalized_accuracy"), result["per_client_accuracy"]
+  return None if glob is None else np.asarray(glob if pers is None else pers, np.float64)
+
+
+def against_first(result: dict[str, Any], first: dict[str, Any], prefix: str = ""
+                  ) -> dict[str, Any]:
   """Client by client against the first strategy (the baseline, e.g. FedAvg).
 
   Each side's per-client test accuracy is its personalized models' where it has
   them, else its global model's; the clients are the same in every strategy.
+  `prefix='unseen_'` compares on the clients held out of training instead.
 
   Returns:
     `clients_better_than_first` and `clients_tied_with_first` (fractions of
     clients strictly above / equal to the first strategy) and
-    `mean_client_gain_vs_first` (mean accuracy difference); all None for the
-    first strategy itself or when the client counts differ.
+    `mean_client_gain_vs_first` (mean accuracy difference), each key with
+    `prefix`; all None for the first strategy itself or when the client counts
+    differ.
   """
-  acc, ref = _client_accuracy(result), _client_accuracy(first)
-  if result is first or acc.shape != ref.shape:
-    return dict.fromkeys(("clients_better_than_first", "clients_tied_with_first",
-                          "mean_client_gain_vs_first"))
-  return {"clients_better_than_first": float(np.mean(acc > ref)),
-          "clients_tied_with_first": float(np.mean(acc == ref)),
-          "mean_client_gain_vs_first": float(np.mean(acc - ref))}
+  keys = [prefix + k for k in ("clients_better_than_first", "clients_tied_with_first",
+                               "mean_client_gain_vs_first")]
+  acc, ref = _client_accuracy(result, prefix), _client_accuracy(first, prefix)
+  if result is first or acc is None or ref is None or acc.shape != ref.shape:
+    return dict.fromkeys(keys)
+  return dict(zip(keys, (float(np.mean(acc > ref)), float(np.mean(acc == ref)),
+                         float(np.mean(acc - ref)))))
 
 
 def comparison_table(out: dict[str, Any]) -> str:
@@ -166,6 +182,10 @@ def comparison_table(out: dict[str, Any]) -> str:
     head += ["personalized acc", "personalized worst-10%"]
   if versus:
     head += [f"clients better / tied vs {res[0]['label']} (mean gain)"]
+  unseen = any(r.get("unseen_test_accuracy") is not None for r in res)
+  if unseen:
+    head += ["unseen: global acc", "unseen: personalized acc (worst-10%)"]
+    head += [f"unseen: better vs {res[0]['label']}"] if versus else []
   head += ["s/round"]
   opt = lambda v: "—" if v is None else f"{v:.4f}"
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -184,6 +204,12 @@ def comparison_table(out: dict[str, Any]) -> str:
       better = r.get("clients_better_than_first")
       cells += ["—" if better is None else f"{better:.0%} / {r['clients_tied_with_first']:.0%} "
                 f"({r['mean_client_gain_vs_first']:+.4f})"]
+    if unseen:
+      pers = r.get("unseen_personalized_test_accuracy")
+      cells += [opt(r.get("unseen_test_accuracy")), "—" if pers is None else
+                f"{pers:.4f} ({r['unseen_worst10_client_personalized_accuracy']:.4f})"]
+      better = r.get("unseen_clients_better_than_first")
+      cells += (["—" if better is None else f"{better:.0%}"] if versus else [])
     cells += [f"{r['seconds_per_round']:.4f}"]
     lines.append("| " + " | ".join(cells) + " |")
   what = ("test accuracy on the clean clients' test data (example-weighted)" if corrupted
@@ -194,6 +220,9 @@ def comparison_table(out: dict[str, Any]) -> str:
   if personalized:
     lines.append("personalized: the clients' own models (fine-tuned, adapted or personal) "
                  "on their test splits, after the last round.")
+  if unseen:
+    lines.append("unseen: the clients held out of training (data.holdout_clients), tested "
+                 "with the global model and after each method's adaptation of a newcomer.")
   if versus:
     lines.append(f"clients better / tied vs {res[0]['label']}: client by client over all "
                  "clients (corrupted ones included), each strategy's personalized accuracy "

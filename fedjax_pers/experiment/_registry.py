@@ -65,7 +65,8 @@ def _partition(c: ml_collections.ConfigDict, y: np.ndarray) -> list[np.ndarray]:
 def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedData]:
   """`(train, test)` from `config.data` (`name` and its options).
 
-  `synthetic`: Synthetic(α, β). `mnist_idx`: MNIST IDX files in `data_dir`
+  `synthetic`: Synthetic(α, β). `clustered_synthetic`: `clusters` logistic
+  generators, each client's labels from one of them. `mnist_idx`: MNIST IDX files in `data_dir`
   (`images`, `labels`). `tfds`: the prepared TFDS set `tfds_name` (`tfds_split`,
   `tfds_data_dir`; never downloaded). Both are partitioned over `num_clients`
   clients by `partition`: `iid`, `dirichlet` (`dirichlet_alpha`,
@@ -84,6 +85,13 @@ def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedDat
         c.alpha, c.beta, num_clients=c.num_clients, dim=c.dim, num_classes=c.num_classes,
         sample_scale=c.sample_scale, iid=c.iid, seed=c.seed, test_fraction=c.test_fraction,
         store=store)
+  elif c.name == "clustered_synthetic":
+    if store is not None:
+      raise ValueError("data.name='clustered_synthetic' is built in memory; data.store is "
+                       "not supported for it.")
+    train, test, _ = data.clustered_synthetic(
+        c.clusters, num_clients=c.num_clients, dim=c.dim, num_classes=c.num_classes,
+        seed=c.seed, test_fraction=c.test_fraction)
   elif c.name == "mnist_idx":
     x, y = data.mnist_idx(c.data_dir, c.images, c.labels)
     train, test = data.split_clients(x, y, _partition(c, y), test_fraction=c.test_fraction,
@@ -103,8 +111,8 @@ def make_data(c: ml_collections.ConfigDict) -> tuple[FederatedData, FederatedDat
         test_fraction=c.test_fraction, stride=c.get("stride", 1),
         max_clients=c.get("max_clients"), store=store)
   else:
-    raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['mnist_idx', "
-                     "'shakespeare', 'synthetic', 'tfds'].")
+    raise ValueError(f"Unknown data.name {c.name!r}; expected one of ['clustered_synthetic', "
+                     "'mnist_idx', 'shakespeare', 'synthetic', 'tfds'].")
   return train, test
 
 
@@ -120,6 +128,7 @@ class ExperimentData(NamedTuple):
     unseen: `(train, test)` of the clients held out of training
       (`data.holdout_clients`), or None.
     unseen_ids: The held-out clients' ids in the partition (`[0]` shape when none).
+    groups: `clustered_synthetic`: the training clients' true groups, else None.
   """
 
   train: FederatedData
@@ -129,6 +138,7 @@ class ExperimentData(NamedTuple):
   attackers: np.ndarray
   unseen: tuple[FederatedData, FederatedData] | None = None
   unseen_ids: np.ndarray = np.zeros(0, np.int64)
+  groups: np.ndarray | None = None
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
@@ -149,11 +159,14 @@ def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
     test, px, py = data.holdout(test, m, seed=config.data.seed)
     proxy = (px, py)
   unseen, unseen_ids = None, np.zeros(0, np.int64)
+  groups = None if config.data.name != "clustered_synthetic" else data.cluster_groups(
+      train.num_clients, config.data.clusters, config.data.seed)
   f = config.data.get("holdout_clients") or 0.0
   if f:
     train, test, u_train, u_test, mask = data.holdout_clients(train, test, f,
                                                               seed=config.data.seed)
     unseen, unseen_ids = (u_train, u_test), np.flatnonzero(mask)
+    groups = None if groups is None else groups[~mask]
   c = config.get("corruption") or ml_collections.ConfigDict(
       dict(label_shuffle_fraction=0.0, attack_fraction=0.0, seed=0))
   noisy = data.choose_clients(train.num_clients, c.label_shuffle_fraction, c.seed)
@@ -163,7 +176,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
   cap = config.data.get("example_cap")
   if cap is not None:   # last: the corruptions above rebuild the clients' arrays
     train = train.with_cap(cap, seed=config.data.seed)
-  return ExperimentData(train, test, proxy, noisy, attackers, unseen, unseen_ids)
+  return ExperimentData(train, test, proxy, noisy, attackers, unseen, unseen_ids, groups)
 
 
 def make_model(c: ml_collections.ConfigDict, feature_shape, num_classes: int) -> Model:

@@ -13,6 +13,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from fedjax_pers import data
+from fedjax_pers.algorithms._ifca import assignments
 from fedjax_pers.core import served, summarize
 from fedjax_pers.experiment import (
   _algorithms,
@@ -167,6 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       None if restored is None else int(state.round))
   pers_fn = population.personalized() if prepared is None else (
       _algorithms.make_personalized_eval(config, model, alg, train, test))
+  groups = None if prepared is None else prepared.groups
+  cluster_of = jax.jit(lambda models, d: assignments(model, models, d))
   unseen_fn = None if prepared is None or prepared.unseen is None else (
       _unseen.make_unseen_eval(config, model, alg, *prepared.unseen, num_clients))
 
@@ -199,6 +203,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec.update(dp.report(int(state.round), state.weight_state))
     if comm is not None:
       rec.update(comm.report())
+    if groups is not None and hasattr(state.client_states, "cluster"):   # IFCA on known groups
+      chosen = np.asarray(cluster_of(state.params, train))   # every client's choice now
+      rec["cluster_recovery"] = data.cluster_recovery(chosen, groups)
     if hasattr(state.algorithm, "clock"):   # an asynchronous server's simulated time
       rec["simulated_time"] = float(state.algorithm.clock)
     rec["elapsed_seconds"] = round(time.perf_counter() - t_start, 3)
@@ -287,6 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         r["personalized_test_accuracy"] for r in records)
     summary["best_personalized_test_accuracy_note"] = (
         "max over evaluated rounds of the fine-tuned models' accuracy (as papers report)")
+  if "cluster_recovery" in final:
+    summary["cluster_recovery"] = final["cluster_recovery"]
   if unseen_fn is not None:
     summary.update({k: v for k, v in final.items() if k.startswith(_unseen.PREFIX)})
     summary["unseen_clients"] = prepared.unseen_ids.tolist()

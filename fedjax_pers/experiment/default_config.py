@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 10
   c.data.sample_scale = 1
   c.data.iid = False
+  c.data.clusters = 2             # clustered_synthetic: the number of label generators
   c.data.seed = 0
   c.data.test_fraction = 0.1
   c.data.proxy_examples = 0       # > 0: hold this many test examples out for the server
