@@ -8,13 +8,13 @@ from fedjax_pers import aggregation, algorithms, core, data, models, personaliza
 
 def test_surfaces():
   assert set(algorithms.__all__) == {
-      "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova", "fedper",
-      "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg", "pfedhn", "pfedme",
-      "reptile", "scaffold"}
+      "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbn", "fedbuff", "feddyn", "fednova",
+      "fedper", "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg",
+      "pfedhn", "pfedme", "reptile", "scaffold"}
   assert {"personalize", "evaluate_personal", "meta_gradient", "hvp"} <= set(
       personalization.__all__)
   assert {"hypergradient", "unrolled_objective"} <= set(dir(fp.hypergrad))
-  assert set(models.__all__) == {"char_rnn", "cnn", "logistic_regression", "mlp"}
+  assert set(models.__all__) == {"char_rnn", "cnn", "cnn_bn", "logistic_regression", "mlp"}
   assert {"from_tfds", "from_arrays", "shakespeare", "partition", "mnist_idx"} <= set(
       data.__all__)
   assert {"num_examples", "uniform", "WeightFn"} <= set(aggregation.__all__)

@@ -5,6 +5,7 @@ from fedjax_pers.algorithms._ditto import ditto
 from fedjax_pers.algorithms._fedala import fedala
 from fedjax_pers.algorithms._fedavg import fedavg, fedprox
 from fedjax_pers.algorithms._fedbabu import fedbabu
+from fedjax_pers.algorithms._fedbn import fedbn
 from fedjax_pers.algorithms._fedbuff import fedbuff
 from fedjax_pers.algorithms._feddyn import feddyn
 from fedjax_pers.algorithms._fednova import fednova
@@ -19,7 +20,7 @@ from fedjax_pers.algorithms._reptile import reptile
 from fedjax_pers.algorithms._scaffold import scaffold
 
 __all__ = [
-    "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbuff", "feddyn", "fednova", "fedper",
-    "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg", "pfedhn", "pfedme",
-    "reptile", "scaffold",
+    "apfl", "ditto", "fedala", "fedavg", "fedbabu", "fedbn", "fedbuff", "feddyn", "fednova",
+    "fedper", "fedprox", "fedrep", "fedrod", "ifca", "lg_fedavg", "moon", "per_fedavg", "pfedhn",
+    "pfedme", "reptile", "scaffold",
 ]

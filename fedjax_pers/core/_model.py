@@ -9,9 +9,30 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 Params = Any
 PRNGKey = jax.Array
+
+
+class BatchStats(NamedTuple):
+  """The running statistics of a model with batch normalisation, kept inside its params.
+
+  The statistics are leaves of the params pytree (beside each normalisation
+  layer's scale and bias), so that aggregation, personal layers and checkpoints
+  treat them as any other leaf; they get no gradient (a training pass normalises
+  with the batch's own statistics), and every local step writes their new
+  running values back (`core._sgd.sgd_step`).
+
+  Attributes:
+    train: `train(params, x, mask, key=None) -> (logits, stats)`: the training
+      pass, normalising by the statistics of the batch's real rows (`mask`), and
+      the updated running statistics.
+    put: `put(params, stats) -> params` with the statistics replaced.
+  """
+
+  train: Callable[..., tuple[jax.Array, Any]]
+  put: Callable[[Any, Any], Any]
 
 
 class Model(NamedTuple):
@@ -27,6 +48,9 @@ class Model(NamedTuple):
       the representation the head reads (the penultimate layer's output), for
       representation-level methods (MOON). `from_flax` sets it when the module
       sows it (`self.sow("intermediates", REPRESENTATION, h)`), as `models/` do.
+    batch_stats: `BatchStats` of a model with batch normalisation (`from_flax`
+      sets it when the module keeps a `batch_stats` collection), else None;
+      `apply` then normalises with the running statistics (`train=False`).
   """
 
   init: Callable[[PRNGKey], Params]
@@ -34,6 +58,7 @@ class Model(NamedTuple):
   loss: Callable[[jax.Array, jax.Array], jax.Array]
   metrics: Callable[[jax.Array, jax.Array], jax.Array]
   represent: Callable[..., jax.Array] | None = None
+  batch_stats: BatchStats | None = None
 
 
 # The name under which a flax module sows its representation (`Model.represent`).
@@ -60,8 +85,10 @@ def from_flax(
   """Builds a `Model` from a flax linen module.
 
   The module's `__call__(x, train=False)` may take a `train` keyword (dropout,
-  batch statistics are not supported: use normalisations without state). A
-  `key` passed to `apply` becomes the `dropout` rng.
+  batch normalisation). A module with a `batch_stats` collection must also take
+  `mask` (the batch's real rows, for `nn.BatchNorm(mask=...)`): its statistics
+  are merged into the params, next to each layer's parameters (`BatchStats`).
+  A `key` passed to `apply` becomes the `dropout` rng.
 
   Args:
     module: A `flax.linen.Module`.
@@ -79,27 +106,50 @@ def from_flax(
     (2, 3)
   """
   sample_x = jnp.zeros(sample_x.shape, sample_x.dtype)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), sample_x))
+  stats = flatten_dict(shapes["batch_stats"]) if "batch_stats" in shapes else {}
 
-  def init(key):
-    return module.init(key, sample_x)["params"]
+  def variables(params):   # the flax collections of params with the statistics inside
+    if not stats:
+      return {"params": params}
+    flat = flatten_dict(params)
+    return {"params": unflatten_dict({k: v for k, v in flat.items() if k not in stats}),
+            "batch_stats": unflatten_dict({k: flat[k] for k in stats})}
+
+  def put(params, new):
+    flat, new = flatten_dict(params), flatten_dict(new)
+    return unflatten_dict({k: new[k] if k in stats else v for k, v in flat.items()})
+
+  def init(key):   # (the statistics join their layers' dicts, in the layers' order)
+    v = module.init(key, sample_x)
+    return v["params"] if not stats else unflatten_dict(
+        {**flatten_dict(v["params"]), **flatten_dict(v["batch_stats"])})
+
+  def call(params, x, key, train, **kwargs):
+    rngs = None if key is None else {"dropout": key}
+    if _takes_train(module):
+      kwargs["train"] = train
+    return module.apply(variables(params), x, rngs=rngs, **kwargs)
 
   def apply(params, x, key=None, train=False):
-    rngs = None if key is None else {"dropout": key}
-    kwargs = {"train": train} if _takes_train(module) else {}
-    return module.apply({"params": params}, x, rngs=rngs, **kwargs)
+    if stats and train:   # batch statistics of every row; the round trains by `BatchStats`
+      return call(params, x, key, True, mutable=["batch_stats"])[0]
+    return call(params, x, key, train)
 
   def represent(params, x, key=None, train=False):
-    rngs = None if key is None else {"dropout": key}
-    kwargs = {"train": train} if _takes_train(module) else {}
-    _, sown = module.apply({"params": params}, x, rngs=rngs, mutable=["intermediates"],
-                           **kwargs)
-    return sown["intermediates"][REPRESENTATION][0]
+    mutable = ["intermediates"] + (["batch_stats"] if stats and train else [])
+    return call(params, x, key, train, mutable=mutable)[1]["intermediates"][REPRESENTATION][0]
+
+  def train_pass(params, x, mask, key=None):
+    logits, new = call(params, x, key, True, mask=mask, mutable=["batch_stats"])
+    return logits, new["batch_stats"]
 
   sows = jax.eval_shape(lambda: module.apply(
       module.init(jax.random.key(0), sample_x), sample_x, mutable=["intermediates"])[1])
   has = REPRESENTATION in sows.get("intermediates", {})
   return Model(init=init, apply=apply, loss=loss, metrics=metrics,
-               represent=represent if has else None)
+               represent=represent if has else None,
+               batch_stats=BatchStats(train_pass, put) if stats else None)
 
 
 def _takes_train(module: Any) -> bool:

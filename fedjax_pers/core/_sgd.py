@@ -62,17 +62,29 @@ def sgd_step(model: Model, tx: optax.GradientTransformation, state: SGDState, x:
     f_b(w) = (1/|b|) Σ_{j∈b} ℓ(w; x_j, y_j) + (μ/2) ||w − anchor||²,
 
   the proximal term (FedProx, Li et al., MLSys 2020; Ditto's λ with the global
-  model as anchor) present when `prox_mu` is not None.
+  model as anchor) present when `prox_mu` is not None. A model with batch
+  normalisation (`Model.batch_stats`) normalises by the batch's real examples and
+  leaves the step with their running statistics written into `w`.
   """
 
+  bn = model.batch_stats
+
   def objective(w):
-    mean, total = masked_mean_loss(model, w, x, y, mask, key)
+    if bn is None:
+      mean, total = masked_mean_loss(model, w, x, y, mask, key)
+      stats = None
+    else:   # normalised by the real rows' statistics, whose running values it returns
+      logits, stats = bn.train(w, x, mask, key)
+      losses = jnp.where(mask, model.loss(logits, y), 0.0)
+      total = jnp.sum(losses)
+      mean = total / jnp.maximum(jnp.sum(mask), 1)
     if prox_mu is not None:
       mean = mean + 0.5 * prox_mu * tree_sq_norm(jax.tree.map(jnp.subtract, w, anchor))
-    return mean, total
+    return mean, (total, stats)
 
-  (_, total), grads = jax.value_and_grad(objective, has_aux=True)(state.w)
-  return apply_grads(tx, state, grads, total, mask)
+  (_, (total, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.w)
+  new = apply_grads(tx, state, grads, total, mask)
+  return new if bn is None else new._replace(w=bn.put(new.w, stats))
 
 
 def apply_grads(tx: optax.GradientTransformation, state: SGDState, grads: Params,

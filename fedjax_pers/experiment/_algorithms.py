@@ -238,6 +238,24 @@ def make_execution(config: ml_collections.ConfigDict, cohort: int,
                    lanes=e.get("lanes"), mesh=mesh, sampling_probs=sampling_probs)
 
 
+# Algorithms whose clients train by `core._sgd.sgd_step`, which keeps a model's batch
+# statistics; the others' own steps would leave them at their initial values.
+BATCH_STATS_ALGORITHMS = ("fedavg", "fedprox", "finetune", "fedbn", "fedbabu", "fedper",
+                          "lg_fedavg", "ifca", "fedala")
+
+
+def _check_batch_stats(config) -> None:
+  """Refuses a model with batch statistics where they would not be kept right."""
+  if config.algorithm not in BATCH_STATS_ALGORITHMS:
+    raise ValueError(f"model.name={config.model.name!r} keeps batch statistics, which "
+                     f"algorithm={config.algorithm!r}'s own client steps do not update; use "
+                     f"one of {list(BATCH_STATS_ALGORITHMS)} or a model without batch norm.")
+  if config.get("privacy", {}).get("clip_norm") is not None:
+    raise ValueError(f"model.name={config.model.name!r} with privacy.clip_norm: clipping and "
+                     "noising the running statistics is not built; use a model without "
+                     "batch norm.")
+
+
 def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: FederatedData,
                    *, proxy=None, attackers: np.ndarray | None = None) -> FederatedAlgorithm:
   """The `FederatedAlgorithm` named by `config.algorithm`.
@@ -275,8 +293,12 @@ def make_algorithm(config: ml_collections.ConfigDict, model: Model, train: Feder
     raise ValueError(f"algorithm={config.algorithm!r} is evaluated after adaptation and needs "
                      "personalization.finetune_steps > 0; got "
                      f"{config.personalization.finetune_steps!r}.")
+  if model.batch_stats is not None:
+    _check_batch_stats(config)
   table = {
       "fedavg": lambda: algorithms.fedavg(model, client_tx, server_tx, work, **kwargs),
+      # FedAvg whose normalisation layers (and their statistics) stay with each client.
+      "fedbn": lambda: algorithms.fedbn(model, client_tx, server_tx, work, **kwargs),
       # FedAvg's global model, fine-tuned by every client at each evaluation.
       "finetune": lambda: algorithms.fedavg(model, client_tx, server_tx, work, **kwargs),
       "fedprox": lambda: algorithms.fedprox(model, client_tx, server_tx, work,

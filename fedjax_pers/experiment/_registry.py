@@ -189,6 +189,7 @@ def make_model(c: ml_collections.ConfigDict, feature_shape, num_classes: int) ->
       "logistic_regression": lambda: models.logistic_regression(feature_shape, num_classes),
       "mlp": lambda: models.mlp(feature_shape, num_classes, hidden=tuple(c.hidden)),
       "cnn": lambda: models.cnn(feature_shape, num_classes),
+      "cnn_bn": lambda: models.cnn_bn(feature_shape, num_classes),
   }
   return _pick(table, c.name, "model.name")()
 

@@ -58,6 +58,28 @@ def logistic_regression(feature_shape: Sequence[int], num_classes: int) -> Model
   return from_flax(_MLP((), num_classes), jax.ShapeDtypeStruct((1, *feature_shape), jnp.float32))
 
 
+class _CNNBN(nn.Module):
+  """`_CNN` with batch normalisation after each convolution (FedBN's models)."""
+
+  num_classes: int
+  features: Sequence[int] = (32, 64)
+  dense: int = 512
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, mask=None):
+    if x.ndim == 3:
+      x = x[..., None]
+    m = None if mask is None else mask.reshape((-1, 1, 1, 1))   # the batch's real rows
+    for f in self.features:
+      x = nn.Conv(f, (5, 5), padding="SAME")(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train)(x, mask=m))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.dense)(x))
+    self.sow("intermediates", REPRESENTATION, x)
+    return nn.Dense(self.num_classes)(x)
+
+
 def mlp(feature_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (200, 200)
         ) -> Model:
   """A ReLU multilayer perceptron on flattened features."""
@@ -76,4 +98,16 @@ def cnn(feature_shape: Sequence[int], num_classes: int, features: Sequence[int] 
     raise ValueError(f"cnn: feature_shape must be [H, W] or [H, W, C]; got "
                      f"{tuple(feature_shape)}.")
   return from_flax(_CNN(num_classes, tuple(features), dense),
+                   jax.ShapeDtypeStruct((1, *feature_shape), jnp.float32))
+
+
+def cnn_bn(feature_shape: Sequence[int], num_classes: int, features: Sequence[int] = (32, 64),
+           dense: int = 512) -> Model:
+  """`cnn` with batch normalisation after each convolution; its running statistics live
+  in the params (`Model.batch_stats`), next to each `BatchNorm_i`'s scale and bias."""
+  _check("cnn_bn", feature_shape, num_classes)
+  if len(feature_shape) not in (2, 3):
+    raise ValueError(f"cnn_bn: feature_shape must be [H, W] or [H, W, C]; got "
+                     f"{tuple(feature_shape)}.")
+  return from_flax(_CNNBN(num_classes, tuple(features), dense),
                    jax.ShapeDtypeStruct((1, *feature_shape), jnp.float32))
