@@ -115,6 +115,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "worst10_client_personalized_accuracy"),
         "per_client_personalized_accuracy": summary.get("per_client_personalized_accuracy"),
         **{k: summary.get(k) for k in UNSEEN_KEYS},
+        "cluster_recovery": summary.get("cluster_recovery"),
     })
   for r in results:
     r.update(against_first(r, results[0]))
@@ -186,6 +187,8 @@ def comparison_table(out: dict[str, Any]) -> str:
   if unseen:
     head += ["unseen: global acc", "unseen: personalized acc (worst-10%)"]
     head += [f"unseen: better vs {res[0]['label']}"] if versus else []
+  clusters = any(r.get("cluster_recovery") is not None for r in res)
+  head += ["cluster recovery"] if clusters else []
   head += ["s/round"]
   opt = lambda v: "—" if v is None else f"{v:.4f}"
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -210,6 +213,7 @@ def comparison_table(out: dict[str, Any]) -> str:
                 f"{pers:.4f} ({r['unseen_worst10_client_personalized_accuracy']:.4f})"]
       better = r.get("unseen_clients_better_than_first")
       cells += (["—" if better is None else f"{better:.0%}"] if versus else [])
+    cells += [opt(r.get("cluster_recovery"))] if clusters else []
     cells += [f"{r['seconds_per_round']:.4f}"]
     lines.append("| " + " | ".join(cells) + " |")
   what = ("test accuracy on the clean clients' test data (example-weighted)" if corrupted
@@ -223,6 +227,9 @@ def comparison_table(out: dict[str, Any]) -> str:
   if unseen:
     lines.append("unseen: the clients held out of training (data.holdout_clients), tested "
                  "with the global model and after each method's adaptation of a newcomer.")
+  if clusters:
+    lines.append("cluster recovery: the share of clients whose cluster (each choosing now) "
+                 "is their true group's, under the best map of clusters to groups.")
   if versus:
     lines.append(f"clients better / tied vs {res[0]['label']}: client by client over all "
                  "clients (corrupted ones included), each strategy's personalized accuracy "
