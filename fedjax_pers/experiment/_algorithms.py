@@ -23,7 +23,6 @@ from fedjax_pers.core import (
     LocalWork,
     Model,
     System,
-    served,
 )
 from fedjax_pers.experiment import _communication, _privacy
 from fedjax_pers.experiment._registry import _pick, make_local_work, make_model, make_optimizer
@@ -351,58 +350,3 @@ def host_sizes(train: FederatedData) -> np.ndarray:
   if train.sizes is not None:
     return train.sizes
   return np.asarray(jax.tree.map(lambda a: a.addressable_data(0), train.num_examples))
-
-
-def adaptation(config: ml_collections.ConfigDict, model: Model, alg: FederatedAlgorithm,
-               execution: Execution, key: jax.Array):
-  """`fn(state, train, test) -> PersonalizedEval` (jitted) of clients personalized by the
-  algorithm's own adaptation (`alg.adapt`: IFCA's cluster choice), then by
-  `personalization.finetune_steps` steps of `personalization.optimizer` on their train
-  split (from the global model where nothing adapts); None when neither applies. The
-  key of round t is `fold_in(key, t)`."""
-  c = config.get("personalization")
-  steps = 0 if c is None else c.finetune_steps
-  if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
-    raise ValueError(f"personalization.finetune_steps must be an int >= 0; got {steps!r}.")
-  if alg.adapt is None and not steps:
-    return None
-  # Meta-SGD adapts with its learned per-parameter rates.
-  tx = None if not steps else personalization.meta_sgd_tx() if _meta_sgd(config) else (
-      make_optimizer(c, "personalization"))
-  work = LocalWork(batch_size=c.batch_size, steps=steps) if steps else None
-
-  def fn(state, train, test):
-    k = jax.random.fold_in(key, state.round)
-    starts = None if alg.adapt is None else alg.adapt(state, train, k)
-    return personalization.personalize(model, tx, served(alg, state), train, test, k, work,
-                                       execution=execution, starts=starts)
-
-  return jax.jit(fn)
-
-
-def make_personalized_eval(config: ml_collections.ConfigDict, model: Model,
-                           alg: FederatedAlgorithm, train: FederatedData, test: FederatedData):
-  """`fn(state) -> PersonalizedEval` (jitted), or None when nothing is personalized.
-
-  An algorithm with personal models (`alg.personal`, e.g. Ditto) is evaluated
-  with them. Otherwise each client adapts as `adaptation` says (the algorithm's
-  own adaptation, fine-tuning, or both); the key depends on the seed and the
-  round only. Either way each client is tested on its test split.
-  """
-  c = config.get("personalization")
-  # The training rounds' devices: the state lives there.
-  execution = make_execution(config, cohort_size(config, train.num_clients))
-  held_out = config.data.get("holdout_clients")   # newcomers fine-tune (`_unseen`)
-  if alg.personal is not None and c is not None and c.finetune_steps and not held_out:
-    raise ValueError(
-        f"algorithm={config.algorithm!r} is evaluated with its clients' own models, not by "
-        f"fine-tuning; personalization.finetune_steps={c.finetune_steps!r} would be ignored "
-        "(it applies to clients held out of training, data.holdout_clients): set it to 0.")
-  if alg.personal is not None:
-    # The data are arguments, not closed-over constants (XLA would fold them).
-    fn = jax.jit(lambda state, test: personalization.evaluate_personal(
-        model, alg.personal(state), served(alg, state), test, execution=execution))
-    return lambda state: fn(state, test)
-  fn = adaptation(config, model, alg, execution,
-                  jax.random.fold_in(jax.random.key(config.seed), 1))
-  return None if fn is None else lambda state: fn(state, train, test)

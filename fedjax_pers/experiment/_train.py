@@ -21,11 +21,11 @@ from fedjax_pers.experiment import (
   _checkpoint,
   _communication,
   _outputs,
+  _personalized,
   _population,
   _privacy,
   _registry,
   _tensorboard,
-  _unseen,
 )
 from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
@@ -168,11 +168,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, run_round = population.start(alg, state, jax.jit(alg.round), workdir,
                                       None if restored is None else int(state.round))
   pers_fn = population.personalized() if prepared is None else (
-      _algorithms.make_personalized_eval(config, model, alg, train, test))
+      _personalized.make_personalized_eval(config, model, alg, train, test))
   groups = None if prepared is None else prepared.groups
   cluster_of = jax.jit(lambda models, d: assignments(model, models, d))
   unseen_fn = None if prepared is None or prepared.unseen is None else (
-      _unseen.make_unseen_eval(config, model, alg, *prepared.unseen, num_clients))
+      _personalized.make_unseen_eval(config, model, alg, *prepared.unseen, num_clients))
 
   def evaluate_now(state, train_losses):
     rec = {"round": int(state.round)}
@@ -297,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if "cluster_recovery" in final:
     summary["cluster_recovery"] = final["cluster_recovery"]
   if unseen_fn is not None:
-    summary.update({k: v for k, v in final.items() if k.startswith(_unseen.PREFIX)})
+    summary.update({k: v for k, v in final.items() if k.startswith(_personalized.PREFIX)})
     summary["unseen_clients"] = prepared.unseen_ids.tolist()
   if dp is not None:
     summary.update({k: v for k, v in final.items() if k.startswith("dp_")})
