@@ -26,5 +26,6 @@ def test_config_loads_and_its_strategies_apply(name):
     assert set(weighting_name(v).split("*")) <= set(names), name
     if v.algorithm in ADAPTING:
       assert v.personalization.finetune_steps > 0, name
-    if v.algorithm in ("ditto", "apfl", "pfedme", "fedper", "fedrep", "lg_fedavg"):
-      assert not v.personalization.finetune_steps, name    # they test their own models
+    if v.algorithm in ("ditto", "apfl", "pfedme", "fedper", "fedrep", "lg_fedavg", "fedbn",
+                       "fedrod", "fedala"):   # they test their own models; newcomers fine-tune
+      assert not v.personalization.finetune_steps or v.data.holdout_clients > 0, name
