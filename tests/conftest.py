@@ -22,3 +22,14 @@ if os.environ.get("FEDJAX_PERS_TEST_CACHE", "1") != "0":
       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    ".pytest_cache", "jax_compilation_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """The environment for a test's `python -m fedjax_pers` subprocess: XLA's quick compiles
+  and this session's cache of compiled programs, but the device count left to the command
+  (the CLI's default is one CPU device per core; `JAX_NUM_CPU_DEVICES` in `extra` sets it)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", **extra)
+  cache = jax.config.jax_compilation_cache_dir
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  return env

@@ -14,12 +14,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
 TINY = ["--config.eval_every=2", "--config.progress=False",
         "--config.data.num_clients=12", "--config.clients_per_round=6",
-        "--config.client.local_epochs=2", "--config.eval_train=False"]
+        "--config.client.local_epochs=2", "--config.eval_train=False",
+        "--config.tensorboard=False"]
 
 
 def free_port() -> int:
@@ -35,8 +37,7 @@ def launch(args_of, num_processes: int, devices: int, tmp):
   until JAX's initialization timeout); any still running after `TIMEOUT` s are
   killed. Output goes to files, so no pipe can fill up and block a process.
   """
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = subprocess_env(JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
   logs = [open(os.path.join(tmp, f"process{i}-{time.monotonic_ns()}.log"), "w+")
           for i in range(num_processes)]
   procs = [subprocess.Popen(args_of(i), cwd=ROOT, env=env, stdout=log,
