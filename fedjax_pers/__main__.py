@@ -41,6 +41,13 @@ def _main(argv):
   summary = train_and_evaluate(config, workdir)
   if jax.process_index() != 0:   # process 0 reports for a run over several processes
     return
+  if "sweep" in summary:   # mean ± std [95% interval] over seeds, per group of values
+    from fedjax_pers.experiment._sweep import table
+
+    print(table(summary))
+    print(f"Wrote each variant's run to {workdir}/variants/, and summary.json, curves.png "
+          f"(bands over seeds) and checkpoints to {workdir}")
+    return
   print(summary_table(summary))
   print(f"Wrote metrics.jsonl, summary.json, curves.png and checkpoints to {workdir}")
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from fedjax_pers.aggregation._weights import WeightFn, masked_softmax, stateless
 from fedjax_pers.core._cohort import safe_divide
+from fedjax_pers.core._traced import traced
 
 
 def _distributions(hist):
@@ -41,7 +42,7 @@ def label_divergence(temperature: float = 1.0, population=None) -> WeightFn:
       with τ > 0 every label must have q > 0: a client holding a label of
       probability 0 would have KL = ∞ and no weight, so such a q is refused.
   """
-  if not (isinstance(temperature, (int, float)) and temperature >= 0):
+  if not (traced(temperature) or isinstance(temperature, (int, float)) and temperature >= 0):
     raise ValueError(f"temperature must be a number >= 0; got {temperature!r}.")
   if population is not None:
     q = np.asarray(population, np.float64)
@@ -90,7 +91,7 @@ def label_entropy(temperature: float = 1.0) -> WeightFn:
   Args:
     temperature: τ ≥ 0 (0 gives data-size weights).
   """
-  if not (isinstance(temperature, (int, float)) and temperature >= 0):
+  if not (traced(temperature) or isinstance(temperature, (int, float)) and temperature >= 0):
     raise ValueError(f"temperature must be a number >= 0; got {temperature!r}.")
 
   def entropy(hist):

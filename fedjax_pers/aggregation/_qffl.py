@@ -9,6 +9,7 @@ from fedjax_pers.aggregation._quality import sq_norms
 from fedjax_pers.aggregation._weights import stateless
 from fedjax_pers.core._aggregate import Aggregator
 from fedjax_pers.core._cohort import normalize, safe_divide, zero_nonfinite
+from fedjax_pers.core._traced import traced
 
 
 def q_ffl(q: float, learning_rate: float) -> Aggregator:
@@ -29,9 +30,9 @@ def q_ffl(q: float, learning_rate: float) -> Aggregator:
     q: Fairness exponent q ≥ 0.
     learning_rate: The clients' learning rate (L = 1 / learning_rate).
   """
-  if not (isinstance(q, (int, float)) and q >= 0):
+  if not (traced(q) or isinstance(q, (int, float)) and q >= 0):
     raise ValueError(f"q (q-FFL's fairness exponent) must be a number >= 0; got {q!r}.")
-  if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+  if not (traced(learning_rate) or isinstance(learning_rate, (int, float)) and learning_rate > 0):
     raise ValueError(f"learning_rate must be a number > 0; got {learning_rate!r}.")
   lip = 1.0 / learning_rate
 

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 
 from fedjax_pers.aggregation._weights import WeightFn, masked_softmax, stateless
 from fedjax_pers.core._cohort import normalize, weighted_sum, zero_nonfinite
+from fedjax_pers.core._traced import traced
 
 
 def _check_temperature(temperature) -> None:
-  if not (isinstance(temperature, (int, float)) and temperature > 0):
+  if not (traced(temperature) or isinstance(temperature, (int, float)) and temperature > 0):
     raise ValueError(f"temperature must be a number > 0; got {temperature!r}.")
 
 
@@ -130,7 +131,7 @@ def fedadp(alpha: float = 5.0) -> WeightFn:
   Args:
     alpha: The Gompertz constant α (5 in the paper).
   """
-  if not (isinstance(alpha, (int, float)) and alpha > 0):
+  if not (traced(alpha) or isinstance(alpha, (int, float)) and alpha > 0):
     raise ValueError(f"alpha must be a number > 0; got {alpha!r}.")
 
   def init(num_clients):

@@ -17,6 +17,7 @@ from fedjax_pers.aggregation._quality import sq_norms
 from fedjax_pers.aggregation._weights import WeightFn, num_examples, stateless
 from fedjax_pers.core._aggregate import Aggregator, mean_aggregator
 from fedjax_pers.core._cohort import normalize, safe_divide, weighted_sum, zero_nonfinite
+from fedjax_pers.core._traced import traced
 
 
 def sort_clients(x: jax.Array) -> jax.Array:
@@ -88,7 +89,7 @@ def trimmed_mean(beta: float) -> Aggregator:
   Args:
     beta: Fraction trimmed at each end, in [0, 0.5).
   """
-  if not (isinstance(beta, (int, float)) and 0 <= beta < 0.5):
+  if not (traced(beta) or isinstance(beta, (int, float)) and 0 <= beta < 0.5):
     raise ValueError(f"beta (trimmed fraction per side) must be in [0, 0.5); got {beta!r}.")
 
   def apply(outputs, state, params):
@@ -187,7 +188,7 @@ def clip_norm(max_norm: float, weighting: WeightFn | None = None) -> Aggregator:
     max_norm: C > 0.
     weighting: Weights of the mean (default `num_examples()`).
   """
-  if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+  if not (traced(max_norm) or isinstance(max_norm, (int, float)) and max_norm > 0):
     raise ValueError(f"max_norm must be a number > 0; got {max_norm!r}.")
   mean = mean_aggregator(num_examples() if weighting is None else weighting)
 

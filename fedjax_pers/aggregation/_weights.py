@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from fedjax_pers.core._client import ClientOutput
 from fedjax_pers.core._cohort import normalize
+from fedjax_pers.core._traced import traced
 
 
 class WeightFn(NamedTuple):
@@ -128,7 +129,7 @@ def product(*fns: WeightFn) -> WeightFn:
 
 def power(fn: WeightFn, exponent: float) -> WeightFn:
   """`w_i ∝ (w_i^(fn))^p`: p > 1 sharpens, p < 1 flattens (p = 1/temperature)."""
-  if not (isinstance(exponent, (int, float)) and exponent > 0):
+  if not (traced(exponent) or isinstance(exponent, (int, float)) and exponent > 0):
     raise ValueError(f"exponent must be a number > 0; got {exponent!r}.")
 
   def apply(outputs, state):
@@ -144,7 +145,7 @@ def floor(fn: WeightFn, fraction: float) -> WeightFn:
 
   Every finite client then has at least `λ / m`, and the weights still sum to one.
   """
-  if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+  if not (traced(fraction) or isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
     raise ValueError(f"fraction must be a number in [0, 1]; got {fraction!r}.")
 
   def apply(outputs, state):

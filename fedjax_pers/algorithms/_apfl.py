@@ -18,6 +18,7 @@ from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram
 from fedjax_pers.core._round import FederatedAlgorithm, ServerState, assemble
 from fedjax_pers.core._sgd import client_output, sgd_steps
+from fedjax_pers.core._traced import traced
 
 
 class APFLState(NamedTuple):
@@ -85,9 +86,10 @@ def apfl(
     The `FederatedAlgorithm`; `personal(state)` gives each client's mixture.
   """
   check_local_work(work)
-  if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+  if not (traced(alpha) or isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
     raise ValueError(f"alpha (APFL's mixing weight) must be in [0, 1]; got {alpha!r}.")
-  if alpha_lr is not None and not (isinstance(alpha_lr, (int, float)) and alpha_lr > 0):
+  if alpha_lr is not None and not (traced(alpha_lr) or isinstance(alpha_lr, (int, float))
+                                   and alpha_lr > 0):
     raise ValueError(f"alpha_lr (the step of APFL's adaptive α) must be a number > 0 or None; "
                      f"got {alpha_lr!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)

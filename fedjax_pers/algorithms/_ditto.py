@@ -24,6 +24,7 @@ from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram, Steps, array_module, pad_steps, tree_where
 from fedjax_pers.core._round import FederatedAlgorithm, assemble
 from fedjax_pers.core._sgd import SGDState, client_output, sgd_init, sgd_step, sgd_steps
+from fedjax_pers.core._traced import traced
 
 
 class DittoCarry(NamedTuple):
@@ -85,7 +86,7 @@ def ditto(
   check_local_work(work)
   personal_work = work if personal_work is None else personal_work
   check_local_work(personal_work)
-  if not (isinstance(lam, (int, float)) and lam >= 0):
+  if not (traced(lam) or isinstance(lam, (int, float)) and lam >= 0):
     raise ValueError(f"lam (Ditto's λ) must be a number >= 0; got {lam!r}.")
   personal_tx = client_tx if personal_tx is None else personal_tx
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)

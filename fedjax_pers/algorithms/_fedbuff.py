@@ -17,15 +17,16 @@ from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram
 from fedjax_pers.core._round import (
-    FederatedAlgorithm,
-    ServerState,
-    assembled,
-    make_init,
-    make_round,
-    place,
-    zero_client_states,
+  FederatedAlgorithm,
+  ServerState,
+  assembled,
+  make_init,
+  make_round,
+  place,
+  zero_client_states,
 )
 from fedjax_pers.core._sgd import client_output, sgd_program
+from fedjax_pers.core._traced import traced
 
 Params = Any
 
@@ -99,7 +100,7 @@ def fedbuff(
                      f"(M={concurrency}): the server waits for K of the M in flight.")
   for name, v in (("staleness_exponent", staleness_exponent),
                   ("latency_spread", latency_spread)):
-    if not (isinstance(v, (int, float)) and v >= 0):
+    if not (traced(v) or isinstance(v, (int, float)) and v >= 0):
       raise ValueError(f"{name} must be a number >= 0; got {v!r}.")
   if execution is not None and (execution.sampling_probs is not None
                                 or execution.poisson_rate is not None

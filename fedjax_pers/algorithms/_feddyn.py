@@ -18,15 +18,16 @@ from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram, tree_where
 from fedjax_pers.core._round import (
-    FederatedAlgorithm,
-    ServerState,
-    assembled,
-    cohort_state_change,
-    make_init,
-    make_round,
-    zero_client_states,
+  FederatedAlgorithm,
+  ServerState,
+  assembled,
+  cohort_state_change,
+  make_init,
+  make_round,
+  zero_client_states,
 )
 from fedjax_pers.core._sgd import apply_grads, client_output, sgd_init, sgd_steps
+from fedjax_pers.core._traced import traced
 
 Params = Any
 
@@ -72,7 +73,7 @@ def feddyn(
     The `FederatedAlgorithm`; its state's `algorithm` is h.
   """
   check_local_work(work)
-  if not (isinstance(alpha, (int, float)) and alpha > 0):
+  if not (traced(alpha) or isinstance(alpha, (int, float)) and alpha > 0):
     raise ValueError(f"alpha (FedDyn's α) must be a number > 0; got {alpha!r}.")
   server_tx = optax.sgd(1.0) if server_tx is None else server_tx
   aggregator = as_aggregator(uniform() if weighting is None else weighting)

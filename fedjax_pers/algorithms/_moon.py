@@ -18,6 +18,7 @@ from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram, tree_where
 from fedjax_pers.core._round import FederatedAlgorithm, assemble
 from fedjax_pers.core._sgd import apply_grads, client_output, sgd_init, sgd_steps
+from fedjax_pers.core._traced import traced
 
 Params = Any
 
@@ -79,9 +80,9 @@ def moon(
     raise ValueError("moon needs a model with a representation (Model.represent): the "
                      "models of fedjax_pers.models have one; a flax module gets one by "
                      "sowing it (self.sow('intermediates', REPRESENTATION, h)).")
-  if not (isinstance(mu, (int, float)) and mu >= 0):
+  if not (traced(mu) or isinstance(mu, (int, float)) and mu >= 0):
     raise ValueError(f"mu (MOON's μ) must be a number >= 0; got {mu!r}.")
-  if not (isinstance(temperature, (int, float)) and temperature > 0):
+  if not (traced(temperature) or isinstance(temperature, (int, float)) and temperature > 0):
     raise ValueError(f"temperature (MOON's τ) must be a number > 0; got {temperature!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
 

@@ -17,15 +17,16 @@ from fedjax_pers.core._execution import Execution, as_execution
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram
 from fedjax_pers.core._round import (
-    FederatedAlgorithm,
-    ServerState,
-    cohort_plan,
-    cohort_sampler,
-    make_round,
-    place,
+  FederatedAlgorithm,
+  ServerState,
+  cohort_plan,
+  cohort_sampler,
+  make_round,
+  place,
 )
 from fedjax_pers.core._sampling import check_cohort, sample_clients
 from fedjax_pers.core._sgd import client_output, sgd_steps
+from fedjax_pers.core._traced import traced
 
 
 class SampledState(NamedTuple):
@@ -125,11 +126,11 @@ def pfedme(
     raise ValueError(f"pfedme needs work=LocalWork(batch_size, steps=R); got {work!r}.")
   for name, v in (("learning_rate", learning_rate), ("personal_learning_rate",
                                                      personal_learning_rate), ("lam", lam)):
-    if not (isinstance(v, (int, float)) and v > 0):
+    if not (traced(v) or isinstance(v, (int, float)) and v > 0):
       raise ValueError(f"{name} must be a number > 0; got {v!r}.")
   if not (isinstance(inner_steps, int) and inner_steps >= 1):
     raise ValueError(f"inner_steps (K) must be an int >= 1; got {inner_steps!r}.")
-  if not (isinstance(beta, (int, float)) and 0 < beta < 2):
+  if not (traced(beta) or isinstance(beta, (int, float)) and 0 < beta < 2):
     raise ValueError(f"beta must be in (0, 2); got {beta!r}.")
   check_average(average)
   execution = as_execution(execution)

@@ -18,15 +18,16 @@ from fedjax_pers.core._execution import Execution
 from fedjax_pers.core._model import Model
 from fedjax_pers.core._program import LocalProgram, tree_where
 from fedjax_pers.core._round import (
-    FederatedAlgorithm,
-    ServerState,
-    assembled,
-    cohort_state_change,
-    make_init,
-    make_round,
-    zero_client_states,
+  FederatedAlgorithm,
+  ServerState,
+  assembled,
+  cohort_state_change,
+  make_init,
+  make_round,
+  zero_client_states,
 )
 from fedjax_pers.core._sgd import client_output, sgd_steps
+from fedjax_pers.core._traced import traced
 
 Params = Any
 
@@ -78,7 +79,7 @@ def scaffold(
     The `FederatedAlgorithm`; its state's `algorithm` is c.
   """
   check_local_work(work)
-  if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+  if not (traced(learning_rate) or isinstance(learning_rate, (int, float)) and learning_rate > 0):
     raise ValueError(f"learning_rate (SCAFFOLD's η_l) must be a number > 0; got "
                      f"{learning_rate!r}.")
   server_tx = optax.sgd(1.0) if server_tx is None else server_tx

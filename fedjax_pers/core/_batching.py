@@ -13,6 +13,7 @@ either skips (`lax.while_loop`) or masks (the differentiable path).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -175,20 +176,39 @@ def shuffle_fitted(key: jax.Array, n: jax.Array, max_n: int, min_n: int = 1) -> 
 
   `shuffle_valid` is prefix-stable in its width, so the client's real examples
   come out in exactly the same order; the slots from `n` on (which a plan masks
-  out) may differ. Under `vmap` over clients the switch becomes a select over
-  every class: the engine builds plans one client at a time where there are
-  several classes (`Plan.plans_one_by_one`).
+  out) may differ. Under `vmap` a switch would become a select over every class,
+  so a batched call runs its elements one after another (`lax.map`, each with its
+  own switch): the engine builds plans one client at a time where there are
+  several classes (`Plan.plans_one_by_one`), and a sweep's variants
+  (`fedjax_pers.sweep`) keep the same work.
   """
   widths = width_classes(max_n, min_n)
   if len(widths) == 1:
     return shuffle_valid(key, n, max_n)
+  return _fitted(widths, max_n)(jax.random.key_data(key), n)
+
+
+@functools.cache
+def _fitted(widths: tuple[int, ...], max_n: int):
+  """`shuffle_fitted` for these width classes on raw key data, batched by `lax.map`."""
 
   def branch(w):
     tail = jnp.arange(w, max_n, dtype=jnp.int32)
     return lambda key, n: jnp.concatenate([shuffle_valid(key, n, w), tail])
 
-  which = jnp.searchsorted(jnp.asarray(widths, jnp.int32), n.astype(jnp.int32))
-  return jax.lax.switch(which, [branch(w) for w in widths], key, n)
+  @jax.custom_batching.custom_vmap
+  def fitted(key_data, n):
+    which = jnp.searchsorted(jnp.asarray(widths, jnp.int32), n.astype(jnp.int32))
+    return jax.lax.switch(which, [branch(w) for w in widths],
+                          jax.random.wrap_key_data(key_data), n)
+
+  @fitted.def_vmap
+  def _(axis_size, in_batched, key_data, n):
+    key_data, n = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                   for a, b in zip((key_data, n), in_batched))
+    return jax.lax.map(lambda a: fitted(*a), (key_data, n)), True
+
+  return fitted
 
 
 def batch_plan(

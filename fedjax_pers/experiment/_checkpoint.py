@@ -7,6 +7,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjax_pers.core import ServerState
@@ -25,8 +26,8 @@ def manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, state: ServerState) -> None:
-  """Saves `state` under its round number."""
-  mngr.save(int(state.round), args=ocp.args.StandardSave(_to_saveable(state)))
+  """Saves `state` under its round number (a sweep's stacked state: the variants' round)."""
+  mngr.save(int(np.max(state.round)), args=ocp.args.StandardSave(_to_saveable(state)))
 
 
 def restore_latest(mngr: ocp.CheckpointManager, like: ServerState) -> ServerState | None:

@@ -86,6 +86,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   labels = [label for label, _ in specs]
   if len(set(labels)) != len(labels) or not labels:
     raise ValueError(f"compare.strategies needs distinct labels, at least one; got {labels}.")
+  if config.get("sweep") is not None and config.sweep["values"]:
+    raise ValueError(f"sweep.values={config.sweep['values']!r} with compare: the strategies "
+                     "are the comparison's variants; sweep.seeds reports each over seeds.")
   runs = [(label, overrides, apply_overrides(config, overrides)) for label, overrides in specs]
   target = config.compare.target_accuracy
   results = []
@@ -116,6 +119,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "per_client_personalized_accuracy": summary.get("per_client_personalized_accuracy"),
         **{k: summary.get(k) for k in UNSEEN_KEYS},
         "cluster_recovery": summary.get("cluster_recovery"),
+        # sweep.seeds > 1: the figures above are means over seeds; these their spread.
+        **_spread(summary),
     })
   for r in results:
     r.update(against_first(r, results[0]))
@@ -126,6 +131,16 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     f.write(comparison_table(out) + "\n")
   plot_comparison(out, os.path.join(workdir, "comparison.png"))
   return out
+
+
+def _spread(summary: dict[str, Any]) -> dict[str, Any]:
+  """A sweep over seeds' standard deviations of the final and mean-client accuracy."""
+  if "sweep" not in summary:
+    return {}
+  g = summary["sweep"]["groups"][0]
+  return {"seeds": len(g["seeds"]), "final_accuracy_std": g["final_test_accuracy"]["std"],
+          "final_accuracy_ci95": g["final_test_accuracy"]["ci95"],
+          "mean_client_accuracy_std": g["mean_client_test_accuracy"]["std"]}
 
 
 # The held-out clients' figures a run reports (`data.holdout_clients`), kept per strategy.
@@ -192,9 +207,14 @@ def comparison_table(out: dict[str, Any]) -> str:
   head += ["s/round"]
   opt = lambda v: "—" if v is None else f"{v:.4f}"
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+  pm = lambda v, std: f"{v:.4f}" if std is None else f"{v:.4f} ± {std:.4f}"
   for r in res:
-    cells = [r["label"], f"{r['curve'][-1][1]:.4f}", f"{r['last_evals_accuracy']:.4f}",
-             f"{r['mean_client_accuracy']:.4f}", f"{r['worst10_client_accuracy']:.4f}",
+    std = (r.get("final_accuracy_std") if r.get("accuracy_key", "test_accuracy") == "test_accuracy"
+           else None)
+    cells = [r["label"], pm(r["curve"][-1][1], std),
+             f"{r['last_evals_accuracy']:.4f}",
+             pm(r["mean_client_accuracy"], r.get("mean_client_accuracy_std")),
+             f"{r['worst10_client_accuracy']:.4f}",
              f"{r['variance_client_accuracy']:.4f}",
              "—" if r["rounds_to_target"] is None else str(r["rounds_to_target"])]
     if corrupted:
@@ -221,6 +241,9 @@ def comparison_table(out: dict[str, Any]) -> str:
   lines.append(f"\nfinal acc, last {LAST_EVALS} evals and rounds to target: {what}; mean "
                "client, worst-10% and variance: the final per-client test accuracy over all "
                "clients.")
+  if any(r.get("seeds") for r in res):
+    lines.append(f"over seeds (sweep.seeds = {res[0]['seeds']}): every figure is the mean "
+                 "of the seeds' runs; ± the standard deviation over seeds.")
   if personalized:
     lines.append("personalized: the clients' own models (fine-tuned, adapted or personal) "
                  "on their test splits, after the last round.")

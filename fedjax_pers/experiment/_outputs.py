@@ -34,6 +34,46 @@ def write_json(path: str, obj: Any, indent: int = 2) -> None:
   write_text(path, json.dumps(obj, indent=indent))
 
 
+class RunFiles:
+  """One run's growing files in `workdir`: `metrics.jsonl` (its evaluations),
+  `round_weights.jsonl` (its rounds) and TensorBoard events. A sweep has one per
+  variant. On a resume from round `done`, rows after it are dropped.
+
+  `primary=False` (processes other than 0 of a distributed run) keeps the rows in
+  memory and writes nothing.
+  """
+
+  def __init__(self, workdir: str, *, primary: bool, tensorboard: bool, done: int):
+    from fedjax_pers.experiment._tensorboard import Board
+
+    os.makedirs(workdir, exist_ok=True)
+    self.workdir, self.primary = workdir, primary
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.weights_path = os.path.join(workdir, "round_weights.jsonl")
+    self.records, self.weight_rows = ([r for r in read_jsonl(path) if r["round"] <= done]
+                                      for path in (self.metrics_path, self.weights_path))
+    self.board = Board(workdir, primary and tensorboard)
+    if primary:   # atomically: the other processes may be reading it
+      for path, rows in ((self.metrics_path, self.records),
+                         (self.weights_path, self.weight_rows)):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+  def evaluation(self, record: dict[str, Any]) -> None:
+    self.records.append(record)
+    if self.primary:
+      append_jsonl(self.metrics_path, record)
+    self.board.evaluation(record)
+
+  def round(self, row: dict[str, Any]) -> None:
+    self.weight_rows.append(row)
+    if self.primary:
+      append_jsonl(self.weights_path, row)
+    self.board.round(row["round"], row["weights"])
+
+  def close(self) -> None:
+    self.board.close()
+
+
 def plot_curves(records: list[dict[str, Any]], path: str, title: str = "",
                 gains=None) -> None:
   """Test accuracy and train/test loss against round, as a PNG.

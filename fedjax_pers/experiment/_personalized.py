@@ -1,9 +1,9 @@
 """Personalized evaluation: each client's own model, its adaptation, and clients never seen
 in training (`data.holdout_clients`).
 
-Clients never seen in training measure the participation gap (Yuan et al., "What Do We Mean by Generalization in
-Federated Learning?", ICLR 2022): a deployment's first question is how a model
-trained on some clients serves a client that never took part. The held-out
+Clients never seen in training measure the participation gap (Yuan et al., "What Do
+We Mean by Generalization in Federated Learning?", ICLR 2022): a deployment's first
+question is how a model trained on some clients serves a client that never took part. The held-out
 clients are evaluated with the global model, and personalized the way the
 algorithm personalizes a newcomer: by its own adaptation where it has one
 (`FederatedAlgorithm.adapt`: a cluster chosen for IFCA, an embedding fitted for

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import ml_collections
 import numpy as np
 import optax
@@ -36,13 +37,19 @@ OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict], optax.GradientTransf
     "adagrad": lambda c: optax.adagrad(c.learning_rate, eps=c.get("eps", 1e-3)),
 }
 
+def traced(value) -> bool:
+  """Whether a config number is traced by a sweep (`sweep.values`): its checks were
+  made on every variant's own number before (`experiment/_sweep.py`)."""
+  return isinstance(value, jax.core.Tracer)
+
+
 def make_optimizer(c: ml_collections.ConfigDict, where: str) -> optax.GradientTransformation:
   """An optax optimizer from `c.optimizer`, `c.learning_rate` (and its options).
 
   Server defaults follow Reddi et al. (ICLR 2021): adaptive optimizers with
   β1 = 0.9, β2 = 0.99 and ε = 1e-3.
   """
-  if not c.learning_rate > 0:
+  if not traced(c.learning_rate) and not c.learning_rate > 0:
     raise ValueError(f"{where}.learning_rate must be > 0; got {c.learning_rate!r}.")
   make = _pick(OPTIMIZERS, c.optimizer, f"{where}.optimizer")
   momentum = c.get("momentum") or 0.0

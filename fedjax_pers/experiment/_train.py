@@ -9,11 +9,12 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from fedjax_pers import data
+from fedjax_pers import data, sweep
 from fedjax_pers.algorithms._ifca import assignments
 from fedjax_pers.core import served, summarize
 from fedjax_pers.experiment import (
@@ -25,7 +26,7 @@ from fedjax_pers.experiment import (
   _population,
   _privacy,
   _registry,
-  _tensorboard,
+  _sweep,
 )
 from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
@@ -110,7 +111,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Over several processes (`jax.distributed`) every process runs the same rounds
   # and saves its share of each checkpoint; process 0 alone writes the other files.
   primary = jax.process_index() == 0
-  append = _outputs.append_jsonl if primary else lambda path, record: None
   if config.data.get("store") is not None or config.data.name == "store":
     if config.data.get("holdout_clients"):
       raise ValueError(f"data.holdout_clients={config.data.holdout_clients!r} with a host "
@@ -130,6 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     feature_shape, num_classes = prepared.train.feature_shape, prepared.train.num_classes
     corrupted = prepared.noisy | prepared.attackers
   _check_config(config, num_clients)
+  variants = _sweep.variants(config)   # None: one run
   model = _algorithms.make_run_model(config, feature_shape, num_classes)
   mesh = _algorithms.make_execution(config, _algorithms.cohort_size(config, num_clients)).mesh
   if prepared is None:
@@ -150,31 +151,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dp = _privacy.make_plan(config, _algorithms.host_sizes(train))
   comm = _communication.plan(config, model)
   alg_system = _algorithms.make_system(config)
-  state = alg.init(jax.random.key(config.seed), train)
+  build = lambda c: _algorithms.make_algorithm(
+      c, model, train, proxy=None if prepared is None else prepared.proxy,
+      attackers=None if prepared is None else prepared.attackers)
+  if variants is None:
+    configs, algs = [config], [alg]
+    state = alg.init(jax.random.key(config.seed), train)
+  else:
+    if prepared is None or dp is not None:
+      raise ValueError(f"sweep.seeds={config.sweep.seeds!r}, sweep.values="
+                       f"{config.sweep['values']!r}: a sweep runs on an on-device population "
+                       "without privacy.* (" + ("data.store is set" if prepared is None else
+                       "privacy.clip_norm is set") + "); run the variants one by one.")
+    configs = [_sweep.config_of(config, v) for v in variants]
+    algs = [build(c) for c in configs]   # checks every variant's numbers
+    state = sweep.stack([a.init(jax.random.key(c.seed), train) for a, c in zip(algs, configs)])
   mngr = _checkpoint.manager(workdir)
   _checkpoint.check_same_run(workdir, config, resuming=mngr.latest_step() is not None)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  weights_path = os.path.join(workdir, "round_weights.jsonl")
   restored = _checkpoint.restore_latest(mngr, state)
   state = state if restored is None else restored
-  done_before = int(state.round) if restored is not None else -1
-  records, weight_rows = ([r for r in _outputs.read_jsonl(path) if r["round"] <= done_before]
-                          for path in (metrics_path, weights_path))
-  board = _tensorboard.Board(workdir, primary and config.get("tensorboard", True))
-  for path, rows in ((metrics_path, records), (weights_path, weight_rows)):
-    if primary:   # atomically: the other processes may be reading it
-      _outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+  done_before = int(np.max(state.round)) if restored is not None else -1
+  dirs = [workdir] if variants is None else [
+      os.path.join(workdir, "variants", v.name) for v in variants]
+  files = [_outputs.RunFiles(d, primary=primary, tensorboard=config.get("tensorboard", True),
+                             done=done_before) for d in dirs]
 
-  state, run_round = population.start(alg, state, jax.jit(alg.round), workdir,
-                                      None if restored is None else int(state.round))
-  pers_fn = population.personalized() if prepared is None else (
-      _personalized.make_personalized_eval(config, model, alg, train, test))
+  if variants is None:
+    round_fn, chunk_report = jax.jit(alg.round), None
+  else:
+    round_fn, chunk_report = _sweep_round(config, variants, build, state, population.view)
+  state, run_round = population.start(alg, state, round_fn, workdir,
+                                      None if restored is None else done_before)
+  if prepared is None:
+    pers_fns, unseen_fns = [population.personalized()], [None]
+  else:
+    pers_fns = [_personalized.make_personalized_eval(c, model, a, train, test)
+                for c, a in zip(configs, algs)]
+    unseen_fns = [None if prepared.unseen is None else _personalized.make_unseen_eval(
+        c, model, a, *prepared.unseen, num_clients) for c, a in zip(configs, algs)]
   groups = None if prepared is None else prepared.groups
   cluster_of = jax.jit(lambda models, d: assignments(model, models, d))
-  unseen_fn = None if prepared is None or prepared.unseen is None else (
-      _personalized.make_unseen_eval(config, model, alg, *prepared.unseen, num_clients))
+  pick = (lambda tree, s: tree) if variants is None else sweep.take
 
-  def evaluate_now(state, train_losses):
+  def evaluate_now(s, state, train_losses):
+    alg, pers_fn, unseen_fn = algs[s], pers_fns[s], unseen_fns[s]
     rec = {"round": int(state.round)}
     glob = served(alg, state)   # the global model (IFCA: its most chosen cluster's)
     rec.update(summarize(population.evaluate(glob, "test"), "test"))
@@ -211,12 +231,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rec["elapsed_seconds"] = round(time.perf_counter() - t_start, 3)
     return rec, lists
 
-  first = int(state.round)
+  def evaluate_all(state, train_losses):
+    out = [evaluate_now(s, pick(state, s), [pick(x, s) for x in train_losses])
+           for s in range(len(files))]
+    return [rec for rec, _ in out], [lists for _, lists in out]
+
+  first = done_before if done_before >= 0 else 0
   if first == 0:
-    rec, lists = evaluate_now(state, [])
-    records.append(rec)
-    append(metrics_path, rec)
-    board.evaluation(rec)
+    for f, rec in zip(files, evaluate_all(state, [])[0]):
+      f.evaluation(rec)
   compile_seconds, round_seconds, train_losses, steps = 0.0, [], [], np.zeros(2, np.int64)
   bar = tqdm.trange(first, config.num_rounds, desc="rounds", unit="round",
                     disable=not (primary and config.get("progress", True)))
@@ -225,32 +248,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, m = run_round(state)
     train_losses.append(m.train_loss)
     jax.block_until_ready(state)
-    clients, weights, real, executed, present, stragglers = jax.device_get(
+    fetched = jax.device_get(
         (m.clients, m.weights, m.real_steps, m.executed_steps, m.present, m.stragglers))
-    steps += (int(real), int(executed))
-    row = {"round": r + 1, "clients": clients[present].tolist(),
-           "weights": [round(float(w), 6) for w in weights[present]]}
-    if dp is not None and dp.sampling == "poisson":   # the realised Poisson cohort
-      row["cohort_size"] = int(present.sum())
-    if alg_system is not None:   # who straggled, who never reported
-      row["stragglers"] = clients[stragglers].tolist()
-      row["not_reported"] = clients[~present].tolist()
-    if hasattr(state.client_states, "cluster"):   # the clusters the cohort chose (IFCA)
-      row["clusters"] = np.asarray(state.client_states.cluster)[clients[present]].tolist()
-    weight_rows.append(row)
-    append(weights_path, row)
-    board.round(r + 1, row["weights"])
+    cluster = (np.asarray(state.client_states.cluster)
+               if hasattr(state.client_states, "cluster") else None)
+    for s, f in enumerate(files):
+      clients, weights, real, executed, present, stragglers = pick(fetched, s)
+      steps += (int(real), int(executed))
+      row = {"round": r + 1, "clients": clients[present].tolist(),
+             "weights": [round(float(w), 6) for w in weights[present]]}
+      if dp is not None and dp.sampling == "poisson":   # the realised Poisson cohort
+        row["cohort_size"] = int(present.sum())
+      if alg_system is not None:   # who straggled, who never reported
+        row["stragglers"] = clients[stragglers].tolist()
+        row["not_reported"] = clients[~present].tolist()
+      if cluster is not None:   # the clusters the cohort chose (IFCA)
+        row["clusters"] = pick(cluster, s)[clients[present]].tolist()
+      f.round(row)
     if r == first:
       compile_seconds = time.perf_counter() - t0
     else:
       round_seconds.append(time.perf_counter() - t0)
     done = r + 1
     if done % config.eval_every == 0 or done == config.num_rounds:
-      rec, lists = evaluate_now(state, train_losses)
+      recs, lists_all = evaluate_all(state, train_losses)
       train_losses = []
-      records.append(rec)
-      append(metrics_path, rec)
-      board.evaluation(rec)
+      for f, rec in zip(files, recs):
+        f.evaluation(rec)
+      rec = recs[0]
       bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", loss=f"{rec['test_loss']:.4f}",
                       **({} if dp is None else {"eps": _eps(rec["dp_epsilon"])}))
     every = config.get("checkpoint_every", 0)
@@ -259,11 +284,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       population.checkpoint(done, mngr.all_steps())
   mngr.wait_until_finished()
   population.close()
-  board.close()
+  for f in files:
+    f.close()
 
-  if int(state.round) == first:   # nothing left to run: evaluate the restored state
-    rec, lists = evaluate_now(state, [])
-    records[-1:] = [rec]
+  if int(np.max(state.round)) == first:   # nothing left to run: evaluate the restored state
+    recs, lists_all = evaluate_all(state, [])
+    for f, rec in zip(files, recs):
+      f.records[-1:] = [rec]
+  timing = {"wall_seconds": round(time.perf_counter() - t_start, 3),
+            "compile_and_first_round_seconds": round(compile_seconds, 3),
+            "seconds_per_round": float(np.median(round_seconds)) if round_seconds else 0.0}
+  summaries = []
+  for s, f in enumerate(files):
+    summaries.append(_run_summary(
+        configs[s], f, lists_all[s], pick(state, s), timing, steps, algs[s], train, population,
+        prepared, dp, comm, corrupted, primary, resumed_finished=not round_seconds))
+  if variants is None:
+    return summaries[0]
+  across = _sweep.summarize(config, variants, summaries, [f.records for f in files])
+  across.update(timing, rounds=int(np.max(state.round)), chunk=chunk_report,
+                backend=jax.default_backend())
+  if primary:
+    _outputs.write_json(os.path.join(workdir, "summary.json"), across)
+    _sweep.plot_bands(variants, [f.records for f in files], os.path.join(workdir, "curves.png"),
+                      title=f"{config.algorithm} on {config.data.name}, {len(variants)} runs")
+    if "groups" not in across:   # seeds only: the seeds' mean evaluations, as one run's
+      _outputs.write_text(os.path.join(workdir, "metrics.jsonl"), "".join(
+          json.dumps(r) + "\n" for r in _sweep.mean_records([f.records for f in files])))
+  return across
+
+
+def _sweep_round(config, variants, build, state, view):
+  """The sweep's round and how it runs its variants (see `fedjax_pers.sweep.choose`)."""
+  keys = tuple(k for k, _ in variants[0].values)
+  hypers = jnp.asarray([[v for _, v in var.values] for var in variants], jnp.float32
+                       ).reshape(len(variants), len(keys))
+  one = _sweep.round_of(config, keys, build)
+  _sweep.check_traceable(one, keys, tuple(hypers[0]), sweep.take(state, 0), view,
+                         config.algorithm)
+  if config.sweep.chunk is not None:
+    return (sweep.dispatched(one, hypers, len(variants), config.sweep.chunk),
+            {"chunk": min(config.sweep.chunk, len(variants)), "set_by_config": True})
+  chunk, step, report = sweep.choose(one, hypers, state, view)
+  if not report["fits_at_once"]:
+    logging.warning("sweep: %d variants need %.2f GiB at once, more than fits; %d at a time.",
+                    len(variants), report["all_at_once_bytes"] / 2**30, chunk)
+    print(f"sweep: {len(variants)} variants do not fit in memory at once "
+          f"({report['all_at_once_bytes'] / 2**30:.2f} GiB of "
+          f"{report['budget_bytes'] / 2**30:.2f}); running {chunk} at a time.")
+  return step, report
+
+
+def _run_summary(config, files, lists, state, timing, steps, alg, train, population,
+                 prepared, dp, comm, corrupted, primary, resumed_finished):
+  """One run's `summary.json` and plots (a sweep: one variant's)."""
+  records, weight_rows, workdir = files.records, files.weight_rows, files.workdir
   final = records[-1]
   summary = {
       "final_test_accuracy": final["test_accuracy"],
@@ -276,9 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "best_test_accuracy": max(r["test_accuracy"] for r in records),
       "best_test_accuracy_note": "max over evaluated rounds (as papers of the field report)",
       "rounds": int(state.round),
-      "wall_seconds": round(time.perf_counter() - t_start, 3),
-      "compile_and_first_round_seconds": round(compile_seconds, 3),
-      "seconds_per_round": float(np.median(round_seconds)) if round_seconds else 0.0,
+      **timing,
       "execution": _execution_summary(config, alg, state.params, train, steps),
       **population.info,
       "client_state_bytes": int(sum(leaf.nbytes for leaf in
@@ -287,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "backend": jax.default_backend(),
       "config": config.to_dict(),
   }
-  if pers_fn is not None:
+  if "personalized_test_accuracy" in final:
     summary.update({k: final[k] for k in final if "personalized" in k or k in (
         "fraction_clients_improved", "mean_client_gain")})
     summary["best_personalized_test_accuracy"] = max(
@@ -296,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "max over evaluated rounds of the fine-tuned models' accuracy (as papers report)")
   if "cluster_recovery" in final:
     summary["cluster_recovery"] = final["cluster_recovery"]
-  if unseen_fn is not None:
+  if prepared is not None and prepared.unseen is not None:
     summary.update({k: v for k, v in final.items() if k.startswith(_personalized.PREFIX)})
     summary["unseen_clients"] = prepared.unseen_ids.tolist()
   if dp is not None:
@@ -310,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if corrupted.any():
     summary.update(_corruption_summary(final, weight_rows, corrupted, train))
   summary_path = os.path.join(workdir, "summary.json")
-  if not round_seconds and os.path.exists(summary_path):   # resumed a finished run
+  if resumed_finished and os.path.exists(summary_path):   # resumed a finished run
     with open(summary_path) as f:
       before = json.load(f)
     for key in ("compile_and_first_round_seconds", "seconds_per_round"):

@@ -35,6 +35,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.execution.num_devices = placeholder(int)    # shard cohorts over this many devices; None:
                                             # every device (on CPU, the CLI makes one per core)
 
+  # Vectorised sweeps (fedjax_pers.sweep): S variants of this run as one compiled program,
+  # the round vmapped over stacked server states. seeds: config.seed, seed + 1, ...;
+  # values: "key=v1,v2,...; key2=..." numeric keys that do not change shapes, crossed.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.seeds = 1
+  c.sweep.values = ""
+  c.sweep.chunk = placeholder(int)          # variants per program (None: as many as fit)
+
   # Several processes (jax.distributed): all three, or none (one process). auto=True
   # lets JAX detect a cluster (SLURM, Open MPI, TPU pods) instead.
   c.distributed = ml_collections.ConfigDict()
