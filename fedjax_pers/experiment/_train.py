@@ -16,7 +16,7 @@ import tqdm
 
 from fedjax_pers import data, sweep
 from fedjax_pers.algorithms._ifca import assignments
-from fedjax_pers.core import served, summarize
+from fedjax_pers.core import evaluate, served, summarize
 from fedjax_pers.experiment import (
   _algorithms,
   _checkpoint,
@@ -26,9 +26,9 @@ from fedjax_pers.experiment import (
   _population,
   _privacy,
   _registry,
+  _summary,
   _sweep,
 )
-from fedjax_pers.experiment._weighting import weighting_name
 from fedjax_pers.personalization import summarize_personalization
 
 
@@ -42,43 +42,6 @@ def _check_config(config: ml_collections.ConfigDict, num_clients: int) -> None:
     raise ValueError(
         f"config.clients_per_round must be an int in [1, num_clients] = [1, {num_clients}];"
         f" got {k!r}.")
-
-
-def _corruption_summary(final, weight_rows, corrupted, train) -> dict[str, Any]:
-  """Clean-client accuracy and the corrupted clients' mean share of weight and of data."""
-  n = np.asarray(train.num_examples, np.float64)
-  w_share, n_share = [], []
-  for row in weight_rows:
-    ids = np.asarray(row["clients"])
-    bad = corrupted[ids]
-    w_share.append(float(np.sum(np.asarray(row["weights"])[bad])))
-    n_share.append(float(np.sum(n[ids][bad]) / np.sum(n[ids])))
-  return {
-      "corrupted_clients": np.flatnonzero(corrupted).tolist(),
-      "clean_client_test_accuracy": final["clean_client_test_accuracy"],
-      "mean_clean_client_test_accuracy": final["mean_clean_client_test_accuracy"],
-      "corrupted_weight_share": float(np.mean(w_share)) if w_share else 0.0,
-      "corrupted_data_share": float(np.mean(n_share)) if n_share else 0.0,
-  }
-
-
-def _execution_summary(config, alg, params, train, steps) -> dict[str, Any]:
-  """How the rounds ran: the plan `auto` resolved to, the devices, and the client-steps
-  the compiled rounds executed against the real ones."""
-  plan = alg.plan(params, train) if alg.plan is not None else None
-  real, executed = (int(v) for v in steps)
-  return {
-      "strategy": None if plan is None else plan.strategy,
-      "lanes": None if plan is None or plan.strategy != "lanes" else plan.lanes,
-      "differentiable": None if plan is None else plan.differentiable,
-      "num_devices": _algorithms.make_execution(
-          config, _algorithms.cohort_size(config, train.num_clients)).num_devices,
-      "devices_visible": jax.device_count(),
-      "num_processes": jax.process_count(),
-      "real_steps": real,
-      "executed_steps": executed,
-      "executed_per_real_step": round(executed / real, 4) if real else None,
-  }
 
 
 def _eps(eps: float | None) -> str:
@@ -193,11 +156,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   cluster_of = jax.jit(lambda models, d: assignments(model, models, d))
   pick = (lambda tree, s: tree) if variants is None else sweep.take
 
-  def evaluate_now(s, state, train_losses):
+  def evaluate_now(s, state, train_losses, done=None):
+    """Variant s's record; `done(split)`: its global model's evaluation if made already."""
     alg, pers_fn, unseen_fn = algs[s], pers_fns[s], unseen_fns[s]
     rec = {"round": int(state.round)}
     glob = served(alg, state)   # the global model (IFCA: its most chosen cluster's)
-    rec.update(summarize(population.evaluate(glob, "test"), "test"))
+    ev = (lambda split: population.evaluate(glob, split)) if done is None else done
+    rec.update(summarize(ev("test"), "test"))
     per_client = rec.pop("per_client_test_accuracy")
     lists = {"per_client_test_accuracy": per_client}
     if pers_fn is not None:
@@ -215,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rec["clean_client_test_accuracy"] = float(np.sum((n * acc)[clean]) / np.sum(n[clean]))
       rec["mean_clean_client_test_accuracy"] = float(acc[clean].mean())
     if config.get("eval_train", True):
-      tr = summarize(population.evaluate(glob, "train"), "train")
+      tr = summarize(ev("train"), "train")
       rec["train_loss"], rec["train_accuracy"] = tr["train_loss"], tr["train_accuracy"]
     if train_losses:
       rec["local_train_loss"] = float(np.mean(jax.device_get(train_losses)))
@@ -231,9 +196,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rec["elapsed_seconds"] = round(time.perf_counter() - t_start, 3)
     return rec, lists
 
+  # A sweep evaluates every variant's global model in one call (vmapped).
+  served_all = jax.jit(jax.vmap(lambda st: served(alg, st)))
+  evaluate_vmapped = jax.jit(jax.vmap(lambda p, d: evaluate(model, p, d), in_axes=(0, None)))
+
   def evaluate_all(state, train_losses):
-    out = [evaluate_now(s, pick(state, s), [pick(x, s) for x in train_losses])
-           for s in range(len(files))]
+    if variants is None:
+      out = [evaluate_now(0, state, train_losses)]
+    else:
+      glob = served_all(state)
+      splits = {"test": population.test}
+      if config.get("eval_train", True):
+        splits["train"] = population.view
+      evals = {k: jax.device_get(evaluate_vmapped(glob, d)) for k, d in splits.items()}
+      out = [evaluate_now(s, pick(state, s), [pick(x, s) for x in train_losses],
+                          done=lambda split, s=s: pick(evals[split], s))
+             for s in range(len(files))]
     return [rec for rec, _ in out], [lists for _, lists in out]
 
   first = done_before if done_before >= 0 else 0
@@ -296,9 +274,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "seconds_per_round": float(np.median(round_seconds)) if round_seconds else 0.0}
   summaries = []
   for s, f in enumerate(files):
-    summaries.append(_run_summary(
+    summaries.append(_summary.run_summary(
         configs[s], f, lists_all[s], pick(state, s), timing, steps, algs[s], train, population,
-        prepared, dp, comm, corrupted, primary, resumed_finished=not round_seconds))
+        prepared, dp, comm, corrupted, primary, resumed_finished=not round_seconds,
+        plots=variants is None))   # a sweep plots its variants together (bands), below
   if variants is None:
     return summaries[0]
   across = _sweep.summarize(config, variants, summaries, [f.records for f in files])
@@ -333,72 +312,3 @@ def _sweep_round(config, variants, build, state, view):
           f"({report['all_at_once_bytes'] / 2**30:.2f} GiB of "
           f"{report['budget_bytes'] / 2**30:.2f}); running {chunk} at a time.")
   return step, report
-
-
-def _run_summary(config, files, lists, state, timing, steps, alg, train, population,
-                 prepared, dp, comm, corrupted, primary, resumed_finished):
-  """One run's `summary.json` and plots (a sweep: one variant's)."""
-  records, weight_rows, workdir = files.records, files.weight_rows, files.workdir
-  final = records[-1]
-  summary = {
-      "final_test_accuracy": final["test_accuracy"],
-      "mean_client_test_accuracy": final["mean_client_test_accuracy"],
-      "worst10_client_test_accuracy": final["worst10_client_test_accuracy"],
-      "variance_client_test_accuracy": final["variance_client_test_accuracy"],
-      **lists,
-      "final_test_loss": final["test_loss"],
-      "final_train_loss": final.get("train_loss"),
-      "best_test_accuracy": max(r["test_accuracy"] for r in records),
-      "best_test_accuracy_note": "max over evaluated rounds (as papers of the field report)",
-      "rounds": int(state.round),
-      **timing,
-      "execution": _execution_summary(config, alg, state.params, train, steps),
-      **population.info,
-      "client_state_bytes": int(sum(leaf.nbytes for leaf in
-                                    jax.tree.leaves(state.client_states))),
-      "client_state_host_bytes": population.host_state_bytes,
-      "backend": jax.default_backend(),
-      "config": config.to_dict(),
-  }
-  if "personalized_test_accuracy" in final:
-    summary.update({k: final[k] for k in final if "personalized" in k or k in (
-        "fraction_clients_improved", "mean_client_gain")})
-    summary["best_personalized_test_accuracy"] = max(
-        r["personalized_test_accuracy"] for r in records)
-    summary["best_personalized_test_accuracy_note"] = (
-        "max over evaluated rounds of the fine-tuned models' accuracy (as papers report)")
-  if "cluster_recovery" in final:
-    summary["cluster_recovery"] = final["cluster_recovery"]
-  if prepared is not None and prepared.unseen is not None:
-    summary.update({k: v for k, v in final.items() if k.startswith(_personalized.PREFIX)})
-    summary["unseen_clients"] = prepared.unseen_ids.tolist()
-  if dp is not None:
-    summary.update({k: v for k, v in final.items() if k.startswith("dp_")})
-    if dp.sampling == "poisson":
-      sizes = [row["cohort_size"] for row in weight_rows if "cohort_size" in row]
-      summary["dp_cohort_sizes"] = {"mean": float(np.mean(sizes)), "min": int(min(sizes)),
-                                    "max": int(max(sizes))} if sizes else None
-  if comm is not None:
-    summary.update(comm.report())
-  if corrupted.any():
-    summary.update(_corruption_summary(final, weight_rows, corrupted, train))
-  summary_path = os.path.join(workdir, "summary.json")
-  if resumed_finished and os.path.exists(summary_path):   # resumed a finished run
-    with open(summary_path) as f:
-      before = json.load(f)
-    for key in ("compile_and_first_round_seconds", "seconds_per_round"):
-      summary[key] = before.get(key, summary[key])
-  if not primary:
-    return summary
-  _outputs.write_json(summary_path, summary)
-  _outputs.plot_weights(weight_rows, train.num_clients, os.path.join(workdir, "weights.png"),
-                        marked=corrupted, title=f"aggregation weights: "
-                        f"{weighting_name(config)}")
-  if weight_rows and "clusters" in weight_rows[-1]:
-    _outputs.plot_clusters(weight_rows, train.num_clients, config.ifca.num_clusters,
-                           os.path.join(workdir, "clusters.png"),
-                           title=f"IFCA, k = {config.ifca.num_clusters}: cluster by client")
-  _outputs.plot_curves(records, os.path.join(workdir, "curves.png"),
-                       title=f"{config.algorithm} on {config.data.name}",
-                       gains=summary.get("per_client_gain"))
-  return summary
