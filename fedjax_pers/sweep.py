@@ -114,9 +114,15 @@ def dispatched(round_of: Callable[[Any, Any, Any], tuple[Any, Any]], hypers: Any
   if not isinstance(chunk, int) or chunk < 1:
     raise ValueError(f"chunk must be a positive int; got {chunk!r}.")
   chunk = min(chunk, num_variants)
-  one = jax.jit(lambda h, state, data: jax.vmap(
+  jitted = jax.jit(lambda h, state, data: jax.vmap(
       lambda hh, ss: round_of(hh, ss, data))(h, state))
   starts = list(range(0, num_variants, chunk))
+  compiled = []
+
+  def one(h, state, data):   # compiled at the first call; its memory then known
+    if not compiled:
+      compiled.append(jitted.lower(h, state, data).compile())
+    return compiled[0](h, state, data)
 
   def part(tree, i):
     idx = np.minimum(np.arange(i, i + chunk), num_variants - 1)
@@ -130,6 +136,7 @@ def dispatched(round_of: Callable[[Any, Any, Any], tuple[Any, Any]], hypers: Any
     return jax.tree.map(lambda *parts: jnp.concatenate(
         [*parts[:-1], parts[-1][:keep]]), *outs)
 
+  step.program_bytes = lambda: program_bytes(compiled[0]) if compiled else None
   return step
 
 
@@ -140,8 +147,8 @@ def choose(round_of: Callable[[Any, Any, Any], tuple[Any, Any]], hypers: Any, st
 
   Candidates: every variant at once if its compiled program fits `fraction` of
   `budget` bytes (default `available_memory()`), else the largest power-of-two
-  share that fits; and one variant at a time. Each candidate runs one round on
-  `states` (results dropped) after compiling, and the faster is kept.
+  share that fits; and, on a CPU, one variant at a time. Each candidate runs one
+  round on `states` (results dropped) after compiling, and the faster is kept.
 
   Returns:
     `(chunk, step, report)`: the report gives the bytes measured, the budget and
@@ -151,23 +158,28 @@ def choose(round_of: Callable[[Any, Any, Any], tuple[Any, Any]], hypers: Any, st
 
   budget = available_memory() if budget is None else budget
   size = jax.tree.leaves(states)[0].shape[0]
-  all_at_once = jax.jit(rounds(round_of, hypers)).lower(states, data).compile()
-  need = program_bytes(all_at_once)
-  big = size
-  if need is not None and need > fraction * budget:
-    big = max(1, int(size * fraction * budget / need))
-    big = 1 << (big.bit_length() - 1)
-  report = {"budget_bytes": int(budget), "all_at_once_bytes": need, "seconds": {}}
-  best = None
-  for chunk in sorted({big, 1}, reverse=True):
+  report = {"budget_bytes": int(budget), "all_at_once_bytes": None, "seconds": {}}
+
+  def timed(chunk):
     step = dispatched(round_of, hypers, size, chunk)
     jax.block_until_ready(step(states, data))   # compiles
     t0 = time.perf_counter()
     jax.block_until_ready(step(states, data))
-    seconds = time.perf_counter() - t0
-    report["seconds"][chunk] = round(seconds, 6)
-    if best is None or seconds < best[2]:
-      best = (chunk, step, seconds)
+    report["seconds"][chunk] = round(time.perf_counter() - t0, 6)
+    return step
+
+  step = timed(size)
+  need = report["all_at_once_bytes"] = step.program_bytes()
+  big = size
+  if need is not None and need > fraction * budget:
+    big = max(1, int(size * fraction * budget / need))
+    big = 1 << (big.bit_length() - 1)
+    step = timed(big)
+  best = (big, step)
+  if big > 1 and jax.devices()[0].platform == "cpu":
+    one = timed(1)
+    if report["seconds"][1] < report["seconds"][big]:
+      best = (1, one)
   report["chunk"] = best[0]
   report["fits_at_once"] = big == size
   return best[0], best[1], report

@@ -170,6 +170,13 @@ def test_library_sweep_paths_agree_and_variants_do_not_interact():
       np.testing.assert_array_equal(metrics.clients[s], m.clients)
   with pytest.raises(ValueError, match="chunk must be a positive int"):
     sweep.dispatched(round_of, lrs, 3, 0)
+  # A budget the program does not fit: chunked (and said so), the same numbers.
+  need = sweep.choose(round_of, lrs, states, train)[2]["all_at_once_bytes"]
+  chunk, step, report = sweep.choose(round_of, lrs, states, train, budget=need // 2)
+  assert chunk == 1 and report["fits_at_once"] is False and report["chunk"] == 1
+  new, _ = step(states, train)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(outs[0][0].params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_compare_reports_each_strategy_over_seeds(tmp_path):
