@@ -11,6 +11,7 @@ from fedjax_pers import (
     models,
     personalization,
     privacy,
+    sweep,
 )
 from fedjax_pers.core import (
     ClientOutput,
@@ -45,4 +46,5 @@ __all__ = [
     "models",
     "personalization",
     "privacy",
+    "sweep",
 ]

@@ -14,6 +14,8 @@ def test_surfaces():
   assert {"personalize", "evaluate_personal", "meta_gradient", "hvp"} <= set(
       personalization.__all__)
   assert {"hypergradient", "unrolled_objective"} <= set(dir(fp.hypergrad))
+  assert set(fp.sweep.__all__) == {"stack", "take", "rounds", "dispatched", "choose",
+                                   "available_memory", "interval"}
   assert set(models.__all__) == {"char_rnn", "cnn", "cnn_bn", "logistic_regression", "mlp"}
   assert {"from_tfds", "from_arrays", "shakespeare", "partition", "mnist_idx"} <= set(
       data.__all__)

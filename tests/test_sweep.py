@@ -38,7 +38,7 @@ def test_variants_cross_values_then_seeds_and_refuse_bad_keys():
   c = tiny_config()
   assert variants(c) is None
   c.seed, c.sweep.seeds = 5, 2
-  c.sweep["values"] = "client.learning_rate=0.1,0.2; fedprox.mu=0.0,1.0"
+  c.sweep.grid = "client.learning_rate=0.1,0.2; fedprox.mu=0.0,1.0"
   vs = variants(c)
   assert [v.name for v in vs[:3]] == [
       "client.learning_rate=0.1,fedprox.mu=0,seed=5",
@@ -47,17 +47,17 @@ def test_variants_cross_values_then_seeds_and_refuse_bad_keys():
   assert len(vs) == 8 and {v.seed for v in vs} == {5, 6}
   alone = config_of(c, vs[3])
   assert (alone.seed, alone.client.learning_rate, alone.fedprox.mu) == (6, 0.1, 1.0)
-  assert alone.sweep.seeds == 1 and alone.sweep["values"] == ""
+  assert alone.sweep.seeds == 1 and alone.sweep.grid == ""
   for spec, match in (("client.batch_size=5,10", "must be a float key"),
                       ("data.alpha=0.5,1", "cannot be swept in one program"),
                       ("client.learnin_rate=0.1", "unknown config key"),
                       ("client.learning_rate=0.1,x", "needs numbers"),
                       ("client.learning_rate", "expected 'key=v1,v2"),
                       ("aggregation.q=1;aggregation.q=2", "given twice")):
-    c.sweep["values"] = spec
+    c.sweep.grid = spec
     with pytest.raises(ValueError, match=match):
       variants(c)
-  c.sweep["values"], c.sweep.seeds = "", 0
+  c.sweep.grid, c.sweep.seeds = "", 0
   with pytest.raises(ValueError, match="sweep.seeds must be a positive int; got 0"):
     variants(c)
 
@@ -105,7 +105,7 @@ def test_each_seed_of_a_sweep_is_the_run_made_alone(tmp_path, chunk):
 def test_swept_values_and_a_single_variant_equal_the_runs_made_alone(tmp_path):
   c = tiny_config()
   c.algorithm, c.num_rounds, c.eval_every, c.tensorboard = "fedprox", 2, 2, False
-  c.sweep["values"] = "client.learning_rate=0.02,0.2; fedprox.mu=0.0,0.5"
+  c.sweep.grid = "client.learning_rate=0.02,0.2; fedprox.mu=0.0,0.5"
   out = train_and_evaluate(c, str(tmp_path / "sweep"))
   assert len(out["sweep"]["groups"]) == 4 and "final_test_accuracy" not in out
   for v in variants(c)[1:3]:
@@ -120,7 +120,7 @@ def test_swept_values_and_a_single_variant_equal_the_runs_made_alone(tmp_path):
   # S = 1: one swept value is the plain run with that value.
   one = tiny_config()
   one.num_rounds, one.tensorboard = 2, False
-  one.sweep["values"] = "client.learning_rate=0.05"
+  one.sweep.grid = "client.learning_rate=0.05"
   s1 = train_and_evaluate(one, str(tmp_path / "s1"))
   assert s1["sweep"]["num_variants"] == 1
   plain = tiny_config()
@@ -135,7 +135,7 @@ def test_swept_values_and_a_single_variant_equal_the_runs_made_alone(tmp_path):
 
 def test_sweep_refusals(tmp_path):
   c = tiny_config()
-  c.sweep["values"] = "fedprox.mu=0.1,1.0"    # FedAvg never reads it
+  c.sweep.grid = "fedprox.mu=0.1,1.0"    # FedAvg never reads it
   with pytest.raises(ValueError, match="does not read 'fedprox.mu'"):
     train_and_evaluate(c, str(tmp_path / "a"))
   c = tiny_config()
@@ -195,6 +195,6 @@ def test_compare_reports_each_strategy_over_seeds(tmp_path):
     assert r["final_accuracy_std"] == pytest.approx(np.std(runs, ddof=1), abs=1e-9)
   table = comparison_table(out)
   assert f"{out['strategies'][1]['final_accuracy']:.4f} ± " in table and "over seeds" in table
-  c.sweep["values"] = "client.learning_rate=0.1,0.2"
+  c.sweep.grid = "client.learning_rate=0.1,0.2"
   with pytest.raises(ValueError, match="with compare: the strategies"):
     compare(c, str(tmp_path / "values"))

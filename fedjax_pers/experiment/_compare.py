@@ -86,8 +86,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   labels = [label for label, _ in specs]
   if len(set(labels)) != len(labels) or not labels:
     raise ValueError(f"compare.strategies needs distinct labels, at least one; got {labels}.")
-  if config.get("sweep") is not None and config.sweep["values"]:
-    raise ValueError(f"sweep.values={config.sweep['values']!r} with compare: the strategies "
+  if config.get("sweep") is not None and config.sweep.grid:
+    raise ValueError(f"sweep.grid={config.sweep.grid!r} with compare: the strategies "
                      "are the comparison's variants; sweep.seeds reports each over seeds.")
   runs = [(label, overrides, apply_overrides(config, overrides)) for label, overrides in specs]
   target = config.compare.target_accuracy

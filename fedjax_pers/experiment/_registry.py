@@ -38,7 +38,7 @@ OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict], optax.GradientTransf
 }
 
 def traced(value) -> bool:
-  """Whether a config number is traced by a sweep (`sweep.values`): its checks were
+  """Whether a config number is traced by a sweep (`sweep.grid`): its checks were
   made on every variant's own number before (`experiment/_sweep.py`)."""
   return isinstance(value, jax.core.Tracer)
 

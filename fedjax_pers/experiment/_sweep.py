@@ -41,29 +41,29 @@ def _parse_values(spec: str, config: ml_collections.ConfigDict) -> list[tuple[st
     if not part:
       continue
     if "=" not in part:
-      raise ValueError(f"sweep.values={spec!r}: expected 'key=v1,v2,...' parts separated "
+      raise ValueError(f"sweep.grid={spec!r}: expected 'key=v1,v2,...' parts separated "
                        f"by ';'; got {part!r}.")
     key, vals = (s.strip() for s in part.split("=", 1))
     section = key.split(".")[0]
     if section in FIXED or key == "seed":
-      raise ValueError(f"sweep.values: {key!r} cannot be swept in one program ({section!r} "
+      raise ValueError(f"sweep.grid: {key!r} cannot be swept in one program ({section!r} "
                        "shapes the data or the run; seeds: sweep.seeds).")
     try:
       current = config
       for p in key.split("."):
         current = current[p]
     except (KeyError, AttributeError, TypeError):
-      raise ValueError(f"sweep.values: unknown config key {key!r}.") from None
+      raise ValueError(f"sweep.grid: unknown config key {key!r}.") from None
     if not isinstance(current, float):
-      raise ValueError(f"sweep.values: {key!r} must be a float key (the program's shapes "
+      raise ValueError(f"sweep.grid: {key!r} must be a float key (the program's shapes "
                        f"may not change); its value is {current!r}.")
     try:
       nums = [float(v) for v in vals.split(",")]
     except ValueError:
-      raise ValueError(f"sweep.values: {key!r} needs numbers separated by ','; got "
+      raise ValueError(f"sweep.grid: {key!r} needs numbers separated by ','; got "
                        f"{vals!r}.") from None
     if any(k == key for k, _ in out):
-      raise ValueError(f"sweep.values: {key!r} is given twice.")
+      raise ValueError(f"sweep.grid: {key!r} is given twice.")
     out.append((key, nums))
   return out
 
@@ -79,7 +79,7 @@ def variants(config: ml_collections.ConfigDict) -> list[Variant] | None:
   chunk = c.get("chunk")
   if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
     raise ValueError(f"sweep.chunk must be a positive int or None; got {chunk!r}.")
-  swept = _parse_values(c["values"] or "", config)
+  swept = _parse_values(c.grid or "", config)
   if seeds == 1 and not swept:
     return None
   keys = [k for k, _ in swept]
@@ -91,7 +91,7 @@ def config_of(config: ml_collections.ConfigDict, variant: Variant) -> ml_collect
   """`config` as the run made alone with `variant`'s seed and values (no sweep)."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.seed = variant.seed
-  c.sweep.seeds, c.sweep["values"] = 1, ""
+  c.sweep.seeds, c.sweep.grid = 1, ""
   for key, value in variant.values:
     *path, leaf = key.split(".")
     node = c
@@ -149,14 +149,14 @@ def check_traceable(one: Callable, keys: tuple[str, ...], h0, state, data,
     closed = jax.make_jaxpr(lambda *hs: one(hs, state, data))(*h0)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
           jax.errors.TracerIntegerConversionError) as e:
-    raise ValueError(f"sweep.values: algorithm={algorithm!r} uses {', '.join(keys)} as a "
+    raise ValueError(f"sweep.grid: algorithm={algorithm!r} uses {', '.join(keys)} as a "
                      "Python number (it decides the program's structure), so it cannot be "
                      "swept in one program; run the settings as separate runs (compare). "
                      f"({type(e).__name__})") from None
   used = _used_inputs(closed) or [True] * len(keys)
   for key, read in zip(keys, used[:len(keys)]):
     if not read:
-      raise ValueError(f"sweep.values: algorithm={algorithm!r} does not read {key!r}; every "
+      raise ValueError(f"sweep.grid: algorithm={algorithm!r} does not read {key!r}; every "
                        "variant would be the same run.")
 
 
@@ -179,7 +179,7 @@ def summarize(config, variants_: list[Variant], summaries: list[dict[str, Any]],
         g[key] = sweep.interval(vals)
     out_groups.append(g)
   result = {"num_variants": len(variants_), "seeds": config.sweep.seeds,
-            "values": config.sweep["values"], "groups": out_groups}
+            "grid": config.sweep.grid, "groups": out_groups}
   if len(out_groups) == 1:   # seeds only: the means read as the run's figures
     means = {k: float(np.mean([s[k] for s in summaries])) for k, v in summaries[0].items()
              if isinstance(v, float) and all(isinstance(s.get(k), float) for s in summaries)}
@@ -214,6 +214,7 @@ def plot_bands(variants_: list[Variant], records: list[list[dict[str, Any]]], pa
   for i, v in enumerate(variants_):
     groups.setdefault(v.values, []).append(i)
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  spans: dict[str, list[float]] = {}   # the ± std bands' extent: the axes' limits
   for values, idx in groups.items():
     label = ", ".join(f"{k}={v:g}" for k, v in values) or "mean"
     label += f" ({len(idx)} seeds)"
@@ -226,14 +227,21 @@ def plot_bands(variants_: list[Variant], records: list[list[dict[str, Any]]], pa
         std = np.array([s["std"] for s in stats])
         ci = np.array([s["ci95"] for s in stats])
         ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.25)
-        ax.fill_between(rounds, mean - ci, mean + ci, color=line.get_color(), alpha=0.15)
+        for edge in (mean - ci, mean + ci):   # the interval as dashed edges (wide for few seeds)
+          ax.plot(rounds, edge, "--", color=line.get_color(), linewidth=0.8, alpha=0.7)
+        spans.setdefault(key, []).extend([np.min(mean - std), np.max(mean + std)])
   for ax, name in zip(axes, ("test accuracy", "test loss")):
     ax.set_xlabel("round")
     ax.set_ylabel(name)
     ax.grid(alpha=0.3)
   axes[1].set_yscale("log")
+  if "test_accuracy" in spans:
+    lo, hi = min(spans["test_accuracy"]), max(spans["test_accuracy"])
+    axes[0].set_ylim(max(0.0, lo - 0.05), min(1.0, hi + 0.05))
+  if "test_loss" in spans and min(spans["test_loss"]) > 0:
+    axes[1].set_ylim(min(spans["test_loss"]) / 1.2, max(spans["test_loss"]) * 1.2)
   axes[0].legend(fontsize=8)
-  fig.suptitle(title + "  (mean; bands: ± std, 95% CI of the mean)")
+  fig.suptitle(title + "  (mean; band: ± std; dashed: 95% CI of the mean)")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -122,8 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = alg.init(jax.random.key(config.seed), train)
   else:
     if prepared is None or dp is not None:
-      raise ValueError(f"sweep.seeds={config.sweep.seeds!r}, sweep.values="
-                       f"{config.sweep['values']!r}: a sweep runs on an on-device population "
+      raise ValueError(f"sweep.seeds={config.sweep.seeds!r}, sweep.grid="
+                       f"{config.sweep.grid!r}: a sweep runs on an on-device population "
                        "without privacy.* (" + ("data.store is set" if prepared is None else
                        "privacy.clip_norm is set") + "); run the variants one by one.")
     configs = [_sweep.config_of(config, v) for v in variants]

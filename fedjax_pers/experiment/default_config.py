@@ -37,10 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Vectorised sweeps (fedjax_pers.sweep): S variants of this run as one compiled program,
   # the round vmapped over stacked server states. seeds: config.seed, seed + 1, ...;
-  # values: "key=v1,v2,...; key2=..." numeric keys that do not change shapes, crossed.
+  # grid: "key=v1,v2,...; key2=..." float keys that do not change shapes, crossed.
+  # (Not "values": ml_collections reads that flag as the dict method.)
   c.sweep = ml_collections.ConfigDict()
   c.sweep.seeds = 1
-  c.sweep.values = ""
+  c.sweep.grid = ""
   c.sweep.chunk = placeholder(int)          # variants per program (None: as many as fit)
 
   # Several processes (jax.distributed): all three, or none (one process). auto=True
