@@ -92,6 +92,9 @@ def test_each_seed_of_a_sweep_is_the_run_made_alone(tmp_path, chunk):
                                  atol=1e-6, rtol=1e-6, err_msg=key)
     assert read(tmp_path / "sweep" / "variants" / f"seed={seed}" / "round_weights.jsonl") \
         == read(tmp_path / f"alone{seed}" / "round_weights.jsonl")   # same cohorts, weights
+    mine = json.loads((tmp_path / "sweep" / "variants" / f"seed={seed}" / "summary.json")
+                      .read_text())
+    assert mine["execution"]["real_steps"] == s["execution"]["real_steps"]   # its own work
   # The across-seed figures are those of the runs made alone.
   assert group["final_test_accuracy"]["mean"] == pytest.approx(np.mean(finals), abs=1e-6)
   assert group["final_test_accuracy"]["std"] == pytest.approx(np.std(finals, ddof=1),
@@ -198,3 +201,20 @@ def test_compare_reports_each_strategy_over_seeds(tmp_path):
   c.sweep.grid = "client.learning_rate=0.1,0.2"
   with pytest.raises(ValueError, match="with compare: the strategies"):
     compare(c, str(tmp_path / "values"))
+
+
+def test_a_sweep_resumes_from_its_checkpoint(tmp_path):
+  def run(rounds, workdir):
+    c = tiny_config()
+    c.num_rounds, c.eval_every, c.tensorboard, c.sweep.seeds, c.sweep.chunk = rounds, 1, False, 2, 2
+    return train_and_evaluate(c, str(workdir))
+  run(2, tmp_path / "a")
+  resumed = run(3, tmp_path / "a")       # rounds 1-2 from the checkpoint, then round 3
+  straight = run(3, tmp_path / "b")
+  assert resumed["final_test_loss"] == pytest.approx(straight["final_test_loss"], abs=1e-7)
+  for seed in (0, 1):
+    got, want = (read(tmp_path / d / "variants" / f"seed={seed}" / "metrics.jsonl")
+                 for d in ("a", "b"))
+    assert [r["round"] for r in got] == [0, 1, 2, 3]
+    np.testing.assert_allclose([r["test_loss"] for r in got], [r["test_loss"] for r in want],
+                               atol=1e-7)

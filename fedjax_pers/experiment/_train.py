@@ -218,7 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if first == 0:
     for f, rec in zip(files, evaluate_all(state, [])[0]):
       f.evaluation(rec)
-  compile_seconds, round_seconds, train_losses, steps = 0.0, [], [], np.zeros(2, np.int64)
+  compile_seconds, round_seconds, train_losses = 0.0, [], []
+  steps = np.zeros((len(files), 2), np.int64)   # each run's real and executed client-steps
   bar = tqdm.trange(first, config.num_rounds, desc="rounds", unit="round",
                     disable=not (primary and config.get("progress", True)))
   for r in bar:
@@ -232,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                if hasattr(state.client_states, "cluster") else None)
     for s, f in enumerate(files):
       clients, weights, real, executed, present, stragglers = pick(fetched, s)
-      steps += (int(real), int(executed))
+      steps[s] += (int(real), int(executed))
       row = {"round": r + 1, "clients": clients[present].tolist(),
              "weights": [round(float(w), 6) for w in weights[present]]}
       if dp is not None and dp.sampling == "poisson":   # the realised Poisson cohort
@@ -275,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summaries = []
   for s, f in enumerate(files):
     summaries.append(_summary.run_summary(
-        configs[s], f, lists_all[s], pick(state, s), timing, steps, algs[s], train, population,
+        configs[s], f, lists_all[s], pick(state, s), timing, steps[s], algs[s], train, population,
         prepared, dp, comm, corrupted, primary, resumed_finished=not round_seconds,
         plots=variants is None))   # a sweep plots its variants together (bands), below
   if variants is None:
