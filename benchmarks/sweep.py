@@ -46,6 +46,7 @@ def main():
   import jax
 
   from fedjax_pers.experiment import train_and_evaluate
+  from fedjax_pers.experiment._compare import apply_overrides
   from fedjax_pers.experiment.default_config import get_config
 
   def config(**kw):
@@ -53,13 +54,7 @@ def main():
     c.num_rounds, c.progress = args.rounds, False
     if args.steps:
       c.client.local_epochs, c.client.local_steps = None, args.steps
-    for k, v in kw.items():
-      node = c
-      *path, leaf = k.split(".")
-      for q in path:
-        node = node[q]
-      node[leaf] = v
-    return c
+    return apply_overrides(c, kw)
 
   root = tempfile.mkdtemp(prefix="sweep_bench_")
   times = {"sequential": [], "sweep": []}

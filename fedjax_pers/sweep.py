@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -154,8 +155,6 @@ def choose(round_of: Callable[[Any, Any, Any], tuple[Any, Any]], hypers: Any, st
     `(chunk, step, report)`: the report gives the bytes measured, the budget and
     the seconds of each candidate's round, to say why.
   """
-  import time
-
   budget = available_memory() if budget is None else budget
   size = jax.tree.leaves(states)[0].shape[0]
   report = {"budget_bytes": int(budget), "all_at_once_bytes": None, "seconds": {}}

@@ -93,12 +93,16 @@ def config_of(config: ml_collections.ConfigDict, variant: Variant) -> ml_collect
   c.seed = variant.seed
   c.sweep.seeds, c.sweep.grid = 1, ""
   for key, value in variant.values:
-    *path, leaf = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+    _set(c, key, value)
   return c
+
+
+def _set(c: ml_collections.ConfigDict, key: str, value) -> None:
+  """Sets the dotted `key` of `c` (it exists: `variants` checked it)."""
+  *path, leaf = key.split(".")
+  for p in path:
+    c = c[p]
+  c[leaf] = value
 
 
 def traced_config(config: ml_collections.ConfigDict, keys: tuple[str, ...], h: jax.Array
@@ -108,11 +112,7 @@ def traced_config(config: ml_collections.ConfigDict, keys: tuple[str, ...], h: j
   every variant's concrete config was checked first)."""
   c = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
   for i, key in enumerate(keys):
-    *path, leaf = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = h[i]
+    _set(c, key, h[i])
   return c
 
 
