@@ -20,7 +20,8 @@ one CPU device, cohort strategy `vmap`.
   passes over its data), which shows here and not in `aggregate ms`.
 
 FedLAW (learned) is listed for information: it trains the weights for
-`fedlaw_steps` Adam steps on a 200-example proxy set each round.
+`fedlaw_steps` Adam steps on a 200-example proxy set each round. The automated
+weighting (`auto`, learned) takes one Adam step of the mixture on the same set.
 
 Usage:
   python benchmarks/weighting_cost.py [--rounds N] [--reps N] [--fedlaw-steps N]
@@ -47,6 +48,7 @@ from fedjax_pers import aggregation as agg  # noqa: E402
 from fedjax_pers.algorithms import fedavg  # noqa: E402
 from fedjax_pers.core import FederatedData, Plan, fedavg_program, run_cohort  # noqa: E402
 from fedjax_pers.core._client import ClientData  # noqa: E402
+from fedjax_pers.hypergrad import held_out_loss  # noqa: E402
 
 
 def weightings(model, proxy, fedlaw_steps):
@@ -68,6 +70,7 @@ def weightings(model, proxy, fedlaw_steps):
       "multi_krum": agg.multi_krum(10),
       "clip_norm": agg.clip_norm(1.0),
       "fedlaw (learned)": agg.fedlaw(model, *proxy, steps=fedlaw_steps),
+      "auto (learned)": agg.auto(held_out_loss(model, *proxy)),
   }
 
 

@@ -6,9 +6,9 @@ Every strategy sees the same data (30% of the clients train on shuffled labels,
 see `data.shuffle_labels`; the test labels stay clean), the same cohorts and
 seeds. The data are IID so that label noise is the only difference between
 clients; `--config.data.iid=False --config.data.alpha=0.5 --config.data.beta=0.5`
-gives the non-IID version. FedLAW's proxy set is
-100 examples held out of the test splits for every strategy, so all are scored
-on the same test data.
+gives the non-IID version. FedLAW's and the automated weighting's proxy set is
+100 examples held out of the test splits for every strategy, so all are scored on
+the same test data.
 """
 
 import ml_collections
@@ -38,5 +38,6 @@ def get_config():
       "fedadp: aggregation.weighting=fedadp",
       "label_divergence: aggregation.weighting=label_divergence",
       "fedlaw: aggregation.weighting=fedlaw",
+      "auto: aggregation.weighting=auto",
   )
   return c

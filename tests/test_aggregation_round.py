@@ -13,6 +13,7 @@ from test_engine import logreg, small_data
 import fedjax_pers as fp
 from fedjax_pers import aggregation as agg
 from fedjax_pers.algorithms import fedavg
+from fedjax_pers.hypergrad import held_out_loss
 
 WORK = fp.LocalWork(4, epochs=2)
 
@@ -81,6 +82,8 @@ ALL = {
     "clip_norm": lambda: agg.clip_norm(0.5), "q_ffl": lambda: agg.q_ffl(1.0, 0.1),
     "fedlaw": lambda: agg.fedlaw(logreg(), np.ones((4, 5), np.float32), np.arange(4) % 3,
                                  steps=3),
+    "auto": lambda: agg.auto(held_out_loss(logreg(), np.ones((4, 5), np.float32),
+                                           np.arange(4) % 3), steps=3),
 }
 
 

@@ -1,11 +1,19 @@
 """Aggregation: weight functions (the dynamic weighting), robust, fair and learned aggregators.
 
 A `WeightFn` gives the weights of the mean `Σ_i w_i Δ_i`; an `Aggregator`
-returns the aggregate itself (median, Krum, q-FFL, FedLAW). Both plug into
+returns the aggregate itself (median, Krum, q-FFL, FedLAW, the automated mixture). Both plug into
 `algorithms.fedavg(..., weighting=...)`.
 """
 
 from fedjax_pers.aggregation._attacks import scaled_updates
+from fedjax_pers.aggregation._auto import (
+    FAMILIES,
+    AutoState,
+    auto,
+    auto_objective,
+    auto_weights,
+    family_weights,
+)
 from fedjax_pers.aggregation._distribution import label_divergence, label_entropy, label_kl
 from fedjax_pers.aggregation._fedlaw import (
     FedLAWState,
@@ -48,7 +56,13 @@ from fedjax_pers.core._aggregate import Aggregator, as_aggregator, mean_aggregat
 from fedjax_pers.core._cohort import normalize
 
 __all__ = [
+    "FAMILIES",
     "Aggregator",
+    "AutoState",
+    "auto",
+    "auto_objective",
+    "auto_weights",
+    "family_weights",
     "FedAdpState",
     "FedLAWState",
     "WeightFn",

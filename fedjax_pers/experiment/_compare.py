@@ -262,13 +262,8 @@ def comparison_table(out: dict[str, Any]) -> str:
 
 def plot_comparison(out: dict[str, Any], path: str) -> None:
   """Accuracy against round per strategy, and the per-client final accuracy spread."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   res = out["strategies"]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, (ax1, ax2) = _outputs.figure(1, 2, figsize=(12, 4.5))
   for r in res:
     curve = np.asarray(r["curve"])
     ax1.plot(curve[:, 0], curve[:, 1], label=r["label"])
@@ -284,4 +279,3 @@ def plot_comparison(out: dict[str, Any], path: str) -> None:
   ax2.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)

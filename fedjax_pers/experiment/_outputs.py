@@ -34,6 +34,15 @@ def write_json(path: str, obj: Any, indent: int = 2) -> None:
   write_text(path, json.dumps(obj, indent=indent))
 
 
+def figure(nrows: int = 1, ncols: int = 1, **kwargs):
+  """`(fig, axes)` of a figure drawn off-screen with no pyplot: the caller's backend (a
+  notebook's inline plots) is left alone, and nothing needs closing."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(**kwargs)
+  return fig, fig.subplots(nrows, ncols)
+
+
 class RunFiles:
   """One run's growing files in `workdir`: `metrics.jsonl` (its evaluations),
   `round_weights.jsonl` (its rounds) and TensorBoard events. A sweep has one per
@@ -82,14 +91,9 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str = "",
   personalized accuracy, and `gains` (per-client accuracy gain of the
   personalized model) adds a histogram panel.
   """
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   rounds = [r["round"] for r in records]
   panels = 3 if gains is not None else 2
-  fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+  fig, axes = figure(1, panels, figsize=(5 * panels, 4))
   ax1, ax2 = axes[0], axes[1]
   ax1.plot(rounds, [r["test_accuracy"] for r in records], label="test (global model)")
   if records and "personalized_test_accuracy" in records[0]:
@@ -120,7 +124,6 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str = "",
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def weight_matrix(rows: list[dict[str, Any]], num_clients: int, key: str = "weights"):
@@ -134,18 +137,40 @@ def weight_matrix(rows: list[dict[str, Any]], num_clients: int, key: str = "weig
   return w
 
 
+def plot_mixture(rows: list[dict[str, Any]], path: str) -> None:
+  """The automated weighting's learned mixture π and temperatures τ against round."""
+  rows = [r for r in rows if "mixture" in r]
+  rounds = [r["round"] for r in rows]
+  fig, (ax1, ax2) = figure(1, 2, figsize=(10, 4))
+  for name in rows[0]["mixture"]:
+    ax1.plot(rounds, [r["mixture"][name] for r in rows], label=name)
+  ax1.set_xlabel("round")
+  ax1.set_ylabel("mixture weight π")
+  ax1.set_ylim(0, 1)
+  ax1.legend()
+  ax1.grid(alpha=0.3)
+  for name in rows[0]["temperatures"]:
+    ax2.plot(rounds, [r["temperatures"][name] for r in rows], label=name)
+  ax2.set_xlabel("round")
+  ax2.set_ylabel("temperature τ")
+  ax2.set_yscale("log")
+  ax2.legend()
+  ax2.grid(alpha=0.3)
+  fig.suptitle("automated weighting: the learned mixture of weighting families")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
 def plot_clusters(rows: list[dict[str, Any]], num_clients: int, num_clusters: int,
                   path: str, title: str = "") -> None:
   """The cluster each sampled client chose, by client and round (blank: not sampled)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   import numpy as np
 
   c = weight_matrix(rows, num_clients, "clusters")
-  fig, ax = plt.subplots(figsize=(min(4 + num_clients * 0.15, 16), 4.5))
-  cmap = plt.get_cmap("tab10" if num_clusters <= 10 else "tab20", num_clusters)
+  fig, ax = figure(figsize=(min(4 + num_clients * 0.15, 16), 4.5))
+  import matplotlib
+
+  cmap = matplotlib.colormaps["tab10" if num_clusters <= 10 else "tab20"].resampled(num_clusters)
   im = ax.imshow(np.ma.masked_invalid(c.T), aspect="auto", interpolation="nearest", cmap=cmap,
                  vmin=-0.5, vmax=num_clusters - 0.5,
                  extent=(0.5, len(rows) + 0.5, num_clients - 0.5, -0.5))
@@ -155,7 +180,6 @@ def plot_clusters(rows: list[dict[str, Any]], num_clients: int, num_clusters: in
   ax.set_title(title or "cluster chosen by each sampled client")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 MAX_PLOTTED_CLIENTS = 2000
@@ -170,10 +194,6 @@ def plot_weights(rows: list[dict[str, Any]], num_clients: int, path: str,
   `marked`: optional `[num_clients]` bool; those clients' columns are labelled
   in red (for instance the corrupted clients of a robustness study).
   """
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   import numpy as np
 
   label = "client"
@@ -184,7 +204,7 @@ def plot_weights(rows: list[dict[str, Any]], num_clients: int, path: str,
     marked = None if marked is None else np.asarray(marked)[seen]
     num_clients, label = len(seen), f"sampled clients ({len(seen)} of {num_clients}, by id)"
   w = weight_matrix(rows, num_clients)
-  fig, ax = plt.subplots(figsize=(min(4 + num_clients * 0.15, 16), 4.5))
+  fig, ax = figure(figsize=(min(4 + num_clients * 0.15, 16), 4.5))
   im = ax.imshow(np.ma.masked_invalid(w.T), aspect="auto", interpolation="nearest",
                  cmap="viridis", extent=(0.5, len(rows) + 0.5, num_clients - 0.5, -0.5))
   fig.colorbar(im, ax=ax, label="weight")
@@ -198,7 +218,6 @@ def plot_weights(rows: list[dict[str, Any]], num_clients: int, path: str,
     ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def summary_table(summary: dict[str, Any]) -> str:

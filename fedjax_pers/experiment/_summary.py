@@ -97,6 +97,9 @@ def run_summary(config, files, lists, state, timing, steps, alg, train, populati
     summary.update(comm.report())
   if corrupted.any():
     summary.update(_corruption_summary(final, weight_rows, corrupted, train))
+  if weight_rows and "mixture" in weight_rows[-1]:   # the automated weighting's last mixture
+    summary["final_mixture"] = weight_rows[-1]["mixture"]
+    summary["final_temperatures"] = weight_rows[-1]["temperatures"]
   summary_path = os.path.join(workdir, "summary.json")
   if resumed_finished and os.path.exists(summary_path):   # resumed a finished run
     with open(summary_path) as f:
@@ -111,6 +114,8 @@ def run_summary(config, files, lists, state, timing, steps, alg, train, populati
   _outputs.plot_weights(weight_rows, train.num_clients, os.path.join(workdir, "weights.png"),
                         marked=corrupted, title=f"aggregation weights: "
                         f"{weighting_name(config)}")
+  if "final_mixture" in summary:
+    _outputs.plot_mixture(weight_rows, os.path.join(workdir, "mixture.png"))
   if weight_rows and "clusters" in weight_rows[-1]:
     _outputs.plot_clusters(weight_rows, train.num_clients, config.ifca.num_clusters,
                            os.path.join(workdir, "clusters.png"),

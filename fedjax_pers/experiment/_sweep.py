@@ -205,15 +205,12 @@ def plot_bands(variants_: list[Variant], records: list[list[dict[str, Any]]], pa
                title: str = "") -> None:
   """Test accuracy and loss against round: each group's mean over seeds, a band of ± one
   standard deviation and a lighter one of the 95% interval of the mean."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   groups: dict[tuple, list[int]] = {}
   for i, v in enumerate(variants_):
     groups.setdefault(v.values, []).append(i)
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  from fedjax_pers.experiment._outputs import figure
+
+  fig, axes = figure(1, 2, figsize=(10, 4))
   spans: dict[str, list[float]] = {}   # the ± std bands' extent: the axes' limits
   for values, idx in groups.items():
     label = ", ".join(f"{k}={v:g}" for k, v in values) or "mean"
@@ -244,7 +241,6 @@ def plot_bands(variants_: list[Variant], records: list[list[dict[str, Any]]], pa
   fig.suptitle(title + "  (mean; band: ± std; dashed: 95% CI of the mean)")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def table(summary: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from fedjax_pers.experiment import (
   _registry,
   _summary,
   _sweep,
+  _weighting,
 )
 from fedjax_pers.personalization import summarize_personalization
 
@@ -243,6 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         row["not_reported"] = clients[~present].tolist()
       if cluster is not None:   # the clusters the cohort chose (IFCA)
         row["clusters"] = pick(cluster, s)[clients[present]].tolist()
+      mixture = _weighting.learned_mixture(state.weight_state, s)
+      if mixture is not None:   # aggregation.weighting='auto': the learned mixture
+        row.update(mixture)
       f.round(row)
     if r == first:
       compile_seconds = time.perf_counter() - t0

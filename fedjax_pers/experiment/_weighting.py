@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -59,6 +60,18 @@ def weighting_table(config: ml_collections.ConfigDict, model: Model, train: Fede
     return aggregation.fedlaw(model, *proxy, steps=c.fedlaw_steps,
                               optimizer=optax.adam(c.fedlaw_learning_rate))
 
+  def auto():
+    if proxy is None:
+      raise ValueError("aggregation.weighting='auto' needs a server proxy set: set "
+                       "data.proxy_examples > 0.")
+    import optax
+
+    from fedjax_pers.hypergrad import held_out_loss
+
+    return aggregation.auto(held_out_loss(model, *proxy), steps=c.auto_steps,
+                            optimizer=optax.adam(c.auto_learning_rate),
+                            population=_population(c, train))
+
   return {
       # weighted means (WeightFn): composable with '*', power and floor
       "num_examples": aggregation.num_examples,
@@ -73,6 +86,7 @@ def weighting_table(config: ml_collections.ConfigDict, model: Model, train: Fede
       # aggregators
       "q_ffl": lambda: aggregation.q_ffl(c.q, config.client.learning_rate),
       "fedlaw": fedlaw,
+      "auto": auto,
       "median": aggregation.median,
       "trimmed_mean": lambda: aggregation.trimmed_mean(c.trim_beta),
       "krum": lambda: aggregation.krum(c.byzantine_f),
@@ -126,3 +140,19 @@ def _attacked(config: ml_collections.ConfigDict, how, attackers: np.ndarray | No
   if attackers is not None and attackers.any():
     how = aggregation.scaled_updates(how, attackers, config.corruption.attack_scale)
   return how
+
+
+def learned_mixture(weight_state, variant: int = 0) -> dict | None:
+  """`{'mixture': π by family, 'temperatures': τ by family}` of an automated weighting's
+  state anywhere in `weight_state` (host values; of `variant` in a sweep's stacked
+  state), else None."""
+  found = [s for s in jax.tree.leaves(weight_state, is_leaf=lambda x: isinstance(
+      x, aggregation.AutoState)) if isinstance(s, aggregation.AutoState)]
+  if not found:
+    return None
+  z = np.asarray(found[0].logits), np.asarray(found[0].log_temperature)
+  if z[0].ndim == 2:   # a sweep's stacked states
+    z = z[0][variant], z[1][variant]
+  one = aggregation.AutoState(*z, None, None)
+  return {"mixture": {k: round(v, 6) for k, v in one.mixture().items()},
+          "temperatures": {k: round(v, 6) for k, v in one.temperatures().items()}}

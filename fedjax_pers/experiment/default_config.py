@@ -97,7 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
   # num_examples for the others).
   # Weighted means: num_examples | uniform | loss | loss_improvement | cosine | fedadp |
   # label_divergence | label_entropy, or several joined by '*' (product, renormalised).
-  # Aggregators: q_ffl | fedlaw | median | trimmed_mean | krum | multi_krum | clip_norm.
+  # Aggregators: q_ffl | fedlaw | auto | median | trimmed_mean | krum | multi_krum |
+  # clip_norm. auto and fedlaw learn on data.proxy_examples > 0.
   c.aggregation.weighting = "default"
   c.aggregation.temperature = 1.0     # loss, loss_improvement, label_divergence, label_entropy
   c.aggregation.power = 1.0           # w ∝ w^power (weight functions only)
@@ -111,6 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.aggregation.max_norm = 1.0        # clip_norm
   c.aggregation.fedlaw_steps = 100
   c.aggregation.fedlaw_learning_rate = 0.05
+  c.aggregation.auto_steps = 1         # auto: Adam steps on the mixture per round
+  c.aggregation.auto_learning_rate = 0.05
 
   c.personalization = ml_collections.ConfigDict()
   c.personalization.finetune_steps = 0   # > 0: at every evaluation each client fine-tunes

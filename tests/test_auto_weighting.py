@@ -1,0 +1,207 @@
+"""The automated weighting: family weights against NumPy, its hypergradient against central
+differences in float64, the learned mixture in a round and in a run's outputs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+import pytest
+from _reference import client_deltas
+from test_engine import logreg, small_data
+from test_experiment import tiny_config
+
+import fedjax_pers as fp
+from fedjax_pers import aggregation as agg
+from fedjax_pers.algorithms import fedavg
+from fedjax_pers.experiment import train_and_evaluate
+from fedjax_pers.hypergrad import held_out_loss
+
+
+def np_softmax_over(logit, mask):
+  e = np.where(mask, np.exp(np.where(mask, logit, 0) - np.max(logit[mask])), 0.0)
+  return e / e.sum()
+
+
+def np_cosines(n, finite, flat):
+  mean = (n * finite) @ np.where(finite[:, None], flat, 0) / np.sum(n * finite)
+  with np.errstate(invalid="ignore"):
+    cos = flat @ mean / (np.linalg.norm(flat, axis=1) * np.linalg.norm(mean))
+  return np.where(finite, cos, 0.0)
+
+
+def np_families(n, finite, losses, hist, cos, tau, q=None):
+  """The five rows of `family_weights`, written out (module docstring of `_auto`)."""
+  keep = finite & (n > 0)
+  log_n = np.log(np.where(keep, n, 1.0))
+  if q is None:
+    q = hist[finite].sum(0) / hist[finite].sum()
+  p = hist / hist.sum(1, keepdims=True)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    kl = np.where(p > 0, p * np.log(p / q), 0.0).sum(1)
+  return np.stack([
+      np_softmax_over(log_n, keep),
+      finite / finite.sum(),
+      np_softmax_over(-np.where(finite, losses, 0) / tau[0], finite),
+      np_softmax_over(log_n - kl / tau[1], keep),
+      np_softmax_over(log_n + cos / tau[2], keep),
+  ])
+
+
+def outputs_for(flat, n, losses, hist, finite):
+  k = len(n)
+  return fp.core.ClientOutput(
+      delta={"w": jnp.asarray(flat)}, num_examples=jnp.asarray(n), train_loss=jnp.asarray(losses),
+      num_steps=None, label_hist=jnp.asarray(hist), finite=jnp.asarray(finite),
+      client_id=jnp.arange(k))
+
+
+def test_family_weights_match_numpy_with_a_nonfinite_client():
+  rng = np.random.default_rng(0)
+  n = np.array([10, 4, 7, 20], np.int32)
+  finite = np.array([True, True, False, True])
+  flat = rng.normal(size=(4, 6)).astype(np.float32)
+  flat[2, 0] = np.nan
+  losses = np.array([0.5, 2.0, np.nan, 1.0], np.float32)
+  hist = np.array([[5, 5, 0], [4, 0, 0], [2, 2, 3], [6, 7, 7]], np.float32)
+  log_tau = np.log(np.array([0.5, 2.0, 0.25]))
+  out = outputs_for(flat, n, losses, hist, finite)
+  got = np.asarray(agg.family_weights(out, jnp.asarray(log_tau, jnp.float32)))
+  cos = np_cosines(n, finite, np.where(finite[:, None], flat, 0))
+  want = np_families(n.astype(float), finite, losses, hist, cos, np.exp(log_tau))
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+  assert np.all(got[:, 2] == 0)
+  # with a population q, and the mixture as π @ rows
+  q = np.array([0.2, 0.3, 0.5])
+  got_q = np.asarray(agg.family_weights(out, jnp.asarray(log_tau, jnp.float32), jnp.asarray(q)))
+  np.testing.assert_allclose(got_q, np_families(n.astype(float), finite, losses, hist, cos,
+                                                np.exp(log_tau), q), rtol=2e-5, atol=1e-7)
+  a = np.array([0.3, -1.0, 0.5, 0.0, 2.0])
+  pi = np.exp(a) / np.exp(a).sum()
+  np.testing.assert_allclose(agg.auto_weights(out, jnp.asarray(a), jnp.asarray(log_tau)),
+                             pi @ want, rtol=2e-5, atol=1e-7)
+
+
+def test_hypergradient_matches_central_differences_float64():
+  with jax.enable_x64(True):
+    model = logreg()
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.3, jnp.float64),
+                          model.init(jax.random.key(0)))
+    k = 5
+    deltas = jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=(k,) + p.shape) * 0.5, jnp.float64), params)
+    finite = jnp.asarray([True, True, False, True, True])
+    out = fp.core.ClientOutput(
+        delta=deltas, num_examples=jnp.asarray([6, 5, 7, 4, 8]),
+        train_loss=jnp.asarray([0.4, 1.3, np.nan, 0.9, 0.7], jnp.float64), num_steps=None,
+        label_hist=jnp.asarray(rng.integers(0, 5, (k, 3)).astype(np.float64) + 0.5),
+        finite=finite, client_id=jnp.arange(k))
+    objective = held_out_loss(model, rng.normal(size=(12, 5)), rng.integers(0, 3, 12))
+    f = lambda a, t: agg.auto_objective(objective, params, out, a, t)
+    a = jnp.asarray([0.3, -0.2, 0.1, 0.5, -0.4], jnp.float64)
+    t = jnp.asarray([-0.3, 0.2, -0.5], jnp.float64)
+    ga, gt = jax.grad(f, argnums=(0, 1))(a, t)
+    assert ga.dtype == jnp.float64 and np.all(np.isfinite(ga)) and np.all(np.isfinite(gt))
+    eps = 1e-6
+    fd_a = np.array([(f(a.at[i].add(eps), t) - f(a.at[i].add(-eps), t)) / (2 * eps)
+                     for i in range(5)])
+    fd_t = np.array([(f(a, t.at[i].add(eps)) - f(a, t.at[i].add(-eps))) / (2 * eps)
+                     for i in range(3)])
+    np.testing.assert_allclose(ga, fd_a, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(gt, fd_t, rtol=1e-6, atol=1e-10)
+    assert np.max(np.abs(fd_t)) > 1e-4   # the temperatures do move the objective
+
+
+WORK = fp.LocalWork(4, epochs=2)
+
+
+def test_round_aggregates_with_the_mixture_of_the_numpy_families():
+  """With a learning rate of 0 the mixture stays where the state has it: the round's
+  weights are π(a) @ the five families at τ, recomputed from the NumPy clients."""
+  data = small_data(num_clients=6, sizes=[6, 5, 7, 4, 8, 6])
+  model = logreg()
+  a = agg.auto(held_out_loss(model, data.x[0, :5], data.y[0, :5]), steps=2,
+               optimizer=optax.sgd(0.0))
+  alg = fedavg(model, optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=4, weighting=a)
+  s0 = alg.init(jax.random.key(0), data)
+  a0, t0 = np.array([0.5, -0.3, 1.0, 0.2, -0.7]), np.log([0.7, 1.5, 0.4])
+  s0 = s0._replace(weight_state=s0.weight_state._replace(
+      logits=jnp.asarray(a0, jnp.float32), log_temperature=jnp.asarray(t0, jnp.float32)))
+  s1, m = jax.jit(alg.round)(s0, data)
+  w, b, clients = client_deltas(s0.params, data, s0.rng, WORK, 0.1, 4)
+  n = np.array([c["n"] for c in clients], float)
+  ys = np.asarray(data.y)
+  hist = np.stack([np.bincount(ys[c["id"], :c["n"]], minlength=3) for c in clients]).astype(float)
+  flat = np.stack([np.concatenate([c["dw"].ravel(), c["db"].ravel()]) for c in clients])
+  finite = np.ones(4, bool)
+  fam = np_families(n, finite, np.array([c["train_loss"] for c in clients]), hist,
+                    np_cosines(n, finite, flat), np.exp(t0))
+  want = np.exp(a0) / np.exp(a0).sum() @ fam
+  np.testing.assert_allclose(m.weights, want, rtol=2e-5)
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"],
+                             w + sum(p * c["dw"] for p, c in zip(want, clients)), atol=1e-5)
+  np.testing.assert_allclose(s1.weight_state.logits, a0, rtol=1e-6)
+
+
+def test_learning_lowers_the_proxy_loss_and_carries_over_rounds():
+  data = small_data(num_clients=6, sizes=[6, 5, 7, 4, 8, 6])
+  model = logreg()
+  objective = held_out_loss(model, data.x[1, :6], data.y[1, :6])
+  steps = 20
+  a = agg.auto(objective, steps=steps)
+  alg = fedavg(model, optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=4, weighting=a)
+  state = alg.init(jax.random.key(1), data)
+  step = jax.jit(alg.round)
+  for r in range(3):
+    before = state.weight_state
+    new, m = step(state, data)
+    # the same round's aggregate with the mixture it started from (no learning)
+    frozen = fedavg(model, optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=4,
+                    weighting=agg.auto(objective, steps=1, optimizer=optax.sgd(0.0)))
+    old, _ = jax.jit(frozen.round)(state._replace(weight_state=before), data)
+    assert float(objective(new.params)) < float(objective(old.params)) - 1e-4
+    assert float(new.weight_state.proxy_loss) == pytest.approx(float(objective(new.params)),
+                                                               rel=1e-5)
+    assert int(new.weight_state.opt_state[0].count) == steps * (r + 1)   # Adam's moments kept
+    state = new
+  mix = state.weight_state.mixture()
+  assert set(mix) == set(agg.FAMILIES) and abs(sum(mix.values()) - 1) < 1e-5
+  assert step._cache_size() == 1
+
+
+def test_bad_arguments_are_refused():
+  objective = held_out_loss(logreg(), np.ones((2, 5)), np.zeros(2, int))
+  with pytest.raises(ValueError, match="steps must be a positive int; got 0"):
+    agg.auto(objective, steps=0)
+  with pytest.raises(ValueError, match="objective must be a callable"):
+    agg.auto(None)
+  with pytest.raises(ValueError, match="population must be a 1-D distribution with every"):
+    agg.auto(objective, population=[0.5, 0.5, 0.0])
+
+
+def test_run_reports_the_mixture_per_round(tmp_path):
+  c = tiny_config()
+  c.aggregation.weighting = "auto"
+  c.data.proxy_examples = 20
+  c.eval_train = False
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")   # the caller's backend (a notebook's inline one) survives the plots
+  try:
+    summary = train_and_evaluate(c, str(tmp_path))
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)
+  rows = [json.loads(line) for line in (tmp_path / "round_weights.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in rows] == [1, 2, 3, 4]
+  for r in rows:
+    assert set(r["mixture"]) == set(agg.FAMILIES) and abs(sum(r["mixture"].values()) - 1) < 1e-5
+    assert set(r["temperatures"]) == {"loss", "label_divergence", "cosine"}
+  assert rows[0]["mixture"] != rows[-1]["mixture"]   # it learns
+  assert summary["final_mixture"] == rows[-1]["mixture"]
+  assert (tmp_path / "mixture.png").stat().st_size > 1000
+  c.data.proxy_examples = 0
+  with pytest.raises(ValueError, match="'auto' needs a server proxy set"):
+    train_and_evaluate(c, str(tmp_path / "none"))
