@@ -16,7 +16,7 @@ from test_experiment import tiny_config
 import fedjax_pers as fp
 from fedjax_pers import aggregation as agg
 from fedjax_pers.algorithms import fedavg
-from fedjax_pers.experiment import train_and_evaluate
+from fedjax_pers.experiment import prepare_data, train_and_evaluate
 from fedjax_pers.hypergrad import held_out_loss
 
 
@@ -205,3 +205,18 @@ def test_run_reports_the_mixture_per_round(tmp_path):
   c.data.proxy_examples = 0
   with pytest.raises(ValueError, match="'auto' needs a server proxy set"):
     train_and_evaluate(c, str(tmp_path / "none"))
+
+
+def test_proxy_set_defaults_to_100_examples_for_the_learned_weightings():
+  c = tiny_config()
+  assert c.data.proxy_examples is None
+  before = prepare_data(c).test.num_examples.sum()
+  for name in ("auto", "fedlaw", "loss*fedlaw"):
+    c.aggregation.weighting = name
+    got = prepare_data(c)
+    assert len(got.proxy[1]) == 100 and got.test.num_examples.sum() == before - 100
+  c.aggregation.weighting = "loss"
+  assert prepare_data(c).proxy is None
+  c.data.proxy_examples = -1
+  with pytest.raises(ValueError, match="data.proxy_examples must be an int >= 0 or None; got -1"):
+    prepare_data(c)

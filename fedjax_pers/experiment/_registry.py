@@ -15,6 +15,7 @@ import optax
 
 from fedjax_pers import data, models
 from fedjax_pers.core import FederatedData, LocalWork, Model
+from fedjax_pers.experiment._weighting import proxy_examples
 
 
 def _pick(table: Mapping[str, Any], name: str, what: str) -> Any:
@@ -161,7 +162,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> ExperimentData:
   """
   train, test = make_data(config.data)
   proxy = None
-  m = config.data.get("proxy_examples", 0)
+  m = proxy_examples(config)
   if m:
     test, px, py = data.holdout(test, m, seed=config.data.seed)
     proxy = (px, py)

@@ -102,9 +102,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     population = _population.DevicePopulation(prepared.train, prepared.test, model, mesh)
   train, test = population.view, population.test
-  logging.info("data: %s", population.line)
+  line = population.line
+  if prepared is not None and prepared.proxy is not None:
+    line += f"; server proxy set: {len(prepared.proxy[1])} test examples held out"
+  logging.info("data: %s", line)
   if primary and config.get("progress", True):
-    print(f"data: {population.line}")
+    print(f"data: {line}")
   alg = _algorithms.make_algorithm(
       config, model, train, proxy=None if prepared is None else prepared.proxy,
       attackers=None if prepared is None else prepared.attackers)

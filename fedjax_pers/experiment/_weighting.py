@@ -35,6 +35,23 @@ def weighting_name(config: ml_collections.ConfigDict) -> str:
   return PAPER_WEIGHTING.get(config.algorithm, "num_examples")
 
 
+# The weightings that learn on the server's proxy set, and its size when not set.
+LEARNED = ("fedlaw", "auto")
+DEFAULT_PROXY_EXAMPLES = 100
+
+
+def proxy_examples(config: ml_collections.ConfigDict) -> int:
+  """`data.proxy_examples`, with None resolved: `DEFAULT_PROXY_EXAMPLES` test examples
+  when the weighting learns on a proxy set (`LEARNED`), else none."""
+  m = config.data.get("proxy_examples")
+  if m is not None:
+    if not (isinstance(m, int) and m >= 0):
+      raise ValueError(f"data.proxy_examples must be an int >= 0 or None; got {m!r}.")
+    return m
+  names = config.aggregation.weighting.split("*")
+  return DEFAULT_PROXY_EXAMPLES if any(n in LEARNED for n in names) else 0
+
+
 def _population(c: ml_collections.ConfigDict, train: FederatedData):
   if c.population == "cohort":
     return None

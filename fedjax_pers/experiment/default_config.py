@@ -64,8 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.clusters = 2             # clustered_synthetic: the number of label generators
   c.data.seed = 0
   c.data.test_fraction = 0.1
-  c.data.proxy_examples = 0       # > 0: hold this many test examples out for the server
-                                  # (FedLAW's proxy set); evaluation uses the rest
+  c.data.proxy_examples = placeholder(int)   # hold this many test examples out for the
+                                  # server's proxy set (fedlaw, auto); evaluation uses the
+                                  # rest. None: 100 for a weighting that learns on it, else 0
   c.data.holdout_clients = 0.0    # > 0: this share of the clients never trains; the
                                   # summary's unseen_* keys report them
   c.data.store = placeholder(str)   # a directory: the clients live there as host stores
@@ -98,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Weighted means: num_examples | uniform | loss | loss_improvement | cosine | fedadp |
   # label_divergence | label_entropy, or several joined by '*' (product, renormalised).
   # Aggregators: q_ffl | fedlaw | auto | median | trimmed_mean | krum | multi_krum |
-  # clip_norm. auto and fedlaw learn on data.proxy_examples > 0.
+  # clip_norm. auto and fedlaw learn on the proxy set (data.proxy_examples).
   c.aggregation.weighting = "default"
   c.aggregation.temperature = 1.0     # loss, loss_improvement, label_divergence, label_entropy
   c.aggregation.power = 1.0           # w ∝ w^power (weight functions only)
