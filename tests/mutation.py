@@ -1,0 +1,165 @@
+"""The mutation pass: mutmut over one package, each package against its own test files.
+
+  pip install -e '.[dev,mutation]'
+  python tests/mutation.py aggregation [--max-children 2] [--workdir DIR] [names...]
+
+mutmut (3.8) copies the project into `DIR/mutants/`, turns every function of the
+package's files into a trampoline that runs the original or one mutant, records which
+tests reach each function (a "stats" run of the package's test files), and runs each
+mutant against those tests only. The run happens in a scratch copy of this working tree
+(`DIR`, default `/tmp/fedjax_pers_mutation/<package>`) whose `pyproject.toml` gets
+this package's `[tool.mutmut]` section, so the checkout is never touched;
+`../shared` is linked in for the data-set tests. JAX is multithreaded, so mutants run
+in fresh processes from a fork server (`process_isolation = "forkserver"`): mutmut's
+default forks the process that already started JAX, and those children deadlock.
+
+It prints every file's and the package's kill rate: killed (a test failed, or the
+mutant hung past mutmut's timeout) over every mutant except those `tests/MUTANTS.md`
+lists as equivalent (a line "- `mutant name`: why"). Mutants that no test reaches
+count as survivors. Survivors are printed by name: `mutmut show NAME` (run in `DIR`)
+shows the change. Extra `names` (fnmatch globs of mutant names) rerun just those;
+`--survivors-of DIR` reruns an earlier run's survivors in a fresh workdir (after new
+tests, whose selection would otherwise reset mutmut's results) and reports the merge.
+The pass is slow (about 2-3 s a mutant on 2 cores, plus the stats run), so it is not
+part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each package's own tests: the files that test its modules directly (the end-to-end
+# files, which run subprocesses or whole experiments, are left out: they reach most
+# functions and would only slow every mutant down).
+PACKAGES = {
+    "aggregation": ["test_aggregation.py", "test_aggregation_round.py",
+                    "test_aggregation_edges.py", "test_auto_weighting.py",
+                    "test_fednova.py"],
+    "core": ["test_engine.py", "test_batching.py", "test_execution.py", "test_cap.py",
+             "test_system.py", "test_poisson.py", "test_arrays.py", "test_models.py"],
+    "algorithms": ["test_apfl.py", "test_ditto.py", "test_fedala.py", "test_fedbabu.py",
+                   "test_fedbn.py", "test_fedbuff.py", "test_feddyn.py", "test_fednova.py",
+                   "test_fedper.py", "test_fedrod.py", "test_ifca.py", "test_moon.py",
+                   "test_pfedhn.py", "test_pfedme.py", "test_scaffold.py", "test_meta.py",
+                   "test_engine.py"],
+    "personalization": ["test_finetune.py", "test_meta.py", "test_fedper.py",
+                        "test_fedrod.py", "test_ditto.py", "test_unseen.py"],
+}
+KILLED = {"killed", "timeout"}
+IGNORED = {"skipped", "not checked"}
+
+
+def mutmut_section(package: str) -> str:
+  tests = ", ".join(f'"tests/{t}"' for t in PACKAGES[package])
+  return f"""
+[tool.mutmut]
+source_paths = ["fedjax_pers/"]
+only_mutate = ["fedjax_pers/{package}/*.py"]
+pytest_add_cli_args_test_selection = [{tests}]
+pytest_add_cli_args = ["-q"]
+also_copy = ["configs/"]
+process_isolation = "forkserver"
+"""
+
+
+def prepare(package: str, workdir: Path) -> None:
+  """A copy of the working tree (tracked and untracked, not ignored files) in `workdir`,
+  with this package's mutmut section. Kept between runs: mutmut resumes its results."""
+  files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout.split()
+  workdir.mkdir(parents=True, exist_ok=True)
+  for f in files:
+    if (ROOT / f).is_file():
+      (workdir / f).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(ROOT / f, workdir / f)
+  toml = (ROOT / "pyproject.toml").read_text()
+  toml = re.sub(r"\n\[tool\.mutmut\]\n(?:(?!\n\[).)*", "\n", toml, flags=re.S)
+  (workdir / "pyproject.toml").write_text(toml.rstrip("\n") + "\n" + mutmut_section(package))
+  shared = workdir / "shared"
+  if not shared.exists() and (ROOT.parent / "shared").is_dir():
+    shared.symlink_to(ROOT.parent / "shared")
+
+
+def equivalent() -> set[str]:
+  """The mutant names `tests/MUTANTS.md` lists as equivalent."""
+  path = ROOT / "tests" / "MUTANTS.md"
+  if not path.exists():
+    return set()
+  return set(re.findall(r"^- `([\w.]+__mutmut_\d+)`", path.read_text(), flags=re.M))
+
+
+def statuses(workdir: Path) -> dict[str, tuple[str, str]]:
+  """`{mutant name: (source file, status)}` from a run's `mutants/**/*.py.meta`."""
+  from mutmut.stats import status_by_exit_code
+
+  out = {}
+  for meta in sorted((workdir / "mutants").rglob("*.py.meta")):
+    src = meta.relative_to(workdir / "mutants").as_posix()[:-len(".meta")]
+    for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+      out[name] = (src, status_by_exit_code[code])
+  return out
+
+
+def report(workdir: Path, package: str, base: Path | None = None) -> dict:
+  """Kill rates per file and for the package; with `base`, the statuses of that earlier
+  run, overridden by this run's for the mutants it checked (a rerun of survivors)."""
+  found = statuses(workdir)
+  if base is not None:
+    found = {**statuses(base), **{k: v for k, v in found.items() if v[1] not in IGNORED}}
+  skip = equivalent()
+  files, total, survivors = {}, Counter(), []
+  for name, (src, status) in sorted(found.items()):
+    status = "equivalent" if name in skip else status
+    files.setdefault(src, Counter())[status] += 1
+    total[status] += 1
+    if status not in KILLED | IGNORED | {"equivalent"}:
+      survivors.append(name)
+  rate = lambda c: sum(c[k] for k in KILLED) / max(
+      sum(c.values()) - sum(c[k] for k in IGNORED) - c["equivalent"], 1)
+  for src, c in files.items():
+    print(f"{src:48s} {rate(c):6.1%}  {dict(c)}")
+  print(f"{'fedjax_pers/' + package:48s} {rate(total):6.1%}  {dict(total)}")
+  out = {"package": package, "kill_rate": rate(total), "counts": dict(total),
+         "files": {k: dict(v) for k, v in files.items()}, "survivors": survivors}
+  (workdir / "mutation_report.json").write_text(json.dumps(out, indent=1))
+  if survivors:
+    print(f"{len(survivors)} survivors:\n  " + "\n  ".join(survivors))
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("package", choices=sorted(PACKAGES))
+  p.add_argument("names", nargs="*", help="mutant name globs to (re)run; default all")
+  p.add_argument("--max-children", type=int, default=2)
+  p.add_argument("--workdir", default=None)
+  p.add_argument("--survivors-of", default=None,
+                 help="an earlier run's workdir: run only its survivors, here, and report "
+                      "its statuses with theirs replaced")
+  p.add_argument("--report-only", action="store_true")
+  args = p.parse_args()
+  workdir = Path(args.workdir or f"/tmp/fedjax_pers_mutation/{args.package}")
+  base = None if args.survivors_of is None else Path(args.survivors_of)
+  names = list(args.names)
+  if base is not None:
+    names += json.loads((base / "mutation_report.json").read_text())["survivors"]
+  if not args.report_only:
+    prepare(args.package, workdir)
+    mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut"
+    subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *names],
+                   cwd=workdir, check=True)
+  report(workdir, args.package, base)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,201 @@
+"""Weightings that wrap others (product, power, floor, attacks), per-client logits, edge
+cases (clients with 0 or 1 examples, two classes) and every factory's numbers traced."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_aggregation import BAD, N, make_outputs, np_softmax, weights_of
+
+from fedjax_pers import aggregation as agg
+
+WRAPPERS = {
+    "product": lambda fn: agg.product(agg.num_examples(), fn),
+    "power": lambda fn: agg.power(fn, 2.0),
+    "floor": lambda fn: agg.floor(fn, 0.3),
+}
+
+
+def two_rounds(fn):
+  """Weights and state of two rounds (the second cohort overlaps the first)."""
+  state = fn.init(N)
+  out = []
+  for seed in (0, 1):
+    w, state = jax.jit(fn.apply)(make_outputs(seed), state)
+    out.append(np.asarray(w))
+  return out, state
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
+def test_wrappers_carry_the_inner_state(name):
+  """FedAdp keeps a state; wrapped, it must evolve exactly as alone."""
+  (_, _), alone = two_rounds(agg.fedadp())
+  (w1, w2), wrapped = two_rounds(WRAPPERS[name](agg.fedadp()))
+  inner = wrapped[1] if name == "product" else wrapped
+  np.testing.assert_array_equal(inner.angle, alone.angle)
+  np.testing.assert_array_equal(inner.count, alone.count)
+  assert np.asarray(alone.count).sum() > 0 and abs(w2.sum() - 1) < 1e-6
+
+
+def test_scores_exist_exactly_where_the_weights_are_separable():
+  sep, not_sep = agg.label_entropy(1.0), agg.loss(0.5)
+  assert agg.product(agg.num_examples(), sep).score is not None
+  assert agg.product(agg.num_examples(), not_sep).score is None
+  assert agg.power(sep, 2.0).score is not None
+  assert agg.power(not_sep, 2.0).score is None
+  assert agg.floor(sep, 0.3).score is None          # mixing with 1/m needs the cohort
+  assert agg.scaled_updates(sep, np.zeros(N, bool), -1.0).score is None
+  out = make_outputs(4)
+  finite = np.asarray(out.finite)
+  for fn in (agg.product(agg.num_examples(), sep), agg.power(sep, 2.0)):
+    u = np.where(finite, np.asarray(jax.vmap(fn.score)(out)), 0.0)
+    np.testing.assert_allclose(u / u.sum(), weights_of(fn, out)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_client_losses_flag_passes_through_the_wrappers():
+  needs = agg.loss_improvement()
+  assert agg.product(agg.num_examples(), needs).client_losses
+  assert not agg.product(agg.num_examples(), agg.uniform()).client_losses
+  assert agg.power(needs, 2.0).client_losses and agg.floor(needs, 0.5).client_losses
+  assert agg.scaled_updates(needs, np.zeros(N, bool), 2.0).client_losses
+
+
+def test_logits_weigh_the_cohort_by_its_clients_logits():
+  theta = np.linspace(-1.0, 1.0, N)
+  out = make_outputs(2)
+  w, _ = weights_of(agg.logits(jnp.asarray(theta, jnp.float32)), out)
+  want = np_softmax(theta[np.asarray(out.client_id)], np.asarray(out.finite))
+  np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-7)
+  assert w[BAD] == 0
+  with pytest.raises(ValueError, match=r"one logit per client, shape \(10,\); got \(3,\)"):
+    agg.logits(jnp.zeros(3)).init(N)
+
+
+def test_scaled_updates_scale_only_the_attackers_and_keep_dtypes_and_params():
+  out = make_outputs(5)
+  bad = np.zeros(N, bool)
+  bad[np.asarray(out.client_id)[[0, 3]]] = True
+  scale = jnp.where(jnp.asarray(bad)[out.client_id], -4.0, 1.0)
+  scaled = out._replace(delta=jax.tree.map(
+      lambda d: d * scale.reshape((-1,) + (1,) * (d.ndim - 1)), out.delta))
+  # an aggregator that reads the global model: FedLAW on a tiny proxy problem
+  params = jax.tree.map(lambda d: jnp.ones(d.shape[1:]), out.delta)
+  objective = lambda p: sum(jnp.sum(jnp.square(x - 0.5)) for x in jax.tree.leaves(p))
+  inner = agg.auto(objective, steps=2)
+  a = agg.scaled_updates(inner, bad, -4.0)
+  got, w, _ = jax.jit(a.apply)(out, a.init(N), params)
+  want, w_want, _ = jax.jit(inner.apply)(scaled, inner.init(N), params)
+  for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, v, rtol=1e-6)
+  np.testing.assert_allclose(w, w_want, rtol=1e-6)
+  # bfloat16 updates reach the wrapped aggregator as bfloat16
+  half = out._replace(delta=jax.tree.map(lambda d: d.astype(jnp.bfloat16), out.delta))
+  first = agg.Aggregator(init=lambda n: (), apply=lambda o, s, p: (
+      jax.tree.map(lambda d: d[0], o.delta), jnp.ones(o.finite.shape), s))
+  d16, _, _ = jax.jit(agg.scaled_updates(first, bad, 2.0).apply)(half, (), params)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(d16))
+  with pytest.raises(ValueError, match=r"one entry per client \(10\); got 3"):
+    agg.scaled_updates(agg.uniform(), np.zeros(3, bool), 2.0).init(N)
+
+
+@pytest.mark.parametrize("bad_call, match", [
+    (lambda: agg.product(), r"product needs one or more WeightFn; got \(\)"),
+    (lambda: agg.product(agg.uniform(), "x"), "product needs one or more WeightFn"),
+    (lambda: agg.power(agg.uniform(), 0.0), r"exponent must be a number > 0; got 0.0"),
+    (lambda: agg.floor(agg.uniform(), -0.1), r"fraction must be a number in \[0, 1\]"),
+    (lambda: agg.loss(-1.0), r"temperature must be a number > 0; got -1.0"),
+    (lambda: agg.label_divergence(-0.5), r"temperature must be a number >= 0; got -0.5"),
+    (lambda: agg.label_entropy(-0.5), r"temperature must be a number >= 0; got -0.5"),
+    (lambda: agg.fedadp(-1.0), r"alpha must be a number > 0; got -1.0"),
+])
+def test_boundaries_and_messages(bad_call, match):
+  with pytest.raises(ValueError, match=match):
+    bad_call()
+
+
+def test_boundary_values_are_accepted():
+  out = make_outputs(6)
+  for fn in (agg.power(agg.uniform(), 0.5), agg.floor(agg.cosine(), 0.0),
+             agg.floor(agg.cosine(), 1.0), agg.label_divergence(0.0),
+             agg.label_entropy(0.0)):
+    w, _ = weights_of(fn, out)
+    assert abs(float(np.sum(w)) - 1) < 1e-6
+  w, _ = weights_of(agg.floor(agg.cosine(), 1.0), out)   # all uniform
+  np.testing.assert_allclose(w, np.asarray(out.finite) / np.sum(out.finite), rtol=1e-6)
+
+
+# Each factory with its number traced (as a sweep passes it) gives the weights it gives
+# with the same number concrete.
+TRACED = {
+    "power": lambda v: agg.power(agg.num_examples(), v),
+    "floor": lambda v: agg.floor(agg.cosine(), v),
+    "loss": agg.loss,
+    "loss_improvement": agg.loss_improvement,
+    "label_entropy": agg.label_entropy,
+    "fedadp": agg.fedadp,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRACED))
+def test_factories_take_traced_numbers(name):
+  out = make_outputs(7)
+  make = TRACED[name]
+  concrete, _ = weights_of(make(0.4), out)
+  traced = jax.jit(lambda v: make(v).apply(out, make(0.4).init(N))[0])(jnp.float32(0.4))
+  np.testing.assert_allclose(traced, concrete, rtol=1e-5, atol=1e-7)
+
+
+def test_clients_with_no_examples_get_no_weight_and_one_example_some():
+  out = make_outputs(8)
+  n = np.asarray(out.num_examples).copy()
+  n[0], n[1] = 0, 1
+  hist = np.asarray(out.label_hist).copy()
+  hist[0], hist[1] = 0, np.eye(hist.shape[1])[1]
+  out = out._replace(num_examples=jnp.asarray(n), label_hist=jnp.asarray(hist))
+  for fn in (agg.label_divergence(0.0), agg.label_divergence(1.0), agg.label_entropy(1.0),
+             agg.label_divergence(1.0, [0.1, 0.2, 0.3, 0.4])):
+    w, _ = weights_of(fn, out)
+    assert w[0] == 0 and w[1] > 0 and w[BAD] == 0 and abs(float(np.sum(w)) - 1) < 1e-6
+  w, _ = weights_of(agg.label_divergence(0.0), out)
+  keep = np.asarray(out.finite)
+  np.testing.assert_allclose(w, np.where(keep, n, 0) / np.sum(np.where(keep, n, 0)),
+                             rtol=1e-6)
+
+
+def test_entropy_is_divided_by_log_of_the_number_of_classes_even_for_two():
+  out = make_outputs(9)
+  hist = np.asarray(out.label_hist)[:, :2] + 1.0
+  out = out._replace(label_hist=jnp.asarray(hist))
+  p = hist / hist.sum(1, keepdims=True)
+  h = -(p * np.log(p)).sum(1) / np.log(2)
+  want = np_softmax(np.log(np.asarray(out.num_examples, float)) + 1.5 * h,
+                    np.asarray(out.finite))
+  np.testing.assert_allclose(weights_of(agg.label_entropy(1.5), out)[0], want, rtol=2e-5)
+
+
+def test_label_weightings_scores():
+  out = make_outputs(10)
+  finite = np.asarray(out.finite)
+  assert agg.label_divergence(1.0).score is None   # the cohort's pooled labels
+  for fn in (agg.label_divergence(0.0), agg.label_divergence(1.0, [0.1, 0.2, 0.3, 0.4]),
+             agg.label_entropy(1.0)):
+    u = np.where(finite, np.asarray(jax.vmap(fn.score)(out), np.float64), 0.0)
+    np.testing.assert_allclose(u / u.sum(), weights_of(fn, out)[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("population", [[[0.5, 0.5]], [1.5, -0.5], [0.5, 0.4]])
+def test_bad_populations_are_refused(population):
+  with pytest.raises(ValueError, match="population must be a 1-D distribution"):
+    agg.label_divergence(1.0, population)
+
+
+def test_label_weighting_messages():
+  with pytest.raises(ValueError, match=r"\[2\]: a client holding one .* the cohort's own "
+                     r"\(population=None\)\."):
+    agg.label_divergence(1.0, [0.5, 0.5, 0.0])
+  for make in (agg.label_divergence, agg.label_entropy, agg.loss):
+    with pytest.raises(ValueError, match="temperature must be a number"):
+      make("warm")
+  # label divergence's τ decides the program (τ = 0: data size), so it cannot be traced
+  with pytest.raises(jax.errors.TracerBoolConversionError):
+    jax.jit(lambda t: agg.label_divergence(t).apply(make_outputs(), ())[0])(1.0)
