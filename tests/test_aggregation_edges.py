@@ -199,3 +199,37 @@ def test_label_weighting_messages():
   # label divergence's τ decides the program (τ = 0: data size), so it cannot be traced
   with pytest.raises(jax.errors.TracerBoolConversionError):
     jax.jit(lambda t: agg.label_divergence(t).apply(make_outputs(), ())[0])(1.0)
+
+
+def test_clip_norm_clips_before_its_own_weighting_and_never_streams():
+  out = make_outputs(11)
+  a = agg.clip_norm(0.8, weighting=agg.uniform())
+  assert a.score is None and agg.clip_norm(0.8).score is None
+  keep = np.asarray(out.finite)
+  d = np.concatenate([np.asarray(x, np.float64).reshape(len(keep), -1)
+                      for x in jax.tree.leaves(out.delta)], 1)
+  d[~keep] = 0
+  d *= np.minimum(1.0, 0.8 / np.maximum(np.linalg.norm(d, axis=1), 1e-30))[:, None]
+  want = d[keep].mean(0)
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), out.delta)
+  got, w, _ = jax.jit(a.apply)(out, a.init(N), params)
+  got = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(got)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(w, keep / keep.sum(), rtol=1e-6)
+  traced = jax.jit(lambda c: agg.clip_norm(c, agg.uniform()).apply(out, (), params)[0])(0.8)
+  np.testing.assert_allclose(np.concatenate([np.asarray(x).ravel()
+                                             for x in jax.tree.leaves(traced)]), want,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_robust_messages_name_the_aggregator_and_the_fix():
+  with pytest.raises(ValueError, match=r"^krum: f \(Byzantine clients tolerated\)"):
+    agg.krum(-1)
+  with pytest.raises(ValueError, match=r"use beta >= 1/k = 0\.2 or more clients per round\.\n"):
+    jax.jit(agg.trimmed_mean(0.1).apply)(make_outputs(k=5), (), None)
+  out = make_outputs(k=6, bad=())
+  beta = 0.2   # traced: trims floor(0.2 · 6) = 1 per side, as concrete
+  concrete = jax.jit(agg.trimmed_mean(beta).apply)(out, (), None)[0]
+  traced = jax.jit(lambda b: agg.trimmed_mean(b).apply(out, (), None)[0])(beta)
+  for c, t in zip(jax.tree.leaves(concrete), jax.tree.leaves(traced)):
+    np.testing.assert_allclose(t, c, rtol=1e-6)

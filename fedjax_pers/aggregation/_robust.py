@@ -95,7 +95,7 @@ def trimmed_mean(beta: float) -> Aggregator:
   def apply(outputs, state, params):
     del params
     k = outputs.finite.shape[0]
-    if beta > 0 and int(beta * k) == 0:
+    if not traced(beta) and beta > 0 and int(beta * k) == 0:   # concrete β only
       raise ValueError(
           f"trimmed_mean(beta={beta}) trims floor(beta k) = 0 of the k={k} clients per round "
           f"at each end, so it would be the plain mean; use beta >= 1/k = {1 / k:.3g} or "
