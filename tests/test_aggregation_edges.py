@@ -233,3 +233,106 @@ def test_robust_messages_name_the_aggregator_and_the_fix():
   traced = jax.jit(lambda b: agg.trimmed_mean(b).apply(out, (), None)[0])(beta)
   for c, t in zip(jax.tree.leaves(concrete), jax.tree.leaves(traced)):
     np.testing.assert_allclose(t, c, rtol=1e-6)
+
+
+# ----------------------------------------------------------------- FedLAW, FedNova, q-FFL
+
+
+def fedlaw_problem(seed=12):
+  from test_engine import logreg
+
+  rng = np.random.default_rng(seed)
+  model = logreg()
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.3, jnp.float32),
+                        model.init(jax.random.key(0)))
+  k = 5
+  deltas = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(k,) + p.shape) * 0.5,
+                                              jnp.float32), params)
+  n = jnp.asarray([6, 5, 7, 4, 8])
+  out = make_outputs(seed, k=k, bad=(2,))._replace(delta=deltas, num_examples=n)
+  x, y = rng.normal(size=(12, 5)).astype(np.float32), rng.integers(0, 3, 12)
+  return model, params, out, x, y
+
+
+def test_fedlaw_runs_adam_on_its_objective_from_the_fedavg_weights():
+  """The learned (θ, θ_γ) are those of Adam(0.05) on `fedlaw_objective`, written out."""
+  import optax
+
+  model, params, out, x, y = fedlaw_problem()
+  steps = 7
+  a = agg.fedlaw(model, x, y, steps=steps)
+  delta, w, state = jax.jit(a.apply)(out, a.init(5), params)
+  finite = out.finite
+  deltas = jax.tree.map(lambda d: jnp.where(
+      finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0), out.delta)
+  n = np.where(finite, np.asarray(out.num_examples, float), 0)
+  z = (jnp.asarray(np.log(np.where(n > 0, n / n.sum(), 1.0)), jnp.float32), jnp.float32(0))
+  f = lambda z: agg.fedlaw_objective(model, params, deltas, finite, z[0], z[1], x, y)
+  tx = optax.adam(0.05)
+  opt = tx.init(z)
+  for _ in range(steps):
+    updates, opt = tx.update(jax.grad(f)(z), opt, z)
+    z = optax.apply_updates(z, updates)
+  np.testing.assert_allclose(w, np_softmax(np.asarray(z[0]), np.asarray(finite)), rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(float(state.gamma), float(np.exp(z[1])), rtol=1e-5)
+  want = agg.fedlaw_aggregate(params, deltas, finite, *z)
+  for d, p, v in zip(jax.tree.leaves(delta), jax.tree.leaves(params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(p) + np.asarray(d), v, rtol=1e-4, atol=1e-5)
+
+
+def test_fedlaw_leaves_out_clients_without_data():
+  model, params, out, x, y = fedlaw_problem(13)
+  out = out._replace(num_examples=out.num_examples.at[0].set(0))
+  a = agg.fedlaw(model, x, y, steps=3)
+  _, w, _ = jax.jit(a.apply)(out, a.init(5), params)
+  assert float(w[0]) == 0 and float(w[2]) == 0 and abs(float(np.sum(w)) - 1) < 1e-6
+
+
+def test_fedlaw_arguments():
+  model, _, _, x, y = fedlaw_problem()
+  agg.fedlaw(model, x[:1], y[:1], steps=1)          # one proxy example, one step: fine
+  agg.fedlaw(model, x[:, 0], y)                      # 1-D inputs (a model of scalars)
+  for px, py in ((x[:0], y[:0]), (x, y[:3]), (np.float32(1.0), y[:1])):
+    with pytest.raises(ValueError, match=r"^fedlaw needs a non-empty proxy set with proxy_y "
+                       r"of shape \[m\] matching proxy_x's first axis"):
+      agg.fedlaw(model, px, py)
+  for steps in (0, 2.0):
+    with pytest.raises(ValueError, match=f"steps must be a positive int; got {steps!r}"):
+      agg.fedlaw(model, x, y, steps=steps)
+
+
+def test_fednova_with_its_own_weighting_and_momentum():
+  out = make_outputs(14)
+  steps = np.array([3, 5, 1, 8, 2, 6])
+  out = out._replace(num_steps=jnp.asarray(steps))
+  rho = 0.5
+  a = agg.fednova(agg.uniform(), momentum=rho)
+  _, w, _ = jax.jit(a.apply)(out, a.init(N), None)
+  norm = (steps - rho * (1 - rho ** steps) / (1 - rho)) / (1 - rho)
+  keep = np.asarray(out.finite)
+  p = keep / keep.sum()
+  want = np.sum(p * norm) * np.where(keep, p / norm, 0)
+  np.testing.assert_allclose(w, want, rtol=1e-5)
+
+
+def test_q_ffl_at_q_one_keeps_the_curvature_term():
+  out = make_outputs(15)
+  a = agg.q_ffl(1.0, 0.1)
+  got, w, _ = jax.jit(a.apply)(out, (), None)
+  keep = np.asarray(out.finite)
+  d = np.concatenate([np.asarray(x, np.float64).reshape(len(keep), -1)
+                      for x in jax.tree.leaves(out.delta)], 1)[keep]
+  f = np.asarray(out.loss_before, np.float64)[keep]
+  lip = 10.0
+  h = np.sum(d ** 2, 1) * lip ** 2 + lip * f      # q F^(q-1) ||ΔW||² + L F^q at q = 1
+  want = (lip * f) @ d / h.sum()
+  got = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(got)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  traced = jax.jit(lambda lr: agg.q_ffl(1.0, lr).apply(out, (), None)[0])(0.1)
+  np.testing.assert_allclose(np.concatenate([np.asarray(x).ravel()
+                                             for x in jax.tree.leaves(traced)]), want,
+                             rtol=1e-5, atol=1e-7)
+  # q decides the program (q = 0 drops the curvature term), so it cannot be traced
+  with pytest.raises(jax.errors.TracerBoolConversionError):
+    jax.jit(lambda q: agg.q_ffl(q, 0.1).apply(out, (), None)[0])(1.0)

@@ -79,7 +79,9 @@ def fedlaw(model: Model, proxy_x, proxy_y, *, steps: int = 100,
   x, y = jnp.asarray(proxy_x), jnp.asarray(proxy_y, jnp.int32)
 
   def apply(outputs, state, params):
-    finite = outputs.finite
+    # A client without data has no model of its own to weigh: it is left out with the
+    # non-finite ones (log(n_i / N) would be -inf).
+    finite = outputs.finite & (outputs.num_examples > 0)
     deltas = zero_nonfinite(outputs)
     n = normalize(outputs.num_examples.astype(jnp.float32), finite)
     z = (jnp.log(jnp.where(n > 0, n, 1.0)), jnp.zeros((), jnp.float32))
