@@ -336,3 +336,41 @@ def test_q_ffl_at_q_one_keeps_the_curvature_term():
   # q decides the program (q = 0 drops the curvature term), so it cannot be traced
   with pytest.raises(jax.errors.TracerBoolConversionError):
     jax.jit(lambda q: agg.q_ffl(q, 0.1).apply(out, (), None)[0])(1.0)
+
+
+def test_robust_cohort_and_argument_messages():
+  six = make_outputs(k=6)
+  with pytest.raises(ValueError, match=r"krum with f=2 needs at least 2f \+ 3 = 7 clients "
+                     r"per round; got 6\."):
+    jax.jit(agg.krum(2).apply)(six, (), None)
+  with pytest.raises(ValueError, match=r"^multi_krum with f=2 needs at least 2f \+ 3 = 7"):
+    jax.jit(agg.multi_krum(2).apply)(six, (), None)
+  with pytest.raises(ValueError, match=r"^multi_krum: f \(Byzantine clients tolerated\)"):
+    agg.multi_krum(-1)
+  for m in (0, 2.0):
+    with pytest.raises(ValueError, match=f"^multi_krum: m must be a positive int or None; "
+                       f"got {m!r}"):
+      agg.multi_krum(1, m=m)
+  with pytest.raises(ValueError, match=r"^multi_krum: m=7 exceeds the k=6 clients per round, "
+                     r"so it would average them all\."):
+    jax.jit(agg.multi_krum(1, m=7).apply)(six, (), None)
+  jax.jit(agg.multi_krum(1, m=6).apply)(six, (), None)    # m = k: allowed
+
+
+def test_cosine_falls_back_to_data_size_when_no_update_agrees_with_the_mean():
+  out = make_outputs(16, k=2, bad=())
+  out = out._replace(delta=jax.tree.map(lambda d: jnp.stack([d[0], -d[0]]), out.delta),
+                     num_examples=jnp.asarray([5, 5]))
+  w, _ = weights_of(agg.cosine(), out)              # the mean is 0: every cosine is 0
+  np.testing.assert_allclose(w, [0.5, 0.5])
+
+
+def test_fedadp_leaves_clients_without_data_or_a_finite_update_alone():
+  out = make_outputs(17)
+  out = out._replace(num_examples=out.num_examples.at[0].set(0).at[1].set(1))
+  fn = agg.fedadp()
+  w, state = weights_of(fn, out)
+  assert float(w[0]) == 0 and float(w[1]) > 0 and float(w[BAD]) == 0
+  bad_id = int(out.client_id[BAD])
+  assert float(state.angle[bad_id]) == 0 and int(state.count[bad_id]) == 0
+  assert state.count.dtype == jnp.int32
