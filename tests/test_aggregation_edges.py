@@ -374,3 +374,33 @@ def test_fedadp_leaves_clients_without_data_or_a_finite_update_alone():
   bad_id = int(out.client_id[BAD])
   assert float(state.angle[bad_id]) == 0 and int(state.count[bad_id]) == 0
   assert state.count.dtype == jnp.int32
+
+
+def test_more_edges_the_mutation_pass_found():
+  # the attackers' wrapper gives the inner weighting its state (FedAdp keeps one)
+  a = agg.scaled_updates(agg.fedadp(), np.zeros(N, bool), 2.0)
+  state = a.init(N)
+  assert state.angle.shape == (N,)
+  # FedLAW keeps a client with a single example
+  model, params, out, x, y = fedlaw_problem(18)
+  out = out._replace(num_examples=out.num_examples.at[0].set(1))
+  _, w, _ = jax.jit(agg.fedlaw(model, x, y, steps=2).apply)(out, agg.FedLAWState(
+      jnp.float32(1)), params)
+  assert float(w[0]) > 0
+  # FedAdp's Gompertz constant reaches the weights
+  o = make_outputs(19)
+  theta = np.arccos(np.clip(np.asarray(agg.cosine_to_mean(o), np.float64), -1, 1))
+  f = 2.0 * (1 - np.exp(-np.exp(-2.0 * (theta - 1))))
+  want = np_softmax(np.log(np.asarray(o.num_examples, float)) + f, np.asarray(o.finite))
+  np.testing.assert_allclose(weights_of(agg.fedadp(2.0), o)[0], want, rtol=2e-5, atol=1e-7)
+  # Krum tolerating no Byzantine client is allowed
+  agg.krum(0)
+  agg.multi_krum(0)
+  # the automated weighting's divergence family uses the population it is given
+  q = [0.7, 0.1, 0.1, 0.1]
+  objective = lambda p: sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(p))
+  ap = agg.auto(objective, optimizer=__import__("optax").sgd(0.0), population=q)
+  params0 = jax.tree.map(lambda d: jnp.zeros(d.shape[1:]), o.delta)
+  _, w, _ = jax.jit(ap.apply)(o, ap.init(N), params0)
+  want = jnp.mean(agg.family_weights(o, jnp.zeros(3), jnp.asarray(q)), axis=0)
+  np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-7)
