@@ -8,6 +8,7 @@ returns the aggregate itself (median, Krum, q-FFL, FedLAW, the automated mixture
 from fedjax_pers.aggregation._attacks import scaled_updates
 from fedjax_pers.aggregation._auto import (
     FAMILIES,
+    TEMPERED,
     AutoState,
     auto,
     auto_objective,
@@ -57,6 +58,7 @@ from fedjax_pers.core._cohort import normalize
 
 __all__ = [
     "FAMILIES",
+    "TEMPERED",
     "Aggregator",
     "AutoState",
     "auto",

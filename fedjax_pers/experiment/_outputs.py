@@ -167,9 +167,9 @@ def plot_clusters(rows: list[dict[str, Any]], num_clients: int, num_clusters: in
   import numpy as np
 
   c = weight_matrix(rows, num_clients, "clusters")
-  fig, ax = figure(figsize=(min(4 + num_clients * 0.15, 16), 4.5))
   import matplotlib
 
+  fig, ax = figure(figsize=(min(4 + num_clients * 0.15, 16), 4.5))
   cmap = matplotlib.colormaps["tab10" if num_clusters <= 10 else "tab20"].resampled(num_clusters)
   im = ax.imshow(np.ma.masked_invalid(c.T), aspect="auto", interpolation="nearest", cmap=cmap,
                  vmin=-0.5, vmax=num_clusters - 0.5,

@@ -235,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         (m.clients, m.weights, m.real_steps, m.executed_steps, m.present, m.stragglers))
     cluster = (np.asarray(state.client_states.cluster)
                if hasattr(state.client_states, "cluster") else None)
+    mixtures = _weighting.learned_mixtures(state.weight_state, len(files))
     for s, f in enumerate(files):
       clients, weights, real, executed, present, stragglers = pick(fetched, s)
       steps[s] += (int(real), int(executed))
@@ -247,9 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         row["not_reported"] = clients[~present].tolist()
       if cluster is not None:   # the clusters the cohort chose (IFCA)
         row["clusters"] = pick(cluster, s)[clients[present]].tolist()
-      mixture = _weighting.learned_mixture(state.weight_state, s)
-      if mixture is not None:   # aggregation.weighting='auto': the learned mixture
-        row.update(mixture)
+      if mixtures is not None:   # aggregation.weighting='auto': the learned mixture
+        row.update(mixtures[s])
       f.round(row)
     if r == first:
       compile_seconds = time.perf_counter() - t0

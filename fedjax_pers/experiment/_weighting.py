@@ -159,17 +159,19 @@ def _attacked(config: ml_collections.ConfigDict, how, attackers: np.ndarray | No
   return how
 
 
-def learned_mixture(weight_state, variant: int = 0) -> dict | None:
-  """`{'mixture': π by family, 'temperatures': τ by family}` of an automated weighting's
-  state anywhere in `weight_state` (host values; of `variant` in a sweep's stacked
-  state), else None."""
+def learned_mixtures(weight_state, num_runs: int) -> list[dict] | None:
+  """Each run's `{'mixture': π by family, 'temperatures': τ by family}` of an automated
+  weighting's state anywhere in `weight_state` (a sweep's: stacked over its `num_runs`
+  variants), fetched from the device once; None without one."""
   found = [s for s in jax.tree.leaves(weight_state, is_leaf=lambda x: isinstance(
       x, aggregation.AutoState)) if isinstance(s, aggregation.AutoState)]
   if not found:
     return None
-  z = np.asarray(found[0].logits), np.asarray(found[0].log_temperature)
-  if z[0].ndim == 2:   # a sweep's stacked states
-    z = z[0][variant], z[1][variant]
-  one = aggregation.AutoState(*z, None, None)
-  return {"mixture": {k: round(v, 6) for k, v in one.mixture().items()},
-          "temperatures": {k: round(v, 6) for k, v in one.temperatures().items()}}
+  logits, log_tau = jax.device_get((found[0].logits, found[0].log_temperature))
+  logits, log_tau = np.reshape(logits, (num_runs, -1)), np.reshape(log_tau, (num_runs, -1))
+  pi = np.exp(logits - logits.max(1, keepdims=True))
+  pi /= pi.sum(1, keepdims=True)
+  return [{"mixture": {k: round(float(v), 6) for k, v in zip(aggregation.FAMILIES, p)},
+           "temperatures": {k: round(float(v), 6) for k, v in zip(
+               aggregation.TEMPERED, np.exp(t))}}
+          for p, t in zip(pi, log_tau)]
