@@ -147,7 +147,7 @@ def main() -> None:
                  help="an earlier run's workdir: run only its survivors, here, and report "
                       "its statuses with theirs replaced")
   p.add_argument("--report-only", action="store_true")
-  args = p.parse_args()
+  args = p.parse_intermixed_args()   # names may follow the options
   workdir = Path(args.workdir or f"/tmp/fedjax_pers_mutation/{args.package}")
   base = None if args.survivors_of is None else Path(args.survivors_of)
   names = list(args.names)

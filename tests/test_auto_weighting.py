@@ -1,22 +1,17 @@
 """The automated weighting: family weights against NumPy, its hypergradient against central
 differences in float64, the learned mixture in a round and in a run's outputs."""
 
-import json
-
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 import pytest
 from _reference import client_deltas
 from test_engine import logreg, small_data
-from test_experiment import tiny_config
 
 import fedjax_pers as fp
 from fedjax_pers import aggregation as agg
 from fedjax_pers.algorithms import fedavg
-from fedjax_pers.experiment import prepare_data, train_and_evaluate
 from fedjax_pers.hypergrad import held_out_loss
 
 
@@ -182,41 +177,32 @@ def test_bad_arguments_are_refused():
     agg.auto(objective, population=[0.5, 0.5, 0.0])
 
 
-def test_run_reports_the_mixture_per_round(tmp_path):
-  c = tiny_config()
-  c.aggregation.weighting = "auto"
-  c.data.proxy_examples = 20
-  c.eval_train = False
-  before = matplotlib.get_backend()
-  matplotlib.use("svg")   # the caller's backend (a notebook's inline one) survives the plots
-  try:
-    summary = train_and_evaluate(c, str(tmp_path))
-    assert matplotlib.get_backend() == "svg"
-  finally:
-    matplotlib.use(before)
-  rows = [json.loads(line) for line in (tmp_path / "round_weights.jsonl").read_text().splitlines()]
-  assert [r["round"] for r in rows] == [1, 2, 3, 4]
-  for r in rows:
-    assert set(r["mixture"]) == set(agg.FAMILIES) and abs(sum(r["mixture"].values()) - 1) < 1e-5
-    assert set(r["temperatures"]) == {"loss", "label_divergence", "cosine"}
-  assert rows[0]["mixture"] != rows[-1]["mixture"]   # it learns
-  assert summary["final_mixture"] == rows[-1]["mixture"]
-  assert (tmp_path / "mixture.png").stat().st_size > 1000
-  c.data.proxy_examples = 0
-  with pytest.raises(ValueError, match="'auto' needs a server proxy set"):
-    train_and_evaluate(c, str(tmp_path / "none"))
-
-
-def test_proxy_set_defaults_to_100_examples_for_the_learned_weightings():
-  c = tiny_config()
-  assert c.data.proxy_examples is None
-  before = prepare_data(c).test.num_examples.sum()
-  for name in ("auto", "fedlaw", "loss*fedlaw"):
-    c.aggregation.weighting = name
-    got = prepare_data(c)
-    assert len(got.proxy[1]) == 100 and got.test.num_examples.sum() == before - 100
-  c.aggregation.weighting = "loss"
-  assert prepare_data(c).proxy is None
-  c.data.proxy_examples = -1
-  with pytest.raises(ValueError, match="data.proxy_examples must be an int >= 0 or None; got -1"):
-    prepare_data(c)
+def test_factory_defaults_and_population():
+  """`auto(objective)` takes one Adam step (lr 0.05) a round, and a population given to
+  the factory is the divergence family's q (checked against NumPy in the round)."""
+  rng = np.random.default_rng(3)
+  n = np.array([6, 5, 7, 4], np.int32)
+  flat = rng.normal(size=(4, 6)).astype(np.float32)
+  losses = np.array([0.5, 2.0, 0.8, 1.0], np.float32)
+  hist = np.array([[3, 3, 0], [5, 0, 0], [2, 2, 3], [1, 1, 2]], np.float32)
+  out = outputs_for(flat, n, losses, hist, np.ones(4, bool))
+  q = np.array([0.2, 0.3, 0.5])
+  objective = lambda p: jnp.sum(p["w"] ** 2)
+  lr0 = agg.auto(objective, population=list(q), optimizer=optax.sgd(0.0))
+  mean, w, state = lr0.apply(out, lr0.init(4), {"w": jnp.zeros(6)})
+  cos = np_cosines(n.astype(float), np.ones(4, bool), flat)
+  want = np.full(5, 0.2) @ np_families(n.astype(float), np.ones(4, bool), losses, hist, cos,
+                                       np.ones(3), q)
+  np.testing.assert_allclose(w, want, rtol=2e-5)
+  np.testing.assert_allclose(mean["w"], want @ flat, rtol=2e-5, atol=1e-6)
+  default = agg.auto(objective)
+  s0 = default.init(4)
+  _, _, s1 = default.apply(out, s0, {"w": jnp.zeros(6)})
+  assert int(s1.opt_state[0].count) == 1
+  g = jax.grad(lambda a: agg.auto_objective(objective, {"w": jnp.zeros(6)}, out, a,
+                                            s0.log_temperature))(s0.logits)
+  # Adam's first step: −lr ĝ/(|ĝ| + ε) with lr 0.05, ε 1e-8
+  np.testing.assert_allclose(s1.logits, -0.05 * g / (np.abs(g) + 1e-8), atol=1e-6)
+  for bad in ([[0.5, 0.5]], [0.5, 0.6], [0.5, 0.5, 0.0]):
+    with pytest.raises(ValueError, match="population must be a 1-D distribution"):
+      agg.auto(objective, population=bad)
