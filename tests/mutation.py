@@ -38,9 +38,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each package's own tests: the files that test its modules directly (the end-to-end
-# files, which run subprocesses or whole experiments, are left out: they reach most
-# functions and would only slow every mutant down).
+# Each package's own tests: the files that test its modules directly. The end-to-end
+# files, which run subprocesses or whole experiments, are left out, and so are the tests
+# marked `run` (a whole experiment from a config) in these files: they reach most
+# functions and would only slow every mutant down, and a mutant only they catch is a
+# gap in the unit tests.
 PACKAGES = {
     "aggregation": ["test_aggregation.py", "test_aggregation_round.py",
                     "test_aggregation_edges.py", "test_auto_weighting.py",
@@ -66,7 +68,7 @@ def mutmut_section(package: str) -> str:
 source_paths = ["fedjax_pers/"]
 only_mutate = ["fedjax_pers/{package}/*.py"]
 pytest_add_cli_args_test_selection = [{tests}]
-pytest_add_cli_args = ["-q"]
+pytest_add_cli_args = ["-q", "-m", "not run and not slow"]
 also_copy = ["configs/"]
 process_isolation = "forkserver"
 """
@@ -110,12 +112,21 @@ def statuses(workdir: Path) -> dict[str, tuple[str, str]]:
   return out
 
 
+def merged(workdir: Path, base: Path | None) -> dict[str, tuple[str, str]]:
+  """This run's statuses over those of `base`, itself merged over its own base (the
+  `base` its `mutation_report.json` names): a chain of survivor reruns."""
+  found = statuses(workdir)
+  if base is None:
+    return found
+  earlier = json.loads((base / "mutation_report.json").read_text()).get("base")
+  return {**merged(base, None if earlier is None else Path(earlier)),
+          **{k: v for k, v in found.items() if v[1] not in IGNORED}}
+
+
 def report(workdir: Path, package: str, base: Path | None = None) -> dict:
   """Kill rates per file and for the package; with `base`, the statuses of that earlier
   run, overridden by this run's for the mutants it checked (a rerun of survivors)."""
-  found = statuses(workdir)
-  if base is not None:
-    found = {**statuses(base), **{k: v for k, v in found.items() if v[1] not in IGNORED}}
+  found = merged(workdir, base)
   skip = equivalent()
   files, total, survivors = {}, Counter(), []
   for name, (src, status) in sorted(found.items()):
@@ -129,7 +140,8 @@ def report(workdir: Path, package: str, base: Path | None = None) -> dict:
   for src, c in files.items():
     print(f"{src:48s} {rate(c):6.1%}  {dict(c)}")
   print(f"{'fedjax_pers/' + package:48s} {rate(total):6.1%}  {dict(total)}")
-  out = {"package": package, "kill_rate": rate(total), "counts": dict(total),
+  out = {"package": package, "base": None if base is None else str(base),
+         "kill_rate": rate(total), "counts": dict(total),
          "files": {k: dict(v) for k, v in files.items()}, "survivors": survivors}
   (workdir / "mutation_report.json").write_text(json.dumps(out, indent=1))
   if survivors:

@@ -404,3 +404,99 @@ def test_more_edges_the_mutation_pass_found():
   _, w, _ = jax.jit(ap.apply)(o, ap.init(N), params0)
   want = jnp.mean(agg.family_weights(o, jnp.zeros(3), jnp.asarray(q)), axis=0)
   np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-7)
+
+
+def test_defaults_are_the_documented_ones():
+  """Each factory's defaults, against the same call with the documented value spelt out."""
+  o = make_outputs(21)
+  for default, spelt, other in (
+      (agg.loss(), agg.loss(1.0), agg.loss(2.0)),
+      (agg.loss_improvement(), agg.loss_improvement(1.0), agg.loss_improvement(2.0)),
+      (agg.label_divergence(), agg.label_divergence(1.0), agg.label_divergence(2.0)),
+      (agg.label_entropy(), agg.label_entropy(1.0), agg.label_entropy(2.0))):
+    np.testing.assert_array_equal(weights_of(default, o)[0], weights_of(spelt, o)[0])
+    assert np.max(np.abs(weights_of(default, o)[0] - weights_of(other, o)[0])) > 1e-3
+  steps = jnp.asarray([3, 5, 8])
+  np.testing.assert_array_equal(agg.norm_a(steps), steps)   # ρ = 0: a_i = τ_i
+  model, params, out, x, y = fedlaw_problem(22)
+  apply = lambda a: jax.jit(a.apply)(out, a.init(5), params)[1]
+  np.testing.assert_array_equal(apply(agg.fedlaw(model, x, y)),
+                                apply(agg.fedlaw(model, x, y, steps=100)))
+  score = lambda out: out.num_examples.astype(jnp.float32)
+  assert agg.from_score(score, client_losses=True).client_losses is True
+  assert agg.from_score(score).client_losses is False
+
+
+def test_masked_softmax_shifts_by_the_largest_kept_logit():
+  w = agg.masked_softmax(jnp.asarray([1000.0, 999.0, 5.0, 2000.0]),
+                         jnp.asarray([True, True, True, False]))
+  e = np.exp([1.0, 0.0, 5.0 - 1000.0])
+  np.testing.assert_allclose(w, np.append(e / e.sum(), 0.0), rtol=1e-6)
+
+
+def test_cosine_to_mean_of_zero_nonfinite_and_parallel_updates():
+  def outputs(flat, finite=None):
+    k = len(flat)
+    finite = np.ones(k, bool) if finite is None else finite
+    return make_outputs(0, k=k, bad=())._replace(
+        delta={"w": jnp.asarray(np.asarray(flat, np.float32))},
+        num_examples=jnp.ones(k, jnp.int32), finite=jnp.asarray(finite))
+
+  # a zero update and a non-finite one have cosine 0
+  cos = agg.cosine_to_mean(outputs([[1.0, 2.0], [0.0, 0.0], [np.nan, 1.0]],
+                                   [True, True, False]))
+  np.testing.assert_allclose(cos, [1.0, 0.0, 0.0], atol=1e-6)
+  # parallel updates: cos = ±1 exactly, even where float32 rounding gives 1.0000001
+  # (it does for this v on x86 CPUs: the clip is what keeps it in [−1, 1])
+  v = np.random.default_rng(0).normal(size=7).astype(np.float32)
+  for flat, want in (([v, v, v], [1, 1, 1]), ([v, -3 * v], [-1, 1])):
+    cos = np.asarray(agg.cosine_to_mean(outputs(flat)))
+    assert np.all(cos <= 1.0) and np.all(cos >= -1.0)
+    np.testing.assert_allclose(cos, want, atol=1e-6)
+
+
+def test_krum_with_no_byzantine_client_and_three_updates_uses_the_nearest_one():
+  """m − f − 2 = 1: each score is the squared distance to the nearest other update."""
+  x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+  o = make_outputs(0, k=3, bad=())._replace(delta={"w": jnp.asarray(x, jnp.float32)},
+                                            finite=jnp.ones(3, bool))
+  d = ((x[:, None] - x[None]) ** 2).sum(-1) + np.diag([np.inf] * 3)
+  np.testing.assert_allclose(agg.krum_scores(o, 0), d.min(1), rtol=1e-5)
+
+
+def test_auto_objective_and_step_use_the_population():
+  """With a population q, the hypergradient step (SGD at lr 1 here) is −∇ of the
+  objective of the aggregate weighted with q's divergence family, written out."""
+  import optax
+
+  o = make_outputs(23)
+  q = jnp.asarray([0.7, 0.1, 0.1, 0.1])
+  params0 = jax.tree.map(lambda d: jnp.full(d.shape[1:], 0.3), o.delta)
+  objective = lambda p: sum(jnp.sum(jnp.square(v - 1.0)) for v in jax.tree.leaves(p))
+  deltas = jax.tree.map(lambda d: jnp.where(
+      o.finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), o.delta)
+
+  def by_hand(a, t):
+    w = agg.auto_weights(o, a, t, q)
+    return objective(jax.tree.map(lambda p, d: p + jnp.tensordot(w, d, 1), params0, deltas))
+
+  a0 = jnp.asarray([0.2, -0.1, 0.0, 0.4, -0.3])
+  t0 = jnp.zeros(3)
+  np.testing.assert_allclose(agg.auto_objective(objective, params0, o, a0, t0, q),
+                             by_hand(a0, t0), rtol=1e-6)
+  ga, gt = jax.grad(by_hand, argnums=(0, 1))(jnp.zeros(5), t0)
+  ap = agg.auto(objective, optimizer=optax.sgd(1.0), population=list(np.asarray(q)))
+  _, _, s = jax.jit(ap.apply)(o, ap.init(N), params0)
+  np.testing.assert_allclose(s.logits, -ga, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(s.log_temperature, -gt, rtol=1e-5, atol=1e-7)
+  # without q, the step differs (the pooled labels are not q)
+  ga_pooled = jax.grad(lambda a: agg.auto_objective(objective, params0, o, a, t0))(jnp.zeros(5))
+  assert np.max(np.abs(np.asarray(ga_pooled) - np.asarray(ga))) > 1e-4
+
+
+def test_auto_families_keep_a_client_with_one_example():
+  o = make_outputs(24)._replace(num_examples=make_outputs(24).num_examples.at[0].set(1))
+  rows = np.asarray(agg.family_weights(o, jnp.zeros(3)))
+  n = np.where(np.asarray(o.finite), np.asarray(o.num_examples, float), 0.0)
+  np.testing.assert_allclose(rows[0], n / n.sum(), rtol=1e-5)
+  assert np.all(rows[[0, 3, 4], 0] > 0)

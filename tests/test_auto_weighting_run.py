@@ -12,6 +12,7 @@ from fedjax_pers import aggregation as agg
 from fedjax_pers.experiment import prepare_data, train_and_evaluate
 
 
+@pytest.mark.run
 def test_run_reports_the_mixture_per_round(tmp_path):
   c = tiny_config()
   c.aggregation.weighting = "auto"

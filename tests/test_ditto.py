@@ -84,6 +84,7 @@ def test_large_lambda_pins_personal_models_to_the_global_one():
   assert gaps[-1] < 1e-3, gaps
 
 
+@pytest.mark.run
 def test_ditto_from_the_config_reports_personal_accuracy(tmp_path):
   from test_experiment import tiny_config
 

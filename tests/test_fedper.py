@@ -33,6 +33,7 @@ def test_empty_personal_set_is_fedavg():
   assert s1.client_states == ()
 
 
+@pytest.mark.run
 def test_default_split_of_a_one_layer_model_is_refused(tmp_path):
   from test_experiment import tiny_config
 
@@ -101,6 +102,7 @@ def test_unsampled_clients_keep_their_layers_and_personal_models_evaluate():
   assert ev.personal.accuracy.shape == (6,)
 
 
+@pytest.mark.run
 def test_personal_layer_algorithms_from_the_config(tmp_path):
   from test_experiment import tiny_config
 

@@ -95,6 +95,7 @@ def test_the_personal_prediction_is_the_sum_of_the_heads():
   np.testing.assert_allclose(model.apply(pers, x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.run
 def test_fedrod_from_the_config(tmp_path):
   c = tiny_config()
   c.algorithm, c.model.name, c.model.hidden = "fedrod", "mlp", (8,)

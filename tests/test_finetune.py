@@ -92,6 +92,7 @@ def test_mismatched_clients_raise():
                 jax.random.key(0), None)
 
 
+@pytest.mark.run
 def test_finetune_algorithm_from_the_cli_config(tmp_path):
   from test_experiment import tiny_config
 

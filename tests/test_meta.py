@@ -330,6 +330,7 @@ def test_reptile_round_matches_numpy():
 
 @pytest.mark.parametrize("algorithm,meta_sgd", [
     ("per_fedavg", False), ("per_fedavg_fo", False), ("per_fedavg_hf", True), ("reptile", False)])
+@pytest.mark.run
 def test_meta_algorithms_run_from_configs(tmp_path, algorithm, meta_sgd):
   from configs.synthetic_per_fedavg import get_config
   from fedjax_pers.experiment import train_and_evaluate

@@ -63,6 +63,7 @@ def _config():
   return c
 
 
+@pytest.mark.run
 def test_held_out_clients_leave_training_bitwise_unchanged_and_are_reported(tmp_path):
   c = _config()
   summary = train_and_evaluate(c, str(tmp_path))
@@ -101,6 +102,7 @@ def test_held_out_clients_leave_training_bitwise_unchanged_and_are_reported(tmp_
   assert len(summary["per_client_test_accuracy"]) == 8
 
 
+@pytest.mark.run
 def test_personal_algorithm_needs_fine_tuning_for_unseen_clients(tmp_path):
   c = _config()
   c.algorithm, c.personalization.finetune_steps = "ditto", 0
