@@ -20,8 +20,10 @@ count as survivors. Survivors are printed by name: `mutmut show NAME` (run in `D
 shows the change. Extra `names` (fnmatch globs of mutant names) rerun just those;
 `--survivors-of DIR` reruns an earlier run's survivors in a fresh workdir (after new
 tests, whose selection would otherwise reset mutmut's results) and reports the merge.
-The pass is slow (about 2-3 s a mutant on 2 cores, plus the stats run), so it is not
-part of CI.
+The pass is slow, so it is not part of CI: on 2 cores a mutant costs 1-3 s in a leaf
+function and 20-50 s in a helper that most tests reach (each mutant compiles afresh),
+plus a few minutes for the stats run; the aggregation package's 1,804 mutants took
+about 2 hours in all.
 """
 
 from __future__ import annotations

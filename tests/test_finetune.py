@@ -11,6 +11,7 @@ import fedjax_pers as fp
 from fedjax_pers.core import ClientEval
 from fedjax_pers.personalization import (
     PersonalizedEval,
+    evaluate_personal,
     personalize,
     summarize_personalization,
 )
@@ -182,3 +183,64 @@ def test_evaluation_reads_blocks_up_to_each_clients_size():
         [-(-n // 16) for n in sizes], lanes))
     ref = fp.core.evaluate(model, params, data)
     np.testing.assert_allclose(out.outputs[1], ref.accuracy, atol=1e-6)
+
+
+def test_summary_keys_and_float64_arithmetic():
+  """Every key (with the prefix), each figure in float64 from float32 inputs, the lists
+  rounded to 6 digits."""
+  n = np.array([7, 13, 3])
+  acc_g = np.array([0.41234567, 0.70123456, 0.33333334], np.float32)
+  acc_p = np.array([0.52345678, 0.69876543, 0.66666669], np.float32)
+  loss_p = np.array([1.2345678, 0.3456789, 2.2222222], np.float32)
+  s = summarize_personalization(PersonalizedEval(ClientEval(np.zeros(3, np.float32), acc_g, n),
+                                                 ClientEval(loss_p, acc_p, n)), prefix="val")
+  p64, g64, n64 = acc_p.astype(np.float64), acc_g.astype(np.float64), n.astype(np.float64)
+  gain = p64 - g64
+  assert s == {
+      "personalized_val_accuracy": float(np.sum(n64 * p64) / np.sum(n64)),
+      "personalized_val_loss": float(np.sum(n64 * loss_p.astype(np.float64)) / np.sum(n64)),
+      "mean_client_personalized_accuracy": float(p64.mean()),
+      "worst10_client_personalized_accuracy": float(p64.min()),
+      "fraction_clients_improved": 2 / 3,
+      "mean_client_gain": float(gain.mean()),
+      "per_client_personalized_accuracy": [round(float(a), 6) for a in p64],
+      "per_client_gain": [round(float(g), 6) for g in gain],
+  }
+  assert s["per_client_personalized_accuracy"][0] == 0.523457
+
+
+def test_finetune_of_one_client_matches_numpy_sgd():
+  from fedjax_pers.personalization import finetune
+
+  model, params, train, _ = setup(3)
+  work = fp.LocalWork(3, steps=4)
+  key = jax.random.key(5)
+  c = 2
+  client = fp.core.ClientData(train.x[c], train.y[c], train.num_examples[c])
+  got = finetune(model, optax.sgd(0.3), params, client, key, work,
+                 max_examples=train.max_examples, min_examples=train.min_examples)
+  k_plan, _ = jax.random.split(key)
+  plan = fp.core.batch_plan(k_plan, train.num_examples[c], work,
+                            max_examples=train.max_examples, min_examples=train.min_examples)
+  w, b, _, _ = logreg_sgd(np.asarray(params["Dense_0"]["kernel"], np.float64),
+                          np.asarray(params["Dense_0"]["bias"], np.float64),
+                          np.asarray(train.x[c], np.float64), np.asarray(train.y[c]),
+                          np.asarray(plan.idx), np.asarray(plan.mask), 0.3)
+  np.testing.assert_allclose(got["Dense_0"]["kernel"], w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got["Dense_0"]["bias"], b, rtol=1e-5, atol=1e-6)
+
+
+def test_personal_evaluation_messages_name_the_argument():
+  model, params, train, test = setup()
+  personal = jax.tree.map(lambda p: np.stack([p] * 3), params)
+  with pytest.raises(ValueError, match=r"^personal params must be stacked over the 5 clients; "
+                     r"got leading sizes \[3\]\.$"):
+    evaluate_personal(model, personal, params, test)
+  capped = test.with_cap(4)
+  assert capped.cap == 4
+  personal = jax.tree.map(lambda p: np.stack([p] * 5), params)
+  for call in (lambda: evaluate_personal(model, personal, params, capped),
+               lambda: personalize(model, optax.sgd(0.1), params, train, capped,
+                                   jax.random.key(0), None)):
+    with pytest.raises(ValueError, match=r"^test is a capped flat store \(example_cap=4\)"):
+      call()

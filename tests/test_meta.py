@@ -430,3 +430,29 @@ def test_meta_sgd_round_moves_the_rates_by_beta_times_their_meta_gradient():
   for new, old, g in zip(*(jax.tree.leaves(t) for t in (s1.params.inner_lr,
                                                         s0.params.inner_lr, mg.inner_lr))):
     np.testing.assert_allclose(new, old - beta * g, rtol=1e-5, atol=1e-7)
+
+
+def test_meta_sgd_model_passes_train_and_key_and_tx_refuses_no_params():
+  """The wrapped model evaluates θ alone, in eval mode by default, with the dropout key
+  and `train` passed through; `meta_sgd_tx` starts from optax's empty state."""
+  import flax.linen as nn
+
+  class Drop(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dropout(0.5, deterministic=not train)(nn.Dense(3)(x))
+
+  x = jnp.ones((4, 5))
+  base = fp.core.from_flax(Drop(), x)
+  model = meta_sgd_model(base, 0.1)
+  params = model.init(jax.random.key(0))
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(model.apply(params, x), base.apply(params.model, x))
+  np.testing.assert_array_equal(model.apply(params, x, key=key, train=True),
+                                base.apply(params.model, x, key=key, train=True))
+  assert not np.array_equal(model.apply(params, x, key=key, train=True),
+                            model.apply(params, x, key=jax.random.key(4), train=True))
+  tx = meta_sgd_tx()
+  assert tx.init(params) == optax.EmptyState()
+  with pytest.raises(ValueError, match=r"^meta_sgd_tx needs params \(the Meta-SGD rates"):
+    tx.update(params, tx.init(params), None)
