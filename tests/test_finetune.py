@@ -1,6 +1,7 @@
 """Fine-tuning personalization against a NumPy reference, and its invariants."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -244,3 +245,24 @@ def test_personal_evaluation_messages_name_the_argument():
                                    jax.random.key(0), None)):
     with pytest.raises(ValueError, match=r"^test is a capped flat store \(example_cap=4\)"):
       call()
+
+
+def test_zero_steps_from_per_client_starts_evaluates_the_starts():
+  """`work=None` with `starts`: each client's personal model is its own start, evaluated
+  on its test rows (by hand), and the global model is `params`."""
+  model, params, train, test = setup(4)
+  rng = np.random.default_rng(4)
+  starts = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(5,) + p.shape), jnp.float32),
+                        params)
+  ev = personalize(model, optax.sgd(0.1), params, train, test, jax.random.key(0), None,
+                   starts=starts)
+  for c in range(test.num_clients):
+    xt, yt = test.client(c)
+    own = jax.tree.map(lambda a, c=c: np.asarray(a[c], np.float64), starts)
+    z = np.asarray(xt, np.float64) @ own["Dense_0"]["kernel"] + own["Dense_0"]["bias"]
+    assert abs(float(ev.personal.accuracy[c]) - np.mean(np.argmax(z, 1) == yt)) < 1e-6
+    z = z - z.max(1, keepdims=True)
+    loss = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(yt)), yt])
+    assert abs(float(ev.personal.loss[c]) - loss) < 1e-4
+  glob = fp.core.evaluate(model, params, test)
+  np.testing.assert_allclose(ev.global_.accuracy, glob.accuracy, rtol=1e-6)
