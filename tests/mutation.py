@@ -57,7 +57,7 @@ PACKAGES = {
                    "test_pfedhn.py", "test_pfedme.py", "test_scaffold.py", "test_meta.py",
                    "test_engine.py"],
     "personalization": ["test_finetune.py", "test_meta.py", "test_fedper.py",
-                        "test_fedrod.py", "test_ditto.py", "test_unseen.py"],
+                        "test_fedrod.py", "test_ditto.py", "test_unseen.py", "test_cap.py"],
 }
 KILLED = {"killed", "timeout"}
 IGNORED = {"skipped", "not checked"}

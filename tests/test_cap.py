@@ -167,6 +167,7 @@ def test_finetuning_reads_a_capped_store_like_training():
     personalize(model, optax.sgd(lr), params, d, d, key, work)
 
 
+@pytest.mark.run
 def test_driver_fine_tunes_with_an_example_cap(tmp_path):
   from test_experiment import tiny_config
 

@@ -266,3 +266,28 @@ def test_zero_steps_from_per_client_starts_evaluates_the_starts():
     assert abs(float(ev.personal.loss[c]) - loss) < 1e-4
   glob = fp.core.evaluate(model, params, test)
   np.testing.assert_allclose(ev.global_.accuracy, glob.accuracy, rtol=1e-6)
+
+
+def test_finetuning_from_per_client_starts_matches_numpy_sgd():
+  """With `starts`, client c fine-tunes from its own start, not from `params`."""
+  model, params, train, test = setup(5)
+  rng = np.random.default_rng(5)
+  starts = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(5,) + p.shape), jnp.float32),
+                        params)
+  work = fp.LocalWork(4, steps=3)
+  key = jax.random.key(9)
+  ev = personalize(model, optax.sgd(0.3), params, train, test, key, work, starts=starts)
+  for c in range(train.num_clients):
+    k_plan, _ = jax.random.split(jax.random.fold_in(key, c))
+    plan = fp.core.batch_plan(k_plan, train.num_examples[c], work,
+                              max_examples=train.max_examples, min_examples=train.min_examples)
+    own = jax.tree.map(lambda a, c=c: np.asarray(a[c], np.float64), starts)
+    w, b, _, _ = logreg_sgd(own["Dense_0"]["kernel"], own["Dense_0"]["bias"],
+                            np.asarray(train.x[c], np.float64), np.asarray(train.y[c]),
+                            np.asarray(plan.idx), np.asarray(plan.mask), 0.3)
+    xt, yt = test.client(c)
+    z = np.asarray(xt, np.float64) @ w + b
+    assert abs(float(ev.personal.accuracy[c]) - np.mean(np.argmax(z, 1) == yt)) < 1e-6
+    z = z - z.max(1, keepdims=True)
+    loss = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(yt)), yt])
+    assert abs(float(ev.personal.loss[c]) - loss) < 1e-4
