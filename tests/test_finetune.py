@@ -291,3 +291,11 @@ def test_finetuning_from_per_client_starts_matches_numpy_sgd():
     z = z - z.max(1, keepdims=True)
     loss = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(yt)), yt])
     assert abs(float(ev.personal.loss[c]) - loss) < 1e-4
+
+
+def test_per_client_steps_must_number_one_per_client():
+  model, params, train, test = setup()
+  with pytest.raises(ValueError, match=r"^per-client local steps must number one per client "
+                     r"\(5\); got 3\.$"):
+    personalize(model, optax.sgd(0.1), params, train, test, jax.random.key(0),
+                fp.LocalWork(2, steps=(1, 2, 3)))
