@@ -180,3 +180,25 @@ def test_driver_fine_tunes_with_an_example_cap(tmp_path):
   assert s["train_example_cap"] == 5
   assert 0.0 <= s["personalized_test_accuracy"] <= 1.0
   assert len(s["per_client_personalized_accuracy"]) == c.data.num_clients
+
+
+def test_capped_finetuning_starts_each_client_from_its_own_start():
+  """With `starts`, client c's fine-tuning from a capped store equals fine-tuning every
+  client from `params = start_c`, for client c (the same rows and keys)."""
+  from fedjax_pers.personalization import personalize
+
+  d, _, _ = make(cap=10, id_scale=1e-3)
+  test, _, _ = make(seed=1, id_scale=1e-3)
+  model = fp.models.logistic_regression((2,), 3)
+  params = model.init(jax.random.key(0))
+  rng = np.random.default_rng(2)
+  starts = jax.tree.map(
+      lambda p: jnp.asarray(rng.normal(size=(d.num_clients,) + p.shape), jnp.float32), params)
+  work, key = fp.core.LocalWork(4, steps=3), jax.random.key(6)
+  ev = personalize(model, optax.sgd(0.05), params, d, test, key, work, starts=starts)
+  plain = personalize(model, optax.sgd(0.05), params, d, test, key, work)
+  for c in (0, 2):
+    alone = personalize(model, optax.sgd(0.05), jax.tree.map(lambda a, c=c: a[c], starts), d,
+                        test, key, work)
+    np.testing.assert_allclose(ev.personal.loss[c], alone.personal.loss[c], rtol=1e-6)
+    assert abs(float(ev.personal.loss[c]) - float(plain.personal.loss[c])) > 1e-4
