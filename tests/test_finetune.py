@@ -299,3 +299,12 @@ def test_per_client_steps_must_number_one_per_client():
                      r"\(5\); got 3\.$"):
     personalize(model, optax.sgd(0.1), params, train, test, jax.random.key(0),
                 fp.LocalWork(2, steps=(1, 2, 3)))
+
+
+def test_eval_block_is_a_power_of_two_near_a_quarter_of_the_mean_client():
+  from fedjax_pers.personalization._finetune import eval_block
+
+  assert eval_block(None) == eval_block(np.array([])) == 16       # 64 / 4 without sizes
+  for sizes, want in (([8, 8], 16), ([400, 400], 128), ([200], 64), ([150, 250], 64),
+                      ([4000], 256), ([100, 3000], 256), ([60], 16)):
+    assert eval_block(np.array(sizes)) == want, sizes
