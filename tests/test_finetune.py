@@ -243,7 +243,9 @@ def test_personal_evaluation_messages_name_the_argument():
   for call in (lambda: evaluate_personal(model, personal, params, capped),
                lambda: personalize(model, optax.sgd(0.1), params, train, capped,
                                    jax.random.key(0), None)):
-    with pytest.raises(ValueError, match=r"^test is a capped flat store \(example_cap=4\)"):
+    with pytest.raises(ValueError, match=r"^test is a capped flat store \(example_cap=4\); "
+                       r"personalized evaluation tests every example of padded client rows: "
+                       r"build it without a cap\.$"):
       call()
 
 
@@ -266,6 +268,7 @@ def test_zero_steps_from_per_client_starts_evaluates_the_starts():
     assert abs(float(ev.personal.loss[c]) - loss) < 1e-4
   glob = fp.core.evaluate(model, params, test)
   np.testing.assert_allclose(ev.global_.accuracy, glob.accuracy, rtol=1e-6)
+  np.testing.assert_array_equal(ev.personal.num_examples, test.num_examples)
 
 
 def test_finetuning_from_per_client_starts_matches_numpy_sgd():
