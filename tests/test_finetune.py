@@ -311,3 +311,22 @@ def test_eval_block_is_a_power_of_two_near_a_quarter_of_the_mean_client():
   for sizes, want in (([8, 8], 16), ([400, 400], 128), ([200], 64), ([150, 250], 64),
                       ([4000], 256), ([100, 3000], 256), ([60], 16)):
     assert eval_block(np.array(sizes)) == want, sizes
+
+
+def test_a_client_with_one_test_example_is_scored_on_it():
+  from fedjax_pers.core import FederatedData
+
+  rng = np.random.default_rng(6)
+  xs = [rng.normal(size=(m, 5)).astype(np.float32) for m in (1, 4)]
+  ys = [rng.integers(0, 3, m).astype(np.int32) for m in (1, 4)]
+  test = FederatedData.from_clients(xs, ys, num_classes=3)
+  model = logreg()
+  params = model.init(jax.random.key(1))
+  personal = jax.tree.map(lambda p: np.stack([p, p]), params)
+  ev = evaluate_personal(model, personal, params, test)
+  z = np.asarray(xs[0], np.float64) @ np.asarray(params["Dense_0"]["kernel"], np.float64) + \
+      np.asarray(params["Dense_0"]["bias"], np.float64)
+  z = z - z.max(1, keepdims=True)
+  loss = float(np.log(np.exp(z).sum(1))[0] - z[0, ys[0][0]])
+  assert float(ev.personal.loss[0]) == pytest.approx(loss, rel=1e-5)
+  assert float(ev.personal.accuracy[0]) == float(np.argmax(z[0]) == ys[0][0])

@@ -456,3 +456,20 @@ def test_meta_sgd_model_passes_train_and_key_and_tx_refuses_no_params():
   assert tx.init(params) == optax.EmptyState()
   with pytest.raises(ValueError, match=r"^meta_sgd_tx needs params \(the Meta-SGD rates"):
     tx.update(params, tx.init(params), None)
+
+
+def test_adapt_and_hvp_defaults_are_the_documented_ones():
+  """`adapt` differentiates through its inner gradients unless told `first_order`, and
+  the finite-difference HVP's default δ is 1e-3 (its O(δ²) error shows at δ ≈ 1)."""
+  with jax.enable_x64(True):
+    _, loss_fn, params = setup("mlp")
+    support, query = batches(1, k=2), batches(2)
+    outer = lambda kw: jax.grad(lambda p: loss_fn(adapt(loss_fn, p, 0.3, support, **kw),
+                                                  query))(params)
+    flat = lambda t: ravel_pytree(t)[0]
+    default, second, first = (flat(outer(kw)) for kw in (
+        {}, {"first_order": False}, {"first_order": True}))
+    assert rel_err(default, second) == 0 and rel_err(default, first) > 1e-4
+    v = random_like(params, 3)
+    fd = lambda **kw: flat(hvp(loss_fn, params, query, v, method="finite_difference", **kw))
+    assert rel_err(fd(), fd(delta=1e-3)) == 0 and rel_err(fd(), fd(delta=1.001)) > 1e-4
