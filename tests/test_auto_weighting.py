@@ -1,5 +1,6 @@
 """The automated weighting: family weights against NumPy, its hypergradient against central
-differences in float64, the learned mixture in a round and in a run's outputs."""
+differences in float64, the learned mixture in a round (a run's outputs:
+`test_auto_weighting_run.py`)."""
 
 import jax
 import jax.numpy as jnp
@@ -179,7 +180,7 @@ def test_bad_arguments_are_refused():
 
 def test_factory_defaults_and_population():
   """`auto(objective)` takes one Adam step (lr 0.05) a round, and a population given to
-  the factory is the divergence family's q (checked against NumPy in the round)."""
+  the factory is the divergence family's q (the aggregator's weights against NumPy)."""
   rng = np.random.default_rng(3)
   n = np.array([6, 5, 7, 4], np.int32)
   flat = rng.normal(size=(4, 6)).astype(np.float32)
