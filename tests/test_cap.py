@@ -202,3 +202,26 @@ def test_capped_finetuning_starts_each_client_from_its_own_start():
                         test, key, work)
     np.testing.assert_allclose(ev.personal.loss[c], alone.personal.loss[c], rtol=1e-6)
     assert abs(float(ev.personal.loss[c]) - float(plain.personal.loss[c])) > 1e-4
+
+
+def test_capped_finetuning_with_per_client_steps_on_a_mesh():
+  """Per-client steps K_c from a capped store: client c's result equals a capped run
+  where every client takes K_c steps, on one device and on a mesh of four (which deals
+  the clients by their true sizes)."""
+  from fedjax_pers.personalization import personalize
+
+  d, _, _ = make(cap=10, id_scale=1e-3)
+  test, _, _ = make(seed=1, id_scale=1e-3)
+  model = fp.models.logistic_regression((2,), 3)
+  params = model.init(jax.random.key(0))
+  key, steps = jax.random.key(7), (2, 5, 3, 1)
+  work = fp.core.LocalWork(4, steps=steps)
+  tx = optax.sgd(0.05)
+  ev = personalize(model, tx, params, d, test, key, work)
+  meshed = personalize(model, tx, params, d, test, key, work,
+                       execution=fp.Execution(mesh=fp.distributed.client_mesh(4)))
+  np.testing.assert_allclose(meshed.personal.loss, ev.personal.loss, rtol=1e-6)
+  for c in range(4):
+    alone = personalize(model, tx, params, d, test, key, fp.core.LocalWork(4, steps=steps[c]))
+    np.testing.assert_allclose(ev.personal.loss[c], alone.personal.loss[c], rtol=1e-6)
+    assert abs(float(ev.personal.loss[c]) - float(ev.global_.loss[c])) > 1e-4

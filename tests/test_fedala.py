@@ -123,11 +123,15 @@ def test_a_round_moves_the_phases_keeps_the_local_head_and_personalizes_by_it():
   np.testing.assert_array_equal(np.asarray(cs.weights[1])[once], 1.0)
 
 
-def test_fedala_from_the_config_and_its_refusals(tmp_path):
+@pytest.mark.run
+def test_fedala_from_the_config(tmp_path):
   c = tiny_config()
   c.algorithm, c.model.name, c.model.hidden = "fedala", "mlp", (8,)
   s = train_and_evaluate(c, str(tmp_path / "run"))
   assert "personalized_test_accuracy" in s and s["rounds"] == 4
+
+
+def test_fedala_refusals():
   with pytest.raises(ValueError, match=r"fedala: sample_fraction out of range; got 0.0"):
     fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1),
            clients_per_round=1, sample_fraction=0.0)

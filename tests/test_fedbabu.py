@@ -44,7 +44,8 @@ def test_one_step_of_the_body_is_fedavg_s():
   assert not np.allclose(sa.params["Dense_1"]["kernel"], sb.params["Dense_1"]["kernel"])
 
 
-def test_fedbabu_from_the_config_and_its_refusals(tmp_path):
+@pytest.mark.run
+def test_fedbabu_from_the_config(tmp_path):
   c = tiny_config()
   c.algorithm = "fedbabu"
   c.model.name = "mlp"
@@ -52,6 +53,9 @@ def test_fedbabu_from_the_config_and_its_refusals(tmp_path):
   c.personalization.finetune_steps = 2
   s = train_and_evaluate(c, str(tmp_path / "run"))
   assert "personalized_test_accuracy" in s and s["rounds"] == 4
+
+
+def test_fedbabu_refuses_a_head_that_covers_every_parameter():
   with pytest.raises(ValueError, match="the head covers every parameter"):
     fedbabu(fp.models.logistic_regression((5,), 3), optax.sgd(0.1), optax.sgd(1.0),
             fp.LocalWork(3, steps=1), clients_per_round=1)

@@ -73,7 +73,8 @@ def test_stale_reports_are_discounted_against_numpy():
   assert seen_stale
 
 
-def test_fedbuff_from_the_config_and_its_refusals(tmp_path):
+@pytest.mark.run
+def test_fedbuff_from_the_config(tmp_path):
   c = tiny_config()
   c.algorithm = "fedbuff"
   s = train_and_evaluate(c, str(tmp_path / "run"))
@@ -82,5 +83,8 @@ def test_fedbuff_from_the_config_and_its_refusals(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
   times = [r["simulated_time"] for r in rows]
   assert times[0] == 0 and times == sorted(times) and times[-1] > 0
+
+
+def test_fedbuff_refuses_a_buffer_above_the_concurrency():
   with pytest.raises(ValueError, match="buffer_size \\(K=4\\) must be <= concurrency"):
     fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=3, buffer_size=4)

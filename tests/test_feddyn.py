@@ -53,12 +53,18 @@ def test_three_rounds_against_numpy():
   assert step._cache_size() == 1
 
 
-def test_feddyn_from_the_config_and_its_refusals(tmp_path):
+@pytest.mark.run
+def test_feddyn_from_the_config(tmp_path):
   c = tiny_config()
   c.algorithm = "feddyn"
   c.feddyn.alpha = 0.1
   s = train_and_evaluate(c, str(tmp_path / "run"))
   assert s["rounds"] == 4 and np.isfinite(s["final_test_loss"])
+
+
+def test_feddyn_refuses_alpha_zero(tmp_path):
+  c = tiny_config()
+  c.algorithm = "feddyn"
   c.feddyn.alpha = 0.0
   with pytest.raises(ValueError, match="alpha \\(FedDyn's α\\) must be a number > 0"):
     train_and_evaluate(c, str(tmp_path / "zero"))

@@ -82,11 +82,17 @@ def test_unequal_local_steps_are_normalised_in_a_round():
                              w + sum(e * c["dw"] for e, c in zip(eff, clients)), atol=1e-5)
 
 
-def test_fednova_from_the_config_and_its_refusals(tmp_path):
+@pytest.mark.run
+def test_fednova_from_the_config(tmp_path):
   c = tiny_config()
   c.algorithm = "fednova"
   s = train_and_evaluate(c, str(tmp_path / "run"))
   assert s["rounds"] == 4 and np.isfinite(s["final_test_loss"])
+
+
+def test_fednova_refusals(tmp_path):
+  c = tiny_config()
+  c.algorithm = "fednova"
   c.client.optimizer = "adam"
   with pytest.raises(ValueError, match="algorithm='fednova' normalises SGD or momentum"):
     train_and_evaluate(c, str(tmp_path / "adam"))

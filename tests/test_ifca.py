@@ -104,6 +104,7 @@ def test_recovers_well_separated_linear_regression_populations_exactly():
   np.testing.assert_array_equal(adapted["w"], np.asarray(state.params["w"])[chosen])
 
 
+@pytest.mark.run
 def test_ifca_from_the_config_reports_and_plots_the_clusters(tmp_path):
   c = tiny_config()
   c.algorithm, c.model.name, c.model.hidden = "ifca", "mlp", (8,)
@@ -114,6 +115,11 @@ def test_ifca_from_the_config_reports_and_plots_the_clusters(tmp_path):
   assert all(len(r["clusters"]) == len(r["clients"]) and set(r["clusters"]) <= {0, 1, 2}
              for r in rows)
   assert (tmp_path / "run" / "clusters.png").stat().st_size > 0
+
+
+def test_ifca_refusals(tmp_path):
+  c = tiny_config()
+  c.algorithm, c.model.name, c.model.hidden = "ifca", "mlp", (8,)
   c.aggregation.weighting = "median"
   with pytest.raises(ValueError, match="algorithm='ifca' averages within clusters"):
     train_and_evaluate(c, str(tmp_path / "median"))
@@ -148,6 +154,7 @@ def test_clustered_synthetic_labels_come_from_the_groups_generators():
   assert same > mixed + 0.1
 
 
+@pytest.mark.run
 def test_ifca_reports_cluster_recovery_on_clustered_data(tmp_path):
   c = tiny_config()
   c.algorithm, c.data.name, c.data.clusters, c.ifca.num_clusters = (

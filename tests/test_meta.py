@@ -473,3 +473,72 @@ def test_adapt_and_hvp_defaults_are_the_documented_ones():
     v = random_like(params, 3)
     fd = lambda **kw: flat(hvp(loss_fn, params, query, v, method="finite_difference", **kw))
     assert rel_err(fd(), fd(delta=1e-3)) == 0 and rel_err(fd(), fd(delta=1.001)) > 1e-4
+
+
+def test_hessian_free_finite_differences_use_their_delta():
+  """HF with a finite-difference HVP steps by the δ given (default 1e-3): at δ = 0.5 it
+  differs from the exact HVP's result, which equals the second-order meta-gradient."""
+  with jax.enable_x64(True):
+    _, loss_fn, params = setup("mlp")
+    support, query, curvature = batches(30, K), batches(31), batches(32, K)
+    flat = lambda **kw: ravel_pytree(meta_gradient(loss_fn, params, 0.3, support, query,
+                                                   curvature, **kw).params)[0]
+    hf = lambda **kw: flat(method="hessian_free", **kw)
+    fd = lambda **kw: hf(hvp_method="finite_difference", **kw)
+    assert rel_err(hf(), flat()) < 1e-9
+    assert rel_err(fd(), fd(delta=1e-3)) == 0
+    assert rel_err(fd(delta=0.5), hf()) > 1e-4 and rel_err(fd(delta=0.5), fd()) > 1e-4
+
+
+def test_hessian_free_rates_equal_per_parameter_or_scalar_and_zero():
+  """A Meta-SGD α equal to a everywhere gives HF's finite-difference result for the
+  scalar a (the step is δ along α∘v / mean |α| = v); α = 0 gives the query gradient at θ."""
+  with jax.enable_x64(True):
+    _, loss_fn, params = setup("mlp")
+    support, query, curvature = batches(33, K), batches(34), batches(35, K)
+    flat = lambda lr: ravel_pytree(meta_gradient(
+        loss_fn, params, lr, support, query, curvature, method="hessian_free",
+        hvp_method="finite_difference", delta=0.5).params)[0]
+    same = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    assert rel_err(flat(same), flat(0.3)) < 1e-12
+    plain = ravel_pytree(jax.grad(loss_fn)(params, query))[0]
+    for zero in (0.0, jax.tree.map(jnp.zeros_like, params)):
+      assert rel_err(flat(zero), plain) < 1e-12
+
+
+def test_hessian_free_keeps_the_parameters_dtype():
+  """float32 parameters under x64: HF's meta-gradients (θ and a scalar α, given as a
+  Python float or an array) stay float32, for a model with one parameter array."""
+  with jax.enable_x64(True):
+    loss_fn = lambda p, b: jnp.mean(jnp.log1p(jnp.exp(-b[1] * (b[0] @ p["w"]))))
+    rs = np.random.RandomState(36)
+    data = lambda *s: (jnp.asarray(rs.normal(size=s + (3,)), jnp.float32),
+                       jnp.asarray(rs.choice([-1.0, 1.0], size=s), jnp.float32))
+    params = {"w": jnp.asarray([0.2, -0.1, 0.4], jnp.float32)}
+    for lr in (0.1, jnp.float32(0.1)):
+      g = meta_gradient(loss_fn, params, lr, data(2, 4), data(4), method="hessian_free")
+      assert g.params["w"].dtype == jnp.float32 and jnp.result_type(g.inner_lr) == jnp.float32
+      assert np.all(np.isfinite(np.asarray(g.params["w"])))
+
+
+def test_inner_lr_and_method_checks_in_full():
+  import re
+
+  from fedjax_pers.personalization._meta import check_inner_lr, check_method
+
+  # a scalar α with parameters whose first leaf is a scalar: a scalar rate, not Meta-SGD
+  params = {"a": jnp.asarray(0.5), "b": jnp.asarray([1.0, -2.0])}
+  check_inner_lr(0.1, params)
+  loss_fn = lambda p, b: jnp.sum(jnp.square(p["b"] * b)) + p["a"] ** 2
+  w = adapt(loss_fn, params, 0.1, jnp.ones((1, 2)))
+  np.testing.assert_allclose(w["a"], 0.5 - 0.1 * 2 * 0.5, rtol=1e-6)
+  # one array that is not shaped like the parameters
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "inner_lr must be a scalar or (Meta-SGD) a pytree with the parameters' structure and "
+      "shapes {'a': (), 'b': (2,)}; got (2,).") + "$"):
+    check_inner_lr(jnp.ones(2), params)
+  check_method("second_order")              # the default HVP is a valid one
+  check_method("hessian_free", "finite_difference")
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "hvp must be one of ('exact', 'finite_difference'); got 'hf'.") + "$"):
+    check_method("hessian_free", "hf")

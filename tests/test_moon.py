@@ -111,13 +111,17 @@ def test_mu_zero_is_fedavg():
     np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
 
 
-def test_moon_from_the_config_and_its_refusals(tmp_path):
+@pytest.mark.run
+def test_moon_from_the_config(tmp_path):
   c = tiny_config()
   c.algorithm = "moon"
   c.model.name = "mlp"
   c.model.hidden = (8,)
   s = train_and_evaluate(c, str(tmp_path / "run"))
   assert s["rounds"] == 4 and np.isfinite(s["final_test_loss"])
+
+
+def test_moon_refusals():
   bare = fp.Model(init=lambda k: {}, apply=None, loss=None, metrics=None)
   with pytest.raises(ValueError, match="moon needs a model with a representation"):
     moon(bare, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1), mu=1.0,

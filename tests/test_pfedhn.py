@@ -95,12 +95,18 @@ def test_a_newcomer_fits_its_embedding_with_the_hypernetwork_frozen():
     assert float(full_loss(MLP, mine, client)) < float(full_loss(MLP, start, client))
 
 
-def test_pfedhn_from_the_config_and_its_refusals(tmp_path):
+@pytest.mark.run
+def test_pfedhn_from_the_config(tmp_path):
   c = tiny_config()
   c.algorithm, c.model.name, c.model.hidden = "pfedhn", "mlp", (8,)
   c.pfedhn.hidden, c.pfedhn.num_hidden = 16, 1
   s = train_and_evaluate(c, str(tmp_path / "run"))
   assert "personalized_test_accuracy" in s and s["rounds"] == 4
+
+
+def test_pfedhn_refusals(tmp_path):
+  c = tiny_config()
+  c.algorithm, c.model.name, c.model.hidden = "pfedhn", "mlp", (8,)
   c.server.learning_rate = 0.5
   with pytest.raises(ValueError, match=r"server.learning_rate must be 1.0; got 0.5"):
     train_and_evaluate(c, str(tmp_path / "other"))

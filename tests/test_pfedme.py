@@ -64,6 +64,7 @@ def test_every_client_personalizes_and_k_are_averaged():
            personal_learning_rate=0.1, lam=1.0, inner_steps=1, clients_per_round=1)
 
 
+@pytest.mark.run
 def test_pfedme_from_the_config(tmp_path):
   from test_experiment import tiny_config
 

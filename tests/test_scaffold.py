@@ -96,11 +96,17 @@ def test_three_rounds_against_numpy():
   assert step._cache_size() == 1
 
 
-def test_scaffold_from_the_config_and_its_refusals(tmp_path):
+@pytest.mark.run
+def test_scaffold_from_the_config(tmp_path):
   c = tiny_config()
   c.algorithm = "scaffold"
   s = train_and_evaluate(c, str(tmp_path / "run"))
   assert s["rounds"] == 4 and np.isfinite(s["final_test_loss"])
+
+
+def test_scaffold_refusals(tmp_path):
+  c = tiny_config()
+  c.algorithm = "scaffold"
   c.client.optimizer = "adam"
   with pytest.raises(ValueError, match="algorithm='scaffold' takes plain SGD steps"):
     train_and_evaluate(c, str(tmp_path / "adam"))

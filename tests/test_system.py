@@ -108,7 +108,8 @@ def test_fedavg_drops_stragglers_and_dropouts_weigh_nothing():
   assert int(m.real_steps) == sum(full[int(c)] for c in np.asarray(m.clients)[present])
 
 
-def test_system_from_the_config_and_its_refusals(tmp_path):
+@pytest.mark.run
+def test_system_from_the_config(tmp_path):
   c = tiny_config()
   c.system.straggler_fraction = 0.5
   for alg in ("fedavg", "fedprox"):
@@ -119,8 +120,12 @@ def test_system_from_the_config_and_its_refusals(tmp_path):
     assert all(len(r["stragglers"]) == 2 for r in rows)     # round(0.5 · 3)
     dropped = [len(r["not_reported"]) for r in rows]
     assert dropped == ([2] * 4 if alg == "fedavg" else [0] * 4)
+
+
+def test_system_refusals(tmp_path):
   with pytest.raises(ValueError, match=r"system.dropout_rate must be a number in \[0, 1\)"):
     fp.System(dropout_rate=1.0)
+  c = tiny_config()
   c.system.straggler_fraction = 1.5
   with pytest.raises(ValueError, match=r"system.straggler_fraction must be a number in"):
     train_and_evaluate(c, str(tmp_path / "bad"))
