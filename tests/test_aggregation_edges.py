@@ -402,7 +402,9 @@ def test_more_edges_the_mutation_pass_found():
   ap = agg.auto(objective, optimizer=__import__("optax").sgd(0.0), population=q)
   params0 = jax.tree.map(lambda d: jnp.zeros(d.shape[1:]), o.delta)
   _, w, _ = jax.jit(ap.apply)(o, ap.init(N), params0)
-  want = jnp.mean(agg.family_weights(o, jnp.zeros(3), jnp.asarray(q)), axis=0)
+  learned, _ = agg.fedlaw_fit(objective, params0, o, steps=100,
+                              optimizer=__import__("optax").adam(0.05))
+  want = jnp.mean(agg.family_weights(o, jnp.zeros(3), jnp.asarray(q), learned=learned), axis=0)
   np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-7)
 
 
@@ -476,27 +478,32 @@ def test_auto_objective_and_step_use_the_population():
   deltas = jax.tree.map(lambda d: jnp.where(
       o.finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), o.delta)
 
-  def by_hand(a, t):
-    w = agg.auto_weights(o, a, t, q)
-    return objective(jax.tree.map(lambda p, d: p + jnp.tensordot(w, d, 1), params0, deltas))
+  learned, gamma = agg.fedlaw_fit(objective, params0, o, steps=100, optimizer=optax.adam(0.05))
 
-  a0 = jnp.asarray([0.2, -0.1, 0.0, 0.4, -0.3])
+  def by_hand(a, t):
+    w = agg.auto_weights(o, a, t, q, learned=learned)
+    return objective(jax.tree.map(lambda p, d: gamma * (p + jnp.tensordot(w, d, 1)), params0,
+                                  deltas))
+
+  a0 = jnp.asarray([0.2, -0.1, 0.0, 0.4, -0.3, 0.1])
   t0 = jnp.zeros(3)
-  np.testing.assert_allclose(agg.auto_objective(objective, params0, o, a0, t0, q),
-                             by_hand(a0, t0), rtol=1e-6)
-  ga, gt = jax.grad(by_hand, argnums=(0, 1))(jnp.zeros(5), t0)
+  np.testing.assert_allclose(
+      agg.auto_objective(objective, params0, o, a0, t0, q, learned=learned, gamma=gamma),
+      by_hand(a0, t0), rtol=1e-6)
+  ga, gt = jax.grad(by_hand, argnums=(0, 1))(jnp.zeros(6), t0)
   ap = agg.auto(objective, optimizer=optax.sgd(1.0), population=list(np.asarray(q)))
   _, _, s = jax.jit(ap.apply)(o, ap.init(N), params0)
   np.testing.assert_allclose(s.logits, -ga, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(s.log_temperature, -gt, rtol=1e-5, atol=1e-7)
   # without q, the step differs (the pooled labels are not q)
-  ga_pooled = jax.grad(lambda a: agg.auto_objective(objective, params0, o, a, t0))(jnp.zeros(5))
+  ga_pooled = jax.grad(lambda a: agg.auto_objective(objective, params0, o, a, t0,
+                                                    learned=learned, gamma=gamma))(jnp.zeros(6))
   assert np.max(np.abs(np.asarray(ga_pooled) - np.asarray(ga))) > 1e-4
 
 
 def test_auto_families_keep_a_client_with_one_example():
   o = make_outputs(24)._replace(num_examples=make_outputs(24).num_examples.at[0].set(1))
-  rows = np.asarray(agg.family_weights(o, jnp.zeros(3)))
+  rows = np.asarray(agg.family_weights(o, jnp.zeros(3), learned=jnp.zeros(o.finite.shape)))
   n = np.where(np.asarray(o.finite), np.asarray(o.num_examples, float), 0.0)
   np.testing.assert_allclose(rows[0], n / n.sum(), rtol=1e-5)
   assert np.all(rows[[0, 3, 4], 0] > 0)

@@ -28,8 +28,8 @@ def np_cosines(n, finite, flat):
   return np.where(finite, cos, 0.0)
 
 
-def np_families(n, finite, losses, hist, cos, tau, q=None):
-  """The five rows of `family_weights`, written out (module docstring of `_auto`)."""
+def np_families(n, finite, losses, hist, cos, tau, learned, q=None):
+  """The six rows of `family_weights`, written out (module docstring of `_auto`)."""
   keep = finite & (n > 0)
   log_n = np.log(np.where(keep, n, 1.0))
   if q is None:
@@ -43,6 +43,7 @@ def np_families(n, finite, losses, hist, cos, tau, q=None):
       np_softmax_over(-np.where(finite, losses, 0) / tau[0], finite),
       np_softmax_over(log_n - kl / tau[1], keep),
       np_softmax_over(log_n + cos / tau[2], keep),
+      learned,
   ])
 
 
@@ -64,19 +65,24 @@ def test_family_weights_match_numpy_with_a_nonfinite_client():
   hist = np.array([[5, 5, 0], [4, 0, 0], [2, 2, 3], [6, 7, 7]], np.float32)
   log_tau = np.log(np.array([0.5, 2.0, 0.25]))
   out = outputs_for(flat, n, losses, hist, finite)
-  got = np.asarray(agg.family_weights(out, jnp.asarray(log_tau, jnp.float32)))
+  learned = np.array([0.1, 0.6, 0.0, 0.3], np.float32)
+  got = np.asarray(agg.family_weights(out, jnp.asarray(log_tau, jnp.float32),
+                                      learned=jnp.asarray(learned)))
   cos = np_cosines(n, finite, np.where(finite[:, None], flat, 0))
-  want = np_families(n.astype(float), finite, losses, hist, cos, np.exp(log_tau))
+  want = np_families(n.astype(float), finite, losses, hist, cos, np.exp(log_tau), learned)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
   assert np.all(got[:, 2] == 0)
   # with a population q, and the mixture as π @ rows
   q = np.array([0.2, 0.3, 0.5])
-  got_q = np.asarray(agg.family_weights(out, jnp.asarray(log_tau, jnp.float32), jnp.asarray(q)))
+  got_q = np.asarray(agg.family_weights(out, jnp.asarray(log_tau, jnp.float32), jnp.asarray(q),
+                                        learned=jnp.asarray(learned)))
   np.testing.assert_allclose(got_q, np_families(n.astype(float), finite, losses, hist, cos,
-                                                np.exp(log_tau), q), rtol=2e-5, atol=1e-7)
-  a = np.array([0.3, -1.0, 0.5, 0.0, 2.0])
+                                                np.exp(log_tau), learned, q),
+                             rtol=2e-5, atol=1e-7)
+  a = np.array([0.3, -1.0, 0.5, 0.0, 2.0, -0.4])
   pi = np.exp(a) / np.exp(a).sum()
-  np.testing.assert_allclose(agg.auto_weights(out, jnp.asarray(a), jnp.asarray(log_tau)),
+  np.testing.assert_allclose(agg.auto_weights(out, jnp.asarray(a), jnp.asarray(log_tau),
+                                              learned=jnp.asarray(learned)),
                              pi @ want, rtol=2e-5, atol=1e-7)
 
 
@@ -96,14 +102,16 @@ def test_hypergradient_matches_central_differences_float64():
         label_hist=jnp.asarray(rng.integers(0, 5, (k, 3)).astype(np.float64) + 0.5),
         finite=finite, client_id=jnp.arange(k))
     objective = held_out_loss(model, rng.normal(size=(12, 5)), rng.integers(0, 3, 12))
-    f = lambda a, t: agg.auto_objective(objective, params, out, a, t)
-    a = jnp.asarray([0.3, -0.2, 0.1, 0.5, -0.4], jnp.float64)
+    learned = jnp.asarray([0.3, 0.1, 0.0, 0.2, 0.4], jnp.float64)
+    f = lambda a, t: agg.auto_objective(objective, params, out, a, t, learned=learned,
+                                        gamma=0.9)
+    a = jnp.asarray([0.3, -0.2, 0.1, 0.5, -0.4, 0.2], jnp.float64)
     t = jnp.asarray([-0.3, 0.2, -0.5], jnp.float64)
     ga, gt = jax.grad(f, argnums=(0, 1))(a, t)
     assert ga.dtype == jnp.float64 and np.all(np.isfinite(ga)) and np.all(np.isfinite(gt))
     eps = 1e-6
     fd_a = np.array([(f(a.at[i].add(eps), t) - f(a.at[i].add(-eps), t)) / (2 * eps)
-                     for i in range(5)])
+                     for i in range(6)])
     fd_t = np.array([(f(a, t.at[i].add(eps)) - f(a, t.at[i].add(-eps))) / (2 * eps)
                      for i in range(3)])
     np.testing.assert_allclose(ga, fd_a, rtol=1e-6, atol=1e-10)
@@ -116,14 +124,16 @@ WORK = fp.LocalWork(4, epochs=2)
 
 def test_round_aggregates_with_the_mixture_of_the_numpy_families():
   """With a learning rate of 0 the mixture stays where the state has it: the round's
-  weights are π(a) @ the five families at τ, recomputed from the NumPy clients."""
+  weights are π(a) @ the six families at τ, recomputed from the NumPy clients (the FedLAW
+  row and γ: `fedlaw` on their updates), and the new model is γ (w + Σ_i w_i Δ_i)."""
   data = small_data(num_clients=6, sizes=[6, 5, 7, 4, 8, 6])
   model = logreg()
-  a = agg.auto(held_out_loss(model, data.x[0, :5], data.y[0, :5]), steps=2,
-               optimizer=optax.sgd(0.0))
+  px, py = data.x[0, :5], data.y[0, :5]
+  a = agg.auto(held_out_loss(model, px, py), steps=2, optimizer=optax.sgd(0.0),
+               fedlaw_steps=7)
   alg = fedavg(model, optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=4, weighting=a)
   s0 = alg.init(jax.random.key(0), data)
-  a0, t0 = np.array([0.5, -0.3, 1.0, 0.2, -0.7]), np.log([0.7, 1.5, 0.4])
+  a0, t0 = np.array([0.5, -0.3, 1.0, 0.2, -0.7, 0.4]), np.log([0.7, 1.5, 0.4])
   s0 = s0._replace(weight_state=s0.weight_state._replace(
       logits=jnp.asarray(a0, jnp.float32), log_temperature=jnp.asarray(t0, jnp.float32)))
   s1, m = jax.jit(alg.round)(s0, data)
@@ -133,13 +143,48 @@ def test_round_aggregates_with_the_mixture_of_the_numpy_families():
   hist = np.stack([np.bincount(ys[c["id"], :c["n"]], minlength=3) for c in clients]).astype(float)
   flat = np.stack([np.concatenate([c["dw"].ravel(), c["db"].ravel()]) for c in clients])
   finite = np.ones(4, bool)
+  out = fp.core.ClientOutput(
+      delta={"Dense_0": {"kernel": jnp.asarray(np.stack([c["dw"] for c in clients]),
+                                               jnp.float32),
+                         "bias": jnp.asarray(np.stack([c["db"] for c in clients]),
+                                             jnp.float32)}},
+      num_examples=jnp.asarray(n, jnp.int32), train_loss=None, num_steps=None,
+      label_hist=None, finite=jnp.asarray(finite), client_id=jnp.arange(4))
+  law = agg.fedlaw(model, px, py, steps=7)
+  _, learned, law_state = law.apply(out, law.init(4), s0.params)
+  gamma = float(law_state.gamma)
+  assert abs(gamma - 1) > 1e-4
   fam = np_families(n, finite, np.array([c["train_loss"] for c in clients]), hist,
-                    np_cosines(n, finite, flat), np.exp(t0))
+                    np_cosines(n, finite, flat), np.exp(t0), np.asarray(learned))
   want = np.exp(a0) / np.exp(a0).sum() @ fam
   np.testing.assert_allclose(m.weights, want, rtol=2e-5)
   np.testing.assert_allclose(s1.params["Dense_0"]["kernel"],
-                             w + sum(p * c["dw"] for p, c in zip(want, clients)), atol=1e-5)
+                             gamma * (w + sum(p * c["dw"] for p, c in zip(want, clients))),
+                             atol=1e-5)
   np.testing.assert_allclose(s1.weight_state.logits, a0, rtol=1e-6)
+  np.testing.assert_allclose(s1.weight_state.gamma, gamma, rtol=1e-6)
+
+
+def test_a_mixture_all_on_the_fedlaw_family_is_fedlaw():
+  """π one-hot on FedLAW's family: the automated weighting's round is FedLAW's."""
+  data = small_data(num_clients=6, sizes=[6, 5, 7, 4, 8, 6])
+  model = logreg()
+  px, py = data.x[0, :5], data.y[0, :5]
+  a = agg.auto(held_out_loss(model, px, py), optimizer=optax.sgd(0.0), fedlaw_steps=9)
+  build = lambda w: fedavg(model, optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=4,
+                           weighting=w)
+  alg = build(a)
+  s0 = alg.init(jax.random.key(3), data)
+  s0 = s0._replace(weight_state=s0.weight_state._replace(
+      logits=jnp.asarray([-1e9] * 5 + [0.0], jnp.float32)))
+  s1, m = jax.jit(alg.round)(s0, data)
+  law = build(agg.fedlaw(model, px, py, steps=9))
+  l0 = law.init(jax.random.key(3), data)
+  l1, lm = jax.jit(law.round)(l0, data)
+  np.testing.assert_allclose(m.weights, lm.weights, rtol=1e-6, atol=1e-8)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7),
+               s1.params, l1.params)
+  np.testing.assert_allclose(s1.weight_state.gamma, l1.weight_state.gamma, rtol=1e-6)
 
 
 def test_learning_lowers_the_proxy_loss_and_carries_over_rounds():
@@ -176,11 +221,14 @@ def test_bad_arguments_are_refused():
     agg.auto(None)
   with pytest.raises(ValueError, match="population must be a 1-D distribution with every"):
     agg.auto(objective, population=[0.5, 0.5, 0.0])
+  with pytest.raises(ValueError, match="fedlaw_steps must be a positive int; got 0"):
+    agg.auto(objective, fedlaw_steps=0)
 
 
 def test_factory_defaults_and_population():
-  """`auto(objective)` takes one Adam step (lr 0.05) a round, and a population given to
-  the factory is the divergence family's q (the aggregator's weights against NumPy)."""
+  """`auto(objective)` takes one Adam step (lr 0.05) a round, FedLAW's family fits 100 Adam
+  steps (lr 0.05), and a population given to the factory is the divergence family's q (the
+  aggregator's weights against NumPy)."""
   rng = np.random.default_rng(3)
   n = np.array([6, 5, 7, 4], np.int32)
   flat = rng.normal(size=(4, 6)).astype(np.float32)
@@ -190,18 +238,23 @@ def test_factory_defaults_and_population():
   q = np.array([0.2, 0.3, 0.5])
   objective = lambda p: jnp.sum(p["w"] ** 2)
   lr0 = agg.auto(objective, population=list(q), optimizer=optax.sgd(0.0))
-  mean, w, state = lr0.apply(out, lr0.init(4), {"w": jnp.zeros(6)})
+  zero = {"w": jnp.zeros(6)}
+  mean, w, state = lr0.apply(out, lr0.init(4), zero)
+  learned, gamma = agg.fedlaw_fit(objective, zero, out, steps=100, optimizer=optax.adam(0.05))
+  other, _ = agg.fedlaw_fit(objective, zero, out, steps=99, optimizer=optax.adam(0.05))
+  assert np.max(np.abs(np.asarray(learned) - np.asarray(other))) > 1e-6
   cos = np_cosines(n.astype(float), np.ones(4, bool), flat)
-  want = np.full(5, 0.2) @ np_families(n.astype(float), np.ones(4, bool), losses, hist, cos,
-                                       np.ones(3), q)
+  want = np.full(6, 1 / 6) @ np_families(n.astype(float), np.ones(4, bool), losses, hist, cos,
+                                         np.ones(3), np.asarray(learned), q)
   np.testing.assert_allclose(w, want, rtol=2e-5)
-  np.testing.assert_allclose(mean["w"], want @ flat, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(mean["w"], float(gamma) * (want @ flat), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(state.gamma, gamma, rtol=1e-6)
   default = agg.auto(objective)
   s0 = default.init(4)
   _, _, s1 = default.apply(out, s0, {"w": jnp.zeros(6)})
   assert int(s1.opt_state[0].count) == 1
-  g = jax.grad(lambda a: agg.auto_objective(objective, {"w": jnp.zeros(6)}, out, a,
-                                            s0.log_temperature))(s0.logits)
+  g = jax.grad(lambda a: agg.auto_objective(objective, zero, out, a, s0.log_temperature,
+                                            learned=learned, gamma=gamma))(s0.logits)
   # Adam's first step: −lr ĝ/(|ĝ| + ε) with lr 0.05, ε 1e-8
   np.testing.assert_allclose(s1.logits, -0.05 * g / (np.abs(g) + 1e-8), atol=1e-6)
   for bad in ([[0.5, 0.5]], [0.5, 0.6], [0.5, 0.5, 0.0]):

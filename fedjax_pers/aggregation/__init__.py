@@ -14,6 +14,7 @@ from fedjax_pers.aggregation._auto import (
     auto_objective,
     auto_weights,
     family_weights,
+    fedlaw_fit,
 )
 from fedjax_pers.aggregation._distribution import label_divergence, label_entropy, label_kl
 from fedjax_pers.aggregation._fedlaw import (
@@ -65,6 +66,7 @@ __all__ = [
     "auto_objective",
     "auto_weights",
     "family_weights",
+    "fedlaw_fit",
     "FedAdpState",
     "FedLAWState",
     "WeightFn",

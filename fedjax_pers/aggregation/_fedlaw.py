@@ -7,6 +7,7 @@ straight through the aggregation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -34,10 +35,42 @@ def fedlaw_aggregate(params: Params, deltas: Params, finite: jax.Array,
 
   The softmax runs over the finite clients only, so `Σ_i λ_i w_i = w_t + Σ_i λ_i Δ_i`.
   """
-  lam = masked_softmax(theta, finite)
-  mean = weighted_sum(lam, deltas)
-  gamma = jnp.exp(log_gamma)
+  return shrunk(params, weighted_sum(masked_softmax(theta, finite), deltas), jnp.exp(log_gamma))
+
+
+def shrunk(params: Params, mean: Params, gamma: jax.Array) -> Params:
+  """FedLAW's aggregate `γ (w_t + Σ_i w_i Δ_i)` of the weighted mean update `mean`."""
   return jax.tree.map(lambda p, d: gamma * (p + d), params, mean)
+
+
+def descend(loss, z, tx: optax.GradientTransformation, steps: int):
+  """`steps` steps of `tx` on `loss` from `z`, from a fresh optimizer state (`lax.scan`)."""
+
+  def step(carry, _):
+    z, opt = carry
+    updates, opt = tx.update(jax.grad(loss)(z), opt, z)
+    return (optax.apply_updates(z, updates), opt), None
+
+  (z, _), _ = jax.lax.scan(step, (z, tx.init(z)), None, length=steps)
+  return z
+
+
+def fedlaw_fit(objective: Callable[[Params], jax.Array], params: Params, outputs, *,
+               steps: int, optimizer: optax.GradientTransformation
+               ) -> tuple[jax.Array, jax.Array]:
+  """FedLAW's fit of this round on `objective` (Li et al., ICML 2023): θ_i from
+  log(n_i / N) and θ_γ = 0, `steps` steps of `optimizer` on
+  `objective(γ (w_t + Σ_i softmax(θ)_i Δ_i))`, γ = exp(θ_γ). Returns `([k] λ, γ)`,
+  λ = softmax(θ) over the clients with data (a client without data has no model of its
+  own to weigh: log(n_i / N) would be −∞)."""
+  keep = outputs.finite & (outputs.num_examples > 0)
+  deltas = zero_nonfinite(outputs)
+  n = normalize(outputs.num_examples.astype(jnp.float32), keep)
+  z = (jnp.log(jnp.where(n > 0, n, 1.0)), jnp.zeros((), jnp.float32))
+  loss = lambda z: objective(shrunk(params, weighted_sum(masked_softmax(z[0], keep), deltas),
+                                    jnp.exp(z[1])))
+  theta, log_gamma = descend(loss, z, optimizer, steps)
+  return masked_softmax(theta, keep), jnp.exp(log_gamma)
 
 
 def fedlaw_objective(model: Model, params: Params, deltas: Params, finite: jax.Array,
@@ -77,25 +110,13 @@ def fedlaw(model: Model, proxy_x, proxy_y, *, steps: int = 100,
     raise ValueError(f"steps must be a positive int; got {steps!r}.")
   tx = optax.adam(0.05) if optimizer is None else optimizer
   x, y = jnp.asarray(proxy_x), jnp.asarray(proxy_y, jnp.int32)
+  objective = lambda w: jnp.mean(model.loss(model.apply(w, x), y))
 
   def apply(outputs, state, params):
-    # A client without data has no model of its own to weigh: it is left out with the
-    # non-finite ones (log(n_i / N) would be -inf).
-    finite = outputs.finite & (outputs.num_examples > 0)
-    deltas = zero_nonfinite(outputs)
-    n = normalize(outputs.num_examples.astype(jnp.float32), finite)
-    z = (jnp.log(jnp.where(n > 0, n, 1.0)), jnp.zeros((), jnp.float32))
-    loss = lambda z: fedlaw_objective(model, params, deltas, finite, z[0], z[1], x, y)
-
-    def step(carry, _):
-      z, opt = carry
-      updates, opt = tx.update(jax.grad(loss)(z), opt, z)
-      return (optax.apply_updates(z, updates), opt), None
-
-    (z, _), _ = jax.lax.scan(step, (z, tx.init(z)), None, length=steps)
-    w_g = fedlaw_aggregate(params, deltas, finite, *z)
-    agg = jax.tree.map(jnp.subtract, w_g, params)
-    return agg, masked_softmax(z[0], finite), FedLAWState(gamma=jnp.exp(z[1]))
+    del state
+    lam, gamma = fedlaw_fit(objective, params, outputs, steps=steps, optimizer=tx)
+    new = shrunk(params, weighted_sum(lam, zero_nonfinite(outputs)), gamma)
+    return jax.tree.map(jnp.subtract, new, params), lam, FedLAWState(gamma=gamma)
 
   init = lambda num_clients: FedLAWState(gamma=jnp.ones((), jnp.float32))
   return Aggregator(init=init, apply=apply)

@@ -87,7 +87,8 @@ def weighting_table(config: ml_collections.ConfigDict, model: Model, train: Fede
 
     return aggregation.auto(held_out_loss(model, *proxy), steps=c.auto_steps,
                             optimizer=optax.adam(c.auto_learning_rate),
-                            population=_population(c, train))
+                            population=_population(c, train), fedlaw_steps=c.fedlaw_steps,
+                            fedlaw_optimizer=optax.adam(c.fedlaw_learning_rate))
 
   return {
       # weighted means (WeightFn): composable with '*', power and floor
@@ -160,18 +161,20 @@ def _attacked(config: ml_collections.ConfigDict, how, attackers: np.ndarray | No
 
 
 def learned_mixtures(weight_state, num_runs: int) -> list[dict] | None:
-  """Each run's `{'mixture': π by family, 'temperatures': τ by family}` of an automated
-  weighting's state anywhere in `weight_state` (a sweep's: stacked over its `num_runs`
+  """Each run's `{'mixture': π by family, 'temperatures': τ by family, 'gamma': γ}` of an
+  automated weighting's state anywhere in `weight_state` (a sweep's: stacked over its `num_runs`
   variants), fetched from the device once; None without one."""
   found = [s for s in jax.tree.leaves(weight_state, is_leaf=lambda x: isinstance(
       x, aggregation.AutoState)) if isinstance(s, aggregation.AutoState)]
   if not found:
     return None
-  logits, log_tau = jax.device_get((found[0].logits, found[0].log_temperature))
+  logits, log_tau, gamma = jax.device_get((found[0].logits, found[0].log_temperature,
+                                           found[0].gamma))
   logits, log_tau = np.reshape(logits, (num_runs, -1)), np.reshape(log_tau, (num_runs, -1))
+  gamma = np.reshape(gamma, (num_runs,))
   pi = np.exp(logits - logits.max(1, keepdims=True))
   pi /= pi.sum(1, keepdims=True)
   return [{"mixture": {k: round(float(v), 6) for k, v in zip(aggregation.FAMILIES, p)},
            "temperatures": {k: round(float(v), 6) for k, v in zip(
-               aggregation.TEMPERED, np.exp(t))}}
-          for p, t in zip(pi, log_tau)]
+               aggregation.TEMPERED, np.exp(t))}, "gamma": round(float(g), 6)}
+          for p, t, g in zip(pi, log_tau, gamma)]

@@ -111,10 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.aggregation.byzantine_f = 1       # krum, multi_krum
   c.aggregation.multi_krum_m = placeholder(int)
   c.aggregation.max_norm = 1.0        # clip_norm
-  c.aggregation.fedlaw_steps = 100
+  c.aggregation.fedlaw_steps = 100       # fedlaw, and auto's FedLAW family
   c.aggregation.fedlaw_learning_rate = 0.05
   c.aggregation.auto_steps = 1         # auto: Adam steps on the mixture per round
-  c.aggregation.auto_learning_rate = 0.05
+  c.aggregation.auto_learning_rate = 0.2
 
   c.personalization = ml_collections.ConfigDict()
   c.personalization.finetune_steps = 0   # > 0: at every evaluation each client fine-tunes
