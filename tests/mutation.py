@@ -19,7 +19,8 @@ lists as equivalent (a line "- `mutant name`: why"). Mutants that no test reache
 count as survivors. Survivors are printed by name: `mutmut show NAME` (run in `DIR`)
 shows the change. Extra `names` (fnmatch globs of mutant names) rerun just those;
 `--survivors-of DIR` reruns an earlier run's survivors in a fresh workdir (after new
-tests, whose selection would otherwise reset mutmut's results) and reports the merge.
+tests, whose selection would otherwise reset mutmut's results) and reports the merge;
+an earlier status counts only while its function's source is unchanged.
 The pass is slow, so it is not part of CI: on 2 cores a mutant costs 1-3 s in a leaf
 function and 20-50 s in a helper that most tests reach (each mutant compiles afresh),
 plus a few minutes for the stats run; the aggregation package's 1,804 mutants took
@@ -102,27 +103,34 @@ def equivalent() -> set[str]:
   return set(re.findall(r"^- `([\w.]+__mutmut_\d+)`", path.read_text(), flags=re.M))
 
 
-def statuses(workdir: Path) -> dict[str, tuple[str, str]]:
-  """`{mutant name: (source file, status)}` from a run's `mutants/**/*.py.meta`."""
+def statuses(workdir: Path) -> dict[str, tuple[str, str, str]]:
+  """`{mutant name: (source file, status, hash of its function's source)}` from a run's
+  `mutants/**/*.py.meta`."""
   from mutmut.stats import status_by_exit_code
 
   out = {}
   for meta in sorted((workdir / "mutants").rglob("*.py.meta")):
     src = meta.relative_to(workdir / "mutants").as_posix()[:-len(".meta")]
-    for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-      out[name] = (src, status_by_exit_code[code])
+    data = json.loads(meta.read_text())
+    hashes = data.get("hash_by_function_name", {})
+    for name, code in data["exit_code_by_key"].items():
+      function = name.rsplit(".", 1)[-1].split("__mutmut_")[0]
+      out[name] = (src, status_by_exit_code[code], hashes.get(function, ""))
   return out
 
 
-def merged(workdir: Path, base: Path | None) -> dict[str, tuple[str, str]]:
+def merged(workdir: Path, base: Path | None) -> dict[str, tuple[str, str, str]]:
   """This run's statuses over those of `base`, itself merged over its own base (the
-  `base` its `mutation_report.json` names): a chain of survivor reruns."""
+  `base` its `mutation_report.json` names): a chain of survivor reruns. An earlier
+  status counts only while its function's source is unchanged (the same hash in this
+  run): a changed function's mutants are renumbered, and are "not checked" until rerun."""
   found = statuses(workdir)
   if base is None:
     return found
   earlier = json.loads((base / "mutation_report.json").read_text()).get("base")
-  return {**merged(base, None if earlier is None else Path(earlier)),
-          **{k: v for k, v in found.items() if v[1] not in IGNORED}}
+  kept = {k: v for k, v in merged(base, None if earlier is None else Path(earlier)).items()
+          if k in found and v[2] == found[k][2]}
+  return {**found, **kept, **{k: v for k, v in found.items() if v[1] not in IGNORED}}
 
 
 def report(workdir: Path, package: str, base: Path | None = None) -> dict:
@@ -131,7 +139,7 @@ def report(workdir: Path, package: str, base: Path | None = None) -> dict:
   found = merged(workdir, base)
   skip = equivalent()
   files, total, survivors = {}, Counter(), []
-  for name, (src, status) in sorted(found.items()):
+  for name, (src, status, _) in sorted(found.items()):
     status = "equivalent" if name in skip else status
     files.setdefault(src, Counter())[status] += 1
     total[status] += 1
