@@ -14,13 +14,13 @@ from fedjax_pers.aggregation._auto import (
     auto_objective,
     auto_weights,
     family_weights,
-    fedlaw_fit,
 )
 from fedjax_pers.aggregation._distribution import label_divergence, label_entropy, label_kl
 from fedjax_pers.aggregation._fedlaw import (
     FedLAWState,
     fedlaw,
     fedlaw_aggregate,
+    fedlaw_fit,
     fedlaw_objective,
 )
 from fedjax_pers.aggregation._fednova import fednova, norm_a

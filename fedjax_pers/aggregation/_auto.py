@@ -15,17 +15,17 @@ scaled by FedLAW's global shrinking factor γ of this round:
 
   w_(t+1) = γ (w_t + Σ_i w_i Δ_i).
 
-(λ, γ) is FedLAW's fit (Li et al., ICML 2023): from λ = n / N and γ = 1, a
-fixed number of Adam steps on the proxy loss of `γ (w_t + Σ_i λ_i Δ_i)` with
-λ = softmax(θ), γ = exp(θ_γ), `fedlaw_fit`. The parameters z = (a, log τ) are
+(λ, γ) is FedLAW's fit (Li et al., ICML 2023; `fedlaw_fit`): from λ = n / N and
+γ = 1, `fedlaw_steps` steps of `fedlaw_optimizer` (default Adam) on the proxy loss
+of `γ (w_t + Σ_i λ_i Δ_i)` with λ = softmax(θ), γ = exp(θ_γ). The parameters z = (a, log τ) are
 learned online: in round t, before aggregating, the server takes `steps`
 optimizer steps on the hypergradient
 
   ∇_z J(z),   J(z) = ℓ_proxy(γ (w_t + Σ_i w_i(z) Δ_i)),
 
 the loss on its proxy split of the model the round's aggregation would give,
-differentiated through the aggregation (λ and γ are constants of z; see
-`fedjax_pers.hypergrad` for gradients through whole rounds). Unlike FedLAW's
+differentiated through the aggregation (λ and γ do not depend on z; gradients
+through whole rounds, `fedjax_pers.hypergrad`, do flow through them). Unlike FedLAW's
 (λ, γ), which start afresh every round, z and the optimizer's moments carry
 over from round to round (π starts uniform and every τ at 1), so the mixture
 is a slowly learned choice among the families, FedLAW's among them: 9 numbers
@@ -180,8 +180,8 @@ def auto(objective: Callable[[Params], jax.Array], *, steps: int = 1,
                      jnp.ones((), jnp.float32))
 
   def apply(outputs, state, params):
-    learned, gamma = jax.lax.stop_gradient(
-        fedlaw_fit(objective, params, outputs, steps=fedlaw_steps, optimizer=law_tx))
+    learned, gamma = fedlaw_fit(objective, params, outputs, steps=fedlaw_steps,
+                                optimizer=law_tx)
     j = lambda z: auto_objective(objective, params, outputs, *z, population, learned=learned,
                                  gamma=gamma)
 
