@@ -223,6 +223,7 @@ def test_bad_arguments_are_refused():
     agg.auto(objective, population=[0.5, 0.5, 0.0])
   with pytest.raises(ValueError, match="fedlaw_steps must be a positive int; got 0"):
     agg.auto(objective, fedlaw_steps=0)
+  agg.auto(objective, fedlaw_steps=1)       # one step of the FedLAW fit is allowed
 
 
 def test_factory_defaults_and_population():
@@ -255,8 +256,58 @@ def test_factory_defaults_and_population():
   assert int(s1.opt_state[0].count) == 1
   g = jax.grad(lambda a: agg.auto_objective(objective, zero, out, a, s0.log_temperature,
                                             learned=learned, gamma=gamma))(s0.logits)
+  # auto_objective's default γ is 1
+  j = lambda **kw: float(agg.auto_objective(objective, zero, out, s0.logits, s0.log_temperature,
+                                            learned=learned, **kw))
+  assert j() == j(gamma=1.0) and abs(j() - j(gamma=2.0)) > 1e-3
   # Adam's first step: −lr ĝ/(|ĝ| + ε) with lr 0.05, ε 1e-8
   np.testing.assert_allclose(s1.logits, -0.05 * g / (np.abs(g) + 1e-8), atol=1e-6)
   for bad in ([[0.5, 0.5]], [0.5, 0.6], [0.5, 0.5, 0.0]):
     with pytest.raises(ValueError, match="population must be a 1-D distribution"):
       agg.auto(objective, population=bad)
+
+
+def test_gradient_through_an_automated_round_matches_central_differences_float64():
+  """d(proxy loss after one round)/d(client lr) through the automated weighting, FedLAW's
+  fit included, against central differences in float64."""
+  from fedjax_pers.hypergrad import unrolled_objective
+
+  with jax.enable_x64(True):
+    rs = np.random.RandomState(4)
+    sizes = [7, 9, 5, 11, 8, 6]
+    data = fp.FederatedData.from_clients([rs.normal(size=(n, 5)) for n in sizes],
+                                         [rs.randint(0, 3, n) for n in sizes],
+                                         num_classes=3, dtype=jnp.float64)
+    model = logreg()
+    objective = held_out_loss(model, rs.normal(size=(20, 5)), rs.randint(0, 3, 20))
+    build = lambda lr: fedavg(model, optax.sgd(lr), optax.sgd(1.0), fp.LocalWork(3, steps=3),
+                              clients_per_round=4,
+                              weighting=agg.auto(objective, fedlaw_steps=5),
+                              execution=fp.Execution(differentiable=True))
+    state = build(0.2).init(jax.random.key(5), data)
+    state = state._replace(params=jax.tree.map(lambda a: a.astype(jnp.float64), state.params))
+    f = jax.jit(lambda lr: unrolled_objective(build, lr, state, data, objective))
+    g = jax.grad(f)(jnp.float64(0.2))
+    # The mixture and FedLAW's fit run in float32 (`AutoState`), so a step of 1e-6 does not
+    # move the fit's output: central differences at 1e-6 give the gradient with (λ, γ)
+    # held fixed, 0.3% away. At 1e-3 (an O(1e-6) truncation error here) they see the fit.
+    eps = 1e-3
+    want = (f(jnp.float64(0.2 + eps)) - f(jnp.float64(0.2 - eps))) / (2 * eps)
+    assert abs(float(want)) > 1e-3
+    np.testing.assert_allclose(g, want, rtol=1e-4)
+
+
+def test_the_fedlaw_family_uses_the_optimizer_given():
+  """`fedlaw_optimizer=sgd(0)` leaves FedLAW's fit at its start: λ = n / N and γ = 1."""
+  rng = np.random.default_rng(6)
+  n = np.array([6, 5, 7, 4], np.int32)
+  flat = rng.normal(size=(4, 6)).astype(np.float32)
+  out = outputs_for(flat, n, np.array([0.5, 2.0, 0.8, 1.0], np.float32),
+                    np.array([[3, 3, 0], [5, 0, 0], [2, 2, 3], [1, 1, 2]], np.float32),
+                    np.ones(4, bool))
+  objective = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
+  frozen = agg.auto(objective, optimizer=optax.sgd(0.0), fedlaw_optimizer=optax.sgd(0.0))
+  _, w, state = frozen.apply(out, frozen.init(4), {"w": jnp.zeros(6)})
+  rows = agg.family_weights(out, jnp.zeros(3), learned=jnp.asarray(n / n.sum(), jnp.float32))
+  np.testing.assert_allclose(w, np.mean(np.asarray(rows), 0), rtol=1e-5)
+  assert float(state.gamma) == 1.0
