@@ -67,8 +67,7 @@ def fedlaw_fit(objective: Callable[[Params], jax.Array], params: Params, outputs
   deltas = zero_nonfinite(outputs)
   n = normalize(outputs.num_examples.astype(jnp.float32), keep)
   z = (jnp.log(jnp.where(n > 0, n, 1.0)), jnp.zeros((), jnp.float32))
-  loss = lambda z: objective(shrunk(params, weighted_sum(masked_softmax(z[0], keep), deltas),
-                                    jnp.exp(z[1])))
+  loss = lambda z: objective(fedlaw_aggregate(params, deltas, keep, *z))
   theta, log_gamma = descend(loss, z, optimizer, steps)
   return masked_softmax(theta, keep), jnp.exp(log_gamma)
 
