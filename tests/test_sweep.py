@@ -196,8 +196,27 @@ def test_compare_reports_each_strategy_over_seeds(tmp_path):
     assert r["seeds"] == 3
     assert r["final_accuracy"] == pytest.approx(np.mean(runs), abs=1e-9)
     assert r["final_accuracy_std"] == pytest.approx(np.std(runs, ddof=1), abs=1e-9)
+    last = [np.mean([json.loads(line)["test_accuracy"] for line in (
+        tmp_path / r["label"] / "variants" / f"seed={s}" / "metrics.jsonl"
+    ).read_text().splitlines()][-5:]) for s in range(3)]
+    assert r["last_evals_accuracy"] == pytest.approx(np.mean(last), abs=1e-9)
+    assert r["last_evals_accuracy_std"] == pytest.approx(np.std(last, ddof=1), abs=1e-9)
+    assert r["key_final_accuracy_std"] == r["final_accuracy_std"]
   table = comparison_table(out)
-  assert f"{out['strategies'][1]['final_accuracy']:.4f} ± " in table and "over seeds" in table
+  r = out["strategies"][1]
+  assert f"{r['final_accuracy']:.4f} ± {r['final_accuracy_std']:.4f}" in table
+  assert f"{r['last_evals_accuracy']:.4f} ± {r['last_evals_accuracy_std']:.4f}" in table
+  assert "over seeds" in table
+  # Corrupted clients: the table's accuracy is the clean clients', and so is its spread.
+  c.corruption.label_shuffle_fraction = 0.25
+  c.compare.strategies = ("fedavg: algorithm=fedavg",)
+  r = compare(c, str(tmp_path / "noisy"))["strategies"][0]
+  runs = [json.loads((tmp_path / "noisy" / "fedavg" / "variants" / f"seed={s}" / "summary.json")
+                     .read_text())["clean_client_test_accuracy"] for s in range(3)]
+  assert r["accuracy_key"] == "clean_client_test_accuracy"
+  assert r["key_final_accuracy_std"] == pytest.approx(np.std(runs, ddof=1), abs=1e-9)
+  assert r["key_final_accuracy_std"] != r["final_accuracy_std"]
+  c.corruption.label_shuffle_fraction = 0.0
   c.sweep.grid = "client.learning_rate=0.1,0.2"
   with pytest.raises(ValueError, match="with compare: the strategies"):
     compare(c, str(tmp_path / "values"))

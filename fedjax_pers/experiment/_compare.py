@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from fedjax_pers import sweep
 from fedjax_pers.experiment import _outputs
 from fedjax_pers.experiment._train import train_and_evaluate
 
@@ -120,7 +121,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         **{k: summary.get(k) for k in UNSEEN_KEYS},
         "cluster_recovery": summary.get("cluster_recovery"),
         # sweep.seeds > 1: the figures above are means over seeds; these their spread.
-        **_spread(summary),
+        **_spread(summary, os.path.join(workdir, label), key),
     })
   for r in results:
     r.update(against_first(r, results[0]))
@@ -133,14 +134,22 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return out
 
 
-def _spread(summary: dict[str, Any]) -> dict[str, Any]:
-  """A sweep over seeds' standard deviations of the final and mean-client accuracy."""
+def _spread(summary: dict[str, Any], run_dir: str, key: str) -> dict[str, Any]:
+  """A sweep over seeds' spread: the standard deviations over seeds of the final and
+  mean-client accuracy, and of the table's accuracy (`key`) at the end and over the
+  last `LAST_EVALS` evaluations (from each seed's own `metrics.jsonl`)."""
   if "sweep" not in summary:
     return {}
   g = summary["sweep"]["groups"][0]
+  last = [np.mean([r[key] for r in _outputs.read_jsonl(
+      os.path.join(run_dir, "variants", name, "metrics.jsonl"))[-LAST_EVALS:]])
+          for name in g["variants"]]
+  final_key = "final_test_accuracy" if key == "test_accuracy" else key
   return {"seeds": len(g["seeds"]), "final_accuracy_std": g["final_test_accuracy"]["std"],
           "final_accuracy_ci95": g["final_test_accuracy"]["ci95"],
-          "mean_client_accuracy_std": g["mean_client_test_accuracy"]["std"]}
+          "mean_client_accuracy_std": g["mean_client_test_accuracy"]["std"],
+          "key_final_accuracy_std": g[final_key]["std"],
+          "last_evals_accuracy_std": sweep.interval(last)["std"]}
 
 
 # The held-out clients' figures a run reports (`data.holdout_clients`), kept per strategy.
@@ -209,10 +218,8 @@ def comparison_table(out: dict[str, Any]) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   pm = lambda v, std: f"{v:.4f}" if std is None else f"{v:.4f} ± {std:.4f}"
   for r in res:
-    std = (r.get("final_accuracy_std") if r.get("accuracy_key", "test_accuracy") == "test_accuracy"
-           else None)
-    cells = [r["label"], pm(r["curve"][-1][1], std),
-             f"{r['last_evals_accuracy']:.4f}",
+    cells = [r["label"], pm(r["curve"][-1][1], r.get("key_final_accuracy_std")),
+             pm(r["last_evals_accuracy"], r.get("last_evals_accuracy_std")),
              pm(r["mean_client_accuracy"], r.get("mean_client_accuracy_std")),
              f"{r['worst10_client_accuracy']:.4f}",
              f"{r['variance_client_accuracy']:.4f}",

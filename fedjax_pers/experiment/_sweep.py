@@ -20,7 +20,8 @@ FIXED = ("data", "execution", "distributed", "sweep", "privacy", "secure_aggrega
 ACROSS = ("final_test_accuracy", "mean_client_test_accuracy", "worst10_client_test_accuracy",
           "variance_client_test_accuracy", "final_test_loss", "final_train_loss",
           "best_test_accuracy", "personalized_test_accuracy",
-          "best_personalized_test_accuracy", "mean_client_gain", "fraction_clients_improved")
+          "best_personalized_test_accuracy", "mean_client_gain", "fraction_clients_improved",
+          "clean_client_test_accuracy")
 
 
 class Variant(NamedTuple):
