@@ -88,3 +88,42 @@ def test_fedbuff_from_the_config(tmp_path):
 def test_fedbuff_refuses_a_buffer_above_the_concurrency():
   with pytest.raises(ValueError, match="buffer_size \\(K=4\\) must be <= concurrency"):
     fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=3, buffer_size=4)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(concurrency=0, buffer_size=1), "concurrency must be an int >= 1; got 0"),
+    (dict(concurrency=2, buffer_size=0), "buffer_size must be an int >= 1; got 0"),
+    (dict(concurrency=2.0, buffer_size=1), "concurrency must be an int >= 1; got 2.0"),
+    (dict(concurrency=2, buffer_size=True), "buffer_size must be an int >= 1; got True"),
+    (dict(concurrency=2, buffer_size=1, staleness_exponent=-0.5),
+     "staleness_exponent must be a number >= 0; got -0.5"),
+    (dict(concurrency=2, buffer_size=1, latency_spread=-1.0),
+     "latency_spread must be a number >= 0; got -1.0"),
+    (dict(concurrency=2, buffer_size=1, latency_spread="1"),
+     "latency_spread must be a number >= 0; got '1'"),
+])
+def test_fedbuff_refuses_bad_numbers(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, **kwargs)
+  fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=2, buffer_size=1,
+          staleness_exponent=0, latency_spread=0.0)   # the bounds themselves are allowed
+
+
+@pytest.mark.parametrize("execution", [
+    fp.Execution(sampling_probs=np.ones(8)), fp.Execution(poisson_rate=0.5),
+    fp.Execution(system=fp.System(dropout_rate=0.1))])
+def test_fedbuff_refuses_its_own_sampling_replaced(execution):
+  with pytest.raises(ValueError, match="fedbuff dispatches clients itself"):
+    fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=2, buffer_size=1,
+            execution=execution)
+
+
+def test_fedbuff_refuses_more_in_flight_than_clients():
+  alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=9, buffer_size=2)
+  match = r"concurrency \(M=9\) must be <= the number of clients \(8\)"
+  with pytest.raises(ValueError, match=match):
+    alg.init(jax.random.key(0), DATA)
+  ok = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=8, buffer_size=2)
+  state = ok.init(jax.random.key(0), DATA)
+  with pytest.raises(ValueError, match=match):   # a state from a larger population
+    alg.round(state, DATA)

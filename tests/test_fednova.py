@@ -100,3 +100,9 @@ def test_fednova_refusals(tmp_path):
   c.aggregation.weighting = "median"
   with pytest.raises(ValueError, match="normalises a weighted mean"):
     train_and_evaluate(c, str(tmp_path / "median"))
+
+
+def test_fednova_factory_refuses_an_aggregator():
+  with pytest.raises(ValueError, match="weighting must be a WeightFn .* not Aggregator"):
+    fednova(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(2, steps=1),
+            clients_per_round=2, weighting=agg.median())

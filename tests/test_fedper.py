@@ -33,21 +33,31 @@ def test_empty_personal_set_is_fedavg():
   assert s1.client_states == ()
 
 
-@pytest.mark.run
-def test_default_split_of_a_one_layer_model_is_refused(tmp_path):
-  from test_experiment import tiny_config
-
+def test_default_split_of_a_one_layer_model_is_refused():
   from fedjax_pers.algorithms import fedrep
-  from fedjax_pers.experiment import train_and_evaluate
 
   args = (logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK)
   for make, match in ((fedper, "fedper: its default personal part"),
                       (lg_fedavg, "lg_fedavg: its default shared part"),
                       (fedrep, "fedrep: its default head part")):
     extra = {"head_work": WORK} if make is fedrep else {}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match + r", the model's last layer, is all 2 of its "
+                       "parameter arrays, so nothing would be "
+                       + ("personal" if make is lg_fedavg else "shared")):
       make(*args, clients_per_round=2, **extra)
   fedper(*args, clients_per_round=2, personal=lambda path: True)   # explicit: local training
+  fedrep(*args, clients_per_round=2, head_work=WORK, head=lambda path: False)
+  mlp = fp.models.mlp((5,), 3, hidden=(4,))   # two layers: the defaults split them
+  for make in (fedper, lg_fedavg, fedrep):
+    make(mlp, *args[1:], clients_per_round=2, **({"head_work": WORK} if make is fedrep else {}))
+
+
+@pytest.mark.run
+def test_a_one_layer_model_in_the_config_is_refused(tmp_path):
+  from test_experiment import tiny_config
+
+  from fedjax_pers.experiment import train_and_evaluate
+
   c = tiny_config()
   c.algorithm = "fedper"                           # the base config's logistic regression
   with pytest.raises(ValueError, match="Use an mlp or a cnn"):

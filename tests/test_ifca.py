@@ -163,3 +163,32 @@ def test_ifca_reports_cluster_recovery_on_clustered_data(tmp_path):
   s = train_and_evaluate(c, str(tmp_path / "run"))
   assert 0.5 <= s["cluster_recovery"] <= 1.0
   assert len(s["unseen_clients"]) == 2 and "unseen_personalized_test_accuracy" in s
+
+
+def test_the_served_model_is_the_cluster_most_clients_chose():
+  data = small_data(num_clients=6)
+  alg = ifca(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1), num_clusters=3,
+             clients_per_round=3)
+  state = alg.init(jax.random.key(0), data)
+  for chosen, want in (([2, 0, 2, 1, -1, 2], 2), ([1, 1, 0, 0, 1, -1], 1),
+                       ([0, 2, 2, 0, -1, -1], 0)):   # a tie: the first of them
+    s = state._replace(client_states=Clusters(jnp.asarray(chosen, jnp.int32)))
+    for got, models in zip(jax.tree.leaves(alg.serve(s)), jax.tree.leaves(s.params)):
+      np.testing.assert_array_equal(got, models[want])
+
+
+def test_ifca_factory_and_assignments_refusals():
+  work = fp.LocalWork(3, steps=1)
+  with pytest.raises(ValueError, match="ifca averages within clusters with a weight function "
+                     r"\(num_examples, uniform, ...\); got Aggregator"):
+    ifca(MLP, optax.sgd(0.1), optax.sgd(1.0), work, num_clusters=2, clients_per_round=1,
+         weighting=fp.aggregation.median())
+  for bad in (True, 2.0):
+    with pytest.raises(ValueError, match=f"num_clusters must be an int >= 1; got {bad}"):
+      ifca(MLP, optax.sgd(0.1), optax.sgd(1.0), work, num_clusters=bad, clients_per_round=1)
+  alg = ifca(MLP, optax.sgd(0.1), optax.sgd(1.0), work, num_clusters=2, clients_per_round=1)
+  data = small_data(num_clients=4)
+  state = alg.init(jax.random.key(0), data)
+  with pytest.raises(ValueError, match="ifca reads padded client rows to choose clusters; got "
+                     "a capped store"):
+    alg.adapt(state, data.with_cap(2), jax.random.key(1))

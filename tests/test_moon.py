@@ -126,6 +126,11 @@ def test_moon_refusals():
   with pytest.raises(ValueError, match="moon needs a model with a representation"):
     moon(bare, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1), mu=1.0,
          clients_per_round=1)
-  with pytest.raises(ValueError, match="temperature"):
-    moon(fp.models.mlp((5,), 3), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1),
-         mu=1.0, temperature=0.0, clients_per_round=1)
+  mlp, args = fp.models.mlp((5,), 3), (optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1))
+  for kw, match in ((dict(mu=1.0, temperature=0.0), r"temperature \(MOON's τ\) must be a "
+                     "number > 0; got 0.0"),
+                    (dict(mu=-0.1), r"mu \(MOON's μ\) must be a number >= 0; got -0.1"),
+                    (dict(mu="1"), r"mu \(MOON's μ\) must be a number >= 0; got '1'")):
+    with pytest.raises(ValueError, match=match):
+      moon(mlp, *args, clients_per_round=1, **kw)
+  moon(mlp, *args, mu=0, clients_per_round=1)   # μ = 0 is allowed (FedAvg)

@@ -110,5 +110,18 @@ def test_pfedhn_refusals(tmp_path):
   c.server.learning_rate = 0.5
   with pytest.raises(ValueError, match=r"server.learning_rate must be 1.0; got 0.5"):
     train_and_evaluate(c, str(tmp_path / "other"))
-  with pytest.raises(ValueError, match="pfedhn: adapt_steps must be an int >= 1; got 0"):
-    pfedhn(MLP, optax.sgd(0.1), fp.LocalWork(3, steps=1), clients_per_round=1, adapt_steps=0)
+  work = fp.LocalWork(3, steps=1)
+  for kw, match in ((dict(adapt_steps=0), "adapt_steps must be an int >= 1; got 0"),
+                    (dict(hidden=2.0), "hidden must be an int >= 1; got 2.0"),
+                    (dict(num_hidden=0), "num_hidden must be an int >= 1; got 0"),
+                    (dict(outer_lr=0.0), "outer_lr must be > 0; got 0.0"),
+                    (dict(adapt_lr=-0.1), "adapt_lr must be > 0; got -0.1"),
+                    (dict(adapt_lr="1"), "adapt_lr must be > 0; got '1'"),
+                    (dict(weighting=fp.aggregation.median()),
+                     r"pfedhn averages the hypernetwork's gradients with a weight function "
+                     r"\(uniform, num_examples, ...\); got Aggregator")):
+    with pytest.raises(ValueError, match="^" + ("pfedhn: " if "weighting" not in kw else "")
+                       + match):
+      pfedhn(MLP, optax.sgd(0.1), work, clients_per_round=1, **kw)
+  pfedhn(MLP, optax.sgd(0.1), work, clients_per_round=1, outer_lr=1, adapt_lr=1, hidden=1,
+         num_hidden=1, adapt_steps=1)

@@ -130,3 +130,23 @@ def test_several_local_rounds_carry_theta_and_anchor_it_at_the_local_w():
   np.testing.assert_allclose(s1.client_states["Dense_0"]["bias"][0], tb, atol=1e-5)
   np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], lw, atol=1e-5)   # β = 1
   np.testing.assert_allclose(s1.params["Dense_0"]["bias"], lb, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(learning_rate=0.0), "learning_rate must be a number > 0; got 0.0"),
+    (dict(personal_learning_rate=-1), "personal_learning_rate must be a number > 0; got -1"),
+    (dict(lam="5"), "lam must be a number > 0; got '5'"),
+    (dict(inner_steps=0), r"inner_steps \(K\) must be an int >= 1; got 0"),
+    (dict(inner_steps=2.0), r"inner_steps \(K\) must be an int >= 1; got 2.0"),
+    (dict(beta=0.0), r"beta must be in \(0, 2\); got 0.0"),
+    (dict(beta=2), r"beta must be in \(0, 2\); got 2"),
+    (dict(execution=fp.Execution(sampling_probs=np.ones(5))),
+     "pfedme: every client trains every round; execution.sampling_probs and poisson_rate"),
+    (dict(execution=fp.Execution(poisson_rate=0.5)), "pfedme: every client trains every round"),
+])
+def test_pfedme_refuses_bad_arguments(kwargs, match):
+  ok = dict(learning_rate=0.1, personal_learning_rate=0.1, lam=1.0, inner_steps=1,
+            clients_per_round=1)
+  with pytest.raises(ValueError, match=match):
+    pfedme(logreg(), fp.LocalWork(3, steps=2), **{**ok, **kwargs})
+  pfedme(logreg(), fp.LocalWork(3, steps=2), **{**ok, "beta": 1.999})
