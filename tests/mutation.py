@@ -11,7 +11,10 @@ mutant against those tests only. The run happens in a scratch copy of this worki
 this package's `[tool.mutmut]` section, so the checkout is never touched;
 `../shared` is linked in for the data-set tests. JAX is multithreaded, so mutants run
 in fresh processes from a fork server (`process_isolation = "forkserver"`): mutmut's
-default forks the process that already started JAX, and those children deadlock.
+default forks the process that already started JAX, and those children deadlock. The
+fork server imports the test modules, so a test module must not start JAX's backend when
+imported (no arrays at module level: build them in a cached function), or every mutant
+hangs until its timeout.
 
 It prints every file's and the package's kill rate: killed (a test failed, or the
 mutant hung past mutmut's timeout) over every mutant except those `tests/MUTANTS.md`
@@ -51,7 +54,8 @@ PACKAGES = {
                     "test_aggregation_edges.py", "test_auto_weighting.py",
                     "test_fednova.py"],
     "core": ["test_engine.py", "test_batching.py", "test_execution.py", "test_cap.py",
-             "test_system.py", "test_poisson.py", "test_arrays.py", "test_models.py"],
+             "test_system.py", "test_poisson.py", "test_arrays.py", "test_models.py",
+             "test_distributed.py", "test_store.py", "test_data.py"],
     "algorithms": ["test_apfl.py", "test_ditto.py", "test_fedala.py", "test_fedbabu.py",
                    "test_fedbn.py", "test_fedbuff.py", "test_feddyn.py", "test_fednova.py",
                    "test_fedper.py", "test_fedrod.py", "test_ifca.py", "test_moon.py",

@@ -1,6 +1,8 @@
 """FedALA: adaptive local aggregation against NumPy, η = 0 is FedAvg bit for bit, the client
 state's phases and the personalized model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,11 @@ from fedjax_pers.algorithms._fedala import NO_LOCAL, START, TRAINED, ALAState, a
 from fedjax_pers.core import ClientData
 from fedjax_pers.experiment import train_and_evaluate
 
-DATA = small_data(num_clients=6)
+
+@functools.cache
+def data():   # built at first use: a test module's import starts no JAX backend
+  return small_data(num_clients=6)
+
 MLP = fp.models.mlp((5,), 3, hidden=(4,))
 
 
@@ -83,11 +89,11 @@ def test_eta_zero_starts_every_client_from_the_global_model_and_is_fedavg():
   work = fp.LocalWork(3, epochs=2)
   a = fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3, eta=0.0)
   b = fedavg(MLP, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3)
-  sa, sb = a.init(jax.random.key(0), DATA), b.init(jax.random.key(0), DATA)
+  sa, sb = a.init(jax.random.key(0), data()), b.init(jax.random.key(0), data())
   step_a, step_b = jax.jit(a.round), jax.jit(b.round)
   for _ in range(4):   # past every sampled client's start phase
-    sa, _ = step_a(sa, DATA)
-    sb, _ = step_b(sb, DATA)
+    sa, _ = step_a(sa, data())
+    sb, _ = step_b(sb, data())
   for x, y in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)):
     np.testing.assert_array_equal(x, y)
   assert int(np.max(sa.client_states.phase)) == TRAINED
@@ -99,10 +105,10 @@ def test_eta_zero_starts_every_client_from_the_global_model_and_is_fedavg():
 def test_a_round_moves_the_phases_keeps_the_local_head_and_personalizes_by_it():
   alg = fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, epochs=1),
                clients_per_round=3, threshold=1e9)   # the start phase: 11 epochs
-  s0 = alg.init(jax.random.key(2), DATA)
+  s0 = alg.init(jax.random.key(2), data())
   step = jax.jit(alg.round)
-  s1, m1 = step(s0, DATA)
-  s2, m2 = step(s1, DATA)
+  s1, m1 = step(s0, data())
+  s2, m2 = step(s1, data())
   phases = np.zeros(6, int)
   for ids in (np.asarray(m1.clients), np.asarray(m2.clients)):
     phases[ids] += 1

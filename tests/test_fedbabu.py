@@ -1,6 +1,8 @@
 """FedBABU: the head is bitwise unchanged by federated training, the body learns as FedAvg's
 would with that head, personalization by fine-tuning from the config."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -12,7 +14,11 @@ import fedjax_pers as fp
 from fedjax_pers.algorithms import fedavg, fedbabu
 from fedjax_pers.experiment import train_and_evaluate
 
-DATA = small_data(num_clients=6)
+
+@functools.cache
+def data():   # built at first use: a test module's import starts no JAX backend
+  return small_data(num_clients=6)
+
 MODEL = fp.models.mlp((5,), 3, hidden=(4,))
 
 
@@ -20,10 +26,10 @@ def test_the_head_is_bitwise_unchanged_by_federated_training():
   """Three rounds with an adaptive server optimizer (whose state would move a zero update)."""
   alg = fedbabu(MODEL, optax.sgd(0.1), optax.adam(0.05), fp.LocalWork(3, epochs=2),
                 clients_per_round=3)
-  s0 = alg.init(jax.random.key(0), DATA)
+  s0 = alg.init(jax.random.key(0), data())
   state, step = s0, jax.jit(alg.round)
   for _ in range(3):
-    state, _ = step(state, DATA)
+    state, _ = step(state, data())
   for k in ("kernel", "bias"):
     np.testing.assert_array_equal(state.params["Dense_1"][k], s0.params["Dense_1"][k])
     assert not np.array_equal(state.params["Dense_0"][k], s0.params["Dense_0"][k])
@@ -36,8 +42,8 @@ def test_one_step_of_the_body_is_fedavg_s():
   work = fp.LocalWork(3, steps=1)
   a = fedbabu(MODEL, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3)
   b = fedavg(MODEL, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3)
-  sa, _ = jax.jit(a.round)(a.init(jax.random.key(1), DATA), DATA)
-  sb, _ = jax.jit(b.round)(b.init(jax.random.key(1), DATA), DATA)
+  sa, _ = jax.jit(a.round)(a.init(jax.random.key(1), data()), data())
+  sb, _ = jax.jit(b.round)(b.init(jax.random.key(1), data()), data())
   for k in ("kernel", "bias"):
     np.testing.assert_allclose(sa.params["Dense_0"][k], sb.params["Dense_0"][k], rtol=1e-6,
                                atol=1e-7)
@@ -76,8 +82,8 @@ def test_both_sides_freeze_the_head():
                   clients_per_round=3,
                   weighting=privacy.dp_fedavg_aggregator(1.0, 1.0, 3.0, jax.random.key(5)))
   for alg in (plain_server, noisy):
-    s0 = alg.init(jax.random.key(2), DATA)
-    s1, _ = jax.jit(alg.round)(s0, DATA)
+    s0 = alg.init(jax.random.key(2), data())
+    s1, _ = jax.jit(alg.round)(s0, data())
     np.testing.assert_array_equal(s1.params["Dense_1"]["kernel"], s0.params["Dense_1"]["kernel"])
     assert not np.array_equal(s1.params["Dense_0"]["kernel"], s0.params["Dense_0"]["kernel"])
 
@@ -94,9 +100,9 @@ def test_the_body_trains_against_the_fixed_head():
               fedavg(MODEL, frozen(optax.sgd(0.1), template, last_layer(template)),
                      optax.sgd(1.0), work, clients_per_round=3),
               fedavg(MODEL, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3)):
-    s = alg.init(jax.random.key(3), DATA)
+    s = alg.init(jax.random.key(3), data())
     for _ in range(2):
-      s, _ = jax.jit(alg.round)(s, DATA)
+      s, _ = jax.jit(alg.round)(s, data())
     runs.append(np.asarray(s.params["Dense_0"]["kernel"]))
   np.testing.assert_allclose(runs[0], runs[1], rtol=1e-6, atol=1e-7)
   assert np.abs(runs[0] - runs[2]).max() > 1e-4

@@ -1,6 +1,8 @@
 """FedBuff: zero latency spread and K = M is synchronous FedAvg, stale reports against
 NumPy, the in-flight set, the config."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -13,20 +15,24 @@ import fedjax_pers as fp
 from fedjax_pers.algorithms import fedbuff
 from fedjax_pers.experiment import train_and_evaluate
 
-DATA = small_data(num_clients=8, sizes=[3, 11, 6, 9, 4, 12, 7, 5])
+
+@functools.cache
+def data():   # built at first use: a test module's import starts no JAX backend
+  return small_data(num_clients=8, sizes=[3, 11, 6, 9, 4, 12, 7, 5])
+
 WORK = fp.LocalWork(2, epochs=1)
 
 
 def test_no_spread_and_k_equal_m_is_synchronous_fedavg():
   alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=3, buffer_size=3,
                 latency_spread=0.0)
-  state = alg.init(jax.random.key(0), DATA)
+  state = alg.init(jax.random.key(0), data())
   step = jax.jit(alg.round)
   for t in range(3):
     before, ids = state, np.sort(np.asarray(state.algorithm.in_flight))
-    state, m = step(state, DATA)
+    state, m = step(state, data())
     assert sorted(np.asarray(m.clients).tolist()) == ids.tolist()
-    w, b, clients = client_deltas(before.params, DATA, before.rng, WORK, 0.1, 3,
+    w, b, clients = client_deltas(before.params, data(), before.rng, WORK, 0.1, 3,
                                   ids=np.asarray(m.clients))
     np.testing.assert_allclose(state.params["Dense_0"]["kernel"],
                                w + np.mean([c["dw"] for c in clients], 0), atol=1e-5)
@@ -40,7 +46,7 @@ def test_no_spread_and_k_equal_m_is_synchronous_fedavg():
 def test_stale_reports_are_discounted_against_numpy():
   alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=4, buffer_size=2,
                 staleness_exponent=0.5, latency_spread=1.0)
-  state = alg.init(jax.random.key(3), DATA)
+  state = alg.init(jax.random.key(3), data())
   step = jax.jit(alg.round)
   seen_stale = False
   for _ in range(4):
@@ -50,7 +56,7 @@ def test_stale_reports_are_discounted_against_numpy():
     stale = int(a.steps) - np.asarray(a.version)[order]
     seen_stale |= bool((stale > 0).any())
     before, rng = state, state.rng
-    state, m = step(state, DATA)
+    state, m = step(state, data())
     ids = np.asarray(a.in_flight)[order]
     np.testing.assert_array_equal(np.asarray(m.clients), ids)
     disc = (1.0 + stale) ** -0.5 / 2
@@ -60,8 +66,8 @@ def test_stale_reports_are_discounted_against_numpy():
     for c, d in zip(ids, disc):
       sw = np.asarray(before.client_states["Dense_0"]["kernel"][c], np.float64)
       sb = np.asarray(before.client_states["Dense_0"]["bias"][c], np.float64)
-      plan = engine_plan(rng, DATA, WORK, c)
-      x, y = np.asarray(DATA.x[c], np.float64), np.asarray(DATA.y[c])
+      plan = engine_plan(rng, data(), WORK, c)
+      x, y = np.asarray(data().x[c], np.float64), np.asarray(data().y[c])
       yw, _, _, _ = logreg_sgd(sw, sb, x, y, np.asarray(plan.idx), np.asarray(plan.mask), 0.1)
       upd += d * (yw - sw)
     np.testing.assert_allclose(state.params["Dense_0"]["kernel"], w + upd, atol=1e-5)
@@ -122,8 +128,8 @@ def test_fedbuff_refuses_more_in_flight_than_clients():
   alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=9, buffer_size=2)
   match = r"concurrency \(M=9\) must be <= the number of clients \(8\)"
   with pytest.raises(ValueError, match=match):
-    alg.init(jax.random.key(0), DATA)
+    alg.init(jax.random.key(0), data())
   ok = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=8, buffer_size=2)
-  state = ok.init(jax.random.key(0), DATA)
+  state = ok.init(jax.random.key(0), data())
   with pytest.raises(ValueError, match=match):   # a state from a larger population
-    alg.round(state, DATA)
+    alg.round(state, data())

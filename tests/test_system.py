@@ -1,6 +1,8 @@
 """Stragglers and dropouts (`Execution(system=System(...))`): the draw, stragglers' partial
 work against NumPy, FedAvg dropping them, dropouts, the option off bit for bit, the config."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -15,15 +17,19 @@ from fedjax_pers.algorithms import fedavg, fedprox
 from fedjax_pers.core import _system
 from fedjax_pers.experiment import train_and_evaluate
 
-DATA = small_data(num_clients=8, sizes=[3, 11, 6, 9, 4, 12, 7, 5])
+
+@functools.cache
+def data():   # built at first use: a test module's import starts no JAX backend
+  return small_data(num_clients=8, sizes=[3, 11, 6, 9, 4, 12, 7, 5])
+
 WORK = fp.LocalWork(2, epochs=3)
 
 
 def run(system, alg=fedavg, seed=2, **kw):
   a = alg(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=6,
           weighting=agg.uniform(), execution=fp.Execution(system=system), **kw)
-  s0 = a.init(jax.random.key(seed), DATA)
-  s1, m = jax.jit(a.round)(s0, DATA)
+  s0 = a.init(jax.random.key(seed), data())
+  s1, m = jax.jit(a.round)(s0, data())
   return s0, s1, m
 
 
@@ -60,10 +66,10 @@ def test_stragglers_send_their_first_epochs_against_numpy():
   b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
   dws, total = [], 0
   for slot, c in enumerate(np.asarray(m.clients)):
-    plan = engine_plan(s0.rng, DATA, WORK, c)
-    full = 3 * -(-int(DATA.num_examples[c]) // 2)
+    plan = engine_plan(s0.rng, data(), WORK, c)
+    full = 3 * -(-int(data().num_examples[c]) // 2)
     t = -(-share[slot] * full // 3)
-    x, y = np.asarray(DATA.x[c], np.float64), np.asarray(DATA.y[c])
+    x, y = np.asarray(data().x[c], np.float64), np.asarray(data().y[c])
     wi, _, _, steps = logreg_sgd(w, b, x, y, np.asarray(plan.idx)[:t],
                                  np.asarray(plan.mask)[:t], 0.1, 0.5)
     assert steps == t
@@ -88,9 +94,9 @@ def test_no_recompilation_across_rounds():
   a = fedprox(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=6, mu=0.1,
               execution=fp.Execution(system=fp.System(straggler_fraction=0.5, levels=3,
                                                       dropout_rate=0.2)))
-  state, step = a.init(jax.random.key(0), DATA), jax.jit(a.round)
+  state, step = a.init(jax.random.key(0), data()), jax.jit(a.round)
   for _ in range(3):
-    state, _ = step(state, DATA)
+    state, _ = step(state, data())
   assert step._cache_size() == 1
 
 
@@ -104,7 +110,7 @@ def test_fedavg_drops_stragglers_and_dropouts_weigh_nothing():
   np.testing.assert_allclose(w[~present], 0.0)
   np.testing.assert_allclose(w[present], 1 / present.sum(), rtol=1e-6)
   assert int(m.num_nonfinite) == 0
-  full = {int(c): 3 * -(-int(DATA.num_examples[c]) // 2) for c in np.asarray(m.clients)}
+  full = {int(c): 3 * -(-int(data().num_examples[c]) // 2) for c in np.asarray(m.clients)}
   assert int(m.real_steps) == sum(full[int(c)] for c in np.asarray(m.clients)[present])
 
 

@@ -105,8 +105,9 @@ def from_flax(
     >>> m.apply(m.init(jax.random.key(0)), jnp.ones((2, 4))).shape
     (2, 3)
   """
-  sample_x = jnp.zeros(sample_x.shape, sample_x.dtype)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), sample_x))
+  # Only the sample's shape and dtype are kept: building a model touches no device.
+  spec = jax.ShapeDtypeStruct(sample_x.shape, sample_x.dtype)
+  shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), spec)
   stats = flatten_dict(shapes["batch_stats"]) if "batch_stats" in shapes else {}
 
   def variables(params):   # the flax collections of params with the statistics inside
@@ -121,7 +122,7 @@ def from_flax(
     return unflatten_dict({k: new[k] if k in stats else v for k, v in flat.items()})
 
   def init(key):   # (the statistics join their layers' dicts, in the layers' order)
-    v = module.init(key, sample_x)
+    v = module.init(key, jnp.zeros(spec.shape, spec.dtype))
     return v["params"] if not stats else unflatten_dict(
         {**flatten_dict(v["params"]), **flatten_dict(v["batch_stats"])})
 
@@ -144,8 +145,8 @@ def from_flax(
     logits, new = call(params, x, key, True, mask=mask, mutable=["batch_stats"])
     return logits, new["batch_stats"]
 
-  sows = jax.eval_shape(lambda: module.apply(
-      module.init(jax.random.key(0), sample_x), sample_x, mutable=["intermediates"])[1])
+  sows = jax.eval_shape(lambda x: module.apply(
+      module.init(jax.random.key(0), x), x, mutable=["intermediates"])[1], spec)
   has = REPRESENTATION in sows.get("intermediates", {})
   return Model(init=init, apply=apply, loss=loss, metrics=metrics,
                represent=represent if has else None,
