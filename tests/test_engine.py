@@ -167,6 +167,18 @@ def test_fedprox_mu_zero_equals_fedavg():
     np.testing.assert_allclose(a, b, atol=1e-7)
 
 
+def test_fedprox_is_fedavg_with_its_proximal_term():
+  data = small_data()
+  kw = dict(clients_per_round=4, execution=fp.Execution(strategy="vmap"))
+  args = (logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(4, epochs=2))
+  s1, _ = run(fedprox(*args, mu=2.0, **kw), data, 2)
+  s2, _ = run(fedavg(*args, prox_mu=2.0, **kw), data, 2)
+  s3, _ = run(fedavg(*args, **kw), data, 2)
+  for a, b, c in zip(*(jax.tree.leaves(s.params) for s in (s1, s2, s3))):
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4
+
+
 def test_fedprox_pulls_towards_global_model():
   data = small_data()
   s0 = make_alg().init(jax.random.key(0), data)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import engine_plan, logreg_grad
+from _reference import dropout_logreg, engine_plan, logreg_grad, logreg_loss
 from test_engine import logreg, small_data
 from test_experiment import tiny_config
 
@@ -112,3 +112,123 @@ def test_scaffold_refusals(tmp_path):
     train_and_evaluate(c, str(tmp_path / "adam"))
   with pytest.raises(ValueError, match="learning_rate"):
     scaffold(logreg(), fp.LocalWork(3, steps=1), learning_rate=0.0, clients_per_round=1)
+
+
+def _scaffold_reference(state, data, work, eta, eta_g, m, cohorts):
+  """NumPy SCAFFOLD rounds with data-size weights and server SGD of rate η_g: returns the
+  params, each round's c_i, c and the example-weighted train loss."""
+  f64 = lambda a: np.asarray(a, np.float64)
+  w, b = f64(state.params["Dense_0"]["kernel"]), f64(state.params["Dense_0"]["bias"])
+  n_clients = data.num_clients
+  cw, cb = np.zeros_like(w), np.zeros_like(b)
+  ciw, cib = np.zeros((n_clients,) + w.shape), np.zeros((n_clients,) + b.shape)
+  out = []
+  for rng, cohort in cohorts:
+    n = np.asarray(data.num_examples, np.float64)[cohort]
+    p = n / n.sum()
+    dw, db, losses, moved_w, moved_b = 0.0, 0.0, [], 0.0, 0.0
+    for pi, i in zip(p, cohort):
+      plan = engine_plan(rng, data, work, i)
+      xs, ys = f64(data.x[i]), np.asarray(data.y[i])
+      yw, yb, k, loss_sum, count = w.copy(), b.copy(), 0, 0.0, 0
+      for idx, mask in zip(np.asarray(plan.idx), np.asarray(plan.mask)):
+        if not mask.any():
+          continue
+        xb, yb_ = xs[idx[mask]], ys[idx[mask]]
+        loss_sum += logreg_loss(yw, yb, xb, yb_) * len(yb_)
+        count += len(yb_)
+        gw, gb = logreg_grad(yw, yb, xb, yb_)
+        yw, yb, k = yw - eta * (gw - ciw[i] + cw), yb - eta * (gb - cib[i] + cb), k + 1
+      new_w, new_b = ciw[i] - cw + (w - yw) / (k * eta), cib[i] - cb + (b - yb) / (k * eta)
+      moved_w, moved_b = moved_w + new_w - ciw[i], moved_b + new_b - cib[i]
+      ciw[i], cib[i] = new_w, new_b
+      dw, db = dw + pi * (yw - w), db + pi * (yb - b)
+      losses.append(loss_sum / count)
+    w, b = w + eta_g * dw, b + eta_g * db
+    cw, cb = cw + moved_w / n_clients, cb + moved_b / n_clients
+    out.append((w.copy(), b.copy(), ciw.copy(), cw.copy(), float(np.dot(p, losses)), p))
+  return out
+
+
+def test_server_rate_data_size_weights_and_per_client_steps_against_numpy():
+  """The options the paper's Algorithm 1 leaves open: η_g (server SGD), weights by data
+  size, each client its own K_i (one of them a single step: c_i⁺ uses K_i = 1)."""
+  data = small_data(num_clients=4, sizes=[5, 9, 7, 4])
+  work = fp.LocalWork(3, steps=(1, 2, 3, 2))
+  eta, eta_g = 0.2, 0.5
+  alg = scaffold(logreg(), work, learning_rate=eta, clients_per_round=2,
+                 server_tx=optax.sgd(eta_g), weighting=agg.num_examples())
+  state = alg.init(jax.random.key(3), data)
+  step = jax.jit(alg.round)
+  cohorts, got = [], []
+  for _ in range(4):
+    rng = state.rng
+    state, m = step(state, data)
+    cohorts.append((rng, [int(i) for i in np.asarray(m.clients)]))
+    got.append((state, m))
+  assert {i for _, c in cohorts for i in c} == {0, 1, 2, 3}
+  want = _scaffold_reference(alg.init(jax.random.key(3), data), data, work, eta, eta_g, 4,
+                             cohorts)
+  for (s, m), (w, b, ciw, cw, loss, p) in zip(got, want):
+    np.testing.assert_allclose(s.params["Dense_0"]["kernel"], w, atol=1e-5)
+    np.testing.assert_allclose(s.params["Dense_0"]["bias"], b, atol=1e-5)
+    np.testing.assert_allclose(s.client_states["Dense_0"]["kernel"], ciw, atol=1e-4)
+    np.testing.assert_allclose(s.algorithm["Dense_0"]["kernel"], cw, atol=1e-4)
+    np.testing.assert_allclose(m.train_loss, loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(m.weights)[np.asarray(m.weights) > 0], p, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"per-client local steps must number one per client "
+                     r"\(5\); got 4"):
+    alg.round(state, small_data(num_clients=5))
+
+
+def test_scaffold_takes_a_traced_learning_rate():
+  """η_l may be a tracer (a sweep over it, or a hypergradient): the round is the same."""
+  data = small_data(num_clients=3)
+  work = fp.LocalWork(3, steps=2)
+  make = lambda lr: scaffold(logreg(), work, learning_rate=lr, clients_per_round=2)
+  s0 = make(0.1).init(jax.random.key(0), data)
+  plain = jax.jit(make(0.1).round)(s0, data)[0].params
+  traced = jax.jit(lambda lr: make(lr).round(s0, data)[0].params)(0.1)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(traced)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_loss_weightings_see_the_clients_losses_and_dropped_clients_keep_their_c_i():
+  """A weighting that reads the clients' losses before and after gets them (the first round,
+  with every control variate 0, is FedAvg's); a client that drops out keeps its c_i."""
+  data = small_data(num_clients=4, sizes=[5, 9, 7, 4])
+  work = fp.LocalWork(3, steps=2)
+  s = scaffold(logreg(), work, learning_rate=0.2, clients_per_round=3,
+               weighting=agg.loss_improvement(1.0))
+  f = fedavg(logreg(), optax.sgd(0.2), optax.sgd(1.0), work, clients_per_round=3,
+             weighting=agg.loss_improvement(1.0))
+  _, ms = jax.jit(s.round)(s.init(jax.random.key(1), data), data)
+  _, mf = jax.jit(f.round)(f.init(jax.random.key(1), data), data)
+  np.testing.assert_allclose(ms.weights, mf.weights, rtol=1e-5)
+  np.testing.assert_allclose(ms.train_loss, mf.train_loss, rtol=1e-5)
+  system = fp.Execution(system=fp.System(dropout_rate=0.5))
+  d = scaffold(logreg(), work, learning_rate=0.2, clients_per_round=3, execution=system)
+  state, step, dropped_seen = d.init(jax.random.key(2), data), jax.jit(d.round), 0
+  for _ in range(4):
+    before = np.asarray(state.client_states["Dense_0"]["kernel"])
+    state, m = step(state, data)
+    after = np.asarray(state.client_states["Dense_0"]["kernel"])
+    w, ids = np.asarray(m.weights), np.asarray(m.clients)
+    for slot, i in enumerate(ids):
+      if w[slot] == 0:   # dropped out: trained nothing, its control variate unchanged
+        dropped_seen += 1
+        np.testing.assert_array_equal(after[i], before[i])
+      else:
+        assert not np.array_equal(after[i], before[i])
+  assert dropped_seen > 0 and np.abs(np.asarray(state.algorithm["Dense_0"]["kernel"])).max() > 0
+
+
+def test_local_steps_use_the_dropout_key():
+  data = small_data(num_clients=3)
+  work = fp.LocalWork(3, steps=2)
+  runs = []
+  for rate in (0.5, 0.0):
+    alg = scaffold(dropout_logreg(rate=rate), work, learning_rate=0.5, clients_per_round=2)
+    runs.append(jax.jit(alg.round)(alg.init(jax.random.key(0), data), data)[0].params)
+  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4

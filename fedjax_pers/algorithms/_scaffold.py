@@ -84,7 +84,7 @@ def scaffold(
                      f"{learning_rate!r}.")
   server_tx = optax.sgd(1.0) if server_tx is None else server_tx
   aggregator = as_aggregator(uniform() if weighting is None else weighting)
-  eta = float(learning_rate)
+  eta = learning_rate
 
   def program(data: FederatedData, c: Params) -> LocalProgram:
     check_local_work(work, data.num_clients)
