@@ -133,15 +133,19 @@ def deal_by_steps(counts, devices):
   return groups
 
 
-def dropout_logreg(dim=5, num_classes=3, rate=0.5):
-  """Logistic regression on inputs with dropout (`rate`; 0: the plain model, the same
-  params): a local step that loses the dropout key either fails (flax has no rng) or,
-  at rate 0, is not what the test expects."""
+def dropout_logreg(dim=5, num_classes=3, rate=0.5, hidden=None):
+  """Logistic regression (or with `hidden`, a one-hidden-layer ReLU MLP) with dropout on
+  its inputs (`rate`; 0: the plain model, the same params): a local step that loses the
+  dropout key either fails (flax has no rng) or, at rate 0, is not what the test expects."""
   import flax.linen as nn
 
   class Drop(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
-      return nn.Dense(num_classes)(nn.Dropout(rate, deterministic=not train)(x))
+      x = nn.Dropout(rate, deterministic=not train)(x)
+      if hidden is not None:
+        x = nn.relu(nn.Dense(hidden)(x))
+        self.sow("intermediates", fp.core.REPRESENTATION, x)   # for MOON
+      return nn.Dense(num_classes)(x)
 
   return fp.core.from_flax(Drop(), jax.ShapeDtypeStruct((1, dim), np.float32))

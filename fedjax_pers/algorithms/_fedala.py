@@ -79,13 +79,15 @@ def ala(model: Model, params: Params, state: ALAState, client: ClientData, key: 
   idx = order[jnp.minimum(slots, max_examples - 1)]
   real = slots < m
 
-  def loss(w, j):
+  def loss(w, j, e):   # (a model with dropout draws its masks from (e, j)'s key)
     theta = merge(params, mixed(glob, state.local, w), mask)
-    return masked_mean_loss(model, theta, client.x[idx[j]], client.y[idx[j]], real[j])[0]
+    drop = jax.random.fold_in(jax.random.fold_in(key, e + 1), j)
+    return masked_mean_loss(model, theta, client.x[idx[j]], client.y[idx[j]], real[j],
+                            drop)[0]
 
-  def batch(carry, j):
+  def batch(carry, j, e):
     w, last = carry
-    value, g = jax.value_and_grad(loss)(w, j)
+    value, g = jax.value_and_grad(loss)(w, j, e)
     new = tuple(jnp.clip(wk - eta * gk, 0.0, 1.0) for wk, gk in zip(w, g))
     keep = jnp.any(real[j])
     return (jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, w),
@@ -93,7 +95,8 @@ def ala(model: Model, params: Params, state: ALAState, client: ClientData, key: 
 
   def epoch(carry):
     e, w, losses = carry
-    (w, last), _ = jax.lax.scan(batch, (w, jnp.zeros((), losses.dtype)), jnp.arange(total))
+    (w, last), _ = jax.lax.scan(lambda c, j: batch(c, j, e), (w, jnp.zeros((), losses.dtype)),
+                                jnp.arange(total))
     return e + 1, w, jnp.roll(losses, -1).at[-1].set(last)
 
   def more(carry):

@@ -154,11 +154,13 @@ def per_fedavg(
       plan = batch_plan(key, client.num_examples, plan_work, max_examples=data.max_examples,
                         min_examples=data.min_examples)
       zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
+      keys = jax.random.split(jax.random.fold_in(key, 1), work.steps)   # dropout's
       return (MetaCarry(params, client_tx.init(params), zero),
-              Steps(plan.idx.reshape(shape), plan.mask.reshape(shape)))
+              Steps(plan.idx.reshape(shape), plan.mask.reshape(shape), keys))
 
     def step(params, c, batch):
-      grads, loss = meta_step(c.w, (batch.x, batch.y, batch.mask))
+      keys = jax.random.split(batch.extra, per_step)   # one per batch of the meta-step
+      grads, loss = meta_step(c.w, (batch.x, batch.y, batch.mask, keys))
       updates, opt_state = client_tx.update(grads, c.opt_state, c.w)
       return MetaCarry(optax.apply_updates(c.w, updates), opt_state, c.loss_sum + loss)
 

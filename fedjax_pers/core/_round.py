@@ -181,18 +181,21 @@ def make_sampler(clients_per_round: int, execution: Execution | None = None):
   or the `clients_per_round` slots of `poisson_cohort(k_sample, ...)`.
   """
   execution = as_execution(execution)
+  # Kept on the host: a sampler built while a round is traced (an algorithm whose round
+  # builds its inner round) must still check them, and a device array would be a tracer.
   probs = execution.sampling_probs
-  probs = None if probs is None else jnp.asarray(probs, jnp.float32)
+  probs = None if probs is None else np.asarray(probs, np.float32)
   rate = execution.poisson_rate
 
   def sample(rng: jax.Array, num_clients: int):
     if probs is not None:
-      check_probs(np.asarray(probs), num_clients)
+      check_probs(probs, num_clients)
     rng, k_sample, k_clients = jax.random.split(rng, 3)
     if rate is not None:
       ids, _ = poisson_cohort(k_sample, num_clients, clients_per_round, rate)
     else:
-      ids = sample_clients(k_sample, num_clients, clients_per_round, probs=probs)
+      ids = sample_clients(k_sample, num_clients, clients_per_round,
+                           probs=None if probs is None else jnp.asarray(probs))
     return ids, (rng, k_sample, k_clients)
 
   return sample

@@ -1,0 +1,126 @@
+"""What every algorithm factory promises about the options it shares with `fedavg`: the
+server optimizer, the weighting, the execution (its sampler too), per-client local steps,
+the dropout key of local steps and the clients' losses for loss-based weightings are all
+used, and per-client steps of the wrong length are refused. One place for these, so that
+an algorithm that drops one of them fails here whatever else its own tests check."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from _reference import dropout_logreg
+from test_engine import small_data
+
+import fedjax_pers as fp
+from fedjax_pers import aggregation as agg
+from fedjax_pers import algorithms as alg
+
+SIZES = [5, 9, 7, 4]
+STEPS = fp.LocalWork(3, steps=2)
+
+
+def _build(name, model, work, **kw):
+  """`name`'s factory with small settings; `kw`: server_tx, weighting, execution (left
+  out where None)."""
+  kw = {k: v for k, v in kw.items() if v is not None}
+  sgd = optax.sgd(0.3)
+  server = kw.pop("server_tx", optax.sgd(1.0))
+  common = dict(clients_per_round=2, **kw)
+  return {
+      "fedavg": lambda: alg.fedavg(model, sgd, server, work, **common),
+      "fedprox": lambda: alg.fedprox(model, sgd, server, work, mu=0.5, **common),
+      "scaffold": lambda: alg.scaffold(model, work, learning_rate=0.3, server_tx=server,
+                                       **common),
+      "feddyn": lambda: alg.feddyn(model, sgd, work, alpha=0.1, server_tx=server, **common),
+      "moon": lambda: alg.moon(model, sgd, server, work, mu=0.5, **common),
+      "fednova": lambda: alg.fednova(model, sgd, server, work, **common),
+      "ditto": lambda: alg.ditto(model, sgd, server, work, lam=0.5, **common),
+      "apfl": lambda: alg.apfl(model, sgd, server, work, alpha=0.5, **common),
+      "fedper": lambda: alg.fedper(model, sgd, server, work, **common),
+      "lg_fedavg": lambda: alg.lg_fedavg(model, sgd, server, work, **common),
+      "fedrep": lambda: alg.fedrep(model, sgd, server, work, head_work=work, **common),
+      "fedrod": lambda: alg.fedrod(model, sgd, server, work, **common),
+      "fedbabu": lambda: alg.fedbabu(model, sgd, server, work, **common),
+      "fedala": lambda: alg.fedala(model, sgd, server, work, **common),
+      "ifca": lambda: alg.ifca(model, sgd, server, work, num_clusters=2, **common),
+      "per_fedavg": lambda: alg.per_fedavg(model, sgd, server, work, inner_lr=0.1, **common),
+  }[name]()
+
+
+NAMES = ["fedavg", "fedprox", "scaffold", "feddyn", "moon", "fednova", "ditto", "apfl",
+         "fedper", "lg_fedavg", "fedrep", "fedrod", "fedbabu", "fedala", "ifca", "per_fedavg"]
+# Those whose clients report their losses before and after (the others refuse the weighting).
+LOSSES = [n for n in NAMES if n not in ("apfl", "per_fedavg")]
+MLP = fp.models.mlp((5,), 3, hidden=(4,))
+
+
+def _round(a, data, seed=0, rounds=1):
+  state = a.init(jax.random.key(seed), data)
+  step = jax.jit(a.round)
+  for _ in range(rounds):
+    state, m = step(state, data)
+  return state, m
+
+
+def _far(a, b):
+  return max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_server_optimizer_and_weighting_are_used(name):
+  data = small_data(num_clients=4, sizes=SIZES)
+  plain, _ = _round(_build(name, MLP, STEPS), data)
+  half, _ = _round(_build(name, MLP, STEPS, server_tx=optax.sgd(0.5)), data)
+  assert _far(plain.params, half.params) > 1e-5
+  _, mu = _round(_build(name, MLP, STEPS, weighting=agg.uniform()), data)
+  _, mn = _round(_build(name, MLP, STEPS, weighting=agg.num_examples()), data)
+  w = np.asarray(mn.weights)
+  n = np.asarray(SIZES, np.float64)[np.asarray(mn.clients)]
+  np.testing.assert_allclose(w, n / n.sum(), rtol=1e-6)
+  np.testing.assert_allclose(mu.weights, [0.5, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_execution_and_its_sampler_are_used(name):
+  """Clients 2 and 3 only: the round's cohort, and the sampler a feed asks ahead."""
+  data = small_data(num_clients=4, sizes=SIZES)
+  a = _build(name, MLP, STEPS, execution=fp.Execution(sampling_probs=np.array([0, 0, 1, 1.0])))
+  state = a.init(jax.random.key(0), data)
+  ids, _ = a.sample(state.rng, data.num_clients)
+  _, m = jax.jit(a.round)(state, data)
+  assert sorted(np.asarray(m.clients).tolist()) == [2, 3] == sorted(np.asarray(ids).tolist())
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "per_fedavg"])   # τ for everyone
+def test_per_client_steps_are_each_clients_own(name):
+  data = small_data(num_clients=4, sizes=SIZES)
+  work = fp.LocalWork(3, steps=(1, 3, 2, 4))
+  a = _build(name, MLP, work)
+  state, m = _round(a, data)
+  per = np.asarray(work.steps)[np.asarray(m.clients)]
+  phases = 2 if name == "fedrep" else 1   # the head's steps, then the body's
+  assert int(m.real_steps) == phases * per.sum()
+  with pytest.raises(ValueError, match=r"per-client local steps must number one per client "
+                     r"\(5\); got 4"):
+    a.round(state, small_data(num_clients=5))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_local_steps_use_the_dropout_key(name):
+  data = small_data(num_clients=4, sizes=SIZES)
+  runs = [_round(_build(name, dropout_logreg(rate=r, hidden=4), STEPS), data)[0].params
+          for r in (0.5, 0.0)]
+  assert _far(*runs) > 1e-5
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_weightings_get_the_clients_losses(name):
+  """FedAvg's loss-improvement weights, w_i ∝ exp((ℓ_before − ℓ_after)/τ) over the
+  cohort: the losses are each client's full-data loss before and after (finite, and the
+  weights not uniform)."""
+  data = small_data(num_clients=4, sizes=SIZES)
+  _, m = _round(_build(name, MLP, fp.LocalWork(3, epochs=2),
+                       weighting=agg.loss_improvement(0.05)), data)
+  w = np.asarray(m.weights)
+  assert np.all(np.isfinite(w)) and abs(w.sum() - 1) < 1e-5 and abs(w[0] - w[1]) > 1e-4
