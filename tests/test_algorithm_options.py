@@ -83,10 +83,14 @@ def test_server_optimizer_and_weighting_are_used(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_execution_and_its_sampler_are_used(name):
-  """Clients 2 and 3 only: the round's cohort, and the sampler a feed asks ahead."""
+  """Clients 2 and 3 only: the round's cohort, and the sampler a feed asks ahead; the
+  plan a feed asks for is the execution's."""
   data = small_data(num_clients=4, sizes=SIZES)
-  a = _build(name, MLP, STEPS, execution=fp.Execution(sampling_probs=np.array([0, 0, 1, 1.0])))
+  a = _build(name, MLP, STEPS, execution=fp.Execution(
+      strategy="chunked", client_chunk=2, sampling_probs=np.array([0, 0, 1, 1.0])))
   state = a.init(jax.random.key(0), data)
+  plan = a.plan(state.params, data)
+  assert (plan.strategy, plan.client_chunk) == ("chunked", 2)
   ids, _ = a.sample(state.rng, data.num_clients)
   _, m = jax.jit(a.round)(state, data)
   assert sorted(np.asarray(m.clients).tolist()) == [2, 3] == sorted(np.asarray(ids).tolist())
@@ -124,3 +128,27 @@ def test_loss_weightings_get_the_clients_losses(name):
                        weighting=agg.loss_improvement(0.05)), data)
   w = np.asarray(m.weights)
   assert np.all(np.isfinite(w)) and abs(w.sum() - 1) < 1e-5 and abs(w[0] - w[1]) > 1e-4
+
+
+@pytest.mark.parametrize("name,make", [
+    ("scaffold", lambda h: alg.scaffold(MLP, STEPS, learning_rate=h, clients_per_round=2)),
+    ("feddyn", lambda h: alg.feddyn(MLP, optax.sgd(0.3), STEPS, alpha=h, clients_per_round=2)),
+    ("fedprox", lambda h: alg.fedprox(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS, mu=h,
+                                      clients_per_round=2)),
+    ("moon", lambda h: alg.moon(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS, mu=h,
+                                clients_per_round=2)),
+    ("ditto", lambda h: alg.ditto(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS, lam=h,
+                                  clients_per_round=2)),
+    ("fedbuff", lambda h: alg.fedbuff(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS,
+                                      concurrency=3, buffer_size=2, staleness_exponent=h,
+                                      latency_spread=h)),
+])
+def test_numeric_hyperparameters_may_be_traced(name, make):
+  """A sweep over a hyperparameter, or a hypergradient, traces it: the round is the same."""
+  data = small_data(num_clients=4, sizes=SIZES)
+  state = make(0.5).init(jax.random.key(0), data)
+  for _ in range(2):   # FedBuff's second round sees stale reports
+    plain, _ = jax.jit(make(0.5).round)(state, data)
+    traced, _ = jax.jit(lambda h, s: make(h).round(s, data))(0.5, state)
+    assert _far(plain.params, traced.params) < 1e-6
+    state = plain

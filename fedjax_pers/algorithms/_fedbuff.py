@@ -132,7 +132,7 @@ def fedbuff(
     arrive, stay = order[:k], order[k:]
     ids = a.in_flight[arrive]
     discount = (1.0 + (a.steps - a.version[arrive]).astype(jnp.float32)) ** (
-        -float(staleness_exponent))
+        -staleness_exponent)
 
     def apply(outputs, weight_state, params):
       del params
@@ -169,7 +169,7 @@ def fedbuff(
                        f"({data.num_clients}).")
     state = base_init(key, data)
     k_lat, k_first = jax.random.split(jax.random.fold_in(key, 0xFB))
-    duration = jnp.exp(float(latency_spread) * jax.random.normal(k_lat, (data.num_clients,)))
+    duration = jnp.exp(latency_spread * jax.random.normal(k_lat, (data.num_clients,)))
     first = jax.random.permutation(k_first, data.num_clients)[:m].astype(jnp.int32)
     states = jax.tree.map(lambda s, p: s.at[first].set(jnp.broadcast_to(p, (m,) + p.shape)),
                           state.client_states, state.params)

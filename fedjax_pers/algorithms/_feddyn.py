@@ -77,7 +77,6 @@ def feddyn(
     raise ValueError(f"alpha (FedDyn's α) must be a number > 0; got {alpha!r}.")
   server_tx = optax.sgd(1.0) if server_tx is None else server_tx
   aggregator = as_aggregator(uniform() if weighting is None else weighting)
-  alpha = float(alpha)
 
   def make_program(data: FederatedData) -> LocalProgram:
     check_local_work(work, data.num_clients)

@@ -99,7 +99,7 @@ def moon(
 
       def objective(w):
         mean, total = masked_mean_loss(model, w, x, y, mask, key)
-        if mu:
+        if traced(mu) or mu:   # μ = 0 given as a number: FedAvg, bit for bit
           z = model.represent(w, x, key=key, train=True)
           fixed = jax.lax.stop_gradient
           con = model_contrastive_loss(z, fixed(model.represent(params, x)),
