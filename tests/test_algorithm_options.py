@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from _reference import dropout_logreg
+from jax.sharding import NamedSharding, PartitionSpec
 from test_engine import small_data
 
 import fedjax_pers as fp
@@ -94,6 +95,12 @@ def test_execution_and_its_sampler_are_used(name):
   ids, _ = a.sample(state.rng, data.num_clients)
   _, m = jax.jit(a.round)(state, data)
   assert sorted(np.asarray(m.clients).tolist()) == [2, 3] == sorted(np.asarray(ids).tolist())
+  # On a mesh the first state is already where the sharded round leaves it: replicated.
+  mesh = fp.distributed.client_mesh(2)
+  state = _build(name, MLP, STEPS, execution=fp.Execution(mesh=mesh)).init(
+      jax.random.key(0), data)
+  for leaf in jax.tree.leaves(state.params):
+    assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec()), leaf.ndim)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "per_fedavg"])   # τ for everyone
