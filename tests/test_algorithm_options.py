@@ -112,7 +112,7 @@ def test_per_client_steps_are_each_clients_own(name):
   per = np.asarray(work.steps)[np.asarray(m.clients)]
   phases = 2 if name == "fedrep" else 1   # the head's steps, then the body's
   assert int(m.real_steps) == phases * per.sum()
-  with pytest.raises(ValueError, match=r"per-client local steps must number one per client "
+  with pytest.raises(ValueError, match=r"^per-client local steps must number one per client "
                      r"\(5\); got 4"):
     a.round(state, small_data(num_clients=5))
 

@@ -109,7 +109,7 @@ def test_fedbuff_refuses_a_buffer_above_the_concurrency():
      "latency_spread must be a number >= 0; got '1'"),
 ])
 def test_fedbuff_refuses_bad_numbers(kwargs, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ValueError, match="^" + match):
     fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, **kwargs)
   fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=2, buffer_size=1,
           staleness_exponent=0, latency_spread=0.0)   # the bounds themselves are allowed
@@ -119,7 +119,7 @@ def test_fedbuff_refuses_bad_numbers(kwargs, match):
     fp.Execution(sampling_probs=np.ones(8)), fp.Execution(poisson_rate=0.5),
     fp.Execution(system=fp.System(dropout_rate=0.1))])
 def test_fedbuff_refuses_its_own_sampling_replaced(execution):
-  with pytest.raises(ValueError, match="fedbuff dispatches clients itself"):
+  with pytest.raises(ValueError, match="^fedbuff dispatches clients itself"):
     fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=2, buffer_size=1,
             execution=execution)
 

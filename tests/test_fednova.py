@@ -103,6 +103,7 @@ def test_fednova_refusals(tmp_path):
 
 
 def test_fednova_factory_refuses_an_aggregator():
-  with pytest.raises(ValueError, match="weighting must be a WeightFn .* not Aggregator"):
+  with pytest.raises(ValueError, match="^fednova normalises a weighted mean: weighting must "
+                     "be a WeightFn .* not Aggregator"):
     fednova(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(2, steps=1),
             clients_per_round=2, weighting=agg.median())

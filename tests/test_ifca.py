@@ -179,16 +179,16 @@ def test_the_served_model_is_the_cluster_most_clients_chose():
 
 def test_ifca_factory_and_assignments_refusals():
   work = fp.LocalWork(3, steps=1)
-  with pytest.raises(ValueError, match="ifca averages within clusters with a weight function "
+  with pytest.raises(ValueError, match="^ifca averages within clusters with a weight function "
                      r"\(num_examples, uniform, ...\); got Aggregator"):
     ifca(MLP, optax.sgd(0.1), optax.sgd(1.0), work, num_clusters=2, clients_per_round=1,
          weighting=fp.aggregation.median())
   for bad in (True, 2.0):
-    with pytest.raises(ValueError, match=f"num_clusters must be an int >= 1; got {bad}"):
+    with pytest.raises(ValueError, match=f"^ifca: num_clusters must be an int >= 1; got {bad}"):
       ifca(MLP, optax.sgd(0.1), optax.sgd(1.0), work, num_clusters=bad, clients_per_round=1)
   alg = ifca(MLP, optax.sgd(0.1), optax.sgd(1.0), work, num_clusters=2, clients_per_round=1)
   data = small_data(num_clients=4)
   state = alg.init(jax.random.key(0), data)
-  with pytest.raises(ValueError, match="ifca reads padded client rows to choose clusters; got "
+  with pytest.raises(ValueError, match="^ifca reads padded client rows to choose clusters; got "
                      "a capped store"):
     alg.adapt(state, data.with_cap(2), jax.random.key(1))

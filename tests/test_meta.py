@@ -317,11 +317,11 @@ def test_weightings_needing_client_losses_are_refused(weighting):
 def test_per_fedavg_and_reptile_refuse_bad_numbers():
   args = (logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(2, steps=1))
   for k in (0, 1.5):
-    with pytest.raises(ValueError, match=rf"inner_steps \(K\) must be an int >= 1; got {k}"):
+    with pytest.raises(ValueError, match=rf"^inner_steps \(K\) must be an int >= 1; got {k}"):
       per_fedavg(*args, inner_lr=0.1, clients_per_round=2, inner_steps=k)
   per_fedavg(*args, inner_lr=0.1, clients_per_round=2, inner_steps=1)
   for eps in (0, -0.5, "1"):
-    with pytest.raises(ValueError, match=rf"outer_lr \(Reptile's epsilon\) must be > 0; got "
+    with pytest.raises(ValueError, match=rf"^outer_lr \(Reptile's epsilon\) must be > 0; got "
                        rf"{eps!r}"):
       reptile(logreg(), optax.sgd(0.1), args[3], outer_lr=eps, clients_per_round=2)
   reptile(logreg(), optax.sgd(0.1), args[3], outer_lr=1, clients_per_round=2)   # an int

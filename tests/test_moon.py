@@ -131,6 +131,6 @@ def test_moon_refusals():
                      "number > 0; got 0.0"),
                     (dict(mu=-0.1), r"mu \(MOON's μ\) must be a number >= 0; got -0.1"),
                     (dict(mu="1"), r"mu \(MOON's μ\) must be a number >= 0; got '1'")):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match="^" + match):
       moon(mlp, *args, clients_per_round=1, **kw)
   moon(mlp, *args, mu=0, clients_per_round=1)   # μ = 0 is allowed (FedAvg)

@@ -147,6 +147,6 @@ def test_several_local_rounds_carry_theta_and_anchor_it_at_the_local_w():
 def test_pfedme_refuses_bad_arguments(kwargs, match):
   ok = dict(learning_rate=0.1, personal_learning_rate=0.1, lam=1.0, inner_steps=1,
             clients_per_round=1)
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ValueError, match="^" + match):
     pfedme(logreg(), fp.LocalWork(3, steps=2), **{**ok, **kwargs})
   pfedme(logreg(), fp.LocalWork(3, steps=2), **{**ok, "beta": 1.999})

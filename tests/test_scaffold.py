@@ -176,7 +176,7 @@ def test_server_rate_data_size_weights_and_per_client_steps_against_numpy():
     np.testing.assert_allclose(s.algorithm["Dense_0"]["kernel"], cw, atol=1e-4)
     np.testing.assert_allclose(m.train_loss, loss, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(m.weights)[np.asarray(m.weights) > 0], p, rtol=1e-6)
-  with pytest.raises(ValueError, match=r"per-client local steps must number one per client "
+  with pytest.raises(ValueError, match=r"^per-client local steps must number one per client "
                      r"\(5\); got 4"):
     alg.round(state, small_data(num_clients=5))
 
