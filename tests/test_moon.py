@@ -29,6 +29,11 @@ def test_contrastive_loss_against_numpy():
   z, zg, zp = (rng.normal(size=(5, 4)) for _ in range(3))
   got = model_contrastive_loss(*(jnp.asarray(v, jnp.float32) for v in (z, zg, zp)), 0.5)
   np.testing.assert_allclose(got, np_con(z, zg, zp, 0.5), rtol=1e-5)
+  # Representations with more leading axes (a sequence model's per-position z): cosines
+  # over the last axis only.
+  z3, zg3, zp3 = (rng.normal(size=(2, 5, 4)) for _ in range(3))
+  got = model_contrastive_loss(*(jnp.asarray(v, jnp.float32) for v in (z3, zg3, zp3)), 0.5)
+  np.testing.assert_allclose(got, np_con(z3, zg3, zp3, 0.5), rtol=1e-5)
   # Equal to the global representation and orthogonal to the previous one: small loss.
   assert float(model_contrastive_loss(jnp.ones((1, 2)), jnp.ones((1, 2)),
                                       jnp.asarray([[1.0, -1.0]]), 0.5)[0]) < 0.2
