@@ -42,6 +42,7 @@ def _build(name, model, work, **kw):
       "fedrep": lambda: alg.fedrep(model, sgd, server, work, head_work=work, **common),
       "fedrod": lambda: alg.fedrod(model, sgd, server, work, **common),
       "fedbabu": lambda: alg.fedbabu(model, sgd, server, work, **common),
+      "fedbn": lambda: alg.fedbn(model, sgd, server, work, **common),
       "fedala": lambda: alg.fedala(model, sgd, server, work, **common),
       "ifca": lambda: alg.ifca(model, sgd, server, work, num_clusters=2, **common),
       "per_fedavg": lambda: alg.per_fedavg(model, sgd, server, work, inner_lr=0.1, **common),
@@ -49,7 +50,8 @@ def _build(name, model, work, **kw):
 
 
 NAMES = ["fedavg", "fedprox", "scaffold", "feddyn", "moon", "fednova", "ditto", "apfl",
-         "fedper", "lg_fedavg", "fedrep", "fedrod", "fedbabu", "fedala", "ifca", "per_fedavg"]
+         "fedper", "lg_fedavg", "fedrep", "fedrod", "fedbabu", "fedbn", "fedala", "ifca",
+         "per_fedavg"]
 # Those whose clients report their losses before and after (the others refuse the weighting).
 LOSSES = [n for n in NAMES if n not in ("apfl", "per_fedavg")]
 MLP = fp.models.mlp((5,), 3, hidden=(4,))

@@ -110,3 +110,13 @@ def test_fedavg_averages_the_statistics_and_refusals(tmp_path):
   c.algorithm, c.model.name, c.personalization.finetune_steps = "ditto", "cnn_bn", 0
   with pytest.raises(ValueError, match="keeps batch statistics, which algorithm='ditto'"):
     train_and_evaluate(c, str(tmp_path / "ditto"))
+
+
+def test_norm_layers_are_found_at_any_depth():
+  from fedjax_pers.algorithms._fedbn import norm_layers
+
+  assert norm_layers("['BatchNorm_0']['scale']") and norm_layers("['LayerNorm_2']['bias']")
+  assert norm_layers("['GroupNorm_1']['scale']") and norm_layers("['BatchNorm_3']['mean']")
+  assert norm_layers("['ResBlock_1']['BatchNorm_0']['var']")   # nested in a block
+  assert not norm_layers("['Dense_0']['kernel']") and not norm_layers("['Conv_1']['bias']")
+  assert not norm_layers("['Dense_0']['kernel_Norm_']")   # a leaf's name is not a layer

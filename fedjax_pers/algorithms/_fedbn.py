@@ -15,10 +15,11 @@ from fedjax_pers.core._round import FederatedAlgorithm
 
 
 def norm_layers(path: str) -> bool:
-  """The leaves of normalisation layers (flax's `BatchNorm_i`, `LayerNorm_i`, `GroupNorm_i`):
-  their scale and bias and, for batch norm, their running statistics."""
-  top = path.split("]")[0]
-  return "Norm_" in top
+  """The leaves of normalisation layers (flax's `BatchNorm_i`, `LayerNorm_i`, `GroupNorm_i`),
+  at any depth (a residual block's too): their scale and bias and, for batch norm, their
+  running statistics."""
+  return any(part.strip("['").startswith(("BatchNorm_", "LayerNorm_", "GroupNorm_"))
+             for part in path.split("]"))
 
 
 def fedbn(
