@@ -107,3 +107,19 @@ def test_fednova_factory_refuses_an_aggregator():
                      "be a WeightFn .* not Aggregator"):
     fednova(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(2, steps=1),
             clients_per_round=2, weighting=agg.median())
+
+
+def test_the_factory_normalises_by_its_momentum_and_weighting():
+  """`fednova(..., momentum=ρ, weighting=p)` is FedAvg with `aggregation.fednova(p, ρ)`."""
+  data = small_data(num_clients=4, sizes=[5, 9, 7, 4])
+  work = fp.LocalWork(3, epochs=2)
+  tx = optax.sgd(0.1, momentum=0.9)
+  kw = dict(clients_per_round=3)
+  a = fednova(logreg(), tx, optax.sgd(1.0), work, momentum=0.9, weighting=agg.uniform(), **kw)
+  b = fedavg(logreg(), tx, optax.sgd(1.0), work, weighting=agg.fednova(agg.uniform(), 0.9),
+             **kw)
+  c = fedavg(logreg(), tx, optax.sgd(1.0), work, weighting=agg.fednova(None, 0.0), **kw)
+  s = [jax.jit(x.round)(x.init(jax.random.key(0), data), data)[0].params for x in (a, b, c)]
+  for x, y, z in zip(*(jax.tree.leaves(p) for p in s)):
+    np.testing.assert_array_equal(x, y)
+    assert np.abs(np.asarray(x) - np.asarray(z)).max() > 1e-5
