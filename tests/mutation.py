@@ -181,8 +181,8 @@ def main() -> None:
   p.add_argument("--max-children", type=int, default=2)
   p.add_argument("--workdir", default=None)
   p.add_argument("--survivors-of", default=None,
-                 help="an earlier run's workdir: run only its survivors, here, and report "
-                      "its statuses with theirs replaced")
+                 help="an earlier run's workdir: run, here, every mutant it did not kill, and "
+                      "report its statuses with theirs replaced")
   p.add_argument("--report-only", action="store_true")
   args = p.parse_intermixed_args()   # names may follow the options
   workdir = Path(args.workdir or f"/tmp/fedjax_pers_mutation/{args.package}")
