@@ -1,8 +1,9 @@
 """What every algorithm factory promises about the options it shares with `fedavg`: the
 server optimizer, the weighting, the execution (its sampler too), per-client local steps,
 the dropout key of local steps and the clients' losses for loss-based weightings are all
-used, and per-client steps of the wrong length are refused. One place for these, so that
-an algorithm that drops one of them fails here whatever else its own tests check."""
+used, per-client steps of the wrong length are refused, and the round counter is int32.
+One place for these, so that an algorithm that drops one of them fails here whatever else
+its own tests check."""
 
 import jax
 import numpy as np
@@ -46,6 +47,11 @@ def _build(name, model, work, **kw):
       "fedala": lambda: alg.fedala(model, sgd, server, work, **common),
       "ifca": lambda: alg.ifca(model, sgd, server, work, num_clusters=2, **common),
       "per_fedavg": lambda: alg.per_fedavg(model, sgd, server, work, inner_lr=0.1, **common),
+      "pfedhn": lambda: alg.pfedhn(model, sgd, work, hidden=4, num_hidden=1, **common),
+      "pfedme": lambda: alg.pfedme(model, work, learning_rate=0.3, personal_learning_rate=0.3,
+                                   lam=0.5, inner_steps=1, **common),
+      "fedbuff": lambda: alg.fedbuff(model, sgd, server, work, concurrency=3, buffer_size=2,
+                                     **kw),
   }[name]()
 
 
@@ -54,6 +60,13 @@ NAMES = ["fedavg", "fedprox", "scaffold", "feddyn", "moon", "fednova", "ditto", 
          "per_fedavg"]
 # Those whose clients report their losses before and after (the others refuse the weighting).
 LOSSES = [n for n in NAMES if n not in ("apfl", "per_fedavg")]
+# pFedHN's server is its own SGD with momentum (`outer_lr`, `outer_momentum`); pFedMe's
+# server averages drawn clients (`average`) and FedBuff weights by staleness: no weighting;
+# the two pick their own clients (every client, the earliest reports): no sampler to replace.
+SERVER_TX = NAMES + ["fedbuff"]
+WEIGHTED = NAMES + ["pfedhn"]
+OWN_CLIENTS = ["pfedme", "fedbuff"]
+EVERY = NAMES + ["pfedhn"] + OWN_CLIENTS
 MLP = fp.models.mlp((5,), 3, hidden=(4,))
 
 
@@ -70,12 +83,17 @@ def _far(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_server_optimizer_and_weighting_are_used(name):
+@pytest.mark.parametrize("name", SERVER_TX)
+def test_server_optimizer_is_used(name):
   data = small_data(num_clients=4, sizes=SIZES)
   plain, _ = _round(_build(name, MLP, STEPS), data)
   half, _ = _round(_build(name, MLP, STEPS, server_tx=optax.sgd(0.5)), data)
   assert _far(plain.params, half.params) > 1e-5
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_weighting_is_used(name):
+  data = small_data(num_clients=4, sizes=SIZES)
   _, mu = _round(_build(name, MLP, STEPS, weighting=agg.uniform()), data)
   _, mn = _round(_build(name, MLP, STEPS, weighting=agg.num_examples()), data)
   w = np.asarray(mn.weights)
@@ -84,7 +102,7 @@ def test_server_optimizer_and_weighting_are_used(name):
   np.testing.assert_allclose(mu.weights, [0.5, 0.5], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["pfedhn"])
 def test_execution_and_its_sampler_are_used(name):
   """Clients 2 and 3 only: the round's cohort, and the sampler a feed asks ahead; the
   plan a feed asks for is the execution's."""
@@ -105,7 +123,38 @@ def test_execution_and_its_sampler_are_used(name):
     assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec()), leaf.ndim)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "per_fedavg"])   # τ for everyone
+@pytest.mark.parametrize("name", OWN_CLIENTS)
+def test_execution_of_those_that_pick_their_own_clients(name):
+  """The round runs the cohort as the execution says (one client per chunk computes only
+  each client's own steps; `vmap` pads every client to the longest); the plan is the
+  execution's; the sampler is the round's (pFedMe: everyone) or absent (FedBuff's next
+  cohort is the state's earliest reports); on a mesh the first state is replicated."""
+  data = small_data(num_clients=4, sizes=SIZES)
+  work = fp.LocalWork(3, steps=(1, 3, 2, 4))
+  chunked = _build(name, MLP, work, execution=fp.Execution(strategy="chunked", client_chunk=1))
+  state = chunked.init(jax.random.key(0), data)
+  plan = chunked.plan(state.params, data)
+  assert (plan.strategy, plan.client_chunk) == ("chunked", 1)
+  _, m = jax.jit(chunked.round)(state, data)
+  per = np.asarray(work.steps)[np.asarray(m.clients)]
+  assert int(m.executed_steps) == per.sum()
+  padded = _build(name, MLP, work, execution=fp.Execution(strategy="vmap"))
+  _, m = _round(padded, data)
+  assert int(m.executed_steps) == per.size * per.max()
+  if name == "pfedme":
+    ids, _ = chunked.sample(state.rng, data.num_clients)
+    everyone = [0, 1, 2, 3]
+    assert sorted(np.asarray(ids).tolist()) == everyone == sorted(np.asarray(m.clients).tolist())
+  else:
+    assert chunked.sample is None
+  mesh = fp.distributed.client_mesh(2)
+  state = _build(name, MLP, STEPS, execution=fp.Execution(mesh=mesh)).init(
+      jax.random.key(0), data)
+  for leaf in jax.tree.leaves(state.params):
+    assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec()), leaf.ndim)
+
+
+@pytest.mark.parametrize("name", [n for n in EVERY if n != "per_fedavg"])   # τ for everyone
 def test_per_client_steps_are_each_clients_own(name):
   data = small_data(num_clients=4, sizes=SIZES)
   work = fp.LocalWork(3, steps=(1, 3, 2, 4))
@@ -114,12 +163,13 @@ def test_per_client_steps_are_each_clients_own(name):
   per = np.asarray(work.steps)[np.asarray(m.clients)]
   phases = 2 if name == "fedrep" else 1   # the head's steps, then the body's
   assert int(m.real_steps) == phases * per.sum()
+  assert state.round.dtype == np.int32 and int(state.round) == 1
   with pytest.raises(ValueError, match=r"^per-client local steps must number one per client "
                      r"\(5\); got 4"):
     a.round(state, small_data(num_clients=5))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", EVERY)
 def test_local_steps_use_the_dropout_key(name):
   data = small_data(num_clients=4, sizes=SIZES)
   runs = [_round(_build(name, dropout_logreg(rate=r, hidden=4), STEPS), data)[0].params
@@ -148,6 +198,8 @@ def test_loss_weightings_get_the_clients_losses(name):
                                 clients_per_round=2)),
     ("ditto", lambda h: alg.ditto(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS, lam=h,
                                   clients_per_round=2)),
+    ("pfedme", lambda h: alg.pfedme(MLP, STEPS, learning_rate=h, personal_learning_rate=h,
+                                    lam=h, inner_steps=1, beta=h, clients_per_round=2)),
     ("fedbuff", lambda h: alg.fedbuff(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS,
                                       concurrency=3, buffer_size=2, staleness_exponent=h,
                                       latency_spread=h)),

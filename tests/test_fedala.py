@@ -85,6 +85,87 @@ def test_ala_weights_match_numpy(phase):
   assert int(e) == pre + 1
 
 
+def _ala_case(n, max_examples, seed=3):
+  """A logistic-regression client of `n` examples padded to `max_examples`, in float64."""
+  rs = np.random.RandomState(seed)
+  d, c = 4, 3
+  x, y = rs.normal(size=(n, d)), rs.randint(0, c, n)
+  glob = {"kernel": rs.normal(size=(d, c)), "bias": rs.normal(size=c)}
+  local = {k: v + rs.normal(size=v.shape) for k, v in glob.items()}
+  w0 = {k: rs.uniform(0.2, 1.0, size=v.shape) for k, v in glob.items()}
+  pad = max_examples - n
+  client = lambda: ClientData(jnp.asarray(np.vstack([x, np.zeros((pad, d))])),
+                              jnp.asarray(np.r_[y, [0] * pad], jnp.int32),
+                              jnp.asarray(n, jnp.int32))
+  state = lambda phase: ALAState((jnp.asarray(local["bias"]), jnp.asarray(local["kernel"])),
+                                 (jnp.asarray(w0["bias"]), jnp.asarray(w0["kernel"])),
+                                 jnp.asarray(phase, jnp.int32))
+  params = lambda: {"Dense_0": {k: jnp.asarray(v) for k, v in glob.items()}}
+  return x, y, glob, local, w0, client, state, params
+
+
+def test_ala_batches_a_random_order_of_the_sampled_share():
+  """Batches of one: an epoch steps W on each of the n examples once, in a random order (a
+  permutation found by NumPy, not the same for every key); with floor(s n) = 0 ALA still
+  reads one example."""
+  import itertools
+
+  x, y, glob, local, w0, client, state, params = _ala_case(3, 3)
+  orders = set()
+  for seed in range(4):
+    with jax.enable_x64(True):
+      _, w = ala(logreg(4, 3), params(), state(TRAINED), client(), jax.random.key(seed),
+                 [True, True], eta=0.5, sample_fraction=1.0, batch_size=1, threshold=1e-3,
+                 num_pre_loss=3, max_start_epochs=40, max_examples=3)
+    for order in itertools.permutations(range(3)):
+      ref = dict(w0)
+      for i in order:
+        ref = _ref_epoch(glob, local, ref, x[i:i + 1], y[i:i + 1], 0.5)[1]
+      if np.allclose(w[1], ref["kernel"], rtol=1e-10) and np.allclose(w[0], ref["bias"]):
+        orders.add(order)
+        break
+    else:
+      raise AssertionError(f"key {seed}: W is no order of single-example steps")
+  assert len(orders) > 1
+  x, y, glob, local, w0, client, state, params = _ala_case(7, 9)
+  with jax.enable_x64(True):
+    _, w = ala(logreg(4, 3), params(), state(TRAINED), client(), jax.random.key(0),
+               [True, True], eta=0.5, sample_fraction=0.1, batch_size=16, threshold=1e-3,
+               num_pre_loss=3, max_start_epochs=40, max_examples=9)
+  assert any(np.allclose(w[1], _ref_epoch(glob, local, w0, x[i:i + 1], y[i:i + 1], 0.5)[1][
+      "kernel"], rtol=1e-10) for i in range(7))
+
+
+def test_the_start_phase_stops_on_its_window_or_its_cap():
+  """START: epochs until the std of the last `num_pre_loss` epoch losses < threshold (after
+  more than `num_pre_loss` epochs), at most `max_start_epochs`: NumPy's epoch count for
+  thresholds that stop it at four different epochs, and the cap when nothing settles."""
+  x, y, glob, local, w0, client, state, params = _ala_case(7, 9)
+  pre, losses, ref = 4, [], dict(w0)   # even: a window rolled by 2 would keep only 2
+  for _ in range(30):
+    loss, ref = _ref_epoch(glob, local, ref, x, y, 0.5)
+    losses.append(loss)
+  stds = [np.std(losses[k - pre:k]) for k in range(pre + 1, 31)]
+  ranked = np.sort(stds)
+  stops = set()
+  for i in (5, 10, 15, 20):   # midway between two stds: no tie with either
+    threshold = (ranked[i] + ranked[i + 1]) / 2
+    want = next(k for k in range(pre + 1, 31) if np.std(losses[k - pre:k]) < threshold)
+    with jax.enable_x64(True):
+      e, _ = ala(logreg(4, 3), params(), state(START), client(), jax.random.key(0),
+                 [True, True], eta=0.5, sample_fraction=1.0, batch_size=16,
+                 threshold=float(threshold), num_pre_loss=pre, max_start_epochs=40,
+                 max_examples=9)
+    assert int(e) == want
+    stops.add(want)
+  assert len(stops) == 4
+  with jax.enable_x64(True):
+    e, _ = ala(logreg(4, 3), params(), state(START), client(), jax.random.key(0),
+               [True, True], eta=0.5, sample_fraction=1.0, batch_size=16, threshold=0.0,
+               num_pre_loss=pre, max_start_epochs=5, max_examples=9)
+  assert int(e) == 5
+
+
 def test_eta_zero_starts_every_client_from_the_global_model_and_is_fedavg():
   work = fp.LocalWork(3, epochs=2)
   a = fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=3, eta=0.0)

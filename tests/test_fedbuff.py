@@ -119,7 +119,8 @@ def test_fedbuff_refuses_bad_numbers(kwargs, match):
     fp.Execution(sampling_probs=np.ones(8)), fp.Execution(poisson_rate=0.5),
     fp.Execution(system=fp.System(dropout_rate=0.1))])
 def test_fedbuff_refuses_its_own_sampling_replaced(execution):
-  with pytest.raises(ValueError, match="^fedbuff dispatches clients itself"):
+  with pytest.raises(ValueError, match="^fedbuff dispatches clients itself: execution."
+                     "sampling_probs, poisson_rate and system must be None.$"):
     fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=2, buffer_size=1,
             execution=execution)
 
@@ -133,3 +134,66 @@ def test_fedbuff_refuses_more_in_flight_than_clients():
   state = ok.init(jax.random.key(0), data())
   with pytest.raises(ValueError, match=match):   # a state from a larger population
     alg.round(state, data())
+  state, _ = jax.jit(ok.round)(state, data())    # M = N: every client in flight
+  assert sorted(np.asarray(state.algorithm.in_flight).tolist()) == list(range(8))
+
+
+
+def test_fedbuff_defaults_are_the_papers():
+  """The paper's staleness weights (1 + s)^(−1/2), and log-durations of spread 1."""
+  import inspect
+  p = inspect.signature(fedbuff).parameters
+  assert (p["staleness_exponent"].default, p["latency_spread"].default) == (0.5, 1.0)
+
+
+def test_latencies_are_lognormal_and_the_counters_integers():
+  """d_i = exp(σ z_i), z_i ~ N(0, 1) once per client: the log-durations of 2,000 clients
+  have mean ≈ 0 and std ≈ σ; the server's version counters are int32 and count steps."""
+  many = small_data(num_clients=2000, sizes=[3] * 2000)
+  for sigma in (0.5, 2.0):
+    alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=4, buffer_size=2,
+                  latency_spread=sigma)
+    log_d = np.log(np.asarray(alg.init(jax.random.key(0), many).algorithm.duration, np.float64))
+    assert abs(log_d.mean()) < 0.1 * sigma and abs(log_d.std() / sigma - 1) < 0.05
+  alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=3, buffer_size=1)
+  state = alg.init(jax.random.key(0), data())
+  step = jax.jit(alg.round)
+  for t in range(1, 4):
+    state, _ = step(state, data())
+    a = state.algorithm
+    assert (a.steps.dtype, a.version.dtype, a.in_flight.dtype) == (np.int32,) * 3
+    assert int(a.steps) == t and int(a.version.max()) == t
+
+
+def test_dispatch_draws_uniformly_among_the_idle():
+  """Each server step dispatches K clients not in flight, uniformly: over 40 steps of
+  M = 2, K = 1 among N = 8, every client is dispatched, never one already in flight."""
+  alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=2, buffer_size=1)
+  state = alg.init(jax.random.key(0), data())
+  step = jax.jit(alg.round)
+  dispatched = []
+  for _ in range(40):
+    before = set(np.asarray(state.algorithm.in_flight).tolist())
+    state, m = step(state, data())
+    after = np.asarray(state.algorithm.in_flight).tolist()
+    assert len(set(after)) == 2                   # the fresh one was not in flight
+    fresh = set(after) - (before - {int(m.clients[0])})
+    assert len(fresh) == 1
+    dispatched += fresh
+  assert set(dispatched) == set(range(8))
+  assert max(np.bincount(dispatched)) < 15       # not always the lowest idle ids
+
+
+def test_fedbuff_refuses_a_host_feed():
+  """A host feed gathers a cohort drawn ahead from the key; FedBuff's next cohort is the
+  state's earliest reports, so it has no `sample` and refuses windowed data."""
+  alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=3, buffer_size=2)
+  assert alg.sample is None
+  import dataclasses
+  window = dataclasses.replace(data(), window=np.arange(2, dtype=np.int32))
+  with pytest.raises(ValueError, match=r"^fedbuff: who reports next depends on the server's "
+                     r"simulated clock.*\(data.window is set\)"):
+    alg.init(jax.random.key(0), window)
+  state = alg.init(jax.random.key(0), data())
+  with pytest.raises(ValueError, match=r"^fedbuff: who reports next"):
+    alg.round(state, window)

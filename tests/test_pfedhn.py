@@ -125,3 +125,89 @@ def test_pfedhn_refusals(tmp_path):
       pfedhn(MLP, optax.sgd(0.1), work, clients_per_round=1, **kw)
   pfedhn(MLP, optax.sgd(0.1), work, clients_per_round=1, outer_lr=1, adapt_lr=1, hidden=1,
          num_hidden=1, adapt_steps=1)
+
+
+@pytest.mark.parametrize("num_hidden", [1, 2])
+def test_the_hypernetwork_starts_and_generates_as_documented(num_hidden):
+  """`init(key)`, its key split into num_hidden + 2 (one per layer, none shared): LeCun
+  normal hidden layers N(0, 1/fan_in) with zero biases, an output layer of std 0.01/√hidden
+  whose bias is the target model's own init; `generate` is the MLP e → hidden → θ (NumPy,
+  on a perturbed φ so that every bias counts)."""
+  from jax.flatten_util import ravel_pytree
+
+  e, hidden = 3, 7
+  init, generate = hypernetwork(MLP, e, hidden, num_hidden)
+  key = jax.random.key(4)
+  phi = init(key)
+  keys = jax.random.split(key, num_hidden + 2)
+  dims = [e] + [hidden] * num_hidden
+  assert len(phi["hidden"]) == num_hidden
+  for k, a, b, layer in zip(keys, dims[:-1], dims[1:], phi["hidden"]):
+    np.testing.assert_allclose(layer["w"], jax.random.normal(k, (a, b)) / np.sqrt(a), rtol=1e-6)
+    np.testing.assert_array_equal(layer["b"], np.zeros(b))
+  flat, unravel = ravel_pytree(MLP.init(keys[-1]))
+  np.testing.assert_allclose(phi["out"]["w"], 0.01 * jax.random.normal(
+      keys[-2], (hidden, flat.size)) / np.sqrt(hidden), rtol=1e-6)
+  np.testing.assert_array_equal(phi["out"]["b"], flat)
+  phi = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(5), a.shape), phi)
+  v = np.array([0.4, -1.2, 0.7])
+  h = v
+  for layer in phi["hidden"]:
+    h = np.maximum(h @ np.asarray(layer["w"], np.float64) + np.asarray(layer["b"]), 0.0)
+  want = h @ np.asarray(phi["out"]["w"], np.float64) + np.asarray(phi["out"]["b"])
+  got, _ = ravel_pytree(generate(phi, jnp.asarray(v, jnp.float32)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert jax.tree.structure(generate(phi, v)) == jax.tree.structure(unravel(flat))
+
+
+def test_the_server_keeps_momentum_and_embeddings_default_to_its_rate():
+  """α with momentum μ (the paper's SGD): a second round differs from μ = 0; without
+  `embed_lr`, the embeddings move at α (the same round as embed_lr = α)."""
+  data = small_data(num_clients=4)
+  work = fp.LocalWork(3, steps=2)
+  make = lambda **kw: pfedhn(MLP, optax.sgd(0.1), work, clients_per_round=2, outer_lr=0.05,
+                             hidden=8, num_hidden=1, **kw)
+  runs = {}
+  for name, a in (("default", make()), ("explicit", make(embed_lr=0.05)),
+                  ("no_momentum", make(outer_momentum=0.0))):
+    state = a.init(jax.random.key(0), data)
+    step = jax.jit(a.round)
+    for _ in range(2):
+      state, _ = step(state, data)
+    runs[name] = state
+  default, explicit = runs["default"], runs["explicit"]
+  for x, y in zip(jax.tree.leaves(default.params), jax.tree.leaves(explicit.params)):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(runs["default"].client_states, runs["explicit"].client_states)
+  far = max(float(np.abs(x - y).max()) for x, y in zip(
+      jax.tree.leaves(runs["default"].params), jax.tree.leaves(runs["no_momentum"].params)))
+  assert far > 1e-6
+
+
+def test_a_newcomers_embedding_is_gradient_descent_from_the_mean():
+  """`adapt`: exactly `adapt_steps` steps v ← v − η ∇_v L(h(v; φ)) from the mean embedding."""
+  data = small_data(num_clients=3)
+  alg = pfedhn(MLP, optax.sgd(0.1), fp.LocalWork(3, epochs=1), clients_per_round=2,
+               hidden=8, num_hidden=1, adapt_steps=3, adapt_lr=0.5)
+  state = alg.init(jax.random.key(1), data)
+  adapted = alg.adapt(state, data, jax.random.key(0))
+  _, generate = hypernetwork(MLP, 2, 8, 1)
+  for c in range(3):
+    client = ClientData(data.x[c], data.y[c], data.num_examples[c])
+    loss = lambda v, client=client: full_loss(MLP, generate(state.params, v), client)
+    v = jnp.mean(state.client_states, axis=0)
+    for _ in range(3):
+      v = v - 0.5 * jax.grad(loss)(v)
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda p, c=c: p[c], adapted)),
+                    jax.tree.leaves(generate(state.params, v))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pfedhn_defaults_are_the_papers():
+  """The paper's hypernetwork (3 hidden layers of 100) and optimizer (SGD, α = 0.01,
+  momentum 0.9); a newcomer's fit: 50 steps of rate 0.1."""
+  import inspect
+  p = inspect.signature(pfedhn).parameters
+  assert {k: p[k].default for k in ("outer_lr", "outer_momentum", "hidden", "num_hidden",
+                                    "adapt_steps", "adapt_lr")} == dict(
+      outer_lr=0.01, outer_momentum=0.9, hidden=100, num_hidden=3, adapt_steps=50, adapt_lr=0.1)

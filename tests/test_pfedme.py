@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from _reference import engine_plan, logreg_grad
+from _reference import engine_plan, logreg_grad, logreg_loss
 from test_engine import logreg, small_data
 
 import fedjax_pers as fp
@@ -113,15 +113,17 @@ def test_several_local_rounds_carry_theta_and_anchor_it_at_the_local_w():
   alg = pfedme(logreg(), work, learning_rate=eta, personal_learning_rate=eta_p, lam=lam,
                inner_steps=k_inner, beta=beta, clients_per_round=1)
   s0 = alg.init(jax.random.key(2), data)
-  s1, _ = jax.jit(alg.round)(s0, data)
+  s1, m = jax.jit(alg.round)(s0, data)
   plan = engine_plan(s0.rng, data, work)
   xs, ys = np.asarray(data.x[0], np.float64), np.asarray(data.y[0])
   w = np.asarray(s0.params["Dense_0"]["kernel"], np.float64)
   b = np.asarray(s0.params["Dense_0"]["bias"], np.float64)
   tw, tb, lw, lb = w.copy(), b.copy(), w.copy(), b.copy()
+  loss_sum = count = 0
   for r in range(rounds):
     sel = np.asarray(plan.idx[r])[np.asarray(plan.mask[r])]
     x, y = xs[sel], ys[sel]
+    loss_sum, count = loss_sum + logreg_loss(tw, tb, x, y) * len(sel), count + len(sel)
     for _ in range(k_inner):
       gw, gb = logreg_grad(tw, tb, x, y)
       tw, tb = tw - eta_p * (gw + lam * (tw - lw)), tb - eta_p * (gb + lam * (tb - lb))
@@ -130,6 +132,10 @@ def test_several_local_rounds_carry_theta_and_anchor_it_at_the_local_w():
   np.testing.assert_allclose(s1.client_states["Dense_0"]["bias"][0], tb, atol=1e-5)
   np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], lw, atol=1e-5)   # β = 1
   np.testing.assert_allclose(s1.params["Dense_0"]["bias"], lb, atol=1e-5)
+  # The reported loss: each minibatch's loss at θ before its inner steps, over the examples.
+  np.testing.assert_allclose(m.client_train_loss[0], loss_sum / count, rtol=1e-5)
+  np.testing.assert_allclose(m.train_loss, loss_sum / count, rtol=1e-5)
+  assert alg.personal(s1) is s1.client_states                  # the θ_k
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -142,7 +148,9 @@ def test_several_local_rounds_carry_theta_and_anchor_it_at_the_local_w():
     (dict(beta=2), r"beta must be in \(0, 2\); got 2"),
     (dict(execution=fp.Execution(sampling_probs=np.ones(5))),
      "pfedme: every client trains every round; execution.sampling_probs and poisson_rate"),
-    (dict(execution=fp.Execution(poisson_rate=0.5)), "pfedme: every client trains every round"),
+    (dict(execution=fp.Execution(poisson_rate=0.5)), "pfedme: every client trains every round"
+     r"; execution.sampling_probs and poisson_rate must be None \(the averaged clients are "
+     r"drawn uniformly\).$"),
 ])
 def test_pfedme_refuses_bad_arguments(kwargs, match):
   ok = dict(learning_rate=0.1, personal_learning_rate=0.1, lam=1.0, inner_steps=1,
@@ -150,3 +158,31 @@ def test_pfedme_refuses_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match="^" + match):
     pfedme(logreg(), fp.LocalWork(3, steps=2), **{**ok, **kwargs})
   pfedme(logreg(), fp.LocalWork(3, steps=2), **{**ok, "beta": 1.999})
+
+
+def test_sampled_mean_against_numpy():
+  """`sampled_mean` on hand-made outputs: the clients its key draws count, equally by
+  default (from key 0) or by n_i; a drawn client whose update is not finite drops out."""
+  from fedjax_pers.algorithms._pfedme import sampled_mean
+  from fedjax_pers.core._client import ClientOutput
+  from fedjax_pers.core._sampling import sample_clients
+
+  n = np.array([1, 1, 2, 4], np.int32)
+  delta = np.array([1.0, 2.0, 3.0, np.nan], np.float32)
+  outputs = ClientOutput(delta=delta, num_examples=n, train_loss=np.zeros(4, np.float32),
+                         num_steps=np.ones(4, np.int32), label_hist=np.zeros((4, 2), np.int32),
+                         finite=np.isfinite(delta), client_id=np.arange(4, dtype=np.int32))
+  agg = sampled_mean(3, 4)
+  state = agg.init(4)
+  assert np.array_equal(jax.random.key_data(state.key), jax.random.key_data(jax.random.key(0)))
+  for average in ("uniform", "num_examples"):
+    agg = sampled_mean(3, 4) if average == "uniform" else sampled_mean(3, 4, average)
+    key, sub = jax.random.split(state.key)
+    chosen = np.asarray(sample_clients(sub, 4, 3))
+    keep = np.isin(np.arange(4), chosen) & np.isfinite(delta)
+    u = np.where(keep, 1.0 if average == "uniform" else n, 0.0)
+    want = u / u.sum()
+    mean, w, new = agg.apply(outputs, state, None)
+    np.testing.assert_allclose(w, want, rtol=1e-6)
+    np.testing.assert_allclose(mean, (want * np.nan_to_num(delta)).sum(), rtol=1e-6)
+    assert np.array_equal(jax.random.key_data(new.key), jax.random.key_data(key))

@@ -105,6 +105,7 @@ def test_a_store_holding_other_data_is_refused(tmp_path, change, message):
     (lambda c: c.update(algorithm="finetune") or c.personalization.update(finetune_steps=2),
      r"personalization.finetune_steps=2"),
     (lambda c: c.update(algorithm="pfedme"), r"algorithm='pfedme' \(it trains every client"),
+    (lambda c: c.update(algorithm="fedbuff"), r"algorithm='fedbuff' \(who reports next"),
     (lambda c: c.update(eval_clients=9), r"eval_clients must be None \(all\) or an int in "
      r"\[1, num_clients\] = \[1, 8\]; got 9"),
     (lambda c: c.data.update(store=None, name="store"), r"set data.store=PATH"),

@@ -109,6 +109,15 @@ def fedbuff(
                      "poisson_rate and system must be None.")
   k, m = buffer_size, concurrency
 
+  def check_data(data: FederatedData) -> None:
+    if m > data.num_clients:
+      raise ValueError(f"concurrency (M={m}) must be <= the number of clients "
+                       f"({data.num_clients}).")
+    if data.window is not None:
+      raise ValueError("fedbuff: who reports next depends on the server's simulated clock, so "
+                       "a host feed cannot gather the cohort ahead (data.window is set); give "
+                       "it the whole population's data (no data.store).")
+
   def make_program(data: FederatedData) -> LocalProgram:
     check_local_work(work, data.num_clients)
     inner = sgd_program(model, client_tx, work, max_examples=data.max_examples,
@@ -124,10 +133,8 @@ def fedbuff(
                         lambda client: work_steps(work, client.num_examples, client.id))
 
   def round_fn(state: ServerState, data: FederatedData):
+    check_data(data)
     a = state.algorithm
-    if m > data.num_clients:
-      raise ValueError(f"concurrency (M={m}) must be <= the number of clients "
-                       f"({data.num_clients}).")
     order = jnp.argsort(a.finish)          # the K earliest reports (stable: ties by slot)
     arrive, stay = order[:k], order[k:]
     ids = a.in_flight[arrive]
@@ -164,9 +171,7 @@ def fedbuff(
                         execution=execution)
 
   def init(key: jax.Array, data: FederatedData) -> ServerState:
-    if m > data.num_clients:
-      raise ValueError(f"concurrency (M={m}) must be <= the number of clients "
-                       f"({data.num_clients}).")
+    check_data(data)
     state = base_init(key, data)
     k_lat, k_first = jax.random.split(jax.random.fold_in(key, 0xFB))
     duration = jnp.exp(latency_spread * jax.random.normal(k_lat, (data.num_clients,)))
@@ -178,4 +183,5 @@ def fedbuff(
         duration=duration, clock=jnp.zeros((), jnp.float32), steps=jnp.zeros((), jnp.int32))),
         execution)
 
-  return assembled(init, round_fn, make_program, execution, k)
+  # No `sample`: the next cohort is the state's earliest reports, not a draw from a key.
+  return assembled(init, round_fn, make_program, execution, k)._replace(sample=None)

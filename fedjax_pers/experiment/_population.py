@@ -91,6 +91,9 @@ def _refuse(config: ml_collections.ConfigDict) -> None:
                 "(fine-tuning evaluation runs on an on-device population)")
   if config.algorithm == "pfedme":
     what.append("algorithm='pfedme' (it trains every client each round)")
+  if config.algorithm == "fedbuff":
+    what.append("algorithm='fedbuff' (who reports next depends on the server's simulated "
+                "clock: a feed cannot gather the cohort ahead)")
   if config.aggregation.population == "data":
     what.append("aggregation.population='data' (label histograms of the whole population)")
   if what:
