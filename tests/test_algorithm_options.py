@@ -195,7 +195,7 @@ def test_loss_weightings_get_the_clients_losses(name):
     ("fedprox", lambda h: alg.fedprox(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS, mu=h,
                                       clients_per_round=2)),
     ("moon", lambda h: alg.moon(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS, mu=h,
-                                clients_per_round=2)),
+                                temperature=h, clients_per_round=2)),
     ("ditto", lambda h: alg.ditto(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS, lam=h,
                                   clients_per_round=2)),
     ("pfedme", lambda h: alg.pfedme(MLP, STEPS, learning_rate=h, personal_learning_rate=h,

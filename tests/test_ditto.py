@@ -13,9 +13,9 @@ from fedjax_pers.algorithms import ditto
 WORK = fp.LocalWork(3, steps=4)
 
 
-def make(lam, k=3, lr=0.1, work=WORK):
+def make(lam, k=3, lr=0.1, work=WORK, personal_work=None):
   return ditto(logreg(), optax.sgd(lr), optax.sgd(1.0), work, lam=lam, clients_per_round=k,
-               execution=fp.Execution(strategy="vmap"))
+               execution=fp.Execution(strategy="vmap"), personal_work=personal_work)
 
 
 def leaves(tree):
@@ -40,9 +40,9 @@ def test_unsampled_clients_keep_their_personal_models_bit_for_bit():
 
 def test_one_client_one_round_matches_numpy():
   data = small_data(num_clients=1, sizes=[7])
-  work = fp.LocalWork(3, steps=1)
+  work, personal_work = fp.LocalWork(3, steps=1), fp.LocalWork(2, steps=3)
   lam, lr = 0.7, 0.2
-  alg = make(lam, k=1, lr=lr, work=work)
+  alg = make(lam, k=1, lr=lr, work=work, personal_work=personal_work)
   s0 = alg.init(jax.random.key(3), data)
   # Give the personal model a different start than the global one.
   s0 = s0._replace(client_states=jax.tree.map(lambda v: v + 0.3, s0.client_states))
@@ -55,7 +55,7 @@ def test_one_client_one_round_matches_numpy():
   x, y = np.asarray(data.x[0], np.float64), np.asarray(data.y[0])
   gplan = fp.core.batch_plan(jax.random.split(k_global)[0], 7, work, max_examples=7)
   wg, bg, _, _ = logreg_sgd(w, b, x, y, np.asarray(gplan.idx), np.asarray(gplan.mask), lr)
-  pplan = fp.core.batch_plan(k_plan, 7, work, max_examples=7)
+  pplan = fp.core.batch_plan(k_plan, 7, personal_work, max_examples=7)
   v = np.asarray(s0.client_states["Dense_0"]["kernel"][0], np.float64)
   c = np.asarray(s0.client_states["Dense_0"]["bias"][0], np.float64)
   wv, bv, _, _ = logreg_sgd(v, c, x, y, np.asarray(pplan.idx), np.asarray(pplan.mask), lr,
@@ -63,6 +63,7 @@ def test_one_client_one_round_matches_numpy():
   np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], wg, atol=1e-5)
   np.testing.assert_allclose(s1.client_states["Dense_0"]["kernel"][0], wv, atol=1e-5)
   np.testing.assert_allclose(s1.client_states["Dense_0"]["bias"][0], bv, atol=1e-5)
+  assert alg.personal(s1) is s1.client_states                # the v_k
 
 
 def test_large_lambda_pins_personal_models_to_the_global_one():
@@ -100,6 +101,12 @@ def test_ditto_from_the_config_reports_personal_accuracy(tmp_path):
     train_and_evaluate(c, str(tmp_path / "finetune"))
 
 
-def test_bad_lambda():
-  with pytest.raises(ValueError, match="lam"):
+def test_bad_lambda_and_personal_steps():
+  with pytest.raises(ValueError, match=r"^lam \(Ditto's λ\) must be a number >= 0; got -1.0"):
     make(-1.0)
+  make(0.0)   # λ = 0: personal models train on their own data alone
+  data = small_data(num_clients=4)
+  alg = make(0.5, personal_work=fp.LocalWork(3, steps=(1, 2)))
+  with pytest.raises(ValueError, match=r"^per-client local steps must number one per client "
+                     r"\(4\); got 2"):
+    alg.round(alg.init(jax.random.key(0), data), data)

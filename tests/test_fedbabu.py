@@ -62,9 +62,22 @@ def test_fedbabu_from_the_config(tmp_path):
 
 
 def test_fedbabu_refuses_a_head_that_covers_every_parameter():
-  with pytest.raises(ValueError, match="the head covers every parameter"):
+  with pytest.raises(ValueError, match=r"^fedbabu: the head covers every parameter, so nothing "
+                     r"would be trained; use a model with a body \(mlp, cnn\) or a narrower "
+                     r"head predicate.$"):
     fedbabu(fp.models.logistic_regression((5,), 3), optax.sgd(0.1), optax.sgd(1.0),
             fp.LocalWork(3, steps=1), clients_per_round=1)
+
+
+def test_a_head_predicate_is_the_head():
+  """`head=` names the frozen layers (here the first one; by default the last)."""
+  alg = fedbabu(MODEL, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, epochs=1),
+                clients_per_round=3, head=lambda path: "Dense_0" in path)
+  s0 = alg.init(jax.random.key(0), data())
+  s1, _ = jax.jit(alg.round)(s0, data())
+  for k in ("kernel", "bias"):
+    np.testing.assert_array_equal(s1.params["Dense_0"][k], s0.params["Dense_0"][k])
+    assert not np.array_equal(s1.params["Dense_1"][k], s0.params["Dense_1"][k])
 
 
 def test_both_sides_freeze_the_head():

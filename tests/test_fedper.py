@@ -136,7 +136,7 @@ def test_fedrep_one_client_trains_head_then_body_like_numpy():
                              execution=fp.Execution(strategy="vmap"))
   s0 = alg.init(jax.random.key(4), data)
   s0 = s0._replace(client_states=(s0.client_states[0] - 0.3,))
-  s1, _ = jax.jit(alg.round)(s0, data)
+  s1, m = jax.jit(alg.round)(s0, data)
   _, _, k_clients = jax.random.split(s0.rng, 3)
   k_plan, _, k_body = jax.random.split(jax.random.fold_in(k_clients, 0), 3)
   x, y = np.asarray(data.x[0], np.float64), np.asarray(data.y[0])
@@ -146,12 +146,30 @@ def test_fedrep_one_client_trains_head_then_body_like_numpy():
   w1, b1, _, _ = logreg_sgd(w, b, x, y, np.asarray(hp.idx), np.asarray(hp.mask), 0.2,
                             train_w=False)
   bp = fp.core.batch_plan(jax.random.split(k_body)[0], 7, body_work, max_examples=7)
-  w2, b2, _, _ = logreg_sgd(w1, b1, x, y, np.asarray(bp.idx), np.asarray(bp.mask), 0.2,
-                            train_b=False)
+  w2, b2, body_loss, _ = logreg_sgd(w1, b1, x, y, np.asarray(bp.idx), np.asarray(bp.mask), 0.2,
+                                    train_b=False)
   np.testing.assert_array_equal(w1, w)
+  np.testing.assert_allclose(m.client_train_loss[0], body_loss, rtol=1e-5)   # the body phase's
   np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], w2, atol=1e-5)
   np.testing.assert_allclose(s1.client_states[0][0], b2, atol=1e-5)
   np.testing.assert_array_equal(s1.params["Dense_0"]["bias"], s0.params["Dense_0"]["bias"])
+
+
+def test_fedrep_with_a_stateful_optimizer():
+  """AdamW (moments, and weight decay that reads the params) in both phases: each phase
+  steps its own part with its own moments; the round is finite and moves both parts."""
+  data = small_data(num_clients=3)
+  adamw = optax.adamw(0.05, weight_decay=0.1)
+  alg = fp.algorithms.fedrep(fp.models.mlp((5,), 3, hidden=(4,)), adamw, optax.sgd(1.0),
+                             fp.LocalWork(3, steps=2), clients_per_round=3,
+                             head_work=fp.LocalWork(3, steps=2))
+  s0 = alg.init(jax.random.key(0), data)
+  s1, m = jax.jit(alg.round)(s0, data)
+  assert np.isfinite(float(m.train_loss)) and int(m.num_nonfinite) == 0
+  assert not np.array_equal(s1.params["Dense_0"]["kernel"], s0.params["Dense_0"]["kernel"])
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1.client_states),
+                                                     jax.tree.leaves(s0.client_states))]
+  assert all(moved)
 
 
 def test_lg_fedavg_one_client_keeps_the_lower_part_and_averages_the_head():

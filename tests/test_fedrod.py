@@ -95,6 +95,16 @@ def test_the_personal_prediction_is_the_sum_of_the_heads():
   np.testing.assert_allclose(model.apply(pers, x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_head_predicate_names_the_heads():
+  """`head=` picks the layers that get a personal copy φ_i (here both: the whole MLP)."""
+  model = fp.models.mlp((5,), 3, hidden=(4,))
+  data = small_data(num_clients=4)
+  alg = fedrod(model, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, epochs=1),
+               clients_per_round=2, head=lambda path: "Dense" in path)
+  shapes = [a.shape for a in jax.tree.leaves(alg.init(jax.random.key(1), data).client_states)]
+  assert shapes == [(4,) + a.shape for a in jax.tree.leaves(model.init(jax.random.key(0)))]
+
+
 @pytest.mark.run
 def test_fedrod_from_the_config(tmp_path):
   c = tiny_config()

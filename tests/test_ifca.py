@@ -91,6 +91,8 @@ def test_recovers_well_separated_linear_regression_populations_exactly():
   alg = ifca(_regression_model(d), optax.sgd(0.05), optax.sgd(1.0), fp.LocalWork(10, epochs=2),
              num_clusters=2, clients_per_round=len(group))
   state, step = alg.init(jax.random.key(3), data), jax.jit(alg.round)
+  assert state.client_states.cluster.dtype == np.int32
+  np.testing.assert_array_equal(state.client_states.cluster, -1)   # none estimated yet
   for _ in range(20):
     state, _ = step(state, data)
   chosen = np.asarray(state.client_states.cluster)
@@ -102,6 +104,9 @@ def test_recovers_well_separated_linear_regression_populations_exactly():
   # A client's own adaptation picks the same cluster model.
   adapted = alg.adapt(state, data, jax.random.key(0))
   np.testing.assert_array_equal(adapted["w"], np.asarray(state.params["w"])[chosen])
+  # The served model is the cluster most clients chose.
+  most = np.argmax(np.bincount(chosen, minlength=2))
+  np.testing.assert_array_equal(alg.serve(state)["w"], np.asarray(state.params["w"])[most])
 
 
 @pytest.mark.run

@@ -128,7 +128,10 @@ def test_moon_from_the_config(tmp_path):
 
 def test_moon_refusals():
   bare = fp.Model(init=lambda k: {}, apply=None, loss=None, metrics=None)
-  with pytest.raises(ValueError, match="moon needs a model with a representation"):
+  with pytest.raises(ValueError, match=r"^moon needs a model with a representation \(Model."
+                     r"represent\): the models of fedjax_pers.models have one; a flax module "
+                     r"gets one by sowing it \(self.sow\('intermediates', REPRESENTATION, "
+                     r"h\)\).$"):
     moon(bare, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1), mu=1.0,
          clients_per_round=1)
   mlp, args = fp.models.mlp((5,), 3), (optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1))
@@ -139,3 +142,5 @@ def test_moon_refusals():
     with pytest.raises(ValueError, match="^" + match):
       moon(mlp, *args, clients_per_round=1, **kw)
   moon(mlp, *args, mu=0, clients_per_round=1)   # μ = 0 is allowed (FedAvg)
+  import inspect
+  assert inspect.signature(moon).parameters["temperature"].default == 0.5   # the paper's τ
