@@ -110,3 +110,15 @@ def test_bad_lambda_and_personal_steps():
   with pytest.raises(ValueError, match=r"^per-client local steps must number one per client "
                      r"\(4\); got 2"):
     alg.round(alg.init(jax.random.key(0), data), data)
+
+
+@pytest.mark.parametrize("work,personal_work", [
+    (fp.LocalWork(3, steps=(1, 3, 2, 4)), fp.LocalWork(3, steps=2)),
+    (fp.LocalWork(3, steps=2), fp.LocalWork(3, steps=(1, 3, 2, 4)))])
+def test_a_client_runs_the_longer_of_its_two_step_counts(work, personal_work):
+  """Per-client steps on one side and a fixed count on the other: client i runs
+  max(K_i, K'_i) steps (its global and personal steps run side by side)."""
+  data = small_data(num_clients=4)
+  alg = make(0.5, k=4, work=work, personal_work=personal_work)
+  _, m = jax.jit(alg.round)(alg.init(jax.random.key(0), data), data)
+  assert int(m.real_steps) == 2 + 3 + 2 + 4
