@@ -218,10 +218,36 @@ def test_fedala_from_the_config(tmp_path):
   assert "personalized_test_accuracy" in s and s["rounds"] == 4
 
 
-def test_fedala_refusals():
-  with pytest.raises(ValueError, match=r"fedala: sample_fraction out of range; got 0.0"):
+@pytest.mark.parametrize("kw,match", [
+    (dict(eta=-0.1), "eta out of range; got -0.1"),
+    (dict(threshold=-1.0), "threshold out of range; got -1.0"),
+    (dict(sample_fraction=0.0), "sample_fraction out of range; got 0.0"),
+    (dict(sample_fraction=1.5), "sample_fraction out of range; got 1.5"),
+    (dict(num_pre_loss=0), "num_pre_loss must be an int >= 1; got 0"),
+    (dict(max_start_epochs=0), "max_start_epochs must be an int >= 1; got 0"),
+    (dict(max_start_epochs=2.0), "max_start_epochs must be an int >= 1; got 2.0")])
+def test_fedala_refusals(kw, match):
+  rest = r" \(eta >= 0, threshold >= 0, 0 < sample_fraction <= 1\).$" if "range" in match else ""
+  with pytest.raises(ValueError, match="^fedala: " + match + rest):
     fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1),
-           clients_per_round=1, sample_fraction=0.0)
-  with pytest.raises(ValueError, match=r"fedala: num_pre_loss must be an int >= 1; got 0"):
-    fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1),
-           clients_per_round=1, num_pre_loss=0)
+           clients_per_round=1, **kw)
+
+
+def test_fedala_bounds_defaults_and_head():
+  """The bounds themselves are allowed; the defaults are the paper's code's (η = 1, a
+  threshold of 0.1 over 10 losses; 100 start epochs is ours); `head=` names the layers
+  ALA mixes (per-client weights of their shapes); every client starts with no local model."""
+  import inspect
+  fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1), clients_per_round=1,
+         eta=0, threshold=0, sample_fraction=1, num_pre_loss=1, max_start_epochs=1)
+  p = inspect.signature(fedala).parameters
+  assert {k: p[k].default for k in ("eta", "sample_fraction", "threshold", "num_pre_loss",
+                                    "max_start_epochs")} == dict(
+      eta=1.0, sample_fraction=0.8, threshold=0.1, num_pre_loss=10, max_start_epochs=100)
+  alg = fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1),
+               clients_per_round=2, head=lambda path: "Dense_0" in path)
+  state = alg.init(jax.random.key(0), data())
+  shapes = [a.shape[1:] for a in state.client_states.weights]
+  assert shapes == [a.shape for a in jax.tree.leaves(state.params["Dense_0"])]
+  assert state.client_states.phase.dtype == np.int32
+  np.testing.assert_array_equal(state.client_states.phase, NO_LOCAL)
