@@ -106,10 +106,11 @@ def test_bad_lambda_and_personal_steps():
     make(-1.0)
   make(0.0)   # λ = 0: personal models train on their own data alone
   data = small_data(num_clients=4)
-  alg = make(0.5, personal_work=fp.LocalWork(3, steps=(1, 2)))
-  with pytest.raises(ValueError, match=r"^per-client local steps must number one per client "
-                     r"\(4\); got 2"):
-    alg.round(alg.init(jax.random.key(0), data), data)
+  short, fixed = fp.LocalWork(3, steps=(1, 2)), fp.LocalWork(3, steps=2)
+  for alg in (make(0.5, personal_work=short), make(0.5, work=short, personal_work=fixed)):
+    with pytest.raises(ValueError, match=r"^per-client local steps must number one per "
+                       r"client \(4\); got 2"):
+      alg.round(alg.init(jax.random.key(0), data), data)
 
 
 @pytest.mark.parametrize("work,personal_work", [

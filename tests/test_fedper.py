@@ -172,6 +172,17 @@ def test_fedrep_with_a_stateful_optimizer():
   assert all(moved)
 
 
+def test_fedrep_checks_both_phases_steps_against_the_population():
+  data = small_data(num_clients=4)
+  short, fixed = fp.LocalWork(3, steps=(1, 2)), fp.LocalWork(3, steps=2)
+  for work, head_work in ((short, fixed), (fixed, short)):
+    alg = fp.algorithms.fedrep(fp.models.mlp((5,), 3, hidden=(4,)), optax.sgd(0.1),
+                               optax.sgd(1.0), work, clients_per_round=2, head_work=head_work)
+    with pytest.raises(ValueError, match=r"^per-client local steps must number one per "
+                       r"client \(4\); got 2"):
+      alg.round(alg.init(jax.random.key(0), data), data)
+
+
 def test_lg_fedavg_one_client_keeps_the_lower_part_and_averages_the_head():
   # Logistic regression has one layer; call its bias the "head" (shared) and its
   # kernel the personal "lower layer".
