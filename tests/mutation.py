@@ -192,13 +192,21 @@ def main() -> None:
     prepare(args.package, workdir)
     mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut"
     run = [mutmut, "run", "--max-children", str(args.max_children)]
+    batches = [names]
     if base is not None:
       # Generates the mutants and runs the stats, then stops: no mutant has this name.
       subprocess.run([*run, "no_such_mutant"], cwd=workdir, check=False)
-      names += unsettled(workdir, base)
-      print(f"{len(names)} mutants to run")
-    if names or base is None:
-      subprocess.run([*run, *names], cwd=workdir, check=True)
+      rerun = unsettled(workdir, base)
+      # Mutants no pass has checked run first: a survivor runs every test that reaches
+      # it, so the reruns are the slow part, and a stopped pass has checked the new ones.
+      now = merged(workdir, base)
+      fresh = [n for n in rerun if now[n][1] in IGNORED]
+      batches = [names + fresh, [n for n in rerun if n not in fresh]]
+      print(f"{sum(map(len, batches))} mutants to run: {len(batches[0])} not checked "
+            f"before, then {len(batches[1])} reruns")
+    for batch in batches:
+      if batch or base is None:
+        subprocess.run([*run, *batch], cwd=workdir, check=True)
   report(workdir, args.package, base)
 
 
