@@ -152,6 +152,8 @@ def test_execution_of_those_that_pick_their_own_clients(name):
       jax.random.key(0), data)
   for leaf in jax.tree.leaves(state.params):
     assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec()), leaf.ndim)
+  for leaf in jax.tree.leaves(state):   # the algorithm's own state too
+    assert leaf.sharding.device_set == set(mesh.devices.flat)
 
 
 @pytest.mark.parametrize("name", [n for n in EVERY if n != "per_fedavg"])   # τ for everyone

@@ -234,16 +234,30 @@ def test_fedala_refusals(kw, match):
 
 
 def test_fedala_bounds_defaults_and_head():
-  """The bounds themselves are allowed; the defaults are the paper's code's (η = 1, a
-  threshold of 0.1 over 10 losses; 100 start epochs is ours); `head=` names the layers
-  ALA mixes (per-client weights of their shapes); every client starts with no local model."""
-  import inspect
+  """The bounds themselves are allowed; the defaults are the paper's code's (η = 1, s = 0.8,
+  a threshold of 0.1 over 10 losses; 100 start epochs is ours): they run as those values
+  given, and differently from others; `head=` names the layers ALA mixes (per-client
+  weights of their shapes); every client starts with no local model."""
   fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1), clients_per_round=1,
          eta=0, threshold=0, sample_fraction=1, num_pre_loss=1, max_start_epochs=1)
-  p = inspect.signature(fedala).parameters
-  assert {k: p[k].default for k in ("eta", "sample_fraction", "threshold", "num_pre_loss",
-                                    "max_start_epochs")} == dict(
-      eta=1.0, sample_fraction=0.8, threshold=0.1, num_pre_loss=10, max_start_epochs=100)
+  given = dict(eta=1.0, sample_fraction=0.8, threshold=0.1, num_pre_loss=10,
+               max_start_epochs=100)
+
+  def outcome(**kw):   # two rounds of every client: the second runs ALA's start phase
+    alg = fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1),
+                 clients_per_round=6, **kw)
+    state, step = alg.init(jax.random.key(0), data()), jax.jit(alg.round)
+    for _ in range(2):
+      state, _ = step(state, data())
+    return jax.tree.leaves(state.client_states.weights)
+
+  default = outcome()
+  for x, y in zip(default, outcome(**given)):
+    np.testing.assert_array_equal(x, y)
+  for change in (dict(eta=2.0), dict(threshold=1e-4), dict(num_pre_loss=11),
+                 dict(max_start_epochs=5)):
+    other = outcome(**{**given, **change})
+    assert any(not np.array_equal(x, y) for x, y in zip(default, other)), change
   alg = fedala(MLP, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1),
                clients_per_round=2, head=lambda path: "Dense_0" in path)
   state = alg.init(jax.random.key(0), data())

@@ -1,6 +1,7 @@
 """FedBuff: zero latency spread and K = M is synchronous FedAvg, stale reports against
 NumPy, the in-flight set, the config."""
 
+import dataclasses
 import functools
 
 import jax
@@ -140,10 +141,44 @@ def test_fedbuff_refuses_more_in_flight_than_clients():
 
 
 def test_fedbuff_defaults_are_the_papers():
-  """The paper's staleness weights (1 + s)^(−1/2), and log-durations of spread 1."""
-  import inspect
-  p = inspect.signature(fedbuff).parameters
-  assert (p["staleness_exponent"].default, p["latency_spread"].default) == (0.5, 1.0)
+  """The paper's staleness weights (1 + s)^(−1/2), and log-durations of spread 1: the
+  defaults run as those values given; a stale report's weight and the durations differ
+  with others."""
+  make = lambda **kw: fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=4,
+                              buffer_size=2, **kw)
+  runs = {}
+  for name, alg in (("default", make()), ("given", make(staleness_exponent=0.5,
+                                                         latency_spread=1.0)),
+                    ("other", make(staleness_exponent=1.5, latency_spread=2.0))):
+    state = alg.init(jax.random.key(3), data())
+    step, weights = jax.jit(alg.round), []
+    for _ in range(4):
+      state, m = step(state, data())
+      weights.append(np.asarray(m.weights))
+    runs[name] = (np.asarray(state.algorithm.duration), np.concatenate(weights))
+  for a, b in zip(runs["default"], runs["given"]):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(runs["default"], runs["other"]):
+    assert not np.allclose(a, b)
+
+
+def test_a_non_finite_report_weighs_nothing():
+  """A client whose update is NaN is reported with weight 0 and counted; the model stays
+  finite."""
+  bad = small_data(num_clients=8, sizes=[3, 11, 6, 9, 4, 12, 7, 5])
+  bad = dataclasses.replace(bad, x=bad.x.at[2].set(np.nan))
+  alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=4, buffer_size=2,
+                latency_spread=0.0)
+  state, step, seen = alg.init(jax.random.key(0), bad), jax.jit(alg.round), False
+  for _ in range(12):
+    state, m = step(state, bad)
+    ids, w = np.asarray(m.clients), np.asarray(m.weights)
+    assert int(m.num_nonfinite) == int(np.sum(ids == 2))
+    if 2 in ids:
+      seen = True
+      assert w[ids == 2][0] == 0 and w[ids != 2][0] > 0
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
+  assert seen
 
 
 def test_latencies_are_lognormal_and_the_counters_integers():
@@ -189,10 +224,11 @@ def test_fedbuff_refuses_a_host_feed():
   state's earliest reports, so it has no `sample` and refuses windowed data."""
   alg = fedbuff(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, concurrency=3, buffer_size=2)
   assert alg.sample is None
-  import dataclasses
   window = dataclasses.replace(data(), window=np.arange(2, dtype=np.int32))
   with pytest.raises(ValueError, match=r"^fedbuff: who reports next depends on the server's "
-                     r"simulated clock.*\(data.window is set\)"):
+                     r"simulated clock, so a host feed cannot gather the cohort ahead "
+                     r"\(data.window is set\); give it the whole population's data "
+                     r"\(no data.store\).$"):
     alg.init(jax.random.key(0), window)
   state = alg.init(jax.random.key(0), data())
   with pytest.raises(ValueError, match=r"^fedbuff: who reports next"):

@@ -142,5 +142,18 @@ def test_moon_refusals():
     with pytest.raises(ValueError, match="^" + match):
       moon(mlp, *args, clients_per_round=1, **kw)
   moon(mlp, *args, mu=0, clients_per_round=1)   # μ = 0 is allowed (FedAvg)
-  import inspect
-  assert inspect.signature(moon).parameters["temperature"].default == 0.5   # the paper's τ
+  # The paper's τ = 0.5 by default: the same rounds as τ = 0.5 given, not as τ = 1.5 (from
+  # the second round on: in the first the previous model is the global one, ℓ_con = log 2).
+  data = small_data(num_clients=3, dim=5)
+
+  def two_rounds(**kw):
+    a = moon(mlp, *args, mu=1.0, clients_per_round=3, **kw)
+    state, step = a.init(jax.random.key(0), data), jax.jit(a.round)
+    for _ in range(2):
+      state, _ = step(state, data)
+    return jax.tree.leaves(state.params)
+
+  default = two_rounds()
+  for x, y in zip(default, two_rounds(temperature=0.5)):
+    np.testing.assert_array_equal(x, y)
+  assert any(not np.array_equal(x, z) for x, z in zip(default, two_rounds(temperature=1.5)))
