@@ -200,6 +200,8 @@ def test_loss_weightings_get_the_clients_losses(name):
                                 temperature=h, clients_per_round=2)),
     ("ditto", lambda h: alg.ditto(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS, lam=h,
                                   clients_per_round=2)),
+    ("apfl", lambda h: alg.apfl(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS, alpha=h,
+                                alpha_lr=h, clients_per_round=2)),
     ("pfedme", lambda h: alg.pfedme(MLP, STEPS, learning_rate=h, personal_learning_rate=h,
                                     lam=h, inner_steps=1, beta=h, clients_per_round=2)),
     ("fedbuff", lambda h: alg.fedbuff(MLP, optax.sgd(0.3), optax.sgd(1.0), STEPS,

@@ -90,8 +90,13 @@ def test_alpha_zero_personal_model_is_the_global_one():
   state, _ = jax.jit(alg.round)(alg.init(jax.random.key(0), data), data)
   for v, w in zip(jax.tree.leaves(alg.personal(state)), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(v, np.broadcast_to(w, v.shape))
-  with pytest.raises(ValueError, match="alpha"):
-    apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, alpha=1.5, clients_per_round=2)
+  for kw, match in ((dict(alpha=1.5), r"alpha \(APFL's mixing weight\) must be in \[0, 1\]; "
+                     r"got 1.5.$"),
+                    (dict(alpha=0.5, alpha_lr=0.0), r"alpha_lr \(the step of APFL's adaptive "
+                     r"α\) must be a number > 0 or None; got 0.0.$")):
+    with pytest.raises(ValueError, match="^" + match):
+      apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=2, **kw)
+  apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, alpha=1.0, clients_per_round=2)
 
 
 def test_adaptive_alpha_from_the_config(tmp_path):
