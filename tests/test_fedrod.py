@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import engine_plan, softmax
+from _reference import dropout_logreg, engine_plan, softmax
 from test_engine import logreg, small_data
 from test_experiment import tiny_config
 
@@ -43,8 +43,10 @@ def _ref_client(w, b, phi_w, phi_b, x, y, plan, lr, num_classes):
   return w, b, phi_w, phi_b
 
 
-def test_a_round_matches_numpy():
-  data = small_data(num_clients=5, num_classes=4, seed=3)
+@pytest.mark.parametrize("sizes", [None, [4, 7, 10, 4, 7]])
+def test_a_round_matches_numpy(sizes):
+  """With `sizes` ≡ 1 (mod 3), each epoch ends on a batch of one real example."""
+  data = small_data(num_clients=5, num_classes=4, seed=3, sizes=sizes)
   work, lr = fp.LocalWork(3, epochs=2), 0.2
   alg = fedrod(logreg(5, 4), optax.sgd(lr), optax.sgd(1.0), work, clients_per_round=2)
   s0 = alg.init(jax.random.key(0), data)
@@ -75,6 +77,19 @@ def test_a_round_matches_numpy():
   np.testing.assert_allclose(pers["Dense_0"]["kernel"],
                              np.asarray(s1.params["Dense_0"]["kernel"])[None]
                              + np.asarray(s1.client_states[1]), rtol=1e-6)
+
+
+def test_the_personal_heads_step_uses_the_dropout_key():
+  """After one local step φ_i has moved by the personal loss's gradient at the model
+  before the step, so dropout in that loss alone tells rate 0.5 from rate 0."""
+  data = small_data(num_clients=4)
+  phis = []
+  for rate in (0.5, 0.0):
+    alg = fedrod(dropout_logreg(rate=rate, hidden=4), optax.sgd(0.5), optax.sgd(1.0),
+                 fp.LocalWork(3, steps=1), clients_per_round=4)
+    s, _ = jax.jit(alg.round)(alg.init(jax.random.key(1), data), data)
+    phis.append(np.asarray(s.client_states[1]))
+  assert np.max(np.abs(phis[0] - phis[1])) > 1e-5
 
 
 def test_the_personal_prediction_is_the_sum_of_the_heads():
