@@ -120,3 +120,4 @@ def test_norm_layers_are_found_at_any_depth():
   assert norm_layers("['ResBlock_1']['BatchNorm_0']['var']")   # nested in a block
   assert not norm_layers("['Dense_0']['kernel']") and not norm_layers("['Conv_1']['bias']")
   assert not norm_layers("['Dense_0']['kernel_Norm_']")   # a leaf's name is not a layer
+  assert not norm_layers("['XBatchNorm_0']['scale']")   # the part must begin with the name
