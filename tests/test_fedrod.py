@@ -92,6 +92,21 @@ def test_the_personal_heads_step_uses_the_dropout_key():
   assert np.max(np.abs(phis[0] - phis[1])) > 1e-5
 
 
+def test_a_non_finite_personal_head_excludes_the_client():
+  """φ_i is the client's result too: a client whose φ_i is NaN (here from the start) is
+  counted non-finite, its Δ weighs nothing and its φ_i is not written back."""
+  data = small_data(num_clients=4)
+  alg = fedrod(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, epochs=1),
+               clients_per_round=4)
+  s0 = alg.init(jax.random.key(1), data)
+  s0 = s0._replace(client_states=(s0.client_states[0].at[0].set(jnp.nan),
+                                  s0.client_states[1]))
+  s1, m = jax.jit(alg.round)(s0, data)
+  assert int(m.num_nonfinite) == 1 and float(m.weights[list(m.clients).index(0)]) == 0.0
+  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(s1.params))
+  np.testing.assert_array_equal(s1.client_states[1][0], s0.client_states[1][0])
+
+
 def test_the_personal_prediction_is_the_sum_of_the_heads():
   """On an MLP: the model with head ψ + φ gives G_ψ(f(x)) + P_φ(f(x))."""
   model = fp.models.mlp((5,), 3, hidden=(4,))
