@@ -53,6 +53,21 @@ def test_three_rounds_against_numpy():
   assert step._cache_size() == 1
 
 
+def test_an_overflowing_gradient_state_excludes_the_client():
+  """∇L_i⁺ = ∇L_i − α(θ − w_t) is the client's result too: with α = 1e38 one step of
+  length ~10 leaves θ finite but overflows ∇L_i⁺, so every client is counted non-finite,
+  the model does not move and no state is written back."""
+  data = small_data(num_clients=4)
+  alg = feddyn(logreg(), optax.sgd(10.0), fp.LocalWork(3, steps=1), alpha=1e38,
+               clients_per_round=4)
+  s0 = alg.init(jax.random.key(0), data)
+  s1, m = jax.jit(alg.round)(s0, data)
+  assert int(m.num_nonfinite) == 4
+  for a, b in zip(jax.tree.leaves((s0.params, s0.client_states)),
+                  jax.tree.leaves((s1.params, s1.client_states))):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.run
 def test_feddyn_from_the_config(tmp_path):
   c = tiny_config()
