@@ -155,6 +155,36 @@ def test_fedrep_one_client_trains_head_then_body_like_numpy():
   np.testing.assert_array_equal(s1.params["Dense_0"]["bias"], s0.params["Dense_0"]["bias"])
 
 
+def test_fedrep_steps_are_the_head_plan_then_the_body_plan():
+  """One client's steps: the head phase's real steps with their own keys, then the body
+  phase's, widened to one batch width (here the head's batch is wider, the body has
+  more steps than its batch width), then masked slots."""
+  from fedjax_pers.algorithms._fedper import _fedrep_program
+  from fedjax_pers.core._sgd import sgd_steps
+
+  data = small_data(num_clients=1, sizes=[7])
+  head_work, body_work = fp.LocalWork(4, steps=3), fp.LocalWork(2, steps=5)
+  program = _fedrep_program(logreg(), optax.sgd(0.1), optax.sgd(0.1), head_work, body_work,
+                            data, False)
+  client = fp.core.ClientData(data.x[0], data.y[0], data.num_examples[0], None,
+                              np.int32(0))
+  key = jax.random.key(3)
+  _, steps = program.start(logreg().init(key), client, key)
+  k_plan, k_train, k_body = jax.random.split(key, 3)
+  hp = fp.core.batch_plan(k_plan, 7, head_work, max_examples=7)
+  body = sgd_steps(k_body, client, body_work, max_examples=7, min_examples=7)
+  keys, in_head = steps.extra
+  assert steps.idx.shape == (8, 4) and list(np.asarray(in_head)) == [True] * 3 + [False] * 5
+  np.testing.assert_array_equal(steps.idx[:3], hp.idx)
+  np.testing.assert_array_equal(steps.mask[:3], hp.mask)
+  np.testing.assert_array_equal(steps.idx[3:, :2], body.idx)
+  np.testing.assert_array_equal(steps.mask[3:, :2], body.mask)
+  assert not np.any(steps.mask[3:, 2:])
+  data_of = jax.random.key_data
+  np.testing.assert_array_equal(data_of(keys[:3]), data_of(jax.random.split(k_train, 3)))
+  np.testing.assert_array_equal(data_of(keys[3:]), data_of(body.extra))
+
+
 def test_fedrep_with_a_stateful_optimizer():
   """AdamW (moments, and weight decay that reads the params) in both phases: each phase
   steps its own part with its own moments; the round is finite and moves both parts."""
