@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _reference import dropout_logreg
 from test_engine import small_data
 from test_experiment import tiny_config
 
@@ -59,10 +60,13 @@ def mlp_np(p, x):
   return h, h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
 
 
-def test_one_local_step_against_a_numpy_objective():
-  """One full-batch SGD step: w − η ∇(CE + μ mean ℓ_con), the gradient by central
-  differences of a float64 NumPy objective, the previous model a perturbed w_0."""
-  data = small_data(num_clients=1, sizes=[6], dim=3)
+@pytest.mark.parametrize("n,seed", [(6, 0), (1, 2)])
+def test_one_local_step_against_a_numpy_objective(n, seed):
+  """One SGD step on a batch of 6 slots: w − η ∇(CE + μ mean ℓ_con) over the client's n
+  real examples (n = 1: one real example, five masked slots), the gradient by central
+  differences of a float64 NumPy objective, the previous model a perturbed w_0 (seed 2:
+  an example whose hidden units are not all off, so ℓ_con has a gradient)."""
+  data = small_data(num_clients=1, sizes=[n], dim=3, seed=seed)
   model = fp.models.mlp((3,), 3, hidden=(4,))
   eta, mu, tau = 0.5, 2.0, 0.5
   alg = moon(model, optax.sgd(eta), optax.sgd(1.0), fp.LocalWork(6, steps=1), mu=mu,
@@ -78,7 +82,7 @@ def test_one_local_step_against_a_numpy_objective():
 
   def objective(w):
     h, logits = mlp_np(w, x)
-    ce = -(logits[np.arange(6), y] - np.log(np.exp(logits).sum(-1))).mean()
+    ce = -(logits[np.arange(n), y] - np.log(np.exp(logits).sum(-1))).mean()
     return ce + mu * np_con(h, mlp_np(w0, x)[0], mlp_np(pv, x)[0], tau).mean()
 
   want = {}
@@ -98,6 +102,24 @@ def test_one_local_step_against_a_numpy_objective():
   # The client keeps its new local model for the next round.
   for a, b in zip(jax.tree.leaves(s1.client_states), jax.tree.leaves(s1.params)):
     np.testing.assert_allclose(a[0], b, atol=1e-6)
+
+
+def test_the_contrastive_term_uses_the_dropout_key():
+  """One step's contrastive gradient, (w(μ=0) − w(μ=2)) / (η μ) from the same state: the
+  local representation z = R_w(x) is taken in training mode, so dropout changes it."""
+  data = small_data(num_clients=1, sizes=[6], dim=5)
+  g_con = []
+  for rate in (0.5, 0.0):
+    w = []
+    for mu in (0.0, 2.0):
+      a = moon(dropout_logreg(rate=rate, hidden=4), optax.sgd(0.5), optax.sgd(1.0),
+               fp.LocalWork(6, steps=1), mu=mu, clients_per_round=1)
+      s0 = a.init(jax.random.key(3), data)
+      s0 = s0._replace(client_states=jax.tree.map(lambda t: t + 0.3, s0.client_states))
+      w.append(jax.jit(a.round)(s0, data)[0].params)
+    g_con.append(jax.tree.map(lambda u, v: (u - v) / (0.5 * 2.0), *w))
+  far = max(float(np.max(np.abs(u - v))) for u, v in zip(*map(jax.tree.leaves, g_con)))
+  assert far > 1e-3, far
 
 
 def test_mu_zero_is_fedavg():
