@@ -24,7 +24,10 @@ shows the change. Extra `names` (fnmatch globs of mutant names) rerun just those
 `--survivors-of DIR` reruns, in a fresh workdir, every mutant an earlier run did not
 kill: its survivors, the mutants it did not reach (a pass stopped halfway) and those of
 functions changed since (mutmut renumbers them); it reports the merge. A fresh workdir,
-because new tests would reset mutmut's results in the old one.
+because new tests would reset mutmut's results in the old one. The workdir lives in /tmp,
+which a new machine does not have: `--save FILE` writes the merged statuses compactly
+(`tests/mutation_results/PACKAGE.json` is committed), and `--survivors-of FILE` resumes
+from it.
 The pass is slow, so it is not part of CI: on 2 cores a mutant costs 1-3 s in a leaf
 function and 20-50 s in a helper that most tests reach (each mutant compiles afresh),
 plus a few minutes for the stats run; the aggregation package's 1,804 mutants took
@@ -125,6 +128,34 @@ def statuses(workdir: Path) -> dict[str, tuple[str, str, str]]:
   return out
 
 
+def save(statuses_: dict[str, tuple[str, str, str]], path: Path) -> None:
+  """The settled statuses (not "not checked") as JSON, compact enough to commit: per
+  function its file, source hash and mutant numbers by status. A later pass on another
+  machine resumes from it (`--survivors-of PATH`): the scratch directory is in /tmp."""
+  out: dict = {}
+  for name, (src, status, code) in sorted(statuses_.items()):
+    if status in IGNORED:
+      continue
+    function, number = name.rsplit("__mutmut_", 1)
+    entry = out.setdefault(function, {"file": src, "hash": code})
+    entry.setdefault(status, []).append(int(number))
+  for entry in out.values():
+    for numbers in entry.values():
+      if isinstance(numbers, list):
+        numbers.sort()
+  lines = [f"{json.dumps(f)}: {json.dumps(e)}" for f, e in sorted(out.items())]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("{\n" + ",\n".join(lines) + "\n}\n")   # a function a line
+
+
+def load(path: Path) -> dict[str, tuple[str, str, str]]:
+  """`save`'s file back as `{mutant name: (source file, status, hash)}`."""
+  return {f"{function}__mutmut_{n}": (entry["file"], status, entry["hash"])
+          for function, entry in json.loads(path.read_text()).items()
+          for status, numbers in entry.items() if status not in ("file", "hash")
+          for n in numbers}
+
+
 def merged(workdir: Path, base: Path | None) -> dict[str, tuple[str, str, str]]:
   """This run's statuses over those of `base`, itself merged over its own base (the
   `base` its `mutation_report.json` names): a chain of survivor reruns. An earlier
@@ -133,10 +164,13 @@ def merged(workdir: Path, base: Path | None) -> dict[str, tuple[str, str, str]]:
   found = statuses(workdir)
   if base is None:
     return found
-  saved = base / "mutation_report.json"
-  earlier = json.loads(saved.read_text()).get("base") if saved.exists() else None
-  kept = {k: v for k, v in merged(base, None if earlier is None else Path(earlier)).items()
-          if k in found and v[2] == found[k][2]}
+  if base.is_file():   # a `--save`d file
+    before = load(base)
+  else:
+    saved = base / "mutation_report.json"
+    earlier = json.loads(saved.read_text()).get("base") if saved.exists() else None
+    before = merged(base, None if earlier is None else Path(earlier))
+  kept = {k: v for k, v in before.items() if k in found and v[2] == found[k][2]}
   return {**found, **kept, **{k: v for k, v in found.items() if v[1] not in IGNORED}}
 
 
@@ -148,10 +182,14 @@ def unsettled(workdir: Path, base: Path) -> list[str]:
           if status not in KILLED and name not in skip]
 
 
-def report(workdir: Path, package: str, base: Path | None = None) -> dict:
+def report(workdir: Path, package: str, base: Path | None = None,
+           save_to: Path | None = None) -> dict:
   """Kill rates per file and for the package; with `base`, the statuses of that earlier
-  run, overridden by this run's for the mutants it checked (a rerun of survivors)."""
+  run, overridden by this run's for the mutants it checked (a rerun of survivors); with
+  `save_to`, the merged statuses `save`d there."""
   found = merged(workdir, base)
+  if save_to is not None:
+    save(found, save_to)
   skip = equivalent()
   files, total, survivors = {}, Counter(), []
   for name, (src, status, _) in sorted(found.items()):
@@ -181,8 +219,11 @@ def main() -> None:
   p.add_argument("--max-children", type=int, default=2)
   p.add_argument("--workdir", default=None)
   p.add_argument("--survivors-of", default=None,
-                 help="an earlier run's workdir: run, here, every mutant it did not kill, and "
-                      "report its statuses with theirs replaced")
+                 help="an earlier run's workdir, or a file it --save'd: run, here, every "
+                      "mutant it did not kill, and report its statuses with theirs replaced")
+  p.add_argument("--save", default=None,
+                 help="write the merged statuses to this JSON file (commit it: a later pass "
+                      "on another machine resumes from it with --survivors-of)")
   p.add_argument("--report-only", action="store_true")
   args = p.parse_intermixed_args()   # names may follow the options
   workdir = Path(args.workdir or f"/tmp/fedjax_pers_mutation/{args.package}")
@@ -207,7 +248,7 @@ def main() -> None:
     for batch in batches:
       if batch or base is None:
         subprocess.run([*run, *batch], cwd=workdir, check=True)
-  report(workdir, args.package, base)
+  report(workdir, args.package, base, None if args.save is None else Path(args.save))
 
 
 if __name__ == "__main__":
