@@ -216,6 +216,22 @@ def test_auto_plan_follows_sizes_model_and_gradients():
   assert plan(LR, data, strategy="lanes", lanes=99).lanes == 6   # at most one per client
 
 
+def test_auto_plan_on_an_accelerator_runs_skewed_clients_side_by_side(monkeypatch):
+  # On an H200 lanes and scan lost to vmap on skewed clients (README, "On a GPU").
+  data, mild = skewed_data(), skewed_data(sizes=[20] * 9 + [40])
+  big = fp.models.mlp((5,), 3, hidden=(200, 200))
+  plan = lambda model, d, k=6, **kw: fp.algorithms.fedavg(
+      model, optax.sgd(0.1), optax.sgd(1.0), EPOCHS, clients_per_round=k,
+      execution=fp.Execution(**kw)).plan(model.init(jax.random.key(0)), d)
+  cpu = plan(LR, mild, k=10), plan(big, data)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert cpu == (fp.core.Plan("lanes", None, 6, False), fp.core.Plan("scan", None, None, False))
+  for model, d, k in ((LR, data, 6), (LR, mild, 10), (big, data, 6)):
+    assert plan(model, d, k) == fp.core.Plan("vmap", None, None, False)
+  assert plan(LR, mild, 10, strategy="lanes").strategy == "lanes"   # asked for: kept
+  assert not plan(LR, mild, 10).plans_one_by_one
+
+
 def test_gradient_through_rounds_needs_and_has_the_differentiable_path():
   data = skewed_data()
   work = fp.LocalWork(4, epochs=2)

@@ -128,8 +128,9 @@ class Execution:
   * `auto` (default): `scan` for large models on CPU (one client's plain
     matmuls beat XLA:CPU's batched ones), else `vmap` with `differentiable`, or
     when every client takes the same number of steps (or the sizes are unknown),
-    and `lanes` when they differ, unless that is fewer than `AUTO_MIN_CPU_LANES`
-    lanes on CPU (then `scan`).
+    and, when they differ, `vmap` on a GPU or TPU (lock-step batches cost about one
+    client's step there) and on CPU `lanes`, unless that is fewer than
+    `AUTO_MIN_CPU_LANES` lanes (then `scan`).
 
   Unless `differentiable`, every client stops after its last real step
   (`lax.while_loop`), so a round costs the clients' real steps (up to the
@@ -298,9 +299,13 @@ def plan(execution: Execution, params: Params, counts: np.ndarray | None,
       strategy = "scan"
     elif e.differentiable or uniform:
       strategy = "vmap"
+    elif not on_cpu:
+      # An accelerator runs a lock-step batch of clients in about one client's step, so
+      # fewer executed steps (lanes, scan) lose to all clients at once (measured on an
+      # H200: README, "On a GPU").
+      strategy = "vmap"
     else:   # few lanes: one client at a time does the same steps without their upkeep
-      strategy = "lanes" if min(lanes, per_device) >= (
-          AUTO_MIN_CPU_LANES if on_cpu else 2) else "scan"
+      strategy = "lanes" if min(lanes, per_device) >= AUTO_MIN_CPU_LANES else "scan"
   return Plan(strategy, e.client_chunk if strategy == "chunked" else None,
               min(lanes, per_device) if strategy == "lanes" else None, e.differentiable,
               plans_one_by_one=jax.default_backend() == "cpu" and size_classes > 1)
