@@ -70,39 +70,42 @@ def _params(workdir):
   return [np.asarray(a) for a in jax.tree.leaves(tree["params"])]
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 2])
-def test_each_seed_of_a_sweep_is_the_run_made_alone(tmp_path, chunk):
-  c = tiny_config()
-  c.num_rounds, c.eval_every, c.tensorboard = 3, 1, False
-  c.sweep.seeds, c.sweep.chunk = 3, chunk
-  out = train_and_evaluate(c, str(tmp_path / "sweep"))
-  group = out["sweep"]["groups"][0]
-  assert group["seeds"] == [0, 1, 2] and out["sweep"]["num_variants"] == 3
-  finals = []
+def test_each_seed_of_a_sweep_is_the_run_made_alone(tmp_path):
+  """All variants at once (chunk None), one at a time (1) and in chunks of 2 (the last
+  one short), each against the same runs made alone."""
+  alone, finals = {}, []
   for seed in (0, 1, 2):
-    alone = tiny_config()
-    alone.num_rounds, alone.eval_every, alone.tensorboard, alone.seed = 3, 1, False, seed
-    s = train_and_evaluate(alone, str(tmp_path / f"alone{seed}"))
-    finals.append(s["final_test_accuracy"])
-    got = read(tmp_path / "sweep" / "variants" / f"seed={seed}" / "metrics.jsonl")
-    want = read(tmp_path / f"alone{seed}" / "metrics.jsonl")
-    assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 1, 2, 3]
-    for key in ("test_loss", "test_accuracy", "train_loss", "local_train_loss"):
-      np.testing.assert_allclose([r.get(key, 0) for r in got], [r.get(key, 0) for r in want],
-                                 atol=1e-6, rtol=1e-6, err_msg=key)
-    assert read(tmp_path / "sweep" / "variants" / f"seed={seed}" / "round_weights.jsonl") \
-        == read(tmp_path / f"alone{seed}" / "round_weights.jsonl")   # same cohorts, weights
-    mine = json.loads((tmp_path / "sweep" / "variants" / f"seed={seed}" / "summary.json")
-                      .read_text())
-    assert mine["execution"]["real_steps"] == s["execution"]["real_steps"]   # its own work
-  # The across-seed figures are those of the runs made alone.
-  assert group["final_test_accuracy"]["mean"] == pytest.approx(np.mean(finals), abs=1e-6)
-  assert group["final_test_accuracy"]["std"] == pytest.approx(np.std(finals, ddof=1),
-                                                              abs=1e-6)
-  assert out["final_test_accuracy"] == group["final_test_accuracy"]["mean"]
-  mean_curve = read(tmp_path / "sweep" / "metrics.jsonl")
-  assert mean_curve[-1]["test_accuracy"] == pytest.approx(np.mean(finals), abs=1e-6)
-  assert os.path.exists(tmp_path / "sweep" / "curves.png")
+    a = tiny_config()
+    a.num_rounds, a.eval_every, a.tensorboard, a.seed = 3, 1, False, seed
+    alone[seed] = train_and_evaluate(a, str(tmp_path / f"alone{seed}"))
+    finals.append(alone[seed]["final_test_accuracy"])
+  for chunk in (None, 1, 2):
+    c = tiny_config()
+    c.num_rounds, c.eval_every, c.tensorboard = 3, 1, False
+    c.sweep.seeds, c.sweep.chunk = 3, chunk
+    root = tmp_path / f"sweep{chunk}"
+    out = train_and_evaluate(c, str(root))
+    group = out["sweep"]["groups"][0]
+    assert group["seeds"] == [0, 1, 2] and out["sweep"]["num_variants"] == 3
+    for seed in (0, 1, 2):
+      got = read(root / "variants" / f"seed={seed}" / "metrics.jsonl")
+      want = read(tmp_path / f"alone{seed}" / "metrics.jsonl")
+      assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 1, 2, 3]
+      for key in ("test_loss", "test_accuracy", "train_loss", "local_train_loss"):
+        np.testing.assert_allclose([r.get(key, 0) for r in got], [r.get(key, 0) for r in want],
+                                   atol=1e-6, rtol=1e-6, err_msg=f"{key} chunk={chunk}")
+      assert read(root / "variants" / f"seed={seed}" / "round_weights.jsonl") \
+          == read(tmp_path / f"alone{seed}" / "round_weights.jsonl")   # same cohorts, weights
+      mine = json.loads((root / "variants" / f"seed={seed}" / "summary.json").read_text())
+      assert mine["execution"]["real_steps"] == alone[seed]["execution"]["real_steps"]
+    # The across-seed figures are those of the runs made alone.
+    assert group["final_test_accuracy"]["mean"] == pytest.approx(np.mean(finals), abs=1e-6)
+    assert group["final_test_accuracy"]["std"] == pytest.approx(np.std(finals, ddof=1),
+                                                                abs=1e-6)
+    assert out["final_test_accuracy"] == group["final_test_accuracy"]["mean"]
+    mean_curve = read(root / "metrics.jsonl")
+    assert mean_curve[-1]["test_accuracy"] == pytest.approx(np.mean(finals), abs=1e-6)
+    assert os.path.exists(root / "curves.png")
 
 
 def test_swept_values_and_a_single_variant_equal_the_runs_made_alone(tmp_path):
