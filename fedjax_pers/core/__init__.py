@@ -19,7 +19,6 @@ from fedjax_pers.core._execution import (
     Plan,
     System,
     plan,
-    resolve_strategy,
 )
 from fedjax_pers.core._model import (
     REPRESENTATION,
@@ -78,7 +77,6 @@ __all__ = [
     "masked_mean_loss",
     "num_steps",
     "plan",
-    "resolve_strategy",
     "run_client",
     "run_cohort",
     "sample_clients",

@@ -309,17 +309,3 @@ def plan(execution: Execution, params: Params, counts: np.ndarray | None,
   return Plan(strategy, e.client_chunk if strategy == "chunked" else None,
               min(lanes, per_device) if strategy == "lanes" else None, e.differentiable,
               plans_one_by_one=jax.default_backend() == "cpu" and size_classes > 1)
-
-
-def resolve_strategy(strategy: str, params: Params) -> str:
-  """The concrete strategy `auto` picks when clients' steps differ, for display.
-
-  Prefer `plan`, which also knows the clients' steps and the mesh.
-  """
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
-  if strategy != "auto":
-    return strategy
-  if jax.default_backend() == "cpu" and is_large(params):
-    return "scan"
-  return "vmap"
