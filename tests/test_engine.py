@@ -9,6 +9,7 @@ from _reference import fedavg_round, logreg_sgd
 
 import fedjax_pers as fp
 from fedjax_pers.algorithms import fedavg, fedprox
+from fedjax_pers.core._round import cohort_state_change, zero_client_states
 
 
 def small_data(num_clients=6, sizes=None, dim=5, num_classes=3, seed=0, max_examples=None):
@@ -289,3 +290,22 @@ def test_local_train_is_sgd_over_its_batch_plan(mu):
   np.testing.assert_allclose(out.w["Dense_0"]["kernel"], w, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out.w["Dense_0"]["bias"], b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(out.loss_sum) / int(out.count), loss, rtol=1e-5)
+
+
+def test_per_client_state_helpers_by_hand():
+  """Zero states of the params' shapes and dtypes; the cohort's total change gathers the
+  cohort's rows, or sums a window's slots."""
+  params = {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.int32)}
+  z = zero_client_states(params, 5)
+  assert (z["a"].shape, z["a"].dtype, z["b"].shape, z["b"].dtype) == (
+      (5, 2, 3), np.float32, (5, 4), np.int32)
+  assert not np.any(z["a"]) and not np.any(z["b"])
+  rs = np.random.RandomState(0)
+  s0, s1 = rs.normal(size=(6, 2)), rs.normal(size=(6, 2))
+  state = fp.core.ServerState(None, None, None, None, None, None, ())
+  before, after = state._replace(client_states=s0), state._replace(client_states=s1)
+  np.testing.assert_allclose(cohort_state_change(before, after, jnp.array([4, 1])),
+                             s1[4] - s0[4] + s1[1] - s0[1], rtol=1e-6)
+  window = lambda s: state._replace(client_states=fp.core.ClientWindow(s[:3]))
+  np.testing.assert_allclose(cohort_state_change(window(s0), window(s1), jnp.array([9])),
+                             (s1[:3] - s0[:3]).sum(0), rtol=1e-6)
