@@ -309,3 +309,18 @@ def test_per_client_state_helpers_by_hand():
   window = lambda s: state._replace(client_states=fp.core.ClientWindow(s[:3]))
   np.testing.assert_allclose(cohort_state_change(window(s0), window(s1), jnp.array([9])),
                              (s1[:3] - s0[:3]).sum(0), rtol=1e-6)
+
+
+def test_served_is_the_algorithms_global_model():
+  data, work = small_data(), fp.LocalWork(4, epochs=1)
+  a = fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), work, clients_per_round=2)
+  s = a.init(jax.random.key(0), data)
+  assert a.serve is None and fp.core.served(a, s) is s.params
+  ifca = fp.algorithms.ifca(logreg(), optax.sgd(0.1), optax.sgd(1.0), work, num_clusters=2,
+                            clients_per_round=2)
+  s = ifca.init(jax.random.key(0), data)
+  got, want = fp.core.served(ifca, s), ifca.serve(s)   # one cluster's model, not the stack
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w, stacked in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(s.params)):
+    np.testing.assert_array_equal(g, w)
+    assert g.shape == stacked.shape[1:]
