@@ -102,8 +102,11 @@ def test_evaluate_without_host_sizes_reports_the_clients_sizes():
   bare = fp.FederatedData(x=data.x, y=data.y, num_examples=data.num_examples,
                           num_classes=data.num_classes, min_examples=data.min_examples)
   model = fp.models.logistic_regression((3,), 2)
-  ev = fp.core.evaluate(model, model.init(jax.random.key(0)), bare)
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  ev = fp.core.evaluate(model, params, bare)
   np.testing.assert_array_equal(ev.num_examples, [2, 4])
+  np.testing.assert_allclose(ev.loss, [math.log(2)] * 2, rtol=1e-6)   # zero logits
 
 
 def test_a_stragglers_steps_are_a_whole_ceiling():
