@@ -23,9 +23,13 @@ an uninterrupted one does.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import dp_accounting
-from dp_accounting import pld, rdp
+if TYPE_CHECKING:
+  import dp_accounting
+# dp_accounting itself is imported where it is used: it pulls in scipy.signal and
+# scipy.stats, 1.5 s of every process start (the CLI, each host of a run) that most
+# runs, without privacy, never need.
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "fixed")
@@ -44,6 +48,8 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int,
     sampling: `'poisson'` or `'fixed'`.
     num_clients: `N`, needed for `'fixed'` (`q N` must be a whole number).
   """
+  import dp_accounting
+
   _check(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
   gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
   if sampling == "poisson":
@@ -66,6 +72,9 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int,
 
 def make_accountant(accountant: str, sampling: str) -> dp_accounting.PrivacyAccountant:
   """A fresh `dp-accounting` accountant for `sampling`'s neighbouring relation."""
+  import dp_accounting
+  from dp_accounting import pld, rdp
+
   if accountant not in ACCOUNTANTS:
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}; got {accountant!r}.")
   if sampling not in SAMPLINGS:
