@@ -59,7 +59,7 @@ PACKAGES = {
                     "test_fednova.py"],
     "core": ["test_engine.py", "test_batching.py", "test_execution.py", "test_cap.py",
              "test_system.py", "test_poisson.py", "test_arrays.py", "test_models.py",
-             "test_distributed.py", "test_store.py", "test_data.py"],
+             "test_distributed.py", "test_store.py", "test_data.py", "test_core_edges.py"],
     "algorithms": ["test_algorithm_options.py", "test_apfl.py", "test_ditto.py",
                    "test_fedala.py", "test_fedbabu.py", "test_fedbn.py", "test_fedbuff.py",
                    "test_feddyn.py", "test_fednova.py",
