@@ -1,6 +1,9 @@
 """Poisson sampling: each client independently with rate q, in static slots with the
 absent ones masked; against NumPy and the binomial law, and in a round."""
 
+import math
+from fractions import Fraction
+
 import jax
 import numpy as np
 import optax
@@ -53,6 +56,52 @@ def test_poisson_max_cohort_is_the_binomial_tail_quantile(n, q):
   assert stats.binom.sf(k, n, q) <= 1e-12 < stats.binom.sf(k - 1, n, q) or k == 1
   assert _sampling.poisson_tail(n, q, k) == pytest.approx(stats.binom.sf(k, n, q), rel=1e-6,
                                                           abs=1e-300)
+
+
+def binomial_over(n, q, k):
+  """Exact `P(Binomial(n, q) > k)` (q a Fraction)."""
+  return sum(math.comb(n, j) * q**j * (1 - q)**(n - j) for j in range(k + 1, n + 1))
+
+
+def max_cohort_reference(n, q, tail):
+  """The smallest K >= 1 with `P(Binomial(n, q) > K) <= tail`, in exact arithmetic."""
+  return max(1, next(k for k in range(n + 1) if binomial_over(n, q, k) <= Fraction(tail)))
+
+
+@pytest.mark.parametrize("n,q,tail", [
+    (100, Fraction(1, 10), None),     # the default tail 1e-12
+    (3, Fraction(9, 10), None),       # P(X = N) > tail: every slot
+    (10, Fraction(1, 100), 0.5),      # P(X > 0) <= tail: still one slot
+    (5, Fraction(1, 2), 0.0),         # tail 0: all N slots
+])
+def test_poisson_max_cohort_is_the_binomial_quantile(n, q, tail):
+  kw = {} if tail is None else {"tail": tail}
+  want = max_cohort_reference(n, q, 1e-12 if tail is None else tail)
+  assert _sampling.poisson_max_cohort(n, float(q), **kw) == want
+  assert _sampling.poisson_max_cohort(n, 1.0) == n
+
+
+@pytest.mark.parametrize("rate", [0, 0.0, -0.5, 1.5, 2, "0.5", None])
+def test_poisson_max_cohort_rejects_rates_outside_0_1(rate):
+  with pytest.raises(ValueError, match=r"poisson_rate must be a number in \(0, 1\]"):
+    _sampling.poisson_max_cohort(10, rate)
+
+
+def test_poisson_tail_sums_the_whole_upper_tail():
+  for n, k in ((3, 1), (4, 2), (6, 0), (3, 3)):
+    want = float(binomial_over(n, Fraction(1, 2), k))
+    assert _sampling.poisson_tail(n, 0.5, k) == pytest.approx(want, rel=1e-12)
+
+
+def test_poisson_draw_excludes_a_client_whose_u_equals_the_rate():
+  """Client i takes part iff u_i < q, strictly (so that P(present) = q)."""
+  key = jax.random.key(0)
+  u = np.asarray(jax.random.uniform(key, (8,)))
+  rate = float(np.sort(u)[3])              # exactly 3 clients lie below it
+  ids, present = _sampling.poisson_cohort(key, 8, 8, rate)
+  np.testing.assert_array_equal(present, u[np.asarray(ids)] < rate)
+  assert int(np.sum(present)) == 3
+  np.testing.assert_array_equal(_sampling.poisson_present(key, ids, 8, rate), present)
 
 
 def test_poisson_round_averages_the_present_clients_only():
