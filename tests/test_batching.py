@@ -1,10 +1,20 @@
 """Batches inside jit: reshuffles, coverage, masks, epochs versus steps."""
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fedjax_pers.core import LocalWork, batch_plan, num_steps, shuffle_valid
+from fedjax_pers.core._batching import (
+  _num_epochs,
+  check_local_work,
+  shuffle_fitted,
+  width_classes,
+  work_steps,
+)
 
 
 @pytest.mark.parametrize("n,max_n", [(1, 1), (5, 5), (7, 20), (200, 200), (3, 70000)])
@@ -55,3 +65,97 @@ def test_steps_with_batch_larger_than_client_use_the_whole_client():
                     min_examples=3)
   mask = np.asarray(plan.mask)
   np.testing.assert_array_equal(mask.sum(1), [3, 3, 3, 3])
+
+
+def test_fitted_shuffle_orders_real_examples_as_the_full_width_one():
+  """Sorting only the width class that holds a client's n slots gives its real examples
+  in exactly the order of the full-width shuffle, so plans built one client at a time
+  are the same batches; the slots after the class are left in place."""
+  assert width_classes(4645, 45) == (64, 128, 256, 512, 1024, 2048, 4096, 4645)
+  assert width_classes(200, 200) == (200,) and width_classes(70_000, 3) == (70_000,)
+  fitted = jax.jit(lambda k, n: shuffle_fitted(k, n, 1500, 5))
+  for i, n in enumerate([5, 63, 64, 65, 200, 511, 1024, 1400, 1500]):
+    key = jax.random.key(i)
+    a, b = np.asarray(fitted(key, jnp.int32(n))), np.asarray(shuffle_valid(key, n, 1500))
+    np.testing.assert_array_equal(a[:n], b[:n])
+    w = next(c for c in width_classes(1500, 5) if c >= n)
+    np.testing.assert_array_equal(a, np.concatenate([shuffle_valid(key, n, w),
+                                                     np.arange(w, 1500)]))
+  keys, ns = jax.random.split(jax.random.key(9), 3), jnp.int32([7, 100, 1500])
+  np.testing.assert_array_equal(jax.vmap(lambda k, n: shuffle_fitted(k, n, 1500))(keys, ns),
+                                [fitted(k, n) for k, n in zip(keys, ns)])
+
+
+def test_width_classes_by_hand():
+  assert width_classes(64) == (64,)
+  assert width_classes(65) == (64, 65)
+  assert width_classes(256) == (64, 128, 256)
+  assert width_classes(300) == (64, 128, 256, 300)
+  assert width_classes(300, 128) == (128, 256, 300)
+  assert width_classes(300, 129) == (256, 300)
+  assert width_classes(1 << 16) == tuple(1 << p for p in range(6, 17))
+  assert width_classes((1 << 16) + 1) == ((1 << 16) + 1,)   # beyond 16 index bits
+
+
+def test_step_counts_by_hand():
+  assert num_steps(LocalWork(2, steps=(3, 5, 4)), 10) == 5
+  assert num_steps(LocalWork(3, epochs=2), 10) == 8                   # 2 · ⌈10 / 3⌉
+  # An upper bound on the epochs a client touches: E, or ⌈K / ⌈n_min / B⌉⌉.
+  assert _num_epochs(LocalWork(2, epochs=1), 5) == 1
+  assert _num_epochs(LocalWork(2, epochs=3), 5) == 3
+  assert _num_epochs(LocalWork(2, steps=6), 4) == 3                   # 2 steps an epoch
+  assert _num_epochs(LocalWork(2, steps=(2, 6)), 4) == 3
+  assert _num_epochs(LocalWork(4, steps=1), 10) == 1
+  assert _num_epochs(LocalWork(8, steps=5), 3) == 5                   # a step an epoch
+  n = np.array([1, 4, 5, 9])
+  np.testing.assert_array_equal(work_steps(LocalWork(4, epochs=2), n), [2, 2, 4, 6])
+  assert work_steps(LocalWork(4, steps=7), n) == 7
+  per = LocalWork(4, steps=(3, 1, 2))
+  host = work_steps(per, n[:2], np.array([2, 0]))
+  assert isinstance(host, np.ndarray) and host.dtype == np.int32
+  np.testing.assert_array_equal(host, [2, 3])
+  traced = jax.jit(lambda i: work_steps(per, None, i))(jnp.int32([1, 2]))
+  assert traced.dtype == jnp.int32
+  np.testing.assert_array_equal(traced, [1, 2])
+  with pytest.raises(ValueError, match=r"^per-client local steps need the client's id "
+                                       r"\(ClientData\.id\)\.$"):
+    work_steps(per, n)
+
+
+NO_WORK = "(no local work would leave the model where it was)"
+
+
+@pytest.mark.parametrize("work,num_clients,message", [
+    (LocalWork(0, epochs=1), None, "batch_size must be a positive int; got 0."),
+    (LocalWork(True, epochs=1), None, "batch_size must be a positive int; got True."),
+    (LocalWork(4), None, "Exactly one of local epochs and local steps must be set; got "
+                         "epochs=None, steps=None."),
+    (LocalWork(4, 1, 2), None, "Exactly one of local epochs and local steps must be set; "
+                               "got epochs=1, steps=2."),
+    (LocalWork(4, epochs=0), None, f"local epochs must be a positive int {NO_WORK}; got 0."),
+    (LocalWork(4, epochs=True), None,
+     f"local epochs must be a positive int {NO_WORK}; got True."),
+    (LocalWork(4, epochs=2.0), None,
+     f"local epochs must be a positive int {NO_WORK}; got 2.0."),
+    (LocalWork(4, steps=(2, 0, -1)), None, "per-client local steps must be a non-empty "
+                                          "tuple of positive ints; got 0 among 3 counts."),
+    (LocalWork(4, steps=()), None, "per-client local steps must be a non-empty tuple of "
+                                   "positive ints; got ()."),
+    (LocalWork(4, steps=(1, 2)), 3, "per-client local steps must number one per client "
+                                    "(3); got 2."),
+    (LocalWork(4, steps=0), None, "local steps must be a positive int, or a tuple of one "
+                                  f"per client {NO_WORK}; got 0."),
+    (LocalWork(4, steps=-1), None, "local steps must be a positive int, or a tuple of one "
+                                   f"per client {NO_WORK}; got -1."),
+    (LocalWork(4, steps=True), None, "local steps must be a positive int, or a tuple of "
+                                     f"one per client {NO_WORK}; got True."),
+])
+def test_check_local_work_refusals(work, num_clients, message):
+  with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+    check_local_work(work, num_clients)
+
+
+def test_check_local_work_accepts_each_form():
+  for work, num_clients in [(LocalWork(1, epochs=1), None), (LocalWork(4, steps=3), 5),
+                            (LocalWork(4, steps=(1, 2)), 2), (LocalWork(4, steps=(1, 2)), None)]:
+    check_local_work(work, num_clients)

@@ -209,18 +209,6 @@ def test_nonfinite_client_is_excluded_and_counted():
     assert bad.sum() >= int(m.num_nonfinite)
 
 
-def test_sampling_is_without_replacement_and_seeded():
-  idx = fp.core.sample_clients(jax.random.key(0), 50, 20)
-  assert len(set(np.asarray(idx).tolist())) == 20
-  np.testing.assert_array_equal(idx, fp.core.sample_clients(jax.random.key(0), 50, 20))
-  p = np.zeros(50)
-  p[:5] = 1.0
-  idx = fp.core.sample_clients(jax.random.key(1), 50, 5, probs=jnp.asarray(p))
-  assert sorted(np.asarray(idx).tolist()) == [0, 1, 2, 3, 4]
-  counts = np.zeros(10)
-  for s in range(400):
-    counts[np.asarray(fp.core.sample_clients(jax.random.key(s), 10, 3))] += 1
-  assert counts.min() > 80 and counts.max() < 160   # expected 120 each
 
 
 @pytest.mark.parametrize(

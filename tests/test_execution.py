@@ -364,20 +364,6 @@ def test_hand_built_data_without_host_sizes_still_runs_and_agrees():
   assert_same_rounds(rounds(alg, data), rounds(alg, bare))
 
 
-def test_fitted_shuffle_orders_real_examples_as_the_full_width_one():
-  """Sorting only the width class that holds a client's n slots gives its real examples
-  in exactly the order of the full-width shuffle, so plans built one client at a time
-  are the same batches."""
-  from fedjax_pers.core._batching import shuffle_fitted, shuffle_valid, width_classes
-
-  assert width_classes(4645, 45) == (64, 128, 256, 512, 1024, 2048, 4096, 4645)
-  assert width_classes(200, 200) == (200,) and width_classes(70_000, 3) == (70_000,)
-  fitted = jax.jit(lambda k, n: shuffle_fitted(k, n, 1500, 5))
-  for i, n in enumerate([5, 63, 64, 65, 200, 511, 1024, 1400, 1500]):
-    key = jax.random.key(i)
-    a, b = np.asarray(fitted(key, jnp.int32(n))), np.asarray(shuffle_valid(key, n, 1500))
-    np.testing.assert_array_equal(a[:n], b[:n])
-    assert sorted(a.tolist()) == list(range(1500))
 
 
 def test_rounds_over_many_size_classes_equal_the_padded_path():

@@ -39,3 +39,41 @@ def test_loss_and_metrics_are_per_example():
 def test_bad_arguments(fn, args, match):
   with pytest.raises(ValueError, match=match):
     fn(*args)
+
+
+def test_train_reaches_only_modules_that_take_it():
+  import flax.linen as nn
+  import numpy as np
+
+  from fedjax_pers.core._model import _takes_train
+
+  class Scaled(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(2)(x) * (2.0 if train else 1.0)
+
+  x = jnp.arange(6.0).reshape(2, 3)
+  for module, factor in [(Scaled(), 2.0), (nn.Dense(2), 1.0)]:
+    m = fp.core.from_flax(module, jnp.zeros((1, 3)))
+    p = m.init(jax.random.key(0))
+    np.testing.assert_allclose(m.apply(p, x, train=True), factor * m.apply(p, x), rtol=1e-6)
+
+  class Opaque:   # a signature inspect cannot read: no `train`
+    def __call__(self, x, train=False):
+      return x
+
+  Opaque.__call__.__signature__ = "unreadable"
+  assert _takes_train(Scaled()) and not _takes_train(nn.Dense(2)) and not _takes_train(Opaque())
+
+
+def test_accuracy_and_loss_over_the_last_axis_in_the_logits_dtype():
+  import numpy as np
+
+  logits = jnp.asarray(np.random.RandomState(0).normal(size=(2, 3, 4)), jnp.float16)
+  y = jnp.int32([[0, 1, 2], [3, 0, 1]])
+  acc = fp.core.accuracy(logits, y)
+  assert acc.dtype == jnp.float16 and acc.shape == (2, 3)
+  np.testing.assert_array_equal(acc, np.argmax(np.asarray(logits), -1) == np.asarray(y))
+  z = np.asarray(logits, np.float64)
+  want = np.log(np.exp(z).sum(-1)) - np.take_along_axis(z, np.asarray(y)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(fp.core.softmax_cross_entropy(logits, y), want, rtol=2e-3)

@@ -280,25 +280,3 @@ def test_bad_input_to_writer_feed_and_model_is_refused(tmp_path, stored):
     alg.round(state, next(feed))
   with pytest.raises(ValueError, match="gathered cohort"):
     fp.core.evaluate(LR, state.params, next(feed))
-
-
-def test_floyd_sampling_is_uniform_distinct_and_chosen_by_population_size():
-  from itertools import combinations
-  keys = jax.random.split(jax.random.key(0), 6000)
-  draw = jax.jit(jax.vmap(lambda k: fp.core.sample_clients(k, 6, 2, method="floyd")))
-  ids = np.sort(np.asarray(draw(keys)), axis=1)
-  assert np.all(ids[:, 0] != ids[:, 1]) and ids.min() >= 0 and ids.max() < 6
-  counts = {c: 0 for c in combinations(range(6), 2)}
-  for a, b in ids:
-    counts[(int(a), int(b))] += 1
-  # 15 subsets, 400 expected each, standard deviation ~19: all within 5 of them.
-  assert max(abs(v - 400) for v in counts.values()) < 100, counts
-  big = fp.core.sample_clients(jax.random.key(1), 1 << 16, 100)
-  assert len(set(np.asarray(big).tolist())) == 100
-  np.testing.assert_array_equal(big, fp.core.sample_clients(jax.random.key(1), 1 << 16, 100,
-                                                            method="floyd"))
-  small = fp.core.sample_clients(jax.random.key(1), 1000, 10)
-  np.testing.assert_array_equal(small, fp.core.sample_clients(jax.random.key(1), 1000, 10,
-                                                              method="permutation"))
-  with pytest.raises(ValueError, match="method must be"):
-    fp.core.sample_clients(jax.random.key(1), 10, 2, method="reservoir")

@@ -60,7 +60,7 @@ def check_local_work(work: LocalWork, num_clients: int | None = None) -> None:
 
   With `num_clients`, per-client step counts must number one per client.
   """
-  if not isinstance(work.batch_size, int) or work.batch_size < 1:
+  if not _positive_int(work.batch_size):
     raise ValueError(f"batch_size must be a positive int; got {work.batch_size!r}.")
   if (work.epochs is None) == (work.steps is None):
     raise ValueError(

@@ -11,8 +11,8 @@ import numpy as np
 
 def check_cohort(clients_per_round: int, num_clients: int) -> None:
   """Raises `ValueError` unless `1 <= clients_per_round <= num_clients`."""
-  if not isinstance(clients_per_round, (int, np.integer)) or not (
-      1 <= clients_per_round <= num_clients):
+  if not isinstance(clients_per_round, (int, np.integer)) or isinstance(
+      clients_per_round, bool) or not 1 <= clients_per_round <= num_clients:
     raise ValueError(
         f"clients_per_round must be an int in [1, num_clients] = [1, {num_clients}]; "
         f"got {clients_per_round!r}.")
