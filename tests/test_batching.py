@@ -159,3 +159,44 @@ def test_check_local_work_accepts_each_form():
   for work, num_clients in [(LocalWork(1, epochs=1), None), (LocalWork(4, steps=3), 5),
                             (LocalWork(4, steps=(1, 2)), 2), (LocalWork(4, steps=(1, 2)), None)]:
     check_local_work(work, num_clients)
+
+
+def _plan_by_hand(key, n, work, max_examples, min_examples, steps, shuffle):
+  """A plan from its definition: epoch e reads the e-th shuffle of the client's slots
+  in batches of B; steps from `steps` on, and slots past n, are masked."""
+  b = work.batch_size
+  total = num_steps(work, max_examples)
+  perms = np.asarray([shuffle(k) for k in jax.random.split(key, _num_epochs(work, min_examples))])
+  per_epoch = -(-n // b)
+  idx, mask = np.zeros((total, b), np.int32), np.zeros((total, b), bool)
+  for s in range(total):
+    pos = (s % per_epoch) * b + np.arange(b)
+    mask[s] = (pos < n) & (s < steps)
+    idx[s] = perms[min(s // per_epoch, len(perms) - 1), np.minimum(pos, max_examples - 1)]
+  return idx, mask
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_batch_plans_by_hand_on_each_backend(backend, monkeypatch):
+  """On the CPU a plan sorts only the width class that holds the client
+  (`shuffle_fitted`); on an accelerator the full width (`shuffle_valid`). Per-client
+  steps read the client's own count; a client filling every slot is covered whole."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  max_n, min_n = 130, 3
+  fitted = backend == "cpu"
+  shuffle = jax.jit(lambda k, n: shuffle_fitted(k, n, max_n, min_n) if fitted
+                    else shuffle_valid(k, n, max_n))
+  for work in [LocalWork(4, steps=(5, 40, 2)), LocalWork(4, epochs=2)]:
+    planned = jax.jit(lambda k, n, i, work=work: batch_plan(
+        k, n, work, max_examples=max_n, min_examples=min_n, client_id=i))
+    for i, n in enumerate((3, 70, 130)):
+      key = jax.random.key(i)
+      plan = planned(key, jnp.int32(n), jnp.int32(i))
+      steps = int(work_steps(work, np.int32(n), np.int32(i)))
+      idx, mask = _plan_by_hand(key, n, work, max_n, min_n, steps,
+                                lambda k, n=n: shuffle(k, jnp.int32(n)))
+      np.testing.assert_array_equal(plan.mask, mask)
+      np.testing.assert_array_equal(plan.idx, idx)
+      if work.epochs:   # every epoch covers the client's examples once
+        real = np.asarray(plan.idx)[np.asarray(plan.mask)]
+        assert sorted(real.tolist()) == sorted(list(range(n)) * 2)

@@ -77,3 +77,53 @@ def test_accuracy_and_loss_over_the_last_axis_in_the_logits_dtype():
   z = np.asarray(logits, np.float64)
   want = np.log(np.exp(z).sum(-1)) - np.take_along_axis(z, np.asarray(y)[..., None], -1)[..., 0]
   np.testing.assert_allclose(fp.core.softmax_cross_entropy(logits, y), want, rtol=2e-3)
+
+
+def test_from_flax_keeps_batch_statistics_in_the_params():
+  """A module's running statistics join its params beside their layer's scale and bias;
+  `apply` normalises by them, a training pass by the batch's real rows, and `put`
+  writes new statistics back, leaving every other leaf alone: as flax computes them."""
+  import flax.linen as nn
+  import numpy as np
+  from flax.traverse_util import flatten_dict
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False, mask=None):
+      h = nn.Dense(3)(x)
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.5)(
+          h, mask=None if mask is None else mask[:, None])
+      return nn.Dense(2)(h)
+
+  net, key = Net(), jax.random.key(0)
+  m = fp.core.from_flax(net, jnp.zeros((1, 4)))
+  v = net.init(key, jnp.zeros((1, 4)))
+  flat = flatten_dict(m.init(key))
+  assert flat.keys() == flatten_dict(v["params"]).keys() | flatten_dict(v["batch_stats"]).keys()
+  for k, leaf in {**flatten_dict(v["params"]), **flatten_dict(v["batch_stats"])}.items():
+    np.testing.assert_array_equal(flat[k], leaf)
+  p = m.init(key)
+  x = jax.random.normal(jax.random.key(1), (5, 4))
+  v = {"params": v["params"], "batch_stats": jax.tree.map(lambda s: s + 0.5, v["batch_stats"])}
+  p = m.batch_stats.put(p, v["batch_stats"])
+  np.testing.assert_allclose(m.apply(p, x), net.apply(v, x), rtol=1e-6)
+  want, _ = net.apply(v, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(m.apply(p, x, train=True), want, rtol=1e-6)
+  mask = jnp.array([True, True, True, False, False])
+  logits, new = m.batch_stats.train(p, x, mask)
+  want, upd = net.apply(v, x, train=True, mask=mask, mutable=["batch_stats"])
+  np.testing.assert_allclose(logits, want, rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, new, upd["batch_stats"])
+  put = flatten_dict(m.batch_stats.put(p, new))
+  for k, leaf in {**flatten_dict(v["params"]), **flatten_dict(upd["batch_stats"])}.items():
+    np.testing.assert_array_equal(put[k], leaf)
+  assert m.represent is None
+  assert fp.core.from_flax(nn.Dense(2), jnp.zeros((1, 4))).batch_stats is None
+
+
+def test_from_flax_initialises_with_the_sample_dtype():
+  import flax.linen as nn
+
+  m = fp.core.from_flax(nn.Embed(10, 3), jax.ShapeDtypeStruct((1, 6), jnp.int32))
+  p = m.init(jax.random.key(0))
+  assert m.apply(p, jnp.zeros((2, 6), jnp.int32)).shape == (2, 6, 3)
