@@ -79,10 +79,11 @@ def test_accuracy_and_loss_over_the_last_axis_in_the_logits_dtype():
   np.testing.assert_allclose(fp.core.softmax_cross_entropy(logits, y), want, rtol=2e-3)
 
 
-def test_from_flax_keeps_batch_statistics_in_the_params():
+def test_from_flax_against_flax_with_batch_statistics_dropout_and_a_representation():
   """A module's running statistics join its params beside their layer's scale and bias;
   `apply` normalises by them, a training pass by the batch's real rows, and `put`
-  writes new statistics back, leaving every other leaf alone: as flax computes them."""
+  writes new statistics back, leaving every other leaf alone; a key is the dropout
+  rng; `represent` is the sown layer: each as flax computes it."""
   import flax.linen as nn
   import numpy as np
   from flax.traverse_util import flatten_dict
@@ -90,35 +91,44 @@ def test_from_flax_keeps_batch_statistics_in_the_params():
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x, train=False, mask=None):
-      h = nn.Dense(3)(x)
+      h = nn.Dense(6)(x)
       h = nn.BatchNorm(use_running_average=not train, momentum=0.5)(
           h, mask=None if mask is None else mask[:, None])
+      h = nn.Dropout(0.5, deterministic=not train)(h)
+      self.sow("intermediates", fp.core.REPRESENTATION, h)
       return nn.Dense(2)(h)
 
-  net, key = Net(), jax.random.key(0)
+  net, key, drop = Net(), jax.random.key(0), jax.random.key(7)
   m = fp.core.from_flax(net, jnp.zeros((1, 4)))
   v = net.init(key, jnp.zeros((1, 4)))
   flat = flatten_dict(m.init(key))
   assert flat.keys() == flatten_dict(v["params"]).keys() | flatten_dict(v["batch_stats"]).keys()
   for k, leaf in {**flatten_dict(v["params"]), **flatten_dict(v["batch_stats"])}.items():
     np.testing.assert_array_equal(flat[k], leaf)
-  p = m.init(key)
   x = jax.random.normal(jax.random.key(1), (5, 4))
   v = {"params": v["params"], "batch_stats": jax.tree.map(lambda s: s + 0.5, v["batch_stats"])}
-  p = m.batch_stats.put(p, v["batch_stats"])
-  np.testing.assert_allclose(m.apply(p, x), net.apply(v, x), rtol=1e-6)
-  want, _ = net.apply(v, x, train=True, mutable=["batch_stats"])
-  np.testing.assert_allclose(m.apply(p, x, train=True), want, rtol=1e-6)
+  p = m.batch_stats.put(m.init(key), v["batch_stats"])
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  close(m.apply(p, x), net.apply(v, x))
+  rngs = {"dropout": drop}
+  want, _ = net.apply(v, x, train=True, rngs=rngs, mutable=["batch_stats"])
+  close(m.apply(p, x, drop, train=True), want)
+  assert not np.allclose(want, net.apply(v, x, train=True, rngs={"dropout": key},
+                                         mutable=["batch_stats"])[0])   # the key matters
   mask = jnp.array([True, True, True, False, False])
-  logits, new = m.batch_stats.train(p, x, mask)
-  want, upd = net.apply(v, x, train=True, mask=mask, mutable=["batch_stats"])
-  np.testing.assert_allclose(logits, want, rtol=1e-6)
+  logits, new = m.batch_stats.train(p, x, mask, drop)
+  want, upd = net.apply(v, x, train=True, mask=mask, rngs=rngs, mutable=["batch_stats"])
+  close(logits, want)
   jax.tree.map(np.testing.assert_array_equal, new, upd["batch_stats"])
   put = flatten_dict(m.batch_stats.put(p, new))
   for k, leaf in {**flatten_dict(v["params"]), **flatten_dict(upd["batch_stats"])}.items():
     np.testing.assert_array_equal(put[k], leaf)
-  assert m.represent is None
+  sown = lambda **kw: net.apply(v, x, mutable=["intermediates", "batch_stats"], **kw)[1][
+      "intermediates"][fp.core.REPRESENTATION][0]
+  close(m.represent(p, x), sown())
+  close(m.represent(p, x, drop, train=True), sown(train=True, rngs=rngs))
   assert fp.core.from_flax(nn.Dense(2), jnp.zeros((1, 4))).batch_stats is None
+  assert fp.core.from_flax(nn.Dense(2), jnp.zeros((1, 4))).represent is None
 
 
 def test_from_flax_initialises_with_the_sample_dtype():
