@@ -234,24 +234,6 @@ def test_bad_algorithm_arguments(kwargs, match):
     alg.init(jax.random.key(0), data)
 
 
-def test_summarize_and_worst_fraction_by_hand():
-  ev = fp.core.ClientEval(loss=np.float32([2.0, 1.0, 0.5, 4.0]),
-                          accuracy=np.float32([0.5, 1.0, 0.25, 0.75]),
-                          num_examples=np.int32([2, 1, 4, 3]))
-  s = fp.core.summarize(ev, prefix="val")
-  assert s == {
-      "val_accuracy": (2 * 0.5 + 1 + 4 * 0.25 + 3 * 0.75) / 10,
-      "val_loss": (2 * 2 + 1 + 4 * 0.5 + 3 * 4) / 10,
-      "mean_client_val_accuracy": 2.5 / 4,
-      "worst10_client_val_accuracy": 0.25,            # ⌈0.1 · 4⌉ = 1 client
-      "variance_client_val_accuracy": np.var([0.5, 1.0, 0.25, 0.75]),
-      "per_client_val_accuracy": [0.5, 1.0, 0.25, 0.75]}
-  assert set(fp.core.summarize(ev)) == {k.replace("val", "test") for k in s}
-  worst = fp.core.worst_fraction_mean
-  assert worst([5, 1, 3, 2], 0.5) == 1.5 and worst([5, 1, 3, 2], 0.75) == 2.0
-  assert worst([5, 1, 3, 2], 0.0) == 1.0 and worst([5, 1, 3, 2], 1.0) == 2.75
-  assert worst([3, 1]) == 1.0                          # the default 10%: at least one
-  assert worst(np.float32([0.1, 0.7]), 1.0) == pytest.approx(0.4, abs=1e-7)
 
 
 @pytest.mark.parametrize("mu", [None, 0.7])
