@@ -200,3 +200,30 @@ def test_batch_plans_by_hand_on_each_backend(backend, monkeypatch):
       if work.epochs:   # every epoch covers the client's examples once
         real = np.asarray(plan.idx)[np.asarray(plan.mask)]
         assert sorted(real.tolist()) == sorted(list(range(n)) * 2)
+
+
+def _shuffle_by_numpy(key, n, max_n):
+  """`shuffle_valid` as its docstring defines it, in NumPy: each round sorts one uint32
+  per slot, random high bits over the slot's index in the low b = max(16, bits of
+  max_n - 1) bits, the padding slots' high bits all ones; 2 rounds for b = 16, else 3."""
+  b = max(16, (max_n - 1).bit_length())
+  low = np.uint32((1 << b) - 1)
+  pos = np.arange(max_n, dtype=np.uint32)
+  order = np.arange(max_n)
+  for r in range(2 if b == 16 else 3):
+    high = np.asarray(jax.random.bits(jax.random.fold_in(key, r), (max_n,), jnp.uint32))
+    high = np.where(pos < n, high & ~low, ~low)
+    order = order[(np.sort(high | pos) & low).astype(np.int64)]
+  return order
+
+
+@pytest.mark.parametrize("n,max_n", [(5, 9), (70, 70), (100, 1 << 16), (3, (1 << 16) + 1),
+                                     (131_000, (1 << 17) + 1)])
+def test_shuffle_valid_against_numpy(n, max_n):
+  key = jax.random.key(n)
+  order = np.asarray(shuffle_valid(key, n, max_n))
+  assert order.dtype == np.int32
+  np.testing.assert_array_equal(order, _shuffle_by_numpy(key, n, max_n))
+  assert sorted(order[:n].tolist()) == list(range(n))
+  if max_n <= 1 << 16:   # prefix-stable: the real slots' order is the same at any width
+    np.testing.assert_array_equal(order[:n], np.asarray(shuffle_valid(key, n, 1 << 16))[:n])
