@@ -2,6 +2,7 @@
 
   pip install -e '.[dev,mutation]'
   python tests/mutation.py aggregation [--max-children 2] [--workdir DIR] [names...]
+  python tests/mutation.py core --module _batching [--module _model ...]
 
 mutmut (3.8) copies the project into `DIR/mutants/`, turns every function of the
 package's files into a trampoline that runs the original or one mutant, records which
@@ -28,6 +29,8 @@ because new tests would reset mutmut's results in the old one. The workdir lives
 which a new machine does not have: `--save FILE` writes the merged statuses compactly
 (`tests/mutation_results/PACKAGE.json` is committed), and `--survivors-of FILE` resumes
 from it.
+`--module` (core) mutates only some files of the package and runs each against its
+own tests (`MODULES`); `--save` keeps the saved statuses of the other files.
 The pass is slow, so it is not part of CI: on 2 cores a mutant costs 1-3 s in a leaf
 function and 20-50 s in a helper that most tests reach (each mutant compiles afresh),
 plus a few minutes for the stats run; the aggregation package's 1,804 mutants took
