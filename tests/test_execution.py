@@ -18,7 +18,7 @@ from _reference import deal_by_steps, fedavg_round, lpt_makespan
 from test_engine import run
 
 import fedjax_pers as fp
-from fedjax_pers.core import _cohort, _lanes, _program, _sampling
+from fedjax_pers.core import _cohort, _lanes, _program
 
 SIZES = [3, 41, 7, 12, 26, 5, 9, 60, 2, 15]
 
@@ -284,18 +284,8 @@ def test_bad_execution_is_refused(kwargs, match):
     fp.Execution(**kwargs)
 
 
-def test_sampling_probabilities_are_checked_and_normalised():
-  np.testing.assert_array_equal(_sampling.check_probs([1, 3, 0], 3), [0.25, 0.75, 0.0])
-  assert _sampling.check_probs(np.float32([2, 2]), 2).dtype == np.float64
-  with pytest.raises(ValueError, match=r"^sampling probabilities must have shape "
-                                       r"\(num_clients,\) = \(3,\); got shape \(2,\)\.$"):
-    _sampling.check_probs([0.5, 0.5], 3)
-  for bad, got in (([0.0, 0.0], "min=0.0, sum=0.0"), ([1.0, np.nan], "min=nan, sum=nan"),
-                   ([1.0, -0.5], "min=-0.5, sum=0.5"), ([1.0, np.inf], "min=1.0, sum=inf")):
-    with pytest.raises(ValueError, match=r"^sampling probabilities must be finite, "
-                                         r"non-negative and not all zero; got " + got + r"\.$"):
-      _sampling.check_probs(bad, 2)
-  # A round's sampler checks them against the population it is given, before tracing.
+def test_the_rounds_sampler_checks_probabilities_against_its_population():
+  """(`check_probs` itself: test_sampling.py.) The check runs before tracing."""
   alg = fp.algorithms.fedavg(LR, optax.sgd(0.1), optax.sgd(1.0), EPOCHS, clients_per_round=2,
                              execution=fp.Execution(sampling_probs=np.ones(10)))
   ids, _ = alg.sample(jax.random.key(0), 10)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fedjax_pers as fp
+from fedjax_pers.core import _sampling
 from fedjax_pers.core._sampling import check_cohort
 
 
@@ -54,3 +55,16 @@ def test_check_cohort_bounds_and_message():
     with pytest.raises(ValueError, match=r"^clients_per_round must be an int in "
                                          r"\[1, num_clients\] = \[1, 5\]; got " + repr(k)):
       check_cohort(k, 5)
+
+
+def test_sampling_probabilities_are_checked_and_normalised():
+  np.testing.assert_array_equal(_sampling.check_probs([1, 3, 0], 3), [0.25, 0.75, 0.0])
+  assert _sampling.check_probs(np.float32([2, 2]), 2).dtype == np.float64
+  with pytest.raises(ValueError, match=r"^sampling probabilities must have shape "
+                                       r"\(num_clients,\) = \(3,\); got shape \(2,\)\.$"):
+    _sampling.check_probs([0.5, 0.5], 3)
+  for bad, got in (([0.0, 0.0], "min=0.0, sum=0.0"), ([1.0, np.nan], "min=nan, sum=nan"),
+                   ([1.0, -0.5], "min=-0.5, sum=0.5"), ([1.0, np.inf], "min=1.0, sum=inf")):
+    with pytest.raises(ValueError, match=r"^sampling probabilities must be finite, "
+                                         r"non-negative and not all zero; got " + got + r"\.$"):
+      _sampling.check_probs(bad, 2)
