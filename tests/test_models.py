@@ -130,6 +130,15 @@ def test_from_flax_against_flax_with_batch_statistics_dropout_and_a_representati
   assert fp.core.from_flax(nn.Dense(2), jnp.zeros((1, 4))).batch_stats is None
   assert fp.core.from_flax(nn.Dense(2), jnp.zeros((1, 4))).represent is None
 
+  class Drop(nn.Module):   # no statistics: a training `apply` takes the key as well
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dropout(0.5, deterministic=not train)(nn.Dense(6)(x))
+
+  m = fp.core.from_flax(Drop(), jnp.zeros((1, 4)))
+  p = m.init(key)
+  close(m.apply(p, x, drop, train=True), Drop().apply({"params": p}, x, train=True, rngs=rngs))
+
 
 def test_from_flax_initialises_with_the_sample_dtype():
   import flax.linen as nn

@@ -68,3 +68,24 @@ def test_sampling_probabilities_are_checked_and_normalised():
     with pytest.raises(ValueError, match=r"^sampling probabilities must be finite, "
                                          r"non-negative and not all zero; got " + got + r"\.$"):
       _sampling.check_probs(bad, 2)
+
+
+def test_each_method_is_its_definition():
+  key = jax.random.key(3)
+  whole = fp.core.sample_clients(key, 10, 10)
+  assert whole.dtype == jnp.int32
+  np.testing.assert_array_equal(whole, np.arange(10))          # all clients, in order
+  perm = fp.core.sample_clients(key, 10, 3, method="permutation")
+  np.testing.assert_array_equal(perm, jax.random.choice(key, 10, (3,), replace=False))
+  # Floyd: for j = N − k, ..., N − 1 draw t uniform in [0, j]; take t, or j if t was taken.
+  n, k = 12, 5
+  draws = np.asarray(jax.random.randint(key, (k,), 0, jnp.arange(n - k, n) + 1, jnp.int32))
+  chosen = []
+  for j, t in zip(range(n - k, n), draws):
+    chosen.append(j if t in chosen else int(t))
+  floyd = fp.core.sample_clients(key, n, k, method="floyd")
+  np.testing.assert_array_equal(floyd, chosen)
+  p = jnp.asarray([0.1, 0.0, 0.5, 0.4])
+  weighted = fp.core.sample_clients(key, 4, 2, probs=p)
+  np.testing.assert_array_equal(weighted, jax.random.choice(key, 4, (2,), replace=False, p=p))
+  assert perm.dtype == floyd.dtype == weighted.dtype == jnp.int32
