@@ -53,6 +53,29 @@ def test_cohort_subsets_distinct_fresh_and_covering():
   assert seen == set(range(1000, 1050))                       # all visited
 
 
+def test_cohort_positions_by_their_definition():
+  """Client c > cap: the circle of its n examples rotated by r uniform in [0, n), cut
+  into strata [⌊j n / cap⌋, ⌊(j + 1) n / cap⌋), one uniform pick in each, all drawn
+  from fold_in(key, c). Client c ≤ cap: its examples in order, then its first one in
+  the padding slots. Clients 1 (50 > 10) and 3 (23), 2 (7 < 10), and a cap of 7 where
+  client 2 fills it exactly and client 3's strata are 3 or 4 wide."""
+  for cap, idx in ((10, [1, 0, 3, 2]), (7, [2, 3])):
+    d, _, _ = make(cap=cap)
+    key = jax.random.key(11)
+    got = np.asarray(jax.jit(d.cohort_positions)(jnp.int32(idx), key))
+    for row, c in zip(got, idx):
+      n, start = SIZES[c], int(d.offsets[c])
+      k_rot, k_pick = jax.random.split(jax.random.fold_in(key, c))
+      if n > cap:
+        edge = np.array([j * n // cap for j in range(cap + 1)])
+        pick = np.asarray(jax.random.randint(k_pick, (cap,), 0, jnp.asarray(np.diff(edge))))
+        rot = int(jax.random.randint(k_rot, (), 0, n))
+        want = (rot + edge[:-1] + pick) % n
+      else:
+        want = np.where(np.arange(cap) < n, np.arange(cap), 0)
+      np.testing.assert_array_equal(row, start + want)
+
+
 def test_round_weights_use_true_sizes_and_training_sees_cap():
   d, _, _ = make(cap=10)
   model = fp.models.logistic_regression((2,), 3)

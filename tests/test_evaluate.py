@@ -47,8 +47,9 @@ def test_evaluate_reads_every_real_example_once(batch, monkeypatch):
   params = jax.tree.map(lambda p: p + 0.3, model.init(jax.random.key(1)))
   loss, acc = by_numpy(model, params, xs, ys)
   bare = dataclasses.replace(padded, host_sizes=None)     # sizes unknown on the host
-  runs = [fp.core.evaluate(model, params, padded), fp.core.evaluate(model, params, capped)]
-  runs += [fp.core.evaluate(model, params, bare, client_chunk=c) for c in (None, 1, 3)]
+  evaluate = lambda d, c=None: jax.jit(   # jittable: sizes are static metadata
+      lambda p, d: fp.core.evaluate(model, p, d, client_chunk=c))(params, d)
+  runs = [evaluate(padded), evaluate(capped)] + [evaluate(bare, c) for c in (None, 1, 3)]
   for ev in runs:
     np.testing.assert_allclose(ev.loss, loss, rtol=1e-5)
     np.testing.assert_allclose(ev.accuracy, acc, rtol=1e-6)
