@@ -77,7 +77,7 @@ PACKAGES = {
 # whole package would take days on 2 cores. `--module` runs one of its files against
 # that file's own tests; a mutant only another file's tests catch is a gap in the unit
 # tests of its own file.
-ENGINE = ["test_engine.py", "test_core_edges.py"]
+ENGINE = ["test_engine.py", "test_client.py", "test_core_edges.py"]
 MODULES = {"core": {
     "_aggregate": ENGINE, "_client": ENGINE, "_cohort": ENGINE, "_program": ENGINE,
     "_round": ENGINE, "_sgd": ENGINE, "_source": ENGINE,

@@ -1,0 +1,72 @@
+"""A client's helpers, the pieces every local update shares, against NumPy: squared
+norms, finiteness, the masked mean loss and its gradient, label histograms and
+per-client state."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fedjax_pers as fp
+from fedjax_pers.core._client import (
+  ClientData,
+  all_finite,
+  label_histogram,
+  masked_mean_loss,
+  stack_clients,
+  tree_sq_norm,
+)
+
+
+class Drop(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(4)(nn.Dropout(0.5, deterministic=not train)(nn.Dense(6)(x)))
+
+
+def test_squared_norm_and_finiteness():
+  tree = {"a": jnp.float32([[1, 2], [3, 4]]), "b": jnp.float32([0.5])}
+  assert float(tree_sq_norm(tree)) == 30.25
+  assert bool(all_finite(tree))
+  for bad in (np.nan, np.inf, -np.inf):
+    assert not bool(all_finite({**tree, "b": jnp.float32([bad])}))
+    assert not bool(all_finite({**tree, "a": tree["a"].at[1, 0].set(bad)}))
+
+
+def test_masked_mean_loss_is_the_real_rows_mean_in_training_mode():
+  model = fp.core.from_flax(Drop(), jnp.zeros((1, 3)))
+  params = model.init(jax.random.key(0))
+  rs = np.random.RandomState(1)
+  x, y = jnp.asarray(rs.normal(size=(5, 3)), jnp.float32), jnp.int32([0, 3, 1, 2, 2])
+  mask = np.array([True, True, False, True, False])
+  key = jax.random.key(4)
+  mean, total = masked_mean_loss(model, params, x, y, jnp.asarray(mask), key)
+  z = np.asarray(Drop().apply({"params": params}, x, train=True, rngs={"dropout": key}),
+                 np.float64)
+  losses = np.log(np.exp(z).sum(-1)) - z[np.arange(5), np.asarray(y)]
+  np.testing.assert_allclose(total, losses[mask].sum(), rtol=1e-5)
+  np.testing.assert_allclose(mean, losses[mask].mean(), rtol=1e-5)
+  # Whatever the padded rows hold, they reach neither the value nor the gradient.
+  grad = lambda xs, ys: jax.grad(lambda p: masked_mean_loss(
+      model, p, xs, ys, jnp.asarray(mask), key)[0])(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), grad(x, y),
+               grad(x.at[2].set(1e3).at[4].set(-50.0), y.at[2].set(0)))
+  none = masked_mean_loss(model, params, x, y, jnp.zeros(5, bool), key)
+  assert float(none[0]) == float(none[1]) == 0.0     # an all-padding batch: zero, not NaN
+
+
+def test_label_histogram_counts_the_real_labels():
+  client = ClientData(x=jnp.zeros((6, 1)), y=jnp.int32([2, 0, 2, 1, 2, 3]),
+                      num_examples=jnp.int32(5))
+  hist = label_histogram(client, 4)
+  assert hist.dtype == jnp.float32
+  np.testing.assert_array_equal(hist, [1, 1, 3, 0])   # the padded 3 is not counted
+
+
+def test_stack_clients_gives_each_client_its_own_copy():
+  tree = {"w": jnp.arange(3.0), "b": jnp.float32(2.0)}
+  stacked = stack_clients(tree, 2)
+  np.testing.assert_array_equal(stacked["w"], [[0, 1, 2], [0, 1, 2]])
+  np.testing.assert_array_equal(stacked["b"], [2, 2])
+  stacked["w"].at[0].set(9.0)   # functional, and the copy does not alias the original
+  np.testing.assert_array_equal(tree["w"], [0, 1, 2])
