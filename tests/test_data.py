@@ -53,3 +53,16 @@ def test_is_a_pytree_with_static_metadata():
 def test_bad_input_raises_clear_value_error(xs, ys, kwargs, match):
   with pytest.raises(ValueError, match=match):
     fp.FederatedData.from_clients(xs, ys, **kwargs)
+
+
+def test_host_sizes_are_a_read_only_int64_copy():
+  from fedjax_pers.core._data import HostSizes
+
+  given = np.array([3, 2**31 - 1, 5], np.int32)
+  sizes = HostSizes(given)
+  assert sizes.array.dtype == np.int64 and int(sizes.array.sum()) == 2**31 + 7   # no wrap
+  with pytest.raises(ValueError, match="read-only"):
+    sizes.array[0] = 1
+  given[0] = 9
+  assert sizes.array[0] == 3
+  assert repr(sizes) == "HostSizes(num_clients=3, total=2147483655)"
