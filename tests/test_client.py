@@ -70,3 +70,35 @@ def test_stack_clients_gives_each_client_its_own_copy():
   np.testing.assert_array_equal(stacked["b"], [2, 2])
   stacked["w"].at[0].set(9.0)   # functional, and the copy does not alias the original
   np.testing.assert_array_equal(tree["w"], [0, 1, 2])
+
+
+def test_cohort_source_rows_and_reads_from_padded_and_capped_stores():
+  """A round's source: the drawn clients' rows, sizes, states and ids (padded: as
+  stored; capped: `FederatedData.cohort`'s subset), and the batch reads by handle,
+  which give the same examples as those rows."""
+  from fedjax_pers.core._source import cohort_source
+
+  rs = np.random.RandomState(2)
+  sizes = [3, 8, 5, 6]
+  xs = [rs.normal(size=(n, 2)).astype(np.float32) for n in sizes]
+  ys = [rs.randint(0, 3, n) for n in sizes]
+  padded = fp.FederatedData.from_clients(xs, ys)
+  states = {"s": jnp.arange(4.0) * 10}
+  key, ids = jax.random.key(1), jnp.int32([2, 0])
+  slots = jnp.int32([[4, 0, 1], [2, 2, 0]])
+  for data in (padded, padded.with_cap(4)):
+    src = cohort_source(data, states, key)
+    rows = src.rows(ids)
+    x, y, n = data.cohort(ids, key)
+    for got, want in ((rows.x, x), (rows.y, y), (rows.num_examples, n), (rows.id, ids),
+                      (rows.state["s"], [20.0, 0.0]), (src.sizes, sizes)):
+      np.testing.assert_array_equal(got, want)
+    handles = src.handles(ids)
+    for k in range(2):
+      bx, by = src.read(src.table, handles[k], slots[k])
+      np.testing.assert_array_equal(bx, rows.x[k][slots[k]])
+      np.testing.assert_array_equal(by, rows.y[k][slots[k]])
+    assert cohort_source(data, None, key).rows(ids).state is None
+  whole = cohort_source(padded, states, key, whole=True).rows(jnp.arange(4))
+  assert whole.x is padded.x and whole.y is padded.y and whole.state is states
+  np.testing.assert_array_equal(whole.id, np.arange(4))
