@@ -60,6 +60,8 @@ def test_check_cohort_bounds_and_message():
 def test_sampling_probabilities_are_checked_and_normalised():
   np.testing.assert_array_equal(_sampling.check_probs([1, 3, 0], 3), [0.25, 0.75, 0.0])
   assert _sampling.check_probs(np.float32([2, 2]), 2).dtype == np.float64
+  np.testing.assert_allclose(_sampling.check_probs([0.1, 0.2], 2), [1 / 3, 2 / 3])  # sum < 1
+  np.testing.assert_array_equal(_sampling.check_probs([0.25, 0.75], 2), [0.25, 0.75])
   with pytest.raises(ValueError, match=r"^sampling probabilities must have shape "
                                        r"\(num_clients,\) = \(3,\); got shape \(2,\)\.$"):
     _sampling.check_probs([0.5, 0.5], 3)
