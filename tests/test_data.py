@@ -58,6 +58,12 @@ def test_from_clients_by_hand_padded_and_capped():
   assert same.cap is None and same.x.shape == (3, 4, 2)
 
 
+def test_scalar_features_are_a_feature_shape_of_none():
+  d = fp.FederatedData.from_clients([np.arange(3.0), np.ones(1)], [np.zeros(3, int), Z2[:1]])
+  assert d.feature_shape == () and d.x.shape == (2, 3)
+  np.testing.assert_array_equal(d.x, [[0, 1, 2], [1, 0, 0]])
+
+
 def test_is_a_pytree_with_static_metadata():
   d = fp.FederatedData.from_clients([np.ones((2, 2))], [np.array([0, 1])], num_classes=4)
   leaves, tree = jax.tree.flatten(d)
@@ -82,6 +88,8 @@ Z2, O22 = np.zeros(2, int), np.ones((2, 2))
      "Client 2: labels must lie in [0, num_classes) = [0, 3); got values in [0, 3]."),
     ([np.array([[0.0, np.nan], [1.0, 1.0]])], [np.array([0, 1])], {},
      "Client 0: x holds 1 non-finite values (NaN or Inf); features must be finite."),
+    ([O22, np.float32([[np.inf, 1.0], [-np.inf, np.nan]])], [Z2, Z2], {},
+     "Client 1: x holds 3 non-finite values (NaN or Inf); features must be finite."),
     ([O22], [np.array([0.5, 1.0])], {}, "Client 0: labels y must be integers; got dtype "
                                         "float64."),
     ([O22, np.ones((2, 3))], [Z2] * 2, {}, "Client 1: feature shape (3,) differs from "
