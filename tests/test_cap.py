@@ -59,7 +59,7 @@ def test_cohort_positions_by_their_definition():
   from fold_in(key, c). Client c ≤ cap: its examples in order, then its first one in
   the padding slots. Clients 1 (50 > 10) and 3 (23), 2 (7 < 10), and a cap of 7 where
   client 2 fills it exactly and client 3's strata are 3 or 4 wide."""
-  for cap, idx in ((10, [1, 0, 3, 2]), (7, [2, 3])):
+  for cap, idx in ((10, [1, 0, 3, 2]), (7, [2, 3]), (5, [2, 0])):   # cap 5: strata 1 or 2 wide
     d, _, _ = make(cap=cap)
     key = jax.random.key(11)
     got = np.asarray(jax.jit(d.cohort_positions)(jnp.int32(idx), key))

@@ -94,3 +94,20 @@ def test_summarize_and_worst_fraction_by_hand():
   assert worst([5, 1, 3, 2], 0.0) == 1.0 and worst([5, 1, 3, 2], 1.0) == 2.75
   assert worst([3, 1]) == 1.0                          # the default 10%: at least one
   assert worst(np.float32([0.1, 0.7]), 1.0) == pytest.approx(0.4, abs=1e-7)
+
+
+def test_summaries_are_computed_in_float64():
+  """A float32 sum of 1 + 2⁻²⁴ rounds to 1: the summaries read float32 evaluations
+  and sum in float64, and keep six digits per client."""
+  tiny = 2.0**-24
+  assert fp.core.worst_fraction_mean(np.float32([1.0, tiny]), 1.0) == 0.5 + tiny / 2
+  ev = fp.core.ClientEval(loss=np.float32([1.0, tiny, 1 / 3]),
+                          accuracy=np.float32([1.0, tiny, 1 / 3]),
+                          num_examples=np.int32([1, 1, 0]))
+  s = fp.core.summarize(ev)
+  acc = np.float64(np.float32([1.0, tiny, 1 / 3]))
+  assert s["test_accuracy"] == s["test_loss"] == 0.5 + tiny / 2
+  assert s["mean_client_test_accuracy"] == acc.mean()
+  assert s["variance_client_test_accuracy"] == acc.var()
+  assert s["worst10_client_test_accuracy"] == tiny
+  assert s["per_client_test_accuracy"] == [1.0, 0.0, 0.333333]
