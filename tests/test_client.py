@@ -102,3 +102,40 @@ def test_cohort_source_rows_and_reads_from_padded_and_capped_stores():
   whole = cohort_source(padded, states, key, whole=True).rows(jnp.arange(4))
   assert whole.x is padded.x and whole.y is padded.y and whole.state is states
   np.testing.assert_array_equal(whole.id, np.arange(4))
+
+
+def test_a_gathered_cohorts_source_reads_states_by_id_unless_windowed():
+  """A round's cohort gathered from a host store (`window`): rows by position in the
+  window; states over the whole population by id (the default), or over the window's
+  slots by position (`windowed=True`)."""
+  import dataclasses
+
+  from fedjax_pers.core._source import cohort_source
+
+  rs = np.random.RandomState(3)
+  sizes = [3, 8, 5, 6]
+  padded = fp.FederatedData.from_clients(
+      [rs.normal(size=(n, 2)).astype(np.float32) for n in sizes],
+      [rs.randint(0, 3, n) for n in sizes])
+  window = jnp.int32([2, 0, 3])
+  gathered = dataclasses.replace(padded, x=padded.x[window], y=padded.y[window], window=window)
+  ids = jnp.int32([0, 2])
+  everyone = {"s": jnp.arange(4.0) * 10}
+  rows = cohort_source(gathered, everyone, jax.random.key(0)).rows(ids)
+  np.testing.assert_array_equal(rows.x, padded.x[ids])
+  np.testing.assert_array_equal(rows.num_examples, [3, 5])
+  np.testing.assert_array_equal(rows.state["s"], [0.0, 20.0])
+  slots = {"s": jnp.float32([7.0, 8.0, 9.0])}       # the window's clients 2, 0, 3
+  rows = cohort_source(gathered, slots, jax.random.key(0), windowed=True).rows(ids)
+  np.testing.assert_array_equal(rows.state["s"], [8.0, 7.0])
+
+
+def test_the_mean_aggregator_keeps_its_weightings_score_and_losses():
+  from fedjax_pers.core._aggregate import mean_aggregator
+
+  for weighting in (fp.aggregation.num_examples(), fp.aggregation.loss_improvement(1.0)):
+    agg = mean_aggregator(weighting)
+    assert agg.score is weighting.score and agg.init is weighting.init
+    assert agg.client_losses is weighting.client_losses
+  assert mean_aggregator(fp.aggregation.loss_improvement(1.0)).client_losses is True
+  assert mean_aggregator(fp.aggregation.num_examples()).score is not None
