@@ -63,13 +63,12 @@ def test_label_histogram_counts_the_real_labels():
   np.testing.assert_array_equal(hist, [1, 1, 3, 0])   # the padded 3 is not counted
 
 
-def test_stack_clients_gives_each_client_its_own_copy():
+def test_stack_clients_stacks_one_copy_per_client():
   tree = {"w": jnp.arange(3.0), "b": jnp.float32(2.0)}
   stacked = stack_clients(tree, 2)
   np.testing.assert_array_equal(stacked["w"], [[0, 1, 2], [0, 1, 2]])
   np.testing.assert_array_equal(stacked["b"], [2, 2])
-  stacked["w"].at[0].set(9.0)   # functional, and the copy does not alias the original
-  np.testing.assert_array_equal(tree["w"], [0, 1, 2])
+  assert stacked["w"].dtype == stacked["b"].dtype == jnp.float32
 
 
 def test_cohort_source_rows_and_reads_from_padded_and_capped_stores():
