@@ -41,6 +41,14 @@ def logreg_sgd(w, b, x, y, plan_idx, plan_mask, lr, mu=None, anchor=None, train_
   return w, b, loss_sum / max(count, 1), steps
 
 
+def cross_entropy(z, y):
+  """Per-example cross-entropy of integer labels `y` under logits `z[..., C]`, in float64."""
+  z = np.asarray(z, np.float64)
+  top = z.max(axis=-1, keepdims=True)
+  lse = (top + np.log(np.exp(z - top).sum(axis=-1, keepdims=True)))[..., 0]
+  return lse - np.take_along_axis(z, np.asarray(y)[..., None], -1)[..., 0]
+
+
 def logreg_grad(w, b, x, y):
   """Gradient of the mean cross-entropy of multinomial logistic regression."""
   p = softmax(x @ w + b)

@@ -177,9 +177,9 @@ def shuffle_fitted(key: jax.Array, n: jax.Array, max_n: int, min_n: int = 1) -> 
   `shuffle_valid` is prefix-stable in its width, so the client's real examples
   come out in exactly the same order, and so do the padding slots, which every
   round leaves in place. Under `vmap` a switch would become a select over every
-  class, so a batched call runs its elements one after another (`lax.map`, each with its
-  own switch): the engine builds plans one client at a time where there are
-  several classes (`Plan.plans_one_by_one`), and a sweep's variants
+  class, so a batched call runs its elements one after another (`lax.map`, each
+  with its own switch): the engine builds plans one client at a time where there
+  are several classes (`Plan.plans_one_by_one`), and a sweep's variants
   (`fedjax_pers.sweep`) keep the same work.
   """
   widths = width_classes(max_n, min_n)
