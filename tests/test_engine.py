@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import fedavg_round, logreg_sgd
+from _reference import fedavg_round
 
 import fedjax_pers as fp
 from fedjax_pers.algorithms import fedavg, fedprox
@@ -232,34 +232,6 @@ def test_bad_algorithm_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     alg = fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), work, **args)
     alg.init(jax.random.key(0), data)
-
-
-
-
-@pytest.mark.parametrize("mu", [None, 0.7])
-def test_local_train_is_sgd_over_its_batch_plan(mu):
-  """`local_train` (fine-tuning's and pFedHN's local steps) against float64 NumPy SGD on
-  the plan `batch_plan` draws from the key's first half, with FedProx's pull to the start."""
-  data = small_data(num_clients=3, sizes=[7, 4, 9])
-  model, work, c = logreg(), fp.LocalWork(3, epochs=2), 2
-  params = model.init(jax.random.key(1))
-  params = jax.tree.map(lambda p: p + 0.1, params)
-  client = fp.core.ClientData(data.x[c], data.y[c], data.num_examples[c], None, jnp.asarray(c))
-  key = jax.random.key(5)
-  out = fp.core.local_train(model, optax.sgd(0.2), params, client, key, work,
-                            max_examples=data.max_examples, min_examples=data.min_examples,
-                            prox_mu=mu)
-  plan = fp.core.batch_plan(jax.random.split(key)[0], data.num_examples[c], work,
-                            max_examples=data.max_examples, min_examples=data.min_examples,
-                            client_id=c)
-  w0, b0 = (np.asarray(params["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
-  x, y = np.asarray(data.x[c], np.float64), np.asarray(data.y[c])
-  w, b, loss, steps = logreg_sgd(w0, b0, x, y, np.asarray(plan.idx), np.asarray(plan.mask), 0.2,
-                                 mu=mu)
-  assert steps == 6 and int(out.count) == 2 * 9     # ⌈9/3⌉ batches per epoch
-  np.testing.assert_allclose(out.w["Dense_0"]["kernel"], w, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(out.w["Dense_0"]["bias"], b, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(float(out.loss_sum) / int(out.count), loss, rtol=1e-5)
 
 
 def test_per_client_state_helpers_by_hand():
