@@ -79,13 +79,14 @@ PACKAGES = {
 # tests of its own file.
 ENGINE = ["test_engine.py", "test_client.py", "test_core_edges.py"]
 MODULES = {"core": {
-    "_aggregate": ENGINE, "_client": ENGINE, "_cohort": ENGINE, "_program": ENGINE,
+    "_aggregate": ENGINE, "_client": ENGINE, "_cohort": ENGINE + ["test_cohort.py"],
+    "_program": ENGINE + ["test_program.py"],
     "_round": ENGINE, "_sgd": ENGINE + ["test_sgd.py"], "_source": ENGINE,
     "_batching": ["test_batching.py", "test_core_edges.py"],
     "_data": ["test_data.py", "test_arrays.py", "test_cap.py", "test_core_edges.py"],
     "_evaluate": ["test_evaluate.py", "test_core_edges.py"],
     "_execution": ["test_execution.py", "test_core_edges.py"],
-    "_lanes": ["test_execution.py"],
+    "_lanes": ["test_execution.py", "test_cohort.py"],
     "_model": ["test_models.py", "test_core_edges.py"],
     "_sampling": ["test_sampling.py", "test_poisson.py", "test_core_edges.py"],
     "_system": ["test_system.py", "test_core_edges.py"],

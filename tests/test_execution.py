@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import deal_by_steps, fedavg_round, lpt_makespan
+from _reference import fedavg_round, lpt_makespan
 from test_engine import run
 
 import fedjax_pers as fp
-from fedjax_pers.core import _cohort, _lanes, _program
+from fedjax_pers.core import _lanes, _program
 
 SIZES = [3, 41, 7, 12, 26, 5, 9, 60, 2, 15]
 
@@ -193,20 +193,6 @@ def test_lanes_run_the_lpt_schedule():
         program, None, c0, st, jnp.asarray(counts), clients, read, lanes=lanes))(carry0, steps)
     np.testing.assert_array_equal(result.carries, counts)
     assert int(result.lane_steps) == lanes * lpt_makespan(counts, lanes)
-
-
-def test_balance_deals_clients_by_steps():
-  rs = np.random.RandomState(1)
-  for devices, k in [(2, 10), (4, 12), (3, 9)]:
-    counts = (np.exp(rs.normal(3, 1.5, k))).astype(np.int32)
-    perm = np.asarray(_cohort.balance(jnp.asarray(counts), devices))
-    assert sorted(perm.tolist()) == list(range(k))
-    got = [sorted(perm[j * (k // devices):(j + 1) * (k // devices)].tolist())
-           for j in range(devices)]
-    assert got == [sorted(g) for g in deal_by_steps(counts.tolist(), devices)]
-    loads = [counts[g].sum() for g in got]
-    # Within the largest client of the most loaded device of an optimal split.
-    assert max(loads) - min(loads) <= counts.max()
 
 
 def test_auto_plan_follows_sizes_model_and_gradients():

@@ -272,3 +272,11 @@ def test_local_train_is_sgd_over_its_batch_plan(mu):
   np.testing.assert_allclose(out.w["Dense_0"]["kernel"], w, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out.w["Dense_0"]["bias"], b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(out.loss_sum) / int(out.count), loss, rtol=1e-5)
+
+
+def test_fedavgs_client_by_default_reports_no_losses():
+  program = fedavg_program(MODEL, optax.sgd(0.3), fp.LocalWork(2, epochs=2), num_classes=4,
+                           max_examples=5)
+  state = SGDState(params(), None, jnp.float32(2.0), jnp.int32(4))
+  out = program.finish(params(), _client(4), state)
+  assert out.loss_before is None and out.loss_after is None
