@@ -238,7 +238,8 @@ def make_round(
   Returns:
     `round(state, data) -> (state, RoundMetrics)`.
   """
-  if not isinstance(clients_per_round, int) or clients_per_round < 1:
+  if (not isinstance(clients_per_round, int) or isinstance(clients_per_round, bool)
+      or clients_per_round < 1):
     raise ValueError(
         f"clients_per_round must be a positive int; got {clients_per_round!r}.")
   execution = as_execution(execution)

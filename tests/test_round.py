@@ -1,0 +1,214 @@
+"""The round's parts (`core._round`) one at a time: the population's steps, the cohort's plan,
+sampler and deal, the first state, and the round's own bookkeeping (windows, per-client
+states, metrics) against sums by hand."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_engine import logreg, small_data
+
+import fedjax_pers as fp
+from fedjax_pers.core._batching import width_classes
+from fedjax_pers.core._client import ClientOutput
+from fedjax_pers.core._cohort import balance_on_host
+from fedjax_pers.core._execution import plan as plan_of_execution
+from fedjax_pers.core._program import LocalProgram, Steps
+from fedjax_pers.core._round import (
+  ClientWindow,
+  cohort_dealer,
+  cohort_plan,
+  cohort_sampler,
+  make_init,
+  make_round,
+  make_sampler,
+  population_counts,
+)
+from fedjax_pers.core._sampling import poisson_cohort, sample_clients
+from fedjax_pers.core._sgd import fedavg_program
+
+WORK = fp.LocalWork(2, epochs=1)
+
+
+def _fedavg(data, work=WORK):
+  return fedavg_program(logreg(), optax.sgd(0.1), work, num_classes=3,
+                        max_examples=data.max_examples, min_examples=data.min_examples)
+
+
+def test_the_populations_steps_are_the_programs_on_the_host():
+  data = small_data(sizes=[3, 8, 5, 1])
+  counts = population_counts(_fedavg(data), data)
+  assert isinstance(counts, np.ndarray)
+  np.testing.assert_array_equal(counts, [2, 4, 3, 1])          # ⌈n / 2⌉
+  fixed = population_counts(_fedavg(data, fp.LocalWork(2, steps=5)), data)
+  np.testing.assert_array_equal(fixed, [5, 5, 5, 5])
+  by_id = LocalProgram(None, None, None, lambda c: c.num_examples * 0 + 2 * c.id)
+  np.testing.assert_array_equal(population_counts(by_id, data), [0, 2, 4, 6])
+  bare = dataclasses.replace(data, host_sizes=None)
+  assert population_counts(_fedavg(data), bare) is None
+
+
+def test_the_cohorts_plan_pads_the_cohort_caps_the_program_and_counts_width_classes():
+  data = small_data(sizes=[3, 80, 5, 100, 7])
+  params = logreg().init(jax.random.key(0))
+  execution = fp.Execution(strategy="auto", mesh=fp.distributed.client_mesh(2))
+  got = cohort_plan(_fedavg, execution, 3)(params, data)
+  want = plan_of_execution(execution, params, population_counts(_fedavg(data), data), 4,
+                           size_classes=len(width_classes(100, 3)))
+  assert got == want and len(width_classes(100, 3)) == 2 and got.plans_one_by_one
+  capped = data.with_cap(4)
+  got = cohort_plan(_fedavg, fp.Execution(strategy="lanes"), 5)(params, capped)
+  want = plan_of_execution(fp.Execution(strategy="lanes"), params,
+                           np.array([2, 2, 2, 2, 2]), 5, size_classes=1)
+  assert got == want and got.lanes == 5            # every client: ⌈min(n, 4) / 2⌉ = 2 steps
+  assert cohort_plan(_fedavg, None, 5)(params, data) == plan_of_execution(
+      fp.Execution(), params, population_counts(_fedavg(data), data), 5, size_classes=2)
+
+
+def test_the_sampler_splits_the_key_and_draws_by_the_execution():
+  rng = jax.random.key(3)
+  nxt, k_sample, k_clients = jax.random.split(rng, 3)
+  key_data = jax.random.key_data
+  ids, keys = make_sampler(3)(rng, 10)
+  np.testing.assert_array_equal(ids, sample_clients(k_sample, 10, 3))
+  for got, want in zip(keys, (nxt, k_sample, k_clients)):
+    np.testing.assert_array_equal(key_data(got), key_data(want))
+  probs = np.array([0.0, 0.0, 0.5, 0.0, 0.5, 0.0], np.float32)
+  ids, _ = make_sampler(2, fp.Execution(sampling_probs=probs))(rng, 6)
+  np.testing.assert_array_equal(np.sort(ids), [2, 4])
+  np.testing.assert_array_equal(ids, sample_clients(k_sample, 6, 2, probs=jnp.asarray(probs)))
+  with pytest.raises(ValueError, match=r"sampling probabilities must have shape \(num_clients,\)"):
+    make_sampler(2, fp.Execution(sampling_probs=probs))(rng, 7)
+  ids, _ = make_sampler(4, fp.Execution(poisson_rate=0.3))(rng, 10)
+  np.testing.assert_array_equal(ids, poisson_cohort(k_sample, 10, 4, 0.3)[0])
+  ids, nxt_rng = cohort_sampler(3)(rng, 10)
+  np.testing.assert_array_equal(ids, sample_clients(k_sample, 10, 3))
+  np.testing.assert_array_equal(key_data(nxt_rng), key_data(nxt))
+
+
+def test_the_dealer_balances_the_padded_cohort_on_the_host():
+  data = small_data(sizes=[3, 8, 5, 1, 9, 2])
+  counts = population_counts(_fedavg(data), data)          # [2, 4, 3, 1, 5, 1]
+  assert cohort_dealer(_fedavg, None)(data) is None
+  assert cohort_dealer(_fedavg, fp.Execution(mesh=fp.distributed.client_mesh(1)))(data) is None
+  two = fp.distributed.client_mesh(2)
+  assert cohort_dealer(_fedavg, fp.Execution(mesh=two, differentiable=True))(data) is None
+  deal = cohort_dealer(_fedavg, fp.Execution(mesh=two))(data)
+  padded, perm = deal(np.array([4, 0, 1]))
+  np.testing.assert_array_equal(padded, [4, 0, 1, 4])
+  np.testing.assert_array_equal(perm, balance_on_host(np.array([5, 2, 4, 0]), 2))
+  np.testing.assert_array_equal(perm, [0, 3, 2, 1])        # 5 | 4, 2 | 0 ... as dealt
+  padded, perm = cohort_dealer(_fedavg, fp.Execution(mesh=two))(data.with_cap(2))(
+      np.array([4, 0]))
+  np.testing.assert_array_equal(perm, balance_on_host(np.array([1, 1]), 2))
+  bare = dataclasses.replace(data, host_sizes=None)
+  _, perm = cohort_dealer(_fedavg, fp.Execution(mesh=two))(bare)(np.array([4, 0, 1, 2]))
+  np.testing.assert_array_equal(perm, [0, 1, 2, 3])        # no sizes: all equal, in order
+  assert counts.tolist() == [2, 4, 3, 1, 5, 1]
+
+
+def test_the_first_state():
+  data = small_data(num_clients=5)
+  model, server = logreg(), optax.adam(0.1)
+  weighting = fp.aggregation.num_examples()
+  states = lambda p, n: {"s": jnp.zeros((n, 2))}
+  init = make_init(model, server, weighting, clients_per_round=2, client_states=states,
+                   algorithm=lambda p: jnp.float32(7))
+  s = init(jax.random.key(4), data)
+  k_model, k_rounds = jax.random.split(jax.random.key(4))
+  want = model.init(k_model)
+  for got, w in zip(jax.tree.leaves(s.params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(got, w)
+  np.testing.assert_array_equal(jax.random.key_data(s.rng), jax.random.key_data(k_rounds))
+  assert jax.tree.structure(s.opt_state) == jax.tree.structure(server.init(want))
+  assert s.client_states["s"].shape == (5, 2) and float(s.algorithm) == 7.0
+  assert int(s.round) == 0 and s.round.dtype == jnp.int32
+  assert jax.tree.structure(s.weight_state) == jax.tree.structure(weighting.init(5))
+  window = dataclasses.replace(data, window=jnp.int32([3, 1]))
+  s = init(jax.random.key(4), window)
+  assert isinstance(s.client_states, ClientWindow)
+  assert s.client_states.states["s"].shape == (2, 2)
+  bare = make_init(model, server, weighting, clients_per_round=2)(jax.random.key(4), data)
+  assert bare.client_states == () and bare.algorithm == ()
+  with pytest.raises(ValueError, match="clients_per_round"):
+    make_init(model, server, weighting, clients_per_round=6)(jax.random.key(4), data)
+  mesh = fp.distributed.client_mesh(4)
+  placed = make_init(model, server, weighting, clients_per_round=2,
+                     execution=fp.Execution(mesh=mesh))(jax.random.key(4), data)
+  assert placed.params["Dense_0"]["kernel"].sharding.mesh == mesh
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.0, True])
+def test_a_round_needs_a_positive_int_cohort(k):
+  with pytest.raises(ValueError, match=f"clients_per_round must be a positive int; got {k!r}"):
+    make_round(_fedavg, fp.aggregation.num_examples(), optax.sgd(1.0), clients_per_round=k)
+
+
+def _toy(data):
+  """Δ = (client id + 1) on every parameter, train loss = id, one step; client 2's
+  update is not finite; a personal state s ← s + id + 1."""
+  def finish(params, client, c):
+    d = (client.id + 1).astype(jnp.float32)
+    d = jnp.where(client.id == 2, jnp.nan, d)
+    delta = jax.tree.map(lambda p: jnp.full_like(p, d), params)
+    return ClientOutput(delta, client.num_examples, client.id.astype(jnp.float32), 0,
+                        jnp.zeros(3), jnp.isfinite(d),
+                        client_state=None if client.state is None else client.state + d)
+
+  idx = jnp.zeros((1, 1), jnp.int32)
+  return LocalProgram(lambda p, c, k: (0, Steps(idx, idx < c.num_examples)),
+                      lambda p, c, b: c + 1, finish, lambda c: 1)
+
+
+def _toy_round(k, states=False, **kw):
+  agg = fp.aggregation.num_examples()
+  round_fn = make_round(_toy, agg, optax.sgd(1.0), clients_per_round=k, **kw)
+  init = make_init(logreg(), optax.sgd(1.0), agg, clients_per_round=k,
+                   client_states=(lambda p, n: jnp.zeros(n)) if states else None)
+  return init, round_fn
+
+
+def test_the_rounds_metrics_and_states_by_hand():
+  """Cohort (4, 2, 0) of sizes (6, 4, 3): client 2 is not finite, so it weighs 0, counts
+  once in num_nonfinite and keeps its state; the loss is the finite clients' mean by size."""
+  data = small_data(sizes=[3, 5, 4, 7, 6])
+  init, round_fn = _toy_round(3, states=True, cohort=jnp.int32([4, 2, 0]))
+  s0 = init(jax.random.key(0), data)
+  s0 = s0._replace(client_states=jnp.float32([10, 11, 12, 13, 14]))
+  s1, m = jax.jit(round_fn)(s0, data)
+  np.testing.assert_array_equal(m.clients, [4, 2, 0])
+  np.testing.assert_allclose(m.weights, [6 / 9, 0, 3 / 9], rtol=1e-6)
+  assert int(m.num_nonfinite) == 1
+  np.testing.assert_allclose(float(m.train_loss), (6 * 4 + 3 * 0) / 9, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(m.client_train_loss)[[0, 2]], [4, 0])
+  np.testing.assert_array_equal(s1.client_states, [11, 11, 12, 13, 19])
+  delta = (6 * 5 + 3 * 1) / 9
+  np.testing.assert_allclose(s1.params["Dense_0"]["bias"], s0.params["Dense_0"]["bias"] + delta,
+                             rtol=1e-6)
+  assert int(s1.round) == 1 and int(m.real_steps) == 3 and m.present.all()
+  assert not np.any(m.stragglers)
+  np.testing.assert_array_equal(jax.random.key_data(s1.rng),
+                                jax.random.key_data(jax.random.split(s0.rng, 3)[0]))
+
+
+def test_a_windowed_round_takes_its_cohort_from_the_window_and_writes_its_slots():
+  data = small_data(sizes=[3, 5, 4, 7, 6])
+  window = jnp.int32([1, 2, 4])
+  gathered = dataclasses.replace(data, x=data.x[window], y=data.y[window], window=window)
+  init, round_fn = _toy_round(3, states=True)
+  s0 = init(jax.random.key(0), gathered)
+  s0 = s0._replace(client_states=ClientWindow(jnp.float32([1, 2, 3])))
+  s1, m = round_fn(s0, gathered)
+  np.testing.assert_array_equal(m.clients, [1, 2, 4])
+  assert isinstance(s1.client_states, ClientWindow)
+  np.testing.assert_array_equal(s1.client_states.states, [3, 2, 8])   # slot 1 not finite
+  with pytest.raises(ValueError, match=r"data.window holds \(2,\) client ids; a round of "
+                                       r"clients_per_round=3 needs \(3,\)"):
+    round_fn(s0, dataclasses.replace(gathered, window=jnp.int32([1, 2])))
+  with pytest.raises(ValueError, match="state.client_states is a ClientWindow"):
+    round_fn(s0, data)
+  with pytest.raises(ValueError, match="data.deal needs a window and x rows for the 3 padded"):
+    round_fn(s0, dataclasses.replace(gathered, deal=jnp.arange(3), window=None))
