@@ -62,7 +62,9 @@ PACKAGES = {
                     "test_fednova.py"],
     "core": ["test_engine.py", "test_batching.py", "test_execution.py", "test_cap.py",
              "test_system.py", "test_poisson.py", "test_arrays.py", "test_models.py",
-             "test_distributed.py", "test_store.py", "test_data.py", "test_core_edges.py"],
+             "test_distributed.py", "test_store.py", "test_data.py", "test_core_edges.py",
+             "test_client.py", "test_sampling.py", "test_evaluate.py", "test_sgd.py",
+             "test_program.py", "test_cohort.py", "test_round.py"],
     "algorithms": ["test_algorithm_options.py", "test_apfl.py", "test_ditto.py",
                    "test_fedala.py", "test_fedbabu.py", "test_fedbn.py", "test_fedbuff.py",
                    "test_feddyn.py", "test_fednova.py",
@@ -109,6 +111,30 @@ pytest_add_cli_args = ["-q", "-m", "not run and not slow"]
 also_copy = ["configs/"]
 process_isolation = "forkserver"
 """
+
+
+IMPORT_CHECK = """
+import importlib, sys
+sys.path.insert(0, "tests")
+from jax._src import xla_bridge
+for name in sys.argv[1:]:
+  importlib.import_module(name)
+  if xla_bridge._backends:
+    sys.exit(f"tests/{name}.py starts JAX's backend when it is imported (a JAX array at "
+             "module level?): mutmut's fork server would then hang every mutant until its "
+             "timeout. Build such values in a function.")
+"""
+
+
+def check_imports(package: str, workdir: Path, modules: list[str] | None = None) -> None:
+  """Refuses a pass whose test modules start JAX's backend when imported (see the README)."""
+  own = PACKAGES[package] if not modules else list(dict.fromkeys(
+      t for m in modules for t in MODULES[package][m]))
+  names = [t.removesuffix(".py") for t in own]
+  done = subprocess.run([sys.executable, "-c", IMPORT_CHECK, *names], cwd=workdir,
+                        capture_output=True, text=True)
+  if done.returncode:
+    sys.exit(done.stderr.strip().splitlines()[-1])
 
 
 def prepare(package: str, workdir: Path, modules: list[str] | None = None) -> None:
@@ -269,6 +295,7 @@ def main() -> None:
   names = list(args.names)
   if not args.report_only:
     prepare(args.package, workdir, args.module)
+    check_imports(args.package, workdir, args.module)
     mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut"
     run = [mutmut, "run", "--max-children", str(args.max_children)]
     batches = [names]

@@ -33,7 +33,7 @@ RS = np.random.RandomState(0)
 XS = RS.uniform(1, 2, size=(8, S)).astype(np.float32)
 XS[5, 0] = np.nan                                  # client 5's update is not finite
 YS = RS.randint(0, 3, size=(8, S))
-PARAMS = {"a": jnp.float32(0.9), "c0": jnp.float32(0.5)}
+PARAMS = {"a": np.float32(0.9), "c0": np.float32(0.5)}   # (no JAX array at import)
 
 
 def _extra(key):

@@ -63,7 +63,7 @@ def _client(n):
   return ClientData(jnp.asarray(X), jnp.asarray(Y), jnp.int32(n), None, jnp.int32(0))
 
 
-PARAMS = {"a": jnp.float32(0.5), "c0": jnp.float32(2.0)}
+PARAMS = {"a": np.float32(0.5), "c0": np.float32(2.0)}   # (no JAX array at import)
 
 
 def test_array_module_is_numpy_only_for_host_values():
