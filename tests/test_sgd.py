@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import cross_entropy, logreg_grad, logreg_sgd, softmax
+from _reference import cross_entropy, dropout_logreg, logreg_grad, logreg_sgd, softmax
 from test_engine import logreg, small_data
 
 import fedjax_pers as fp
@@ -115,8 +115,9 @@ def test_the_optimizer_reads_its_state_and_the_params():
 
 
 def _centring_model():
-  """A hand-made model with batch statistics: logits (x − μ_b) W where μ_b is the mean of
-  the batch's real rows in training; the running mean m ← (m + μ_b)/2 is written back."""
+  """A hand-made model with batch statistics: logits s (x − μ_b/2) W in training, where μ_b
+  is the mean of the batch's real rows and s = 1 + u, u uniform from the step's key; the
+  running mean m ← (m + μ_b)/2 is written back."""
 
   def batch_mean(x, mask):
     return jnp.sum(jnp.where(mask[:, None], x, 0.0), 0, keepdims=True) / jnp.maximum(
@@ -124,7 +125,7 @@ def _centring_model():
 
   def train(p, x, mask, key=None):
     mu = batch_mean(x, mask)
-    return (x - mu) @ p["w"], (p["m"] + mu[0]) / 2
+    return (1 + jax.random.uniform(key)) * ((x - mu / 2) @ p["w"]), (p["m"] + mu[0]) / 2
 
   return fp.core.Model(
       init=None, apply=lambda p, x, key=None, train=False: (x - p["m"][None]) @ p["w"],
@@ -143,14 +144,16 @@ def test_a_step_with_batch_statistics_normalises_by_the_real_rows_and_writes_the
     mask = np.array(mask)
     x = X.copy()
     x[~mask] = 40.0
+    key = jax.random.key(len(mask) + mask.sum())
     s = sgd_step(model, tx, sgd_init(tx, p), jnp.asarray(x), jnp.asarray(Y), jnp.asarray(mask),
-                 jax.random.key(0), prox_mu=mu, anchor=anchor)
+                 key, prox_mu=mu, anchor=anchor)
+    scale = 1 + float(jax.random.uniform(key))
     xr = X[mask].astype(np.float64)
     mean = xr.mean(0)
-    z = (xr - mean) @ W0.astype(np.float64)
+    z = scale * (xr - mean / 2) @ W0.astype(np.float64)
     pr = softmax(z)
     pr[np.arange(len(xr)), Y[mask]] -= 1.0
-    gw = (xr - mean).T @ pr / len(xr)
+    gw = scale * (xr - mean / 2).T @ pr / len(xr)
     if mu is not None:
       gw = gw + mu * (W0 - np.asarray(anchor["w"]))
     np.testing.assert_allclose(s.w["w"], W0 - 0.5 * gw, rtol=1e-5, atol=1e-6)
@@ -203,10 +206,11 @@ def test_the_sgd_program_starts_where_told_and_pulls_towards_its_anchor():
 
 def test_a_clients_output_by_hand():
   client = _client(4)
-  w = params(W0 + 0.5, B0 - 1.0)
+  shift = np.arange(4, dtype=np.float32)        # a change of the loss: not the same for every class
+  w = params(1.5 * W0, B0 + shift)
   out = client_output(MODEL, params(), client, w, jnp.float32(3.0), jnp.int32(0), 5)
-  np.testing.assert_allclose(out.delta["Dense_0"]["kernel"], 0.5 + 0 * W0, atol=1e-6)
-  np.testing.assert_allclose(out.delta["Dense_0"]["bias"], -1.0 + 0 * B0, atol=1e-6)
+  np.testing.assert_allclose(out.delta["Dense_0"]["kernel"], 0.5 * W0, rtol=1e-6)
+  np.testing.assert_allclose(out.delta["Dense_0"]["bias"], shift, atol=1e-6)
   assert out.num_examples is client.num_examples
   assert float(out.train_loss) == 3.0                   # no example seen: the sum over 1
   assert (int(out.num_steps), out.num_steps.dtype) == (0, jnp.int32)
@@ -215,9 +219,10 @@ def test_a_clients_output_by_hand():
   out = client_output(MODEL, params(), client, w, jnp.float32(3.0), jnp.int32(4), 5,
                       client_losses=True)
   assert float(out.train_loss) == 0.75
-  for got, (pw, pb) in ((out.loss_before, (W0, B0)), (out.loss_after, (W0 + 0.5, B0 - 1.0))):
-    want = cross_entropy(X[:4].astype(np.float64) @ pw + pb, Y[:4]).mean()
-    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  wants = [cross_entropy(X[:4].astype(np.float64) @ pw + pb, Y[:4]).mean()
+           for pw, pb in ((W0, B0), (1.5 * W0, B0 + shift))]
+  assert abs(wants[0] - wants[1]) > 0.1
+  np.testing.assert_allclose([float(out.loss_before), float(out.loss_after)], wants, rtol=1e-5)
   inf = params(np.where(np.eye(3, 4) > 0, np.inf, W0), B0)
   assert not bool(client_output(MODEL, params(), client, inf, jnp.float32(0), jnp.int32(1),
                                 5).finite)
@@ -280,3 +285,57 @@ def test_fedavgs_client_by_default_reports_no_losses():
   state = SGDState(params(), None, jnp.float32(2.0), jnp.int32(4))
   out = program.finish(params(), _client(4), state)
   assert out.loss_before is None and out.loss_after is None
+
+
+def test_a_step_trains_with_its_key():
+  """Dropout draws from the step's key: the same key gives the same step, another key
+  another, and no key no step (flax has no rng to draw from)."""
+  model = dropout_logreg(dim=3, num_classes=4, rate=0.5)
+  p = model.init(jax.random.key(0))
+  tx = optax.sgd(0.5)
+  step = lambda key: sgd_step(model, tx, sgd_init(tx, p), jnp.asarray(X), jnp.asarray(Y),
+                              jnp.ones(5, bool), key)
+  a, b, c = step(jax.random.key(1)), step(jax.random.key(1)), step(jax.random.key(2))
+  same(a, b)
+  assert not np.allclose(a.w["Dense_0"]["kernel"], c.w["Dense_0"]["kernel"])
+  program = sgd_program(model, tx, fp.LocalWork(2, steps=1), max_examples=5)
+  batch = Batch(jnp.asarray(X), jnp.asarray(Y), jnp.ones(5, bool), jax.random.key(1))
+  same(program.step(p, sgd_init(tx, p), batch), a)
+
+
+def test_per_client_steps_follow_the_clients_id():
+  """`LocalWork(steps=(K_0, K_1, ...))`: client c takes K_c steps, found by its id."""
+  work = fp.LocalWork(2, steps=(1, 2, 3, 4))
+  program = sgd_program(MODEL, optax.sgd(0.1), work, max_examples=5)
+  for c in range(4):
+    client = _client(5)._replace(id=jnp.int32(c))
+    assert int(program.num_steps(client)) == c + 1
+    steps = sgd_steps(jax.random.key(c), client, work, max_examples=5, min_examples=1)
+    np.testing.assert_array_equal(steps.mask.any(1), np.arange(4) < c + 1)
+
+
+@pytest.mark.parametrize("work", [fp.LocalWork(2, steps=3), fp.LocalWork(2, epochs=2)])
+def test_local_trains_gradient_matches_finite_differences_in_float64(work):
+  """d/dθ of a fixed linear read-out of the trained model, through local SGD (3 steps for
+  everyone, or 2 epochs: a count known only when traced), against central differences."""
+  with jax.enable_x64(True):
+    data = small_data(num_clients=2, sizes=[5, 3])
+    model = logreg()
+    p0 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.key(1)))
+    client = fp.core.ClientData(jnp.asarray(data.x[0], jnp.float64), data.y[0],
+                                data.num_examples[0], None, jnp.int32(0))
+    read = jnp.asarray(np.random.RandomState(3).normal(size=p0["Dense_0"]["kernel"].shape))
+
+    def f(kernel):
+      p = {"Dense_0": {**p0["Dense_0"], "kernel": kernel}}
+      out = fp.core.local_train(model, optax.sgd(0.7), p, client, jax.random.key(2), work,
+                                max_examples=data.max_examples, min_examples=3)
+      return jnp.sum(out.w["Dense_0"]["kernel"] * read) + out.loss_sum
+
+    k0 = p0["Dense_0"]["kernel"]
+    grad = jax.grad(f)(k0)
+    eps = 1e-6
+    for i, j in ((0, 0), (2, 1), (4, 2)):
+      e = jnp.zeros_like(k0).at[i, j].set(eps)
+      fd = (f(k0 + e) - f(k0 - e)) / (2 * eps)
+      np.testing.assert_allclose(float(grad[i, j]), float(fd), rtol=1e-6, atol=1e-9)
