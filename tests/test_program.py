@@ -112,6 +112,8 @@ def test_padding_adds_steps_that_hold_no_example():
   assert not np.any(padded.mask[S:])
   np.testing.assert_array_equal(padded.extra[:S], steps.extra)
   np.testing.assert_array_equal(padded.extra[S:], [steps.extra[0]] * 2)
+  wide = pad_steps(Steps(steps.idx, steps.mask, jnp.arange(2 * S).reshape(S, 2)), S + 2)
+  np.testing.assert_array_equal(wide.extra[S:], [[0, 1], [0, 1]])   # each step's own row
   keys = Steps(steps.idx, steps.mask, jax.random.split(jax.random.key(1), S))
   padded = pad_steps(keys, S + 1)
   np.testing.assert_array_equal(jax.random.key_data(padded.extra[S]),
@@ -200,16 +202,18 @@ def test_a_capped_program_trains_on_the_cap_and_reports_the_true_size():
 
   def finish(params, client, c):
     seen.append(client.num_examples)
-    return ClientOutput(c, client.num_examples, c, 0, 0, True)
+    return ClientOutput(c * params["a"], client.num_examples, c, 0, 0, True)
 
   base = _program()._replace(finish=finish)
   program = capped(base, 4)
   client = _client(7)
   c0, steps = program.start(PARAMS, client, jax.random.key(0))
   np.testing.assert_array_equal(steps.mask, _plan(4, jax.random.key(0)).mask)
+  np.testing.assert_array_equal(steps.extra, _plan(4, jax.random.key(0)).extra)
   assert int(program.num_steps(client)) == 2 and int(program.num_steps(_client(3))) == 1
   out = program.finish(PARAMS, client, c0)
   assert int(out.num_examples) == 7 and int(seen[-1]) == 4
+  assert float(out.delta) == 2.0 * 0.5 and float(out.train_loss) == 2.0
   host = client._replace(num_examples=9)
   assert program.num_steps(host) == 2 and isinstance(program.num_steps(host), (int, np.integer))
   plain = capped(_program(), 4).finish(PARAMS, client, c0)
