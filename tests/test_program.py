@@ -162,6 +162,23 @@ def test_the_gradient_through_the_guarded_scan_is_that_of_the_counted_steps():
   np.testing.assert_allclose(float(grad["c0"]), a ** count, rtol=1e-6)
 
 
+def test_reverse_mode_goes_through_a_differentiable_client_and_any_full_length_one():
+  """A client asked to be differentiable, and one whose count is known to be every step
+  (a plain scan either way), have dc_K/dc_0 = a^K; a traced count without asking is a
+  while loop, which reverse mode refuses."""
+  key = jax.random.key(5)
+  last = lambda program, **kw: (lambda p: run_client(program, p, _client(6), key, **kw)[0][0])
+  g = jax.grad(last(_program(), differentiable=True))(PARAMS)
+  assert float(g["c0"]) == pytest.approx(0.5 ** 3)
+  g = jax.grad(last(_program(halving=False), differentiable=False))(PARAMS)
+  assert float(g["c0"]) == pytest.approx(0.5 ** S)
+  g = jax.grad(lambda p: run_steps(_program(halving=False), p, _client(6), p["c0"],
+                                   _plan(6, None), S, differentiable=False))(PARAMS)
+  assert float(g["c0"]) == pytest.approx(0.5 ** S)
+  with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+    jax.grad(last(_program(), differentiable=False))(PARAMS)
+
+
 def test_a_client_runs_start_its_steps_and_finish():
   key = jax.random.key(3)
   for differentiable in (False, True):
