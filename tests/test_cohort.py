@@ -146,12 +146,27 @@ def test_a_scored_scan_streams_the_weighted_sum_of_the_finite_valid_clients(diff
                                          for i, v in zip(IDS, VALID)])
 
 
+def test_reverse_mode_goes_through_a_differentiable_streamed_cohort():
+  """Σ_i u_i c_i with u_i = n_i + 1: d/dc_0 = Σ_i u_i a^{n_i} over the valid finite clients
+  (client 5's NaN update weighs 0)."""
+  plan = Plan("scan", None, None, True)
+  keys = jax.random.split(jax.random.key(4), len(IDS))
+  clients = _source().rows(jnp.asarray(IDS))
+  score = lambda out: out.num_examples.astype(jnp.float32) + 1.0
+  total = lambda p: run_cohort(_program(), p, clients, keys, jnp.asarray(VALID), plan=plan,
+                               score=score)[1][0]["a"]
+  g = jax.grad(total)(PARAMS)
+  want = sum((SIZES[i] + 1.0) * 0.9 ** SIZES[i] for i, v in zip(IDS, VALID) if v and i != 5)
+  np.testing.assert_allclose(float(g["c0"]), want, rtol=1e-5)
+
+
 def test_reading_from_a_table_by_handle_equals_the_clients_own_rows():
   keys = jax.random.split(jax.random.key(5), 3)
   ids = jnp.int32([4, 0, 6])
   clients = _source().rows(ids)
   twice = jnp.asarray(XS) * 2
   reader = lambda h: lambda idx: (twice[h][idx], jnp.asarray(YS)[h][idx])
+  score = lambda out: jnp.float32(1)
   for plan in (PLANS["vmap"], PLANS["scan"], PLANS["lanes"]):
     (own, _), *_ = run_cohort(_program(), PARAMS, clients, keys, jnp.ones(3, bool), plan=plan)
     (read, _), *_ = run_cohort(_program(), PARAMS, clients._replace(x=clients.x * 2), keys,
@@ -160,6 +175,12 @@ def test_reading_from_a_table_by_handle_equals_the_clients_own_rows():
                                     plan=plan, handles=ids, reader=reader)
     np.testing.assert_array_equal(_delta(by_handle.delta), _delta(read.delta))
     assert not np.allclose(_delta(own.delta), _delta(read.delta))
+  # Streamed: the sum of the updates read by handle is that of the doubled rows.
+  _, (want, _), _, _ = run_cohort(_program(), PARAMS, clients._replace(x=clients.x * 2), keys,
+                                  jnp.ones(3, bool), plan=PLANS["scan"], score=score)
+  _, (got, _), _, _ = run_cohort(_program(), PARAMS, clients, keys, jnp.ones(3, bool),
+                                 plan=PLANS["scan"], score=score, handles=ids, reader=reader)
+  np.testing.assert_array_equal(_delta(got), _delta(want))
 
 
 def test_an_unknown_strategy_is_refused():
@@ -257,6 +278,8 @@ def test_chunk_cost_by_hand():
   assert int(_chunk_cost(counts, 5)) == 5 * 5
   assert int(_chunk_cost(counts, 3)) == 3 * 4 + 2 * 5
   assert int(_chunk_cost(counts, 1)) == 14
+  big = jnp.int32([2**24 + 1, 3])                 # exact in int32, not in float32
+  assert _chunk_cost(big, 3).dtype == jnp.int32 and int(_chunk_cost(big, 3)) == 2 * (2**24 + 1)
 
 
 def test_padding_a_cohort_repeats_its_first_clients_as_invalid():
@@ -268,6 +291,12 @@ def test_padding_a_cohort_repeats_its_first_clients_as_invalid():
   assert isinstance(idx, jax.Array)
   np.testing.assert_array_equal(idx, [5, 7, 5, 7])
   np.testing.assert_array_equal(valid, [True, True, False, False])
+  idx, valid = pad_cohort(np.array([5, 7, 9]), 4)
+  np.testing.assert_array_equal(idx, [5, 7, 9, 5])
+  np.testing.assert_array_equal(valid, [True, True, True, False])
+  idx, valid = pad_cohort(np.array([6]), 4)
+  np.testing.assert_array_equal(idx, [6, 6, 6, 6])
+  np.testing.assert_array_equal(valid, [True, False, False, False])
   idx, valid = pad_cohort(np.array([1, 2, 3, 4]), 4)
   np.testing.assert_array_equal(idx, [1, 2, 3, 4])
   assert valid.all() and valid.shape == (4,)
