@@ -2,6 +2,8 @@
 computed in Python: every strategy's outputs, counts and executed steps, streaming with
 scores, padding clients, sharding over four devices, and the small helpers by hand."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,7 +193,7 @@ def test_an_unknown_strategy_is_refused():
                plan=Plan("loop", None, None, False))
 
 
-@pytest.mark.parametrize("devices", [None, 4])
+@pytest.mark.parametrize("devices", [None, 2, 4])
 @pytest.mark.parametrize("name", ["vmap", "scan", "lanes", "differentiable"])
 def test_executing_a_cohort_gives_each_client_its_key_and_steps(devices, name):
   """Keys `fold_in(key, id)`, outputs in the order of the ids whatever the deal over devices,
@@ -213,11 +215,21 @@ def test_executing_a_cohort_gives_each_client_its_key_and_steps(devices, name):
   if devices is None:
     assert int(result.executed_steps) == _expected_executed(plan, counts)
   else:   # each device runs its dealt share by the plan; the total is their sum
-    perm = np.asarray(balance(jnp.asarray(np.where(valid, SIZES[np.asarray(ids)], 0)), 4))
-    shares = np.asarray(counts)[perm].reshape(4, 2)
-    want = sum(_expected_executed(plan._replace(lanes=2) if plan.lanes else plan, list(s))
-               for s in shares)
+    perm = np.asarray(balance(jnp.asarray(np.where(valid, SIZES[np.asarray(ids)], 0)), devices))
+    shares = np.asarray(counts)[perm].reshape(devices, -1)
+    want = sum(_expected_executed(plan, list(s)) for s in shares)
     assert int(result.executed_steps) == want
+
+
+def test_padding_clients_count_no_steps_when_the_cohort_is_dealt():
+  """Cohort (2, 0, 4, 3, 7, 1) of steps (3, 4, 2, 0, 1, 1), only 2, 7, 1 valid, on 3 devices:
+  the valid steps (3, 0, 0, 0, 1, 1) deal as (2, 3 | 7, 0 | 1, 4), padded steps 2·3 + 2·1 +
+  2·1 = 10. (Had the invalid clients counted a step each, the deal would differ: 8.)"""
+  ids = jnp.int32([2, 0, 4, 3, 7, 1])
+  valid = jnp.asarray([True, False, False, False, True, True])
+  result = execute_cohort(_program(), PARAMS, _source(), ids, valid, jax.random.key(0),
+                          plan=PLANS["vmap"], mesh=fp.distributed.client_mesh(3))
+  assert int(result.executed_steps) == 10 and int(result.real_steps) == 5
 
 
 def test_a_scored_cohort_over_devices_sums_the_stream_across_them():
@@ -235,12 +247,36 @@ def test_a_scored_cohort_over_devices_sums_the_stream_across_them():
 
 def test_a_dealt_source_needs_a_mesh_and_a_cohort_of_its_shape():
   ids, valid = jnp.int32([0, 1, 2, 4]), jnp.ones(4, bool)
-  for mesh, deal, plan in ((None, jnp.arange(4), PLANS["vmap"]),
-                           (fp.distributed.client_mesh(2), jnp.arange(6), PLANS["vmap"]),
-                           (fp.distributed.client_mesh(2), jnp.arange(4), PLANS["differentiable"])):
-    with pytest.raises(ValueError, match=r"data.deal \(\d,\) lays a cohort of 4 over a mesh"):
+  two = fp.distributed.client_mesh(2)
+  tail = (", which takes no deal: gather the cohort without one (CohortFeed without mesh).")
+  for mesh, deal, plan, says in (
+      (None, jnp.arange(4), PLANS["vmap"], r"\(4,\) lays a cohort of 4 over a mesh; this round "
+                                          r"runs on 1 device\(s\)"),
+      (two, jnp.arange(6), PLANS["vmap"], r"\(6,\) lays a cohort of 4 over a mesh; this round "
+                                         r"runs on 2 device\(s\)"),
+      (two, jnp.arange(4), PLANS["differentiable"],
+       r"\(4,\) lays a cohort of 4 over a mesh; this round runs on 2 device\(s\) with a "
+       r"differentiable plan")):
+    with pytest.raises(ValueError, match="^data.deal " + says + re.escape(tail) + "$"):
       execute_cohort(_program(), PARAMS, _source(deal), ids, valid, jax.random.key(0),
                      plan=plan, mesh=mesh)
+
+
+def test_a_dealt_source_runs_each_device_on_its_own_rows():
+  """A host feed's deal: the table holds the dealt clients' rows, device j the rows
+  j k/d ... (j+1) k/d − 1 at local positions; the outputs are those of the undealt round."""
+  ids, valid = jnp.int32([2, 0, 5, 3, 6, 1]), jnp.asarray([True] * 5 + [False])
+  key = jax.random.key(8)
+  perm = jnp.int32([4, 1, 0, 5, 3, 2])
+  dealt = _source(deal=perm)._replace(
+      table=(jnp.asarray(XS)[ids[perm]], jnp.asarray(YS)[ids[perm]]),
+      handles=lambda i: pytest.fail("a dealt source reads at local positions"))
+  mesh = fp.distributed.client_mesh(2)
+  for plan in (PLANS["vmap"], PLANS["scan"]):
+    got = execute_cohort(_program(), PARAMS, dealt, ids, valid, key, plan=plan, mesh=mesh)
+    want = execute_cohort(_program(), PARAMS, _source(), ids, valid, key, plan=plan)
+    np.testing.assert_array_equal(got.outputs.num_steps, want.outputs.num_steps)
+    np.testing.assert_allclose(_delta(got.outputs.delta), _delta(want.outputs.delta), rtol=1e-6)
 
 
 def test_step_counts_of_a_cohort():
