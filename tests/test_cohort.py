@@ -232,6 +232,22 @@ def test_padding_clients_count_no_steps_when_the_cohort_is_dealt():
   assert int(result.executed_steps) == 10 and int(result.real_steps) == 5
 
 
+def test_the_steps_read_their_batches_from_the_sources_table():
+  """`rows` feeds `start` and `finish`; every batch is read from `table` (a store's arrays,
+  not a copy of the cohort's rows): a table of doubled features doubles what the steps see."""
+  ids, valid, key = jnp.int32([2, 0, 6]), jnp.ones(3, bool), jax.random.key(9)
+  doubled = _source()._replace(table=(2 * jnp.asarray(XS), jnp.asarray(YS)))
+  for plan, mesh in ((PLANS["vmap"], None), (PLANS["scan"], None), (PLANS["lanes"], None),
+                     (PLANS["vmap"], fp.distributed.client_mesh(3))):
+    got = execute_cohort(_program(), PARAMS, doubled, ids, valid, key, plan=plan, mesh=mesh)
+    for j, i in enumerate(np.asarray(ids)):
+      extra = np.asarray(_extra(jax.random.fold_in(key, i)), np.float64)
+      c = 0.5
+      for k in range(SIZES[i]):
+        c = 0.9 * c + 2 * float(XS[i, k]) + extra[k]
+      np.testing.assert_allclose(_delta(got.outputs.delta, j), [c, 2 * c], rtol=1e-5)
+
+
 def test_a_scored_cohort_over_devices_sums_the_stream_across_them():
   plan, key = Plan("scan", None, None, False), jax.random.key(7)
   ids, valid = jnp.int32([0, 1, 2, 4, 6, 7, 3, 0]), jnp.asarray([True] * 7 + [False])
