@@ -97,9 +97,14 @@ KILLED = {"killed", "timeout"}
 IGNORED = {"skipped", "not checked"}
 
 
-def mutmut_section(package: str, modules: list[str] | None = None) -> str:
-  own = PACKAGES[package] if not modules else list(dict.fromkeys(
+def own_tests(package: str, modules: list[str] | None = None) -> list[str]:
+  """The test files a pass runs: the package's, or those of its files `modules`."""
+  return PACKAGES[package] if not modules else list(dict.fromkeys(
       t for m in modules for t in MODULES[package][m]))
+
+
+def mutmut_section(package: str, modules: list[str] | None = None) -> str:
+  own = own_tests(package, modules)
   tests = ", ".join(f'"tests/{t}"' for t in own)
   files = ", ".join(f'"fedjax_pers/{package}/{m}.py"' for m in modules or ["*"])
   # A mutant that loops forever (a while loop's counter run backwards) is stopped after
@@ -132,9 +137,7 @@ for name in sys.argv[1:]:
 
 def check_imports(package: str, workdir: Path, modules: list[str] | None = None) -> None:
   """Refuses a pass whose test modules start JAX's backend when imported (see the README)."""
-  own = PACKAGES[package] if not modules else list(dict.fromkeys(
-      t for m in modules for t in MODULES[package][m]))
-  names = [t.removesuffix(".py") for t in own]
+  names = [t.removesuffix(".py") for t in own_tests(package, modules)]
   done = subprocess.run([sys.executable, "-c", IMPORT_CHECK, *names], cwd=workdir,
                         capture_output=True, text=True)
   if done.returncode:
