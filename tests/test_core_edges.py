@@ -125,6 +125,20 @@ def test_host_put_places_on_the_sharding_or_on_the_default_device():
   np.testing.assert_array_equal(plain, a)
 
 
+def test_from_own_shards_builds_the_sharded_array_from_the_host_copy():
+  """The path `host_put` takes over several processes; one process holds every shard."""
+  devices = jax.devices()
+  mesh = Mesh(np.array(devices), (fp.core.CLIENTS_AXIS,))
+  sharding = NamedSharding(mesh, PartitionSpec(fp.core.CLIENTS_AXIS))
+  a = np.arange(2 * len(devices) * 3, dtype=np.float32).reshape(2 * len(devices), 3)
+  out = _execution.from_own_shards({"a": a, "b": (a[:, 0],)}, sharding)
+  for got, want in ((out["a"], a), (out["b"][0], a[:, 0])):
+    assert got.sharding == sharding and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    for shard in got.addressable_shards:
+      np.testing.assert_array_equal(shard.data, want[shard.index])
+
+
 def test_system_takes_a_straggler_fraction_of_1():
   assert fp.System(straggler_fraction=1).straggler_fraction == 1
   assert fp.System(straggler_fraction=1.0, levels=2).active

@@ -62,12 +62,18 @@ def host_put(sharding: NamedSharding | None) -> Callable[[Any], jax.Array]:
     return jax.device_put
   if jax.process_count() == 1:
     return lambda a: jax.device_put(a, sharding)
+  return lambda tree: from_own_shards(tree, sharding)
+
+
+def from_own_shards(tree: Any, sharding: NamedSharding) -> Any:
+  """`tree`'s host arrays as global arrays laid out by `sharding`, each process filling
+  only the shards of its own devices from its own copy (no collective)."""
 
   def put(a):
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
-  return lambda tree: jax.tree.map(put, tree)
+  return jax.tree.map(put, tree)
 
 
 def _positive_int(v) -> bool:
