@@ -29,7 +29,7 @@ because new tests would reset mutmut's results in the old one. The workdir lives
 which a new machine does not have: `--save FILE` writes the merged statuses compactly
 (`tests/mutation_results/PACKAGE.json` is committed), and `--survivors-of FILE` resumes
 from it.
-`--module` (core) mutates only some files of the package and runs each against its
+`--module` (core, algorithms) mutates only some files of a package and runs each against its
 own tests (`MODULES`); `--save` keeps the saved statuses of the other files.
 The pass is slow, so it is not part of CI: on 2 cores a mutant costs 1-3 s in a leaf
 function and 20-50 s in a helper that most tests reach (each mutant compiles afresh),
@@ -92,6 +92,16 @@ MODULES = {"core": {
     "_model": ["test_models.py", "test_core_edges.py"],
     "_sampling": ["test_sampling.py", "test_poisson.py", "test_core_edges.py"],
     "_system": ["test_system.py", "test_core_edges.py"],
+}, "algorithms": {
+    # `test_algorithm_options` runs every algorithm through the shared options (losses,
+    # server optimizers, sweeps, refusals).
+    f"_{name}": [f"test_{test}.py", "test_algorithm_options.py"] for name, test in (
+        ("apfl", "apfl"), ("ditto", "ditto"), ("fedala", "fedala"), ("fedavg", "engine"),
+        ("fedbabu", "fedbabu"), ("fedbn", "fedbn"), ("fedbuff", "fedbuff"),
+        ("feddyn", "feddyn"), ("fednova", "fednova"), ("fedper", "fedper"),
+        ("fedrod", "fedrod"), ("ifca", "ifca"), ("moon", "moon"), ("per_fedavg", "meta"),
+        ("pfedhn", "pfedhn"), ("pfedme", "pfedme"), ("reptile", "meta"),
+        ("scaffold", "scaffold"))
 }}
 KILLED = {"killed", "timeout"}
 IGNORED = {"skipped", "not checked"}
@@ -279,9 +289,10 @@ def main() -> None:
   p.add_argument("package", choices=sorted(PACKAGES))
   p.add_argument("names", nargs="*", help="mutant name globs to (re)run; default all")
   p.add_argument("--module", action="append", default=None,
-                 help="a file of the package (core: " + ", ".join(MODULES["core"]) +
-                      "), against its own tests; repeat for several. Saved statuses of "
-                      "the other files are kept")
+                 help="a file of the package (" + "; ".join(
+                     f"{k}: {', '.join(v)}" for k, v in MODULES.items()) + "), against its "
+                      "own tests; repeat for several. Saved statuses of the other files "
+                      "are kept")
   p.add_argument("--max-children", type=int, default=2)
   p.add_argument("--workdir", default=None)
   p.add_argument("--survivors-of", default=None,
