@@ -7,6 +7,7 @@ on one device and sharded over a 4-device `clients` mesh.
 """
 
 import functools
+import warnings
 
 import jax
 import jax.extend
@@ -18,7 +19,7 @@ from _reference import fedavg_round, lpt_makespan
 from test_engine import run
 
 import fedjax_pers as fp
-from fedjax_pers.core import _lanes, _program
+from fedjax_pers.core import _execution, _lanes, _program
 
 SIZES = [3, 41, 7, 12, 26, 5, 9, 60, 2, 15]
 
@@ -210,6 +211,60 @@ def test_auto_plan_follows_sizes_model_and_gradients():
   assert plan(LR, data, differentiable=True) == fp.core.Plan("vmap", None, None, True)
   assert plan(big, data).strategy == "scan"
   assert plan(LR, data, strategy="lanes", lanes=99).lanes == 6   # at most one per client
+
+
+def test_auto_lanes_and_is_large_by_hand():
+  """`⌈k_d · mean S / max S⌉` in [1, k_d], computed without dividing by zero."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")             # no 0/0 on empty or all-zero counts
+    for counts, per_device, want in (([], 4, 1), ([0, 0], 4, 1), ([1, 1, 1, 1], 4, 4),
+                                     ([0, 0, 0, 10], 4, 1),     # 4 · 2.5 / 10 = 1 exactly
+                                     ([2, 2, 4, 4], 4, 3), ([3, 3, 6], 3, 2),
+                                     ([1, 1, 1, 8], 4, 2), ([5, 5, 5, 5], 2, 2)):
+      got = _execution.auto_lanes(np.asarray(counts, np.int32), per_device)
+      assert type(got) is int and got == want, (counts, per_device, got)
+  n = _execution.AUTO_SCAN_MIN_PARAMS
+  assert _execution.is_large({"w": np.zeros((n - 7,)), "b": np.zeros((7,))})
+  assert not _execution.is_large({"w": np.zeros((n - 8,)), "b": np.zeros((7,))})
+
+
+def test_plan_by_hand(monkeypatch):
+  small = {"w": np.zeros((3,))}
+  big = {"w": np.zeros((_execution.AUTO_SCAN_MIN_PARAMS,))}
+  two = fp.distributed.client_mesh(2)
+
+  def plan(counts, cohort, params=small, **kw):
+    size_classes = kw.pop("size_classes", None)
+    more = {} if size_classes is None else {"size_classes": size_classes}
+    return _execution.plan(fp.Execution(**kw), params,
+                           None if counts is None else np.asarray(counts), cohort, **more)
+
+  P = fp.core.Plan
+  skewed, wide, even = [1, 1, 1, 8], [6, 6, 6, 8], [4, 4, 4, 4]
+  # Lanes: the asked count or k_d (a device's clients) without counts, at most k_d.
+  assert plan(None, 11, strategy="lanes", mesh=two) == P("lanes", None, 5, False)
+  assert type(plan(None, 11, strategy="lanes", mesh=two).lanes) is int
+  assert plan(None, 1, strategy="lanes") == P("lanes", None, 1, False)
+  assert plan(skewed, 4, strategy="lanes") == P("lanes", None, 2, False)
+  assert plan(skewed, 4, strategy="lanes", lanes=3) == P("lanes", None, 3, False)
+  assert plan(skewed, 4, strategy="lanes", lanes=9) == P("lanes", None, 4, False)
+  assert plan(skewed, 4, strategy="chunked", client_chunk=3) == P("chunked", 3, None, False)
+  assert plan(skewed, 4, strategy="vmap", client_chunk=3) == P("vmap", None, None, False)
+  # auto on CPU: a large model one client at a time; equal or unknown steps side by side;
+  # skewed steps on lanes from AUTO_MIN_CPU_LANES = 4 on, else one client at a time.
+  assert plan(even, 4, params=big) == P("scan", None, None, False)
+  for counts in (even, None, []):
+    assert plan(counts, 4) == P("vmap", None, None, False)
+  assert plan(wide, 4) == P("lanes", None, 4, False)
+  assert plan(skewed, 4) == P("scan", None, None, False)
+  assert plan(skewed, 4, differentiable=True) == P("vmap", None, None, True)
+  # Plans one client at a time on CPU over several width classes only.
+  assert [plan(skewed, 4, size_classes=c).plans_one_by_one for c in (None, 1, 2, 3)] == [
+      False, False, True, True]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert plan(wide, 4) == P("vmap", None, None, False)
+  assert plan(even, 4, params=big) == P("vmap", None, None, False)
+  assert not plan(skewed, 4, size_classes=2).plans_one_by_one
 
 
 def test_auto_plan_on_an_accelerator_runs_skewed_clients_side_by_side(monkeypatch):
