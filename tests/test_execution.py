@@ -7,6 +7,7 @@ on one device and sharded over a 4-device `clients` mesh.
 """
 
 import functools
+import re
 import warnings
 
 import jax
@@ -310,19 +311,54 @@ def test_gradient_through_rounds_needs_and_has_the_differentiable_path():
     np.testing.assert_allclose(g, fd, rtol=2e-2)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lanes=0), "Execution lanes must be an int >= 1; got 0"),
-    (dict(lanes=2.5), "Execution lanes must be an int >= 1; got 2.5"),
-    (dict(strategy="pmap"), r"Execution strategy must be one of .*; got 'pmap'"),
-    (dict(strategy="chunked"), "strategy='chunked' needs client_chunk"),
-    (dict(client_chunk=0), "client_chunk must be a positive int; got 0"),
-    (dict(strategy="lanes", differentiable=True), "lanes.*reverse-mode"),
-    (dict(differentiable=1), "differentiable must be a bool; got 1"),
-    (dict(sampling_probs=[1.0, -1.0]), "sampling_probs must be .* non-negative"),
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lanes=0), "Execution lanes must be an int >= 1; got 0."),
+    (dict(lanes=2.5), "Execution lanes must be an int >= 1; got 2.5."),
+    (dict(lanes=True), "Execution lanes must be an int >= 1; got True."),
+    (dict(strategy="pmap"), "Execution strategy must be one of ('auto', 'vmap', 'chunked', "
+                            "'scan', 'lanes'); got 'pmap'."),
+    (dict(strategy="chunked"), "Execution strategy='chunked' needs client_chunk, a positive "
+                               "int; got None."),
+    (dict(client_chunk=0), "Execution client_chunk must be a positive int; got 0."),
+    (dict(client_chunk=True), "Execution client_chunk must be a positive int; got True."),
+    (dict(strategy="lanes", differentiable=True),
+     "Execution strategy='lanes' runs a while loop, which reverse-mode jax.grad cannot go "
+     "through; with differentiable=True use 'auto', 'vmap', 'chunked' or 'scan'."),
+    (dict(differentiable=1), "Execution differentiable must be a bool; got 1."),
+    (dict(mesh="clients"), "Execution mesh must be a jax.sharding.Mesh with an axis named "
+                           "'clients'; got axes None."),
+    (dict(sampling_probs=[1, -1]), "Execution sampling_probs must be a 1-D array of "
+     "finite, non-negative weights, not all zero; got shape (2,), min -1.0."),
+    (dict(sampling_probs=[[1.0]]), "Execution sampling_probs must be a 1-D array of finite, "
+     "non-negative weights, not all zero; got shape (1, 1), min 1.0."),
+    (dict(sampling_probs=[1.0, np.inf]), "Execution sampling_probs must be a 1-D array of "
+     "finite, non-negative weights, not all zero; got shape (2,), min 1.0."),
+    (dict(sampling_probs=[0.0, 0.0]), "Execution sampling_probs must be a 1-D array of "
+     "finite, non-negative weights, not all zero; got shape (2,), min 0.0."),
+    (dict(sampling_probs=[]), "Execution sampling_probs must be a 1-D array of finite, "
+     "non-negative weights, not all zero; got shape (0,), min None."),
+    (dict(poisson_rate=0), "Execution poisson_rate must be a number in (0, 1]; got 0."),
+    (dict(poisson_rate=1.5), "Execution poisson_rate must be a number in (0, 1]; got 1.5."),
+    (dict(poisson_rate=True), "Execution poisson_rate must be a number in (0, 1]; got True."),
+    (dict(poisson_rate="0.5"), "Execution poisson_rate must be a number in (0, 1]; got '0.5'."),
+    (dict(poisson_rate=0.5, sampling_probs=[1.0]), "Execution poisson_rate and sampling_probs "
+     "are two ways to sample a cohort; give one."),
+    (dict(system="stragglers"), "Execution system must be a fedjax_pers.core.System; got "
+                                "'stragglers'."),
 ])
-def test_bad_execution_is_refused(kwargs, match):
-  with pytest.raises(ValueError, match=match):
+def test_bad_execution_is_refused(kwargs, message):
+  with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
     fp.Execution(**kwargs)
+
+
+def test_every_option_of_an_execution_is_taken_at_its_bounds():
+  mesh = fp.distributed.client_mesh(2)
+  ex = fp.Execution(strategy="chunked", client_chunk=2, lanes=3, mesh=mesh,
+                    sampling_probs=[0.0, 0.5, 0.5], system=fp.System(dropout_rate=0.5))
+  assert (ex.client_chunk, ex.lanes, ex.num_devices) == (2, 3, 2)
+  for rate in (1, 1.0, 0.25):
+    assert fp.Execution(poisson_rate=rate).poisson_rate == rate
+  assert fp.Execution(strategy="lanes").lanes is None and fp.Execution().num_devices == 1
 
 
 def test_the_rounds_sampler_checks_probabilities_against_its_population():
