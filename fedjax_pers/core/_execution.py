@@ -32,21 +32,14 @@ def replicated(tree: Any, mesh: Mesh) -> Any:
   """`tree` put whole on every device of `mesh`, across processes too.
 
   One process: `jax.device_put`. Several (`jax.distributed`): a mesh spans
-  devices this process cannot address, which `device_put` takes only from host
-  arrays, so the leaves go through the host; every process must hold the same
-  values (they build them from the same seeds).
+  devices this process cannot address, so each process fills its own devices from
+  its own copy (`from_own_shards`); every process must hold the same values (they
+  build them from the same seeds).
   """
   sharding = NamedSharding(mesh, PartitionSpec())
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
-
-  def put(leaf):
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(leaf)),
-                                      impl=jax.random.key_impl(leaf))
-    return jax.device_put(np.asarray(leaf), sharding)
-
-  return jax.tree.map(put, tree)
+  return from_own_shards(tree, sharding)
 
 
 def host_put(sharding: NamedSharding | None) -> Callable[[Any], jax.Array]:
@@ -66,10 +59,14 @@ def host_put(sharding: NamedSharding | None) -> Callable[[Any], jax.Array]:
 
 
 def from_own_shards(tree: Any, sharding: NamedSharding) -> Any:
-  """`tree`'s host arrays as global arrays laid out by `sharding`, each process filling
-  only the shards of its own devices from its own copy (no collective)."""
+  """`tree`'s arrays (host or this process's, PRNG keys too) as global arrays laid out by
+  `sharding`, each process filling only the shards of its own devices from its own copy
+  (no collective)."""
 
   def put(a):
+    if jax.dtypes.issubdtype(getattr(a, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(a)),
+                                      impl=jax.random.key_impl(a))
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
