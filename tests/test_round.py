@@ -3,6 +3,7 @@ sampler and deal, the first state, and the round's own bookkeeping (windows, per
 states, metrics) against sums by hand."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,11 @@ from fedjax_pers.core._sampling import poisson_cohort, sample_clients
 from fedjax_pers.core._sgd import fedavg_program
 
 WORK = fp.LocalWork(2, epochs=1)
+
+
+def whole(message: str) -> str:
+  """A `pytest.raises` pattern matching exactly `message`."""
+  return f"^{re.escape(message)}$"
 
 
 def _fedavg(data, work=WORK):
@@ -143,7 +149,8 @@ def test_the_first_state():
 
 @pytest.mark.parametrize("k", [0, -1, 2.0, True])
 def test_a_round_needs_a_positive_int_cohort(k):
-  with pytest.raises(ValueError, match=f"clients_per_round must be a positive int; got {k!r}"):
+  with pytest.raises(ValueError, match=whole(f"clients_per_round must be a positive int; "
+                                             f"got {k!r}.")):
     make_round(_fedavg, fp.aggregation.num_examples(), optax.sgd(1.0), clients_per_round=k)
 
 
@@ -205,10 +212,14 @@ def test_a_windowed_round_takes_its_cohort_from_the_window_and_writes_its_slots(
   np.testing.assert_array_equal(m.clients, [1, 2, 4])
   assert isinstance(s1.client_states, ClientWindow)
   np.testing.assert_array_equal(s1.client_states.states, [3, 2, 8])   # slot 1 not finite
-  with pytest.raises(ValueError, match=r"data.window holds \(2,\) client ids; a round of "
-                                       r"clients_per_round=3 needs \(3,\)"):
+  with pytest.raises(ValueError, match=whole("data.window holds (2,) client ids; a round of "
+                                             "clients_per_round=3 needs (3,).")):
     round_fn(s0, dataclasses.replace(gathered, window=jnp.int32([1, 2])))
-  with pytest.raises(ValueError, match="state.client_states is a ClientWindow"):
+  with pytest.raises(ValueError, match=whole(
+      "state.client_states is a ClientWindow (one cohort's states); the round needs that "
+      "cohort's gathered data (data.window set).")):
     round_fn(s0, data)
-  with pytest.raises(ValueError, match="data.deal needs a window and x rows for the 3 padded"):
+  with pytest.raises(ValueError, match=whole(
+      "data.deal needs a window and x rows for the 3 padded clients of the round; got "
+      "window None, x rows 3.")):
     round_fn(s0, dataclasses.replace(gathered, deal=jnp.arange(3), window=None))
