@@ -20,13 +20,20 @@ from fedjax_pers.core._execution import plan as plan_of_execution
 from fedjax_pers.core._program import LocalProgram, Steps
 from fedjax_pers.core._round import (
   ClientWindow,
+  FederatedAlgorithm,
+  ServerState,
+  assemble,
   cohort_dealer,
   cohort_plan,
   cohort_sampler,
+  cohort_state_change,
   make_init,
   make_round,
   make_sampler,
+  place,
   population_counts,
+  served,
+  zero_client_states,
 )
 from fedjax_pers.core._sampling import poisson_cohort, sample_clients
 from fedjax_pers.core._sgd import fedavg_program
@@ -223,3 +230,46 @@ def test_a_windowed_round_takes_its_cohort_from_the_window_and_writes_its_slots(
       "data.deal needs a window and x rows for the 3 padded clients of the round; got "
       "window None, x rows 3.")):
     round_fn(s0, dataclasses.replace(gathered, deal=jnp.arange(3), window=None))
+
+
+def test_the_state_helpers_by_hand():
+  params = {"w": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.ones((3,))}
+  zero = zero_client_states(params, 4)
+  assert (zero["w"].shape, zero["w"].dtype, zero["b"].shape) == ((4, 2, 3), jnp.bfloat16, (4, 3))
+  assert not any(bool(jnp.any(a)) for a in jax.tree.leaves(zero))
+  before = np.arange(12, dtype=np.float32).reshape(4, 3)
+  after = before + np.float32([[1], [10], [100], [1000]])
+  state = lambda s: ServerState(params, (), (), s, jnp.int32(0), jax.random.key(0), ())
+  change = cohort_state_change(state({"c": before}), state({"c": after}), jnp.int32([3, 0]))
+  np.testing.assert_array_equal(change["c"], [1001, 1001, 1001])     # clients 3 and 0 only
+  window = lambda s: state(ClientWindow({"c": s}))
+  change = cohort_state_change(window(before[:2]), window(after[:2]), jnp.int32([7, 9]))
+  np.testing.assert_array_equal(change["c"], [11, 11, 11])           # every slot of it
+  alg = FederatedAlgorithm(None, None)
+  assert served(alg, state(())) is params
+  assert served(alg._replace(serve=lambda s: s.rng), state(())).dtype == jax.random.key(0).dtype
+  s = state(())
+  assert place(s, None) is s and place(s, fp.Execution()) is s
+  mesh = fp.distributed.client_mesh(2)
+  placed = place(s, fp.Execution(mesh=mesh)).params["w"]
+  assert placed.sharding.mesh == mesh and placed.sharding.is_fully_replicated
+
+
+def test_assemble_builds_the_round_and_its_helpers_from_one_program():
+  data = small_data(sizes=[3, 5, 4, 7, 6])
+  agg, server = fp.aggregation.num_examples(), optax.sgd(1.0)
+  ex = fp.Execution(strategy="lanes", mesh=fp.distributed.client_mesh(2))
+  personal = lambda s: s.client_states
+  alg = assemble(logreg(), _fedavg, agg, server, clients_per_round=4, execution=ex,
+                 client_states=lambda p, n: jnp.arange(n), personal=personal)
+  s0 = alg.init(jax.random.key(2), data)
+  np.testing.assert_array_equal(s0.client_states, np.arange(5))
+  assert alg.personal is personal and alg.plan(s0.params, data).strategy == "lanes"
+  want = make_init(logreg(), server, agg, clients_per_round=4, execution=ex)(
+      jax.random.key(2), data)
+  for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(want.params)):
+    np.testing.assert_array_equal(a, b)
+  ids, _ = alg.sample(s0.rng, 5)
+  s1, m = jax.jit(alg.round)(s0, data)
+  np.testing.assert_array_equal(m.clients, ids)
+  assert int(s1.round) == 1 and alg.deal(data) is not None
