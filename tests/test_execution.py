@@ -329,6 +329,8 @@ def test_gradient_through_rounds_needs_and_has_the_differentiable_path():
                            "'clients'; got axes None."),
     (dict(sampling_probs=[1, -1]), "Execution sampling_probs must be a 1-D array of "
      "finite, non-negative weights, not all zero; got shape (2,), min -1.0."),
+    (dict(sampling_probs=[3, -1]), "Execution sampling_probs must be a 1-D array of "
+     "finite, non-negative weights, not all zero; got shape (2,), min -1.0."),
     (dict(sampling_probs=[[1.0]]), "Execution sampling_probs must be a 1-D array of finite, "
      "non-negative weights, not all zero; got shape (1, 1), min 1.0."),
     (dict(sampling_probs=[1.0, np.inf]), "Execution sampling_probs must be a 1-D array of "
