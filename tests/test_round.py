@@ -273,3 +273,9 @@ def test_assemble_builds_the_round_and_its_helpers_from_one_program():
   s1, m = jax.jit(alg.round)(s0, data)
   np.testing.assert_array_equal(m.clients, ids)
   assert int(s1.round) == 1 and alg.deal(data) is not None
+  only = fp.Execution(sampling_probs=np.float32([0, 1, 0, 1, 0]))    # the sampler sees it
+  alg = assemble(logreg(), _fedavg, agg, server, clients_per_round=2, execution=only)
+  s0 = alg.init(jax.random.key(2), data)
+  ids, _ = alg.sample(s0.rng, 5)
+  assert sorted(np.asarray(ids).tolist()) == [1, 3]
+  np.testing.assert_array_equal(jax.jit(alg.round)(s0, data)[1].clients, ids)
