@@ -264,6 +264,7 @@ def test_assemble_builds_the_round_and_its_helpers_from_one_program():
                  client_states=lambda p, n: jnp.arange(n), personal=personal)
   s0 = alg.init(jax.random.key(2), data)
   np.testing.assert_array_equal(s0.client_states, np.arange(5))
+  assert s0.params["Dense_0"]["kernel"].sharding.mesh == ex.mesh      # placed on the mesh
   assert alg.personal is personal and alg.plan(s0.params, data).strategy == "lanes"
   want = make_init(logreg(), server, agg, clients_per_round=4, execution=ex)(
       jax.random.key(2), data)
