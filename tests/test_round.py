@@ -280,3 +280,20 @@ def test_assemble_builds_the_round_and_its_helpers_from_one_program():
   ids, _ = alg.sample(s0.rng, 5)
   assert sorted(np.asarray(ids).tolist()) == [1, 3]
   np.testing.assert_array_equal(jax.jit(alg.round)(s0, data)[1].clients, ids)
+
+
+def test_a_round_runs_its_cohort_over_the_executions_mesh():
+  """Steps (4, 2, 2, 3) of cohort (3, 0, 2, 4) dealt on 2 devices as {4, 2} | {3, 2}: vmap
+  executes 2·4 + 2·3 = 14 client-steps (16 on one device); a cohort of one client runs."""
+  data = small_data(sizes=[3, 5, 4, 7, 6])                   # steps ⌈n / 2⌉
+  agg, server = fp.aggregation.num_examples(), optax.sgd(1.0)
+  ex = fp.Execution(strategy="vmap", mesh=fp.distributed.client_mesh(2))
+  init = make_init(logreg(), server, agg, clients_per_round=4, execution=ex)
+  round_fn = make_round(_fedavg, agg, server, clients_per_round=4, execution=ex,
+                        cohort=jnp.int32([3, 0, 2, 4]))
+  _, m = jax.jit(round_fn)(init(jax.random.key(0), data), data)
+  assert (int(m.real_steps), int(m.executed_steps)) == (11, 14)
+  one = make_round(_fedavg, agg, server, clients_per_round=1)
+  s, m = jax.jit(one)(make_init(logreg(), server, agg, clients_per_round=1)(
+      jax.random.key(0), data), data)
+  assert m.clients.shape == (1,) and int(s.round) == 1
