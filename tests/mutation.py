@@ -83,7 +83,9 @@ ENGINE = ["test_engine.py", "test_client.py", "test_core_edges.py"]
 MODULES = {"core": {
     "_aggregate": ENGINE, "_client": ENGINE, "_cohort": ENGINE + ["test_cohort.py"],
     "_program": ENGINE + ["test_program.py"],
-    "_round": ENGINE + ["test_round.py"], "_sgd": ENGINE + ["test_sgd.py"], "_source": ENGINE,
+    # The round's Poisson slots and simulated stragglers and dropouts: their own tests.
+    "_round": ENGINE + ["test_round.py", "test_poisson.py", "test_system.py"],
+    "_sgd": ENGINE + ["test_sgd.py"], "_source": ENGINE,
     "_batching": ["test_batching.py", "test_core_edges.py"],
     "_data": ["test_data.py", "test_arrays.py", "test_cap.py", "test_core_edges.py"],
     "_evaluate": ["test_evaluate.py", "test_core_edges.py"],
