@@ -203,7 +203,7 @@ def test_the_rounds_metrics_and_states_by_hand():
   np.testing.assert_allclose(s1.params["Dense_0"]["bias"], s0.params["Dense_0"]["bias"] + delta,
                              rtol=1e-6)
   assert int(s1.round) == 1 and int(m.real_steps) == 3 and m.present.all()
-  assert not np.any(m.stragglers)
+  assert m.stragglers.dtype == m.present.dtype == bool and not np.any(m.stragglers)
   np.testing.assert_array_equal(jax.random.key_data(s1.rng),
                                 jax.random.key_data(jax.random.split(s0.rng, 3)[0]))
 
