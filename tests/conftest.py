@@ -33,3 +33,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
   if cache:
     env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return env
+
+
+def pytest_collection_modifyitems(items):
+  """Long items first (notebooks, `slow` and `run` items: 10 s to two minutes each), the
+  rest in their order: `pytest -n 2` then deals them out at the start, and the workers
+  end on short tests together instead of one waiting for the other's last long run."""
+  def long(item):
+    return item.path.suffix == ".ipynb" or any(
+        item.get_closest_marker(name) is not None for name in ("slow", "run"))
+  items.sort(key=lambda item: not long(item))

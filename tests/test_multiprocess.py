@@ -72,6 +72,7 @@ def cli(workdir, extra=()):
   return [sys.executable, "-m", "fedjax_pers", f"--workdir={workdir}", *TINY, *extra]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_four_devices_and_resume(tmp_path):
   two = str(tmp_path / "two")
   for rounds in (4, 6):   # 4 rounds, then the same command resumes them to 6
@@ -122,6 +123,7 @@ def test_incomplete_distributed_config_is_refused():
   assert fp.distributed.initialize() is False
 
 
+@pytest.mark.slow
 def test_store_run_over_two_processes_gathers_each_process_share(tmp_path):
   """A run from a host store (Ditto: per-client states on the host too): each of two
   processes gathers only the clients its two devices run (4 of the 8 padded rows of a
