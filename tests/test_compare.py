@@ -67,6 +67,7 @@ def test_every_weighting_name_builds_and_traces_a_round():
     assert jax.tree.structure(new) == jax.tree.structure(state), name
 
 
+@pytest.mark.run
 def test_default_weighting_is_the_algorithms_own():
   """`default`: Per-FedAvg and Reptile average uniformly (their papers), FedAvg by n_i."""
   c = tiny_config()
@@ -157,6 +158,7 @@ def test_run_with_corruption_reports_clean_accuracy_and_weights(tmp_path):
   assert (tmp_path / "weights.png").stat().st_size > 1000
 
 
+@pytest.mark.run
 def test_compare_command_writes_table_and_plot(tmp_path):
   cmd = [sys.executable, "-m", "fedjax_pers.compare", "--config=configs/compare_weighting.py",
          f"--workdir={tmp_path}", "--config.num_rounds=4", "--config.eval_every=2",

@@ -29,6 +29,7 @@ def tiny_config():
   return c
 
 
+@pytest.mark.run
 def test_cli_runs_and_writes_outputs(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "fedjax_pers", f"--workdir={workdir}",
@@ -66,6 +67,7 @@ def test_sampling_proportional_to_examples_runs(tmp_path):
   assert s["rounds"] == 4 and 0.0 <= s["final_test_accuracy"] <= 1.0
 
 
+@pytest.mark.run
 def test_resume_from_checkpoint(tmp_path):
   c = tiny_config()
   s1 = train_and_evaluate(c, str(tmp_path))
@@ -140,6 +142,7 @@ def test_unknown_names_raise(tmp_path, key, value, match):
     train_and_evaluate(c, str(tmp_path))
 
 
+@pytest.mark.run
 def test_cli_num_devices_shards_and_matches(tmp_path):
   base = [sys.executable, "-m", "fedjax_pers", "--config.num_rounds=2", "--config.eval_every=2",
           "--config.data.num_clients=6", "--config.clients_per_round=4",

@@ -21,6 +21,7 @@ def dp_config(**privacy_keys):
   return c
 
 
+@pytest.mark.run
 def test_dp_run_reports_epsilon_every_evaluation_and_a_resume_agrees(tmp_path):
   c = dp_config()
   whole = train_and_evaluate(c, str(tmp_path / "whole"))
@@ -41,6 +42,7 @@ def test_dp_run_reports_epsilon_every_evaluation_and_a_resume_agrees(tmp_path):
   assert resumed["final_test_loss"] == pytest.approx(whole["final_test_loss"], abs=1e-6)
 
 
+@pytest.mark.run
 def test_noise_changes_the_run_and_clipping_alone_does_not_account(tmp_path):
   plain = train_and_evaluate(dp_config(clip_norm=None), str(tmp_path / "plain"))
   assert not any(k.startswith("dp_") for k in plain)
@@ -61,6 +63,7 @@ def test_adaptive_clipping_moves_c_and_costs_the_same_epsilon(tmp_path):
   assert s["dp_epsilon"] == privacy.epsilon(0.8, 3 / 8, 4, 1e-3, "rdp", "fixed", 8)
 
 
+@pytest.mark.run
 def test_poisson_sampling_run_reports_realised_cohorts_and_pld_epsilon(tmp_path):
   s = train_and_evaluate(dp_config(sampling="poisson", accountant="pld"), str(tmp_path / "run"))
   assert s["dp_epsilon"] == privacy.epsilon(0.8, 3 / 8, 4, 1e-3, "pld", "poisson")
@@ -82,6 +85,7 @@ def test_local_dp_run_reports_local_epsilon_and_calibrates_for_it(tmp_path):
   assert privacy.local_epsilon(0.99 * z, 4, 1e-3) > 20.0
 
 
+@pytest.mark.run
 def test_target_epsilon_calibrates_the_noise_for_the_planned_rounds(tmp_path):
   s = train_and_evaluate(dp_config(noise_multiplier=None, target_epsilon=5.0),
                          str(tmp_path / "run"))

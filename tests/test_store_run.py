@@ -20,6 +20,7 @@ def store_config(path, **kw):
   return c
 
 
+@pytest.mark.run
 def test_store_run_is_the_device_run_and_resumes(tmp_path):
   device = train_and_evaluate(tiny_config(), str(tmp_path / "dev"))
   c = store_config(tmp_path / "st")
@@ -125,6 +126,7 @@ def test_eval_clients_needs_a_store(tmp_path):
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
+@pytest.mark.run
 @pytest.mark.parametrize("algorithm", ["ditto", "apfl"])
 def test_per_client_state_runs_from_the_store_and_resumes(tmp_path, algorithm):
   """Ditto's v_k / APFL's (v_k, α_k) on the host: the same run as on the device (global

@@ -70,6 +70,7 @@ def _params(workdir):
   return [np.asarray(a) for a in jax.tree.leaves(tree["params"])]
 
 
+@pytest.mark.run
 def test_each_seed_of_a_sweep_is_the_run_made_alone(tmp_path):
   """All variants at once (chunk None), one at a time (1) and in chunks of 2 (the last
   one short), each against the same runs made alone."""
@@ -108,6 +109,7 @@ def test_each_seed_of_a_sweep_is_the_run_made_alone(tmp_path):
     assert os.path.exists(root / "curves.png")
 
 
+@pytest.mark.run
 def test_swept_values_and_a_single_variant_equal_the_runs_made_alone(tmp_path):
   c = tiny_config()
   c.algorithm, c.num_rounds, c.eval_every, c.tensorboard = "fedprox", 2, 2, False
@@ -155,6 +157,7 @@ def test_sweep_refusals(tmp_path):
     train_and_evaluate(c, str(tmp_path / "c"))
 
 
+@pytest.mark.run
 def test_library_sweep_paths_agree_and_variants_do_not_interact():
   """`rounds` (vmap; lax.map chunks) and `dispatched` give one variant's plain round."""
   train, _ = fp.data.synthetic(1.0, 1.0, num_clients=6, sample_scale=1, seed=0)
@@ -185,6 +188,7 @@ def test_library_sweep_paths_agree_and_variants_do_not_interact():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.run
 def test_compare_reports_each_strategy_over_seeds(tmp_path):
   from fedjax_pers.experiment import compare, comparison_table
   c = tiny_config()
@@ -225,6 +229,7 @@ def test_compare_reports_each_strategy_over_seeds(tmp_path):
     compare(c, str(tmp_path / "values"))
 
 
+@pytest.mark.run
 def test_a_sweep_resumes_from_its_checkpoint(tmp_path):
   def run(rounds, workdir):
     c = tiny_config()
