@@ -230,6 +230,40 @@ def test_a_windowed_round_takes_its_cohort_from_the_window_and_writes_its_slots(
       "data.deal needs a window and x rows for the 3 padded clients of the round; got "
       "window None, x rows 3.")):
     round_fn(s0, dataclasses.replace(gathered, deal=jnp.arange(3), window=None))
+  # A window with a deal but rows for 2 clients, not 3 (3 examples each: the check reads
+  # the rows, not the next axis).
+  with pytest.raises(ValueError, match=whole(
+      "data.deal needs a window and x rows for the 3 padded clients of the round; got "
+      "window (3,), x rows 2.")):
+    round_fn(s0, dataclasses.replace(gathered, deal=jnp.arange(3), x=gathered.x[:2, :3]))
+
+
+def _seen(data):
+  """Δ = the examples the client trains on (`num_examples` as the program sees it) on
+  every parameter, reporting the client's `num_examples`; one step."""
+  def finish(params, client, c):
+    d = client.num_examples.astype(jnp.float32)
+    return ClientOutput(jax.tree.map(lambda p: jnp.full_like(p, d), params),
+                        client.num_examples, d, 0, jnp.zeros(3), jnp.bool_(True))
+
+  idx = jnp.zeros((1, 1), jnp.int32)
+  return LocalProgram(lambda p, c, k: (0, Steps(idx, idx < c.num_examples)),
+                      lambda p, c, b: c + 1, finish, lambda c: 1)
+
+
+def test_a_capped_round_trains_on_the_cap_and_weighs_the_true_sizes():
+  """Cohort (4, 2, 0) of sizes (6, 4, 3) under cap 4: the clients see (4, 4, 3) examples,
+  and the weights stay (6, 4, 3) / 13, so Δ = (6·4 + 4·4 + 3·3) / 13 = 49 / 13."""
+  data = small_data(sizes=[3, 5, 4, 7, 6]).with_cap(4)
+  agg = fp.aggregation.num_examples()
+  round_fn = make_round(_seen, agg, optax.sgd(1.0), clients_per_round=3,
+                        cohort=jnp.int32([4, 2, 0]))
+  s0 = make_init(logreg(), optax.sgd(1.0), agg, clients_per_round=3)(jax.random.key(0), data)
+  s1, m = round_fn(s0, data)
+  np.testing.assert_allclose(m.weights, np.array([6, 4, 3]) / 13, rtol=1e-6)
+  np.testing.assert_allclose(m.client_train_loss, [4, 4, 3])
+  np.testing.assert_allclose(s1.params["Dense_0"]["bias"],
+                             s0.params["Dense_0"]["bias"] + 49 / 13, rtol=1e-6)
 
 
 def test_the_state_helpers_by_hand():
