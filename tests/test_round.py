@@ -206,6 +206,11 @@ def test_the_rounds_metrics_and_states_by_hand():
   assert m.stragglers.dtype == m.present.dtype == bool and not np.any(m.stragglers)
   np.testing.assert_array_equal(jax.random.key_data(s1.rng),
                                 jax.random.key_data(jax.random.split(s0.rng, 3)[0]))
+  # Without per-client states the program sees `client.state = None`, and the state keeps
+  # its empty `()`.
+  init, round_fn = _toy_round(3, cohort=jnp.int32([4, 2, 0]))
+  s1, _ = round_fn(init(jax.random.key(0), data), data)
+  assert s1.client_states == ()
 
 
 def test_a_windowed_round_takes_its_cohort_from_the_window_and_writes_its_slots():
@@ -331,3 +336,23 @@ def test_a_round_runs_its_cohort_over_the_executions_mesh():
   s, m = jax.jit(one)(make_init(logreg(), server, agg, clients_per_round=1)(
       jax.random.key(0), data), data)
   assert m.clients.shape == (1,) and int(s.round) == 1
+
+
+@pytest.mark.parametrize("hidden, strategy_steps", [((), "lanes"), ((4000,), "scan")])
+def test_auto_plans_the_round_by_its_models_size(hidden, strategy_steps):
+  """`auto` on CPU, cohort of 8 with steps (4, 4, 4, 3, 2, 2, 1, 1), 21 in all: ⌈8 · 2.625 / 4⌉
+  = 6 lanes for logistic regression (18 parameters), 6 · 4 = 24 lane-steps; one client at a
+  time (scan: exactly the 21 real steps) for an MLP of 36,003 ≥ AUTO_SCAN_MIN_PARAMS."""
+  data = small_data(sizes=[8, 8, 8, 6, 4, 4, 2, 2])
+  model = fp.models.mlp((5,), 3, hidden=hidden) if hidden else logreg()
+  make = lambda d: fedavg_program(model, optax.sgd(0.1), WORK, num_classes=3,
+                                  max_examples=d.max_examples, min_examples=d.min_examples)
+  agg, server = fp.aggregation.num_examples(), optax.sgd(1.0)
+  ex = fp.Execution(strategy="auto", mesh=None)
+  state = make_init(model, server, agg, clients_per_round=8, execution=ex)(
+      jax.random.key(0), data)
+  assert sum(a.size for a in jax.tree.leaves(state.params)) == (18 if not hidden else 36_003)
+  round_fn = make_round(make, agg, server, clients_per_round=8, execution=ex)
+  _, m = jax.jit(round_fn)(state, data)
+  real, executed = int(m.real_steps), int(m.executed_steps)
+  assert (real, executed) == (21, 21 if strategy_steps == "scan" else 24)
