@@ -13,6 +13,7 @@ import pytest
 from test_engine import logreg, small_data
 
 import fedjax_pers as fp
+from fedjax_pers.core._aggregate import Aggregator
 from fedjax_pers.core._batching import width_classes
 from fedjax_pers.core._client import ClientOutput
 from fedjax_pers.core._cohort import balance_on_host
@@ -245,30 +246,85 @@ def test_a_windowed_round_takes_its_cohort_from_the_window_and_writes_its_slots(
 
 def _seen(data):
   """Δ = the examples the client trains on (`num_examples` as the program sees it) on
-  every parameter, reporting the client's `num_examples`; one step."""
+  every parameter, reporting the client's `num_examples`, and as its train loss the sum
+  of the features of the rows it sees; one step."""
   def finish(params, client, c):
     d = client.num_examples.astype(jnp.float32)
+    rows = jnp.arange(client.x.shape[0]) < client.num_examples
+    seen = jnp.sum(jnp.where(rows, client.x.sum(-1), 0.0))
     return ClientOutput(jax.tree.map(lambda p: jnp.full_like(p, d), params),
-                        client.num_examples, d, 0, jnp.zeros(3), jnp.bool_(True))
+                        client.num_examples, seen, 0, jnp.zeros(3), jnp.bool_(True))
 
   idx = jnp.zeros((1, 1), jnp.int32)
   return LocalProgram(lambda p, c, k: (0, Steps(idx, idx < c.num_examples)),
                       lambda p, c, b: c + 1, finish, lambda c: 1)
 
 
+def _seen_round(k, data, aggregator=None, **kw):
+  agg = aggregator or fp.aggregation.num_examples()
+  round_fn = make_round(_seen, agg, optax.sgd(1.0), clients_per_round=k, **kw)
+  s0 = make_init(logreg(), optax.sgd(1.0), agg, clients_per_round=k)(jax.random.key(0), data)
+  s1, m = round_fn(s0, data)
+  return s0, s1, m
+
+
+def _feature_sums(x, n):
+  return np.array([x[i, :n[i]].sum() for i in range(len(n))], np.float32)
+
+
 def test_a_capped_round_trains_on_the_cap_and_weighs_the_true_sizes():
   """Cohort (4, 2, 0) of sizes (6, 4, 3) under cap 4: the clients see (4, 4, 3) examples,
-  and the weights stay (6, 4, 3) / 13, so Δ = (6·4 + 4·4 + 3·3) / 13 = 49 / 13."""
+  the rows `data.cohort` gives with the round's key `fold_in(k_sample, 1)`, and the
+  weights stay (6, 4, 3) / 13, so Δ = (6·4 + 4·4 + 3·3) / 13 = 49 / 13."""
   data = small_data(sizes=[3, 5, 4, 7, 6]).with_cap(4)
-  agg = fp.aggregation.num_examples()
-  round_fn = make_round(_seen, agg, optax.sgd(1.0), clients_per_round=3,
-                        cohort=jnp.int32([4, 2, 0]))
-  s0 = make_init(logreg(), optax.sgd(1.0), agg, clients_per_round=3)(jax.random.key(0), data)
-  s1, m = round_fn(s0, data)
+  ids = jnp.int32([4, 2, 0])
+  s0, s1, m = _seen_round(3, data, cohort=ids)
   np.testing.assert_allclose(m.weights, np.array([6, 4, 3]) / 13, rtol=1e-6)
-  np.testing.assert_allclose(m.client_train_loss, [4, 4, 3])
   np.testing.assert_allclose(s1.params["Dense_0"]["bias"],
                              s0.params["Dense_0"]["bias"] + 49 / 13, rtol=1e-6)
+  _, k_sample, _ = jax.random.split(s0.rng, 3)
+  x, _, n = data.cohort(ids, jax.random.fold_in(k_sample, 1))
+  np.testing.assert_array_equal(n, [6, 4, 3])                # the true sizes, cap 4 rows
+  seen = np.minimum(n, 4)
+  np.testing.assert_allclose(m.client_train_loss, _feature_sums(np.asarray(x), seen), rtol=1e-6)
+  x_other, _, _ = data.cohort(ids, jax.random.fold_in(k_sample, 2))
+  assert not np.allclose(_feature_sums(np.asarray(x_other), seen), m.client_train_loss)
+
+
+def test_a_fixed_cohort_of_every_client_runs_each_on_its_own_rows():
+  """`cohort=(4, 2, 0, 1, 3)` of all 5 clients: slot j trains on client cohort[j]'s rows
+  (only a sampled cohort of every client comes in order and skips the gather)."""
+  data = small_data(sizes=[3, 5, 4, 7, 6])
+  ids = np.array([4, 2, 0, 1, 3])
+  _, _, m = _seen_round(5, data, cohort=jnp.int32(ids))
+  x, n = np.asarray(data.x), np.asarray(data.num_examples)
+  np.testing.assert_allclose(m.client_train_loss, _feature_sums(x[ids], n[ids]), rtol=1e-6)
+
+
+def test_the_aggregator_streams_by_its_score_or_sees_the_cohorts_ids():
+  """With a `score`, a scan cohort streams Σ u_i Δ_i / Σ u_i and never calls `apply`
+  (u = n: Δ = (6·6 + 4·4 + 3·3) / 13 = 61 / 13); without one, `apply` gets the outputs
+  with the cohort's client ids."""
+  data = small_data(sizes=[3, 5, 4, 7, 6])
+  ids = jnp.int32([4, 2, 0])
+
+  def never(outputs, state, params):
+    raise AssertionError("apply called although the aggregator has a score")
+
+  streamed = Aggregator(init=lambda n: (), apply=never,
+                        score=lambda out: out.num_examples.astype(jnp.float32))
+  s0, s1, m = _seen_round(3, data, streamed, cohort=ids,
+                          execution=fp.Execution(strategy="scan"))
+  np.testing.assert_allclose(m.weights, np.array([6, 4, 3]) / 13, rtol=1e-6)
+  np.testing.assert_allclose(s1.params["Dense_0"]["bias"],
+                             s0.params["Dense_0"]["bias"] + 61 / 13, rtol=1e-6)
+
+  def first(outputs, state, params):
+    return jax.tree.map(lambda d: d[0], outputs.delta), jnp.float32([1, 0, 0]), outputs.client_id
+
+  seeing = Aggregator(init=lambda n: jnp.zeros(3, jnp.int32), apply=first)
+  _, s1, _ = _seen_round(3, data, seeing, cohort=ids)
+  np.testing.assert_array_equal(s1.weight_state, [4, 2, 0])
 
 
 def test_the_state_helpers_by_hand():
