@@ -196,7 +196,7 @@ def test_the_rounds_metrics_and_states_by_hand():
   s1, m = jax.jit(round_fn)(s0, data)
   np.testing.assert_array_equal(m.clients, [4, 2, 0])
   np.testing.assert_allclose(m.weights, [6 / 9, 0, 3 / 9], rtol=1e-6)
-  assert int(m.num_nonfinite) == 1
+  assert int(m.num_nonfinite) == 1 and m.num_nonfinite.dtype == jnp.int32
   np.testing.assert_allclose(float(m.train_loss), (6 * 4 + 3 * 0) / 9, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(m.client_train_loss)[[0, 2]], [4, 0])
   np.testing.assert_array_equal(s1.client_states, [11, 11, 12, 13, 19])
