@@ -210,8 +210,34 @@ def test_the_rounds_metrics_and_states_by_hand():
   # Without per-client states the program sees `client.state = None`, and the state keeps
   # its empty `()`.
   init, round_fn = _toy_round(3, cohort=jnp.int32([4, 2, 0]))
-  s1, _ = round_fn(init(jax.random.key(0), data), data)
-  assert s1.client_states == ()
+  s0 = init(jax.random.key(0), data)
+  s1, _ = round_fn(s0, data)
+  assert s1.client_states == () and jax.tree.structure(s1) == jax.tree.structure(s0)
+  # States of any shape: rows 4 and 0 take +5 and +1; row 2 (not finite) keeps its own.
+  s0 = s0._replace(client_states=jnp.arange(15, dtype=jnp.float32).reshape(5, 3))
+  s1, _ = round_fn(s0, data)
+  np.testing.assert_array_equal(s1.client_states, np.arange(15).reshape(5, 3)
+                                + np.array([1, 0, 0, 0, 5])[:, None])
+
+
+def test_a_round_of_one_example_averages_its_loss_over_it():
+  """One client of one example: the round's loss is that client's, Σ n ℓ / max(Σ n, 1)."""
+  data = small_data(sizes=[1, 2])
+  _, _, m = _seen_round(1, data, cohort=jnp.int32([0]))
+  np.testing.assert_allclose(m.train_loss, m.client_train_loss[0], rtol=1e-6)
+  assert float(m.client_train_loss[0]) == pytest.approx(float(np.asarray(data.x)[0, 0].sum()))
+
+
+def test_the_server_optimizer_sees_the_global_params():
+  """Server `add_decayed_weights(0.5)` then SGD(1): w₁ = w₀ + Δ − 0.5 w₀, Δ = 61 / 13."""
+  data = small_data(sizes=[3, 5, 4, 7, 6])
+  agg = fp.aggregation.num_examples()
+  server = optax.chain(optax.add_decayed_weights(0.5), optax.sgd(1.0))
+  round_fn = make_round(_seen, agg, server, clients_per_round=3, cohort=jnp.int32([4, 2, 0]))
+  s0 = make_init(logreg(), server, agg, clients_per_round=3)(jax.random.key(0), data)
+  s1, _ = round_fn(s0, data)
+  w0 = np.asarray(s0.params["Dense_0"]["kernel"])
+  np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], 0.5 * w0 + 61 / 13, rtol=1e-5)
 
 
 def test_a_windowed_round_takes_its_cohort_from_the_window_and_writes_its_slots():
