@@ -330,7 +330,7 @@ def test_a_fixed_cohort_of_every_client_runs_each_on_its_own_rows():
 def test_the_aggregator_streams_by_its_score_or_sees_the_cohorts_ids():
   """With a `score`, a scan cohort streams Σ u_i Δ_i / Σ u_i and never calls `apply`
   (u = n: Δ = (6·6 + 4·4 + 3·3) / 13 = 61 / 13); without one, `apply` gets the outputs
-  with the cohort's client ids."""
+  with the cohort's client ids, and the global params."""
   data = small_data(sizes=[3, 5, 4, 7, 6])
   ids = jnp.int32([4, 2, 0])
 
@@ -345,12 +345,15 @@ def test_the_aggregator_streams_by_its_score_or_sees_the_cohorts_ids():
   np.testing.assert_allclose(s1.params["Dense_0"]["bias"],
                              s0.params["Dense_0"]["bias"] + 61 / 13, rtol=1e-6)
 
-  def first(outputs, state, params):
-    return jax.tree.map(lambda d: d[0], outputs.delta), jnp.float32([1, 0, 0]), outputs.client_id
+  def first(outputs, state, params):   # keeps what it was given as its state
+    return (jax.tree.map(lambda d: d[0], outputs.delta), jnp.float32([1, 0, 0]),
+            (outputs.client_id, params))
 
-  seeing = Aggregator(init=lambda n: jnp.zeros(3, jnp.int32), apply=first)
-  _, s1, _ = _seen_round(3, data, seeing, cohort=ids)
-  np.testing.assert_array_equal(s1.weight_state, [4, 2, 0])
+  seeing = Aggregator(init=lambda n: (jnp.zeros(3, jnp.int32), None), apply=first)
+  s0, s1, _ = _seen_round(3, data, seeing, cohort=ids)
+  ids_seen, params_seen = s1.weight_state
+  np.testing.assert_array_equal(ids_seen, [4, 2, 0])
+  jax.tree.map(np.testing.assert_array_equal, params_seen, s0.params)   # same tree too
 
 
 def test_the_state_helpers_by_hand():
