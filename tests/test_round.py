@@ -210,9 +210,10 @@ def test_the_rounds_metrics_and_states_by_hand():
   # Without per-client states the program sees `client.state = None`, and the state keeps
   # its empty `()`.
   init, round_fn = _toy_round(3, cohort=jnp.int32([4, 2, 0]))
-  s0 = init(jax.random.key(0), data)
+  s0 = init(jax.random.key(0), data)._replace(algorithm={"any": jnp.float32(7)})
   s1, _ = round_fn(s0, data)
   assert s1.client_states == () and jax.tree.structure(s1) == jax.tree.structure(s0)
+  assert float(s1.algorithm["any"]) == 7    # an algorithm's own state passes through
   # States of any shape: rows 4 and 0 take +5 and +1; row 2 (not finite) keeps its own.
   s0 = s0._replace(client_states=jnp.arange(15, dtype=jnp.float32).reshape(5, 3))
   s1, _ = round_fn(s0, data)
