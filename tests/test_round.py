@@ -127,10 +127,12 @@ def test_the_dealer_balances_the_padded_cohort_on_the_host():
 def test_the_first_state():
   data = small_data(num_clients=5)
   model, server = logreg(), optax.adam(0.1)
-  weighting = fp.aggregation.num_examples()
-  states = lambda p, n: {"s": jnp.zeros((n, 2))}
+  # The weight state, the client states and the algorithm's state are built from the
+  # population's size and the first params.
+  weighting = Aggregator(init=lambda n: jnp.zeros(n), apply=None)
+  states = lambda p, n: {"s": jnp.zeros((n, 2)) + p["Dense_0"]["bias"][None, :2]}
   init = make_init(model, server, weighting, clients_per_round=2, client_states=states,
-                   algorithm=lambda p: jnp.float32(7))
+                   algorithm=lambda p: p["Dense_0"]["bias"].sum() + 7)
   s = init(jax.random.key(4), data)
   k_model, k_rounds = jax.random.split(jax.random.key(4))
   want = model.init(k_model)
@@ -138,13 +140,15 @@ def test_the_first_state():
     np.testing.assert_array_equal(got, w)
   np.testing.assert_array_equal(jax.random.key_data(s.rng), jax.random.key_data(k_rounds))
   assert jax.tree.structure(s.opt_state) == jax.tree.structure(server.init(want))
-  assert s.client_states["s"].shape == (5, 2) and float(s.algorithm) == 7.0
+  bias = np.asarray(want["Dense_0"]["bias"])
+  np.testing.assert_array_equal(s.client_states["s"], np.zeros((5, 2)) + bias[:2])
+  assert float(s.algorithm) == pytest.approx(bias.sum() + 7)
   assert int(s.round) == 0 and s.round.dtype == jnp.int32
-  assert jax.tree.structure(s.weight_state) == jax.tree.structure(weighting.init(5))
+  np.testing.assert_array_equal(s.weight_state, np.zeros(5))
   window = dataclasses.replace(data, window=jnp.int32([3, 1]))
   s = init(jax.random.key(4), window)
   assert isinstance(s.client_states, ClientWindow)
-  assert s.client_states.states["s"].shape == (2, 2)
+  np.testing.assert_array_equal(s.client_states.states["s"], np.zeros((2, 2)) + bias[:2])
   bare = make_init(model, server, weighting, clients_per_round=2)(jax.random.key(4), data)
   assert bare.client_states == () and bare.algorithm == ()
   with pytest.raises(ValueError, match="clients_per_round"):
