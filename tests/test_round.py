@@ -61,6 +61,10 @@ def test_the_populations_steps_are_the_programs_on_the_host():
   np.testing.assert_array_equal(fixed, [5, 5, 5, 5])
   by_id = LocalProgram(None, None, None, lambda c: c.num_examples * 0 + 2 * c.id)
   np.testing.assert_array_equal(population_counts(by_id, data), [0, 2, 4, 6])
+  # `num_steps` sees what a round's clients hold: int32 sizes and ids.
+  dtypes = LocalProgram(None, None, None, lambda c: np.array(
+      [c.num_examples.dtype == np.int32, c.id.dtype == np.int32]).all() + 0 * c.id)
+  np.testing.assert_array_equal(population_counts(dtypes, data), [1, 1, 1, 1])
   bare = dataclasses.replace(data, host_sizes=None)
   assert population_counts(_fedavg(data), bare) is None
 
