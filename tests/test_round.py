@@ -84,6 +84,14 @@ def test_the_cohorts_plan_pads_the_cohort_caps_the_program_and_counts_width_clas
   assert got == want and got.lanes == 5            # every client: ⌈min(n, 4) / 2⌉ = 2 steps
   assert cohort_plan(_fedavg, None, 5)(params, data) == plan_of_execution(
       fp.Execution(), params, population_counts(_fedavg(data), data), 5, size_classes=2)
+  # 5 clients on 4 devices pad to 8, 2 a device: both of the 2 lanes asked for.
+  four = fp.Execution(strategy="lanes", lanes=2, mesh=fp.distributed.client_mesh(4))
+  assert cohort_plan(_fedavg, four, 5)(params, data).lanes == 2
+  # The params' size decides `auto` on CPU (see test_auto_plans_the_round_by_its_models_size).
+  eight = small_data(sizes=[8, 8, 8, 6, 4, 4, 2, 2])
+  big = fp.models.mlp((5,), 3, hidden=(4000,)).init(jax.random.key(0))
+  auto = cohort_plan(_fedavg, fp.Execution(strategy="auto"), 8)
+  assert (auto(params, eight).strategy, auto(big, eight).strategy) == ("lanes", "scan")
 
 
 def test_the_sampler_splits_the_key_and_draws_by_the_execution():
