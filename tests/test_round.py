@@ -178,6 +178,13 @@ def test_a_round_needs_a_positive_int_cohort(k):
     make_round(_fedavg, fp.aggregation.num_examples(), optax.sgd(1.0), clients_per_round=k)
 
 
+def _one_step(finish):
+  """A program of one step (on the first row, if real) that ends with `finish`."""
+  idx = jnp.zeros((1, 1), jnp.int32)
+  return LocalProgram(lambda p, c, k: (0, Steps(idx, idx < c.num_examples)),
+                      lambda p, c, b: c + 1, finish, lambda c: 1)
+
+
 def _toy(data):
   """Δ = (client id + 1) on every parameter, train loss = id, one step; client 2's
   update is not finite; a personal state s ← s + id + 1."""
@@ -189,9 +196,7 @@ def _toy(data):
                         jnp.zeros(3), jnp.isfinite(d),
                         client_state=None if client.state is None else client.state + d)
 
-  idx = jnp.zeros((1, 1), jnp.int32)
-  return LocalProgram(lambda p, c, k: (0, Steps(idx, idx < c.num_examples)),
-                      lambda p, c, b: c + 1, finish, lambda c: 1)
+  return _one_step(finish)
 
 
 def _toy_round(k, states=False, **kw):
@@ -298,9 +303,7 @@ def _seen(data):
     return ClientOutput(jax.tree.map(lambda p: jnp.full_like(p, d), params),
                         client.num_examples, seen, 0, jnp.zeros(3), jnp.bool_(True))
 
-  idx = jnp.zeros((1, 1), jnp.int32)
-  return LocalProgram(lambda p, c, k: (0, Steps(idx, idx < c.num_examples)),
-                      lambda p, c, b: c + 1, finish, lambda c: 1)
+  return _one_step(finish)
 
 
 def _seen_round(k, data, aggregator=None, **kw):
