@@ -28,7 +28,8 @@ functions changed since (mutmut renumbers them); it reports the merge. A fresh w
 because new tests would reset mutmut's results in the old one. The workdir lives in /tmp,
 which a new machine does not have: `--save FILE` writes the merged statuses compactly
 (`tests/mutation_results/PACKAGE.json` is committed), and `--survivors-of FILE` resumes
-from it.
+from it. `--sample K` checks K mutants of each file, drawn at random among those
+not checked: an estimate when the whole pass does not fit in a session.
 `--module` (core, algorithms) mutates only some files of a package and runs each against its
 own tests (`MODULES`); `--save` keeps the saved statuses of the other files.
 The pass is slow, so it is not part of CI: on 2 cores a mutant costs 1-3 s in a leaf
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -248,12 +250,23 @@ def merged(workdir: Path, base: Path | None) -> dict[str, tuple[str, str, str]]:
           **{k: v for k, v in found.items() if v[1] not in IGNORED}}
 
 
-def unsettled(workdir: Path, base: Path) -> list[str]:
+def unsettled(workdir: Path, base: Path | None) -> list[str]:
   """The mutants of `workdir`'s tree that `base` (with its chain) did not kill and
   `tests/MUTANTS.md` does not list: the ones a rerun after new tests must check."""
   skip, here = equivalent(), statuses(workdir)
   return [name for name, (_, status, _) in sorted(merged(workdir, base).items())
           if status not in KILLED and name not in skip and name in here]
+
+
+def sample(names: list[str], found: dict[str, tuple[str, str, str]], k: int,
+           seed: int) -> list[str]:
+  """At most `k` of `names` per source file, drawn at random with `seed`."""
+  by_file: dict[str, list[str]] = {}
+  for name in sorted(names):
+    by_file.setdefault(found[name][0], []).append(name)
+  draw = random.Random(seed)
+  return sorted(n for group in by_file.values()
+                for n in draw.sample(group, min(k, len(group))))
 
 
 def report(workdir: Path, package: str, base: Path | None = None,
@@ -277,8 +290,19 @@ def report(workdir: Path, package: str, base: Path | None = None,
   for src, c in files.items():
     print(f"{src:48s} {rate(c):6.1%}  {dict(c)}")
   print(f"{'fedjax_pers/' + package:48s} {rate(total):6.1%}  {dict(total)}")
+  # With files checked in part (a stopped pass, --sample), the package's rate over the
+  # checked mutants over-weighs the files checked most: weigh each file's rate by its
+  # number of mutants instead (files with none checked are left out).
+  estimate = None
+  if any(total[k] for k in IGNORED):
+    w = {src: sum(c.values()) - c["equivalent"] for src, c in files.items()
+         if sum(c.values()) > sum(c[k] for k in IGNORED) + c["equivalent"]}
+    estimate = sum(rate(files[src]) * n for src, n in w.items()) / max(sum(w.values()), 1)
+    print(f"{sum(total[k] for k in IGNORED)} mutants not checked; each file's rate "
+          f"weighed by its number of mutants: {estimate:.1%} ({len(files) - len(w)} "
+          "files with none checked left out)")
   out = {"package": package, "base": None if base is None else str(base),
-         "kill_rate": rate(total), "counts": dict(total),
+         "kill_rate": rate(total), "estimate": estimate, "counts": dict(total),
          "files": {k: dict(v) for k, v in files.items()}, "survivors": survivors}
   (workdir / "mutation_report.json").write_text(json.dumps(out, indent=1))
   if survivors:
@@ -303,8 +327,15 @@ def main() -> None:
   p.add_argument("--save", default=None,
                  help="write the merged statuses to this JSON file (commit it: a later pass "
                       "on another machine resumes from it with --survivors-of)")
+  p.add_argument("--sample", type=int, default=None, metavar="K",
+                 help="check only K mutants of each file among those no pass has checked, "
+                      "drawn at random (--seed): an estimate of each file's rate in a "
+                      "fraction of the time; the others stay not checked")
+  p.add_argument("--seed", type=int, default=0)
   p.add_argument("--report-only", action="store_true")
   args = p.parse_intermixed_args()   # names may follow the options
+  if args.sample is not None and args.sample < 1:
+    p.error(f"--sample must be a positive number of mutants per file; got {args.sample}")
   for m in args.module or []:
     if m not in MODULES.get(args.package, {}):
       p.error(f"--module must be one of {sorted(MODULES.get(args.package, {}))} for "
@@ -319,7 +350,7 @@ def main() -> None:
     mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut"
     run = [mutmut, "run", "--max-children", str(args.max_children)]
     batches = [names]
-    if base is not None:
+    if base is not None or args.sample:
       # Generates the mutants and runs the stats, then stops: no mutant has this name.
       subprocess.run([*run, "no_such_mutant"], cwd=workdir, check=False)
       rerun = unsettled(workdir, base)
@@ -327,6 +358,8 @@ def main() -> None:
       # it, so the reruns are the slow part, and a stopped pass has checked the new ones.
       now = merged(workdir, base)
       fresh = [n for n in rerun if now[n][1] in IGNORED]
+      if args.sample:
+        fresh = sample(fresh, now, args.sample, args.seed)
       batches = [names + fresh, [n for n in rerun if n not in fresh]]
       print(f"{sum(map(len, batches))} mutants to run: {len(batches[0])} not checked "
             f"before, then {len(batches[1])} reruns")
