@@ -360,7 +360,7 @@ def main() -> None:
       fresh = [n for n in rerun if now[n][1] in IGNORED]
       if args.sample:
         fresh = sample(fresh, now, args.sample, args.seed)
-      batches = [names + fresh, [n for n in rerun if n not in fresh]]
+      batches = [names + fresh, [n for n in rerun if now[n][1] not in IGNORED]]
       print(f"{sum(map(len, batches))} mutants to run: {len(batches[0])} not checked "
             f"before, then {len(batches[1])} reruns")
     for batch in batches:

@@ -123,3 +123,15 @@ def test_a_client_runs_the_longer_of_its_two_step_counts(work, personal_work):
   alg = make(0.5, k=4, work=work, personal_work=personal_work)
   _, m = jax.jit(alg.round)(alg.init(jax.random.key(0), data), data)
   assert int(m.real_steps) == 2 + 3 + 2 + 4
+
+
+@pytest.mark.parametrize("epochs_on", ["global", "personal"])
+def test_epochs_count_each_clients_own_examples(epochs_on):
+  """One epoch on one side and 2 steps on the other, sizes (2, 7, 4, 9) at B = 3: client
+  i runs max(⌈n_i / 3⌉, 2) = 2, 3, 2, 3 steps."""
+  data = small_data(num_clients=4, sizes=[2, 7, 4, 9])
+  epoch, steps = fp.LocalWork(3, epochs=1), fp.LocalWork(3, steps=2)
+  work, personal_work = (epoch, steps) if epochs_on == "global" else (steps, epoch)
+  alg = make(0.5, k=4, work=work, personal_work=personal_work)
+  _, m = jax.jit(alg.round)(alg.init(jax.random.key(0), data), data)
+  assert int(m.real_steps) == 2 + 3 + 2 + 3

@@ -281,9 +281,11 @@ def test_meta_sgd_learns_rates_and_adapts_with_them():
   data = small_data(num_clients=4, sizes=[12] * 4)
   alpha = 0.1
   model = meta_sgd_model(logreg(), alpha)
-  with pytest.raises(ValueError, match="meta_sgd_model"):
-    per_fedavg(logreg(), optax.sgd(0.5), optax.sgd(1.0), fp.LocalWork(3, steps=2),
-               inner_lr=alpha, clients_per_round=4, meta_sgd=True)
+  for flag, net, why in ((True, logreg(), "a meta_sgd_model: the model's params are not"),
+                         (False, model, "no meta_sgd_model: the model's params are")):
+    with pytest.raises(ValueError, match=rf"^meta_sgd={flag} needs {why} MetaSGDParams\.$"):
+      per_fedavg(net, optax.sgd(0.5), optax.sgd(1.0), fp.LocalWork(3, steps=2),
+                 inner_lr=alpha, clients_per_round=4, meta_sgd=flag)
   alg = per_fedavg(model, optax.sgd(0.5), optax.sgd(1.0), fp.LocalWork(3, steps=2),
                    inner_lr=alpha, clients_per_round=4, meta_sgd=True)
   s0 = alg.init(jax.random.key(0), data)

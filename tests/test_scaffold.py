@@ -210,3 +210,18 @@ def test_loss_weightings_see_the_clients_losses_and_dropped_clients_keep_their_c
         assert not np.array_equal(after[i], before[i])
   assert dropped_seen > 0 and np.abs(np.asarray(state.algorithm["Dense_0"]["kernel"])).max() > 0
 
+
+
+def test_a_client_whose_control_variate_is_not_finite_is_dropped_whole():
+  """η_l = 1e-46 is 0 in float32: y stays x, and c_i⁺ = c_i − c + (x − y) / (K η_l) is
+  0/0. Such a client counts as non-finite although its Δy is 0: its c_i, the server's c
+  and x keep their values."""
+  data = small_data(num_clients=4, sizes=[5, 9, 7, 4])
+  s = scaffold(logreg(), fp.LocalWork(3, steps=2), learning_rate=1e-46, clients_per_round=3)
+  state = s.init(jax.random.key(0), data)
+  new, m = jax.jit(s.round)(state, data)
+  assert int(m.num_nonfinite) == 3
+  for before, after in ((state.client_states, new.client_states),
+                        (state.algorithm, new.algorithm), (state.params, new.params)):
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+      np.testing.assert_array_equal(a, b)
