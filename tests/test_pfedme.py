@@ -186,3 +186,17 @@ def test_sampled_mean_against_numpy():
     np.testing.assert_allclose(w, want, rtol=1e-6)
     np.testing.assert_allclose(mean, (want * np.nan_to_num(delta)).sum(), rtol=1e-6)
     assert np.array_equal(jax.random.key_data(new.key), jax.random.key_data(key))
+
+
+@pytest.mark.parametrize("hidden, strategy", [((), "vmap"), ((4000,), "scan")])
+def test_the_plan_a_feed_asks_for_reads_the_models_size(hidden, strategy):
+  """`auto` on CPU runs every client's equal steps side by side (vmap) for logistic
+  regression and one client at a time (scan) for an MLP of 36,003 parameters: the plan
+  must see the params it is given."""
+  data = small_data(num_clients=4)
+  model = fp.models.mlp((5,), 3, hidden=hidden) if hidden else logreg()
+  alg = pfedme(model, fp.LocalWork(3, steps=2), learning_rate=0.1,
+               personal_learning_rate=0.1, lam=1.0, inner_steps=1, clients_per_round=2,
+               execution=fp.Execution(strategy="auto", mesh=None))
+  params = model.init(jax.random.key(0))
+  assert alg.plan(params, data).strategy == strategy
