@@ -135,3 +135,32 @@ def test_epochs_count_each_clients_own_examples(epochs_on):
   alg = make(0.5, k=4, work=work, personal_work=personal_work)
   _, m = jax.jit(alg.round)(alg.init(jax.random.key(0), data), data)
   assert int(m.real_steps) == 2 + 3 + 2 + 3
+
+
+def test_each_personal_step_draws_its_own_dropout_key():
+  """With input dropout, client c's personal model after 4 steps equals 4 SGD steps with
+  the documented keys: the client's key fold_in(k_clients, c) splits into (global plan,
+  personal plan, personal training), and the last into one key per personal step."""
+  from _reference import dropout_logreg
+
+  from fedjax_pers.core._sgd import sgd_init, sgd_step
+
+  data = small_data(num_clients=1, sizes=[7])
+  model, personal_work = dropout_logreg(rate=0.5), fp.LocalWork(3, steps=4)
+  alg = ditto(model, optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(3, steps=1), lam=0.5,
+              clients_per_round=1, personal_work=personal_work)
+  s0 = alg.init(jax.random.key(0), data)
+  s1, _ = jax.jit(alg.round)(s0, data)
+  _, _, k_clients = jax.random.split(s0.rng, 3)
+  _, k_plan, k_train = jax.random.split(jax.random.fold_in(k_clients, 0), 3)
+  plan = fp.core.batch_plan(k_plan, data.num_examples[0], personal_work,
+                            max_examples=data.max_examples, min_examples=data.min_examples,
+                            client_id=0)
+  keys = jax.random.split(k_train, 4)
+  s = sgd_init(optax.sgd(0.1), s0.params)
+  for i in range(4):
+    x, y = data.x[0][plan.idx[i]], data.y[0][plan.idx[i]]
+    s = sgd_step(model, optax.sgd(0.1), s, x, y, plan.mask[i], keys[i], prox_mu=0.5,
+                 anchor=s0.params)
+  for got, want in zip(leaves(s1.client_states), leaves(s.w), strict=True):
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)

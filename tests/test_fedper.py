@@ -41,9 +41,12 @@ def test_default_split_of_a_one_layer_model_is_refused():
                       (lg_fedavg, "lg_fedavg: its default shared part"),
                       (fedrep, "fedrep: its default head part")):
     extra = {"head_work": WORK} if make is fedrep else {}
-    with pytest.raises(ValueError, match=match + r", the model's last layer, is all 2 of its "
-                       "parameter arrays, so nothing would be "
-                       + ("personal" if make is lg_fedavg else "shared")):
+    part = match.split()[-2]
+    with pytest.raises(ValueError, match="^" + match + r", the model's last layer, is all 2 of "
+                       "its parameter arrays, so nothing would be "
+                       + ("personal" if make is lg_fedavg else "shared")
+                       + r" \(a one-layer model such as logistic_regression\)\. Use an mlp or a "
+                       rf"cnn, or pass a `{part}` predicate\.$"):
       make(*args, clients_per_round=2, **extra)
   fedper(*args, clients_per_round=2, personal=lambda path: True)   # explicit: local training
   fedrep(*args, clients_per_round=2, head_work=WORK, head=lambda path: False)
