@@ -265,3 +265,14 @@ def test_fedala_bounds_defaults_and_head():
   assert shapes == [a.shape for a in jax.tree.leaves(state.params["Dense_0"])]
   assert state.client_states.phase.dtype == np.int32
   np.testing.assert_array_equal(state.client_states.phase, NO_LOCAL)
+
+
+def test_the_defaults_are_the_papers():
+  """η = 1, s = 0.8, the start phase's threshold 0.1 over the last 10 epoch losses (the
+  paper's code), and the cap on its epochs (100) that the paper leaves open, as documented."""
+  import inspect
+
+  sig = inspect.signature(fedala).parameters
+  names = ("eta", "sample_fraction", "threshold", "num_pre_loss", "max_start_epochs")
+  assert {k: sig[k].default for k in names} == dict(
+      eta=1.0, sample_fraction=0.8, threshold=0.1, num_pre_loss=10, max_start_epochs=100)
