@@ -59,7 +59,7 @@ NAMES = ["fedavg", "fedprox", "scaffold", "feddyn", "moon", "fednova", "ditto", 
          "fedper", "lg_fedavg", "fedrep", "fedrod", "fedbabu", "fedbn", "fedala", "ifca",
          "per_fedavg"]
 # Those whose clients report their losses before and after (the others refuse the weighting).
-LOSSES = [n for n in NAMES if n not in ("apfl", "per_fedavg")]
+LOSSES = [n for n in NAMES + ["pfedhn"] if n not in ("apfl", "per_fedavg")]
 # pFedHN's server is its own SGD with momentum (`outer_lr`, `outer_momentum`); pFedMe's
 # server averages drawn clients (`average`) and FedBuff weights by staleness: no weighting;
 # the two pick their own clients (every client, the earliest reports): no sampler to replace.

@@ -78,7 +78,7 @@ def test_a_round_is_the_papers_update():
   pers = alg.personal(s1)
   for i in range(4):
     for a, b in zip(jax.tree.leaves(jax.tree.map(lambda p, i=i: p[i], pers)),
-                    jax.tree.leaves(generate(s1.params, s1.client_states[i]))):
+                    jax.tree.leaves(generate(s1.params, s1.client_states[i])), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
@@ -230,3 +230,19 @@ def test_pfedhn_defaults_are_the_papers():
   shapes = [a.shape for a in jax.tree.leaves(make().init(jax.random.key(0), data).params)]
   assert shapes[:6] == [(100,), (2, 100), (100,), (100, 100), (100,), (100, 100)]
   assert len(shapes) == 8   # 3 hidden layers and the output layer
+
+
+def test_a_client_whose_hyper_gradient_overflows_is_dropped():
+  """Embeddings scaled to 1e15 and a client rate of 1e20: each client's local training
+  stays finite, but g_φ = (∂θ/∂φ)ᵀ (θ − θ̃) overflows float32. Such a client counts as
+  non-finite, so φ and the embeddings keep their values instead of turning to inf."""
+  data = small_data(num_clients=4)
+  alg = pfedhn(MLP, optax.sgd(1e20), fp.LocalWork(3, steps=1), clients_per_round=2,
+               outer_lr=0.05, hidden=8, num_hidden=1)
+  s0 = alg.init(jax.random.key(0), data)
+  s0 = s0._replace(client_states=s0.client_states * 1e15)
+  s1, m = jax.jit(alg.round)(s0, data)
+  assert int(m.num_nonfinite) == 2
+  for a, b in zip(jax.tree.leaves((s0.params, s0.client_states)),
+                  jax.tree.leaves((s1.params, s1.client_states)), strict=True):
+    np.testing.assert_array_equal(a, b)

@@ -107,7 +107,9 @@ def pfedhn(
     embed_dim: e (default 1 + N/4, as the paper's code).
     hidden, num_hidden: The hypernetwork's width and hidden layers (100, 3).
     adapt_steps, adapt_lr: A newcomer's embedding fit.
-    weighting: A `WeightFn` for the mean over the cohort (default uniform).
+    weighting: A `WeightFn` for the mean over the cohort (default uniform); one that
+      reads the clients' losses (`loss_improvement`) gets each client's full-data loss
+      at its generated θ = h(v; φ) and after its local training.
 
   Returns:
     The `FederatedAlgorithm`.
@@ -153,7 +155,8 @@ def pfedhn(
       s, theta = carry
       g_phi, g_v = hyper_gradient(generate, phi, client.state, s.w)
       # The aggregator averages −g_φ as an update Δ; the server's SGD steps along it.
-      out = client_output(model, theta, client, s.w, s.loss_sum, s.count, data.num_classes)
+      out = client_output(model, theta, client, s.w, s.loss_sum, s.count, data.num_classes,
+                          client_losses=aggregator.client_losses)
       return out._replace(delta=jax.tree.map(jnp.negative, g_phi),
                           finite=out.finite & all_finite((g_phi, g_v)),
                           client_state=client.state - eta_v * g_v)
