@@ -13,11 +13,14 @@ from fedjax_pers.algorithms import apfl, fedavg
 WORK = fp.LocalWork(3, steps=4)
 
 
-def test_global_model_follows_fedavg_exactly():
+@pytest.mark.parametrize("client_tx", [optax.sgd(0.1), optax.adamw(0.05, weight_decay=0.5)])
+def test_global_model_follows_fedavg_exactly(client_tx):
+  """Also with an optimizer that keeps a state and reads the params (AdamW's decay): w and
+  v each start their own state from their own params and step with them."""
   data = small_data(num_clients=6)
   kw = dict(clients_per_round=3, execution=fp.Execution(strategy="vmap"))
-  a = apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, alpha=0.3, **kw)
-  f = fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, **kw)
+  a = apfl(logreg(), client_tx, optax.sgd(1.0), WORK, alpha=0.3, **kw)
+  f = fedavg(logreg(), client_tx, optax.sgd(1.0), WORK, **kw)
   sa, sf = a.init(jax.random.key(0), data), f.init(jax.random.key(0), data)
   for _ in range(2):
     sa, ma = jax.jit(a.round)(sa, data)
@@ -150,3 +153,18 @@ def test_float64_rounds_of_apfl_and_pfedme_match_float32():
                     jax.tree.leaves((s64.params, s64.client_states))):
       np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(m32.client_train_loss, m64.client_train_loss, rtol=1e-5)
+
+
+def test_a_fixed_alpha_is_the_factorys_not_the_states():
+  """Without `alpha_lr` the mix uses the α given to `apfl` (a sweep over α reuses one
+  state), not the α the state was started with."""
+  data = small_data(num_clients=4)
+  make = lambda alpha: apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, alpha=alpha,
+                            clients_per_round=2)
+  state = make(0.5).init(jax.random.key(0), data)
+  state = state._replace(client_states=state.client_states._replace(
+      v=jax.tree.map(lambda v: v + 1.0, state.client_states.v)))
+  pers = make(0.25).personal(state)
+  for got, v, w in zip(jax.tree.leaves(pers), jax.tree.leaves(state.client_states.v),
+                       jax.tree.leaves(state.params), strict=True):
+    np.testing.assert_allclose(got, 0.25 * np.asarray(v) + 0.75 * np.asarray(w), rtol=1e-6)
