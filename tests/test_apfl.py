@@ -62,10 +62,24 @@ def test_one_personal_step_matches_numpy():
   assert float(s1.client_states.alpha[0]) == pytest.approx(alpha)     # fixed without alpha_lr
 
 
-@pytest.mark.parametrize("alpha_lr", [0.05, 50.0])
-def test_adaptive_alpha_step_matches_numpy_and_finite_differences(alpha_lr):
+def _descended(v):
+  """v moved 3 gradient steps' worth down the one client's full-data loss at w_0 (a v
+  better than w, so that F falls along α)."""
+  data = small_data(num_clients=1, sizes=[7])
+  p = logreg().init(jax.random.split(jax.random.key(1))[0])["Dense_0"]
+  x, y = np.asarray(data.x[0], np.float64), np.asarray(data.y[0])
+  gw, gb = logreg_grad(np.asarray(p["kernel"], np.float64), np.asarray(p["bias"], np.float64),
+                       x, y)
+  return v - 3.0 * (gw if v.ndim == 3 else gb)[None].astype(v.dtype)   # [clients, ...] leaves
+
+
+@pytest.mark.parametrize("alpha_lr, better", [(0.05, False), (50.0, False), (50.0, True)])
+def test_adaptive_alpha_step_matches_numpy_and_finite_differences(alpha_lr, better):
+  """A small step, and large ones that the projection onto [0, 1] stops at 0 (a noisy v)
+  and at 1 (a v better than w)."""
   lr, alpha = 0.3, 0.4
-  noise = lambda v: v + 0.5 * np.random.default_rng(3).normal(size=v.shape).astype(v.dtype)
+  noise = _descended if better else lambda v: v + 0.5 * np.random.default_rng(3).normal(
+      size=v.shape).astype(v.dtype)
   alg, s1, x, y, w, b, v, c = one_step(alpha, lr, alpha_lr, shift=noise)
   mixed = lambda a: (a * v + (1 - a) * w, a * c + (1 - a) * b)
   gw, gb = logreg_grad(*mixed(alpha), x, y)
@@ -75,7 +89,8 @@ def test_adaptive_alpha_step_matches_numpy_and_finite_differences(alpha_lr):
       2 * eps)
   assert g_alpha == pytest.approx(fd, rel=1e-5) and abs(g_alpha) > 1e-3
   want = np.clip(alpha - alpha_lr * g_alpha, 0.0, 1.0)
-  assert (want in (0.0, 1.0)) == (alpha_lr > 1)   # the projection acts in the second case
+  assert (want in (0.0, 1.0)) == (alpha_lr > 1)   # the projection acts on the large steps
+  assert alpha_lr < 1 or want == (1.0 if better else 0.0)
   assert float(s1.client_states.alpha[0]) == pytest.approx(want, abs=1e-5)
   np.testing.assert_allclose(s1.client_states.v["Dense_0"]["kernel"][0], v - lr * alpha * gw,
                              atol=1e-5)
