@@ -211,7 +211,6 @@ def test_loss_weightings_see_the_clients_losses_and_dropped_clients_keep_their_c
   assert dropped_seen > 0 and np.abs(np.asarray(state.algorithm["Dense_0"]["kernel"])).max() > 0
 
 
-
 def test_a_client_whose_control_variate_is_not_finite_is_dropped_whole():
   """η_l = 1e-46 is 0 in float32: y stays x, and c_i⁺ = c_i − c + (x − y) / (K η_l) is
   0/0. Such a client counts as non-finite although its Δy is 0: its c_i, the server's c
