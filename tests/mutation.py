@@ -46,8 +46,11 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -310,6 +313,34 @@ def report(workdir: Path, package: str, base: Path | None = None,
   return out
 
 
+def stalled(stop: threading.Event, idle_s: float = 180.0, poll_s: float = 15.0) -> None:
+  """Sends SIGXCPU to a mutant's process that has used no CPU for `idle_s` seconds.
+
+  mutmut's timeout is a CPU-time limit, so a child stuck in a deadlock (XLA's threads
+  after a bad fork, a collective that waits forever) would hang the pass; SIGXCPU is
+  the signal that limit sends, so mutmut records the mutant as a timeout, as it would
+  a mutant that loops.
+  """
+  seen: dict[tuple[int, str], tuple[int, float]] = {}   # (pid, title) -> (cpu ticks, since)
+  while not stop.wait(poll_s):
+    for proc in Path("/proc").glob("[0-9]*"):
+      try:
+        title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+        ticks = sum(map(int, (proc / "stat").read_text().rsplit(")", 1)[1].split()[11:13]))
+      except (OSError, ValueError, IndexError):
+        continue
+      if not title.startswith("mutmut: "):
+        continue
+      key, now = (int(proc.name), title), time.monotonic()
+      last, since = seen.get(key, (-1, now))
+      if ticks != last:
+        seen[key] = (ticks, now)
+      elif now - since > idle_s:
+        print(f"{title[8:].strip()}: no CPU for {now - since:.0f} s; SIGXCPU", flush=True)
+        os.kill(key[0], signal.SIGXCPU)
+        seen[key] = (ticks, now)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("package", choices=sorted(PACKAGES))
@@ -363,9 +394,14 @@ def main() -> None:
       batches = [names + fresh, [n for n in rerun if now[n][1] not in IGNORED]]
       print(f"{sum(map(len, batches))} mutants to run: {len(batches[0])} not checked "
             f"before, then {len(batches[1])} reruns")
-    for batch in batches:
-      if batch or base is None:
-        subprocess.run([*run, *batch], cwd=workdir, check=True)
+    stop = threading.Event()
+    threading.Thread(target=stalled, args=(stop,), daemon=True).start()
+    try:
+      for batch in batches:
+        if batch or base is None:
+          subprocess.run([*run, *batch], cwd=workdir, check=True)
+    finally:
+      stop.set()
   report(workdir, args.package, base, None if args.save is None else Path(args.save))
 
 
