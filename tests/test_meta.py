@@ -329,6 +329,53 @@ def test_per_fedavg_and_reptile_refuse_bad_numbers():
   reptile(logreg(), optax.sgd(0.1), args[3], outer_lr=1, clients_per_round=2)   # an int
 
 
+
+def test_per_fedavg_refusals_in_full():
+  """Each refusal, raised by the factory (before any data) with its whole message."""
+  import re
+
+  args = (logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(2, steps=1))
+  whole = lambda msg: "^" + re.escape(msg) + "$"
+  work = fp.LocalWork(4, epochs=1)
+  with pytest.raises(ValueError, match=whole(
+      "Per-FedAvg counts local meta-steps: work must set steps (τ), one int for every "
+      f"client; got {work}.")):
+    per_fedavg(*args[:3], work, inner_lr=0.1, clients_per_round=1)
+  # δ reaches the check even though only the finite-difference HVP reads it
+  with pytest.raises(ValueError, match=whole(
+      "delta (finite-difference step) must be a finite number > 0; got 0.")):
+    per_fedavg(*args, inner_lr=0.1, clients_per_round=1, hessian="finite_difference",
+               delta=0)
+  for lr in (0, 0.0, -0.5, np.inf, np.nan, np.array([0.1])):
+    with pytest.raises(ValueError, match=whole(
+        f"inner_lr (alpha) must be a finite number > 0; got {lr!r}.")):
+      per_fedavg(*args, inner_lr=lr, clients_per_round=1)
+  for lr in (1e-6, 0.5, 3, np.float32(2.0)):
+    per_fedavg(*args, inner_lr=lr, clients_per_round=1)
+
+
+def test_per_fedavg_defaults_are_the_documented_ones():
+  """δ = 1e-3: the default gives the round of an explicit δ = 1e-3 bit for bit (and
+  another δ another round); remat is off: only `remat=True` puts a checkpoint in the
+  round's program."""
+  import re
+
+  data = small_data(num_clients=1, sizes=[11])
+  make = lambda **kw: per_fedavg(logreg(), optax.sgd(0.5), optax.sgd(1.0),
+                                 fp.LocalWork(3, steps=2), inner_lr=0.3, clients_per_round=1,
+                                 **kw)
+  s0 = make().init(jax.random.key(0), data)
+  kernel = lambda **kw: np.asarray(
+      jax.jit(make(hessian="finite_difference", **kw).round)(s0, data)[0]
+      .params["Dense_0"]["kernel"])
+  default = kernel()
+  np.testing.assert_array_equal(default, kernel(delta=1e-3))
+  assert np.abs(default - kernel(delta=1.0)).max() > 1e-6
+  # jax.checkpoint's primitive (remat2 in jax 0.10)
+  remats = lambda **kw: re.findall(r"\b(?:remat\w*|checkpoint)\[", str(
+      jax.make_jaxpr(make(hessian="autodiff", **kw).round)(s0, data)))
+  assert remats() == remats(remat=False) == [] and remats(remat=True)
+
 def test_reptile_round_matches_numpy():
   data = small_data(num_clients=6)
   work, lr, eps = fp.LocalWork(4, steps=3), 0.1, 0.4
