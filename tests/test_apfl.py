@@ -110,8 +110,9 @@ def test_alpha_zero_personal_model_is_the_global_one():
     np.testing.assert_array_equal(v, np.broadcast_to(w, v.shape))
   for kw, match in ((dict(alpha=1.5), r"alpha \(APFL's mixing weight\) must be in \[0, 1\]; "
                      r"got 1.5.$"),
-                    (dict(alpha=0.5, alpha_lr=0.0), r"alpha_lr \(the step of APFL's adaptive "
-                     r"α\) must be a number > 0 or None; got 0.0.$")):
+                    *((dict(alpha=0.5, alpha_lr=lr), r"alpha_lr \(the step of APFL's adaptive "
+                      rf"α\) must be a finite number > 0 or None; got {lr}.$")
+                      for lr in (0.0, -1, float("inf"), float("nan")))):
     with pytest.raises(ValueError, match="^" + match):
       apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, clients_per_round=2, **kw)
   apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), WORK, alpha=1.0, clients_per_round=2)
@@ -183,3 +184,32 @@ def test_a_fixed_alpha_is_the_factorys_not_the_states():
   for got, v, w in zip(jax.tree.leaves(pers), jax.tree.leaves(state.client_states.v),
                        jax.tree.leaves(state.params), strict=True):
     np.testing.assert_allclose(got, 0.25 * np.asarray(v) + 0.75 * np.asarray(w), rtol=1e-6)
+
+
+def test_a_client_whose_v_or_alpha_is_not_finite_is_dropped_whole():
+  """A client is finite only if its w, v_k and α_k all are. Client 0's v_k starts at
+  3e38: its mixture's logits overflow and v_k becomes NaN while its w stays finite, so
+  client 0 alone is dropped (its (v_k, α_k) kept) and the server applies client 1's
+  update. A traced η_α = NaN (a diverged sweep) makes every α_k NaN after one step
+  while v_k, stepped with the α_k before it, stays finite: both clients are dropped."""
+  data = small_data(num_clients=2, sizes=[7, 9])
+  work = fp.LocalWork(4, steps=1)
+  make = lambda alpha_lr=None: apfl(logreg(), optax.sgd(0.1), optax.sgd(1.0), work,
+                                    alpha=0.5, alpha_lr=alpha_lr, clients_per_round=2)
+  state = make().init(jax.random.key(0), data)
+  huge = state._replace(client_states=state.client_states._replace(v=jax.tree.map(
+      lambda v: v.at[0].set(3e38), state.client_states.v)))
+  new, m = jax.jit(make().round)(huge, data)
+  assert int(m.num_nonfinite) == 1
+  kept = lambda t: jax.tree.map(lambda a: a[0], t)
+  for a, b in zip(jax.tree.leaves(kept(huge.client_states)),
+                  jax.tree.leaves(kept(new.client_states)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  moved = lambda t: np.asarray(jax.tree.leaves(t)[0])
+  assert np.all(np.isfinite(moved(new.params)))
+  assert not np.array_equal(moved(new.params), moved(huge.params))
+  new, m = jax.jit(lambda lr: make(lr).round(state, data))(np.float32(np.nan))
+  assert int(m.num_nonfinite) == 2
+  for before, after in ((state.client_states, new.client_states), (state.params, new.params)):
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+      np.testing.assert_array_equal(a, b)

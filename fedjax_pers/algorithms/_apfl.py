@@ -89,9 +89,9 @@ def apfl(
   if not (traced(alpha) or isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
     raise ValueError(f"alpha (APFL's mixing weight) must be in [0, 1]; got {alpha!r}.")
   if alpha_lr is not None and not (traced(alpha_lr) or isinstance(alpha_lr, (int, float))
-                                   and alpha_lr > 0):
-    raise ValueError(f"alpha_lr (the step of APFL's adaptive α) must be a number > 0 or None; "
-                     f"got {alpha_lr!r}.")
+                                   and 0 < alpha_lr < float("inf")):
+    raise ValueError(f"alpha_lr (the step of APFL's adaptive α) must be a finite number > 0 "
+                     f"or None; got {alpha_lr!r}.")
   aggregator = as_aggregator(num_examples() if weighting is None else weighting)
   check_no_client_losses(aggregator, "apfl")
 
