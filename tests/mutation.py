@@ -32,6 +32,8 @@ from it. `--sample K` checks K mutants of each file, drawn at random among those
 not checked: an estimate when the whole pass does not fit in a session.
 `--module` (core, algorithms) mutates only some files of a package and runs each against its
 own tests (`MODULES`); `--save` keeps the saved statuses of the other files.
+mutmut's timeout counts CPU seconds; a thread here sends a mutant's process that has
+used none for 3 minutes (a deadlock) the same signal (SIGXCPU): a timeout, not a hang.
 The pass is slow, so it is not part of CI: on 2 cores a mutant costs 1-3 s in a leaf
 function and 20-50 s in a helper that most tests reach (each mutant compiles afresh),
 plus a few minutes for the stats run; the aggregation package's 1,804 mutants took
