@@ -219,11 +219,36 @@ def client_batches(state, data, work, per_step):
   return [[(x[i[m]], y[i[m]]) for i, m in zip(ii, mm)] for ii, mm in zip(idx, mask)]
 
 
-@pytest.mark.parametrize("hessian", ["exact", "autodiff", "finite_difference", "none"])
-def test_per_fedavg_one_client_matches_numpy(hessian):
+def numpy_adamw(lr, decay, b1=0.9, b2=0.999, eps=1e-8):
+  """optax.adamw's step on a list of float64 arrays: `step(params, grads) -> params`."""
+  moments, t = {}, [0]
+
+  def step(params, grads):
+    t[0] += 1
+    out = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+      m, v = moments.get(i, (0.0, 0.0))
+      m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+      moments[i] = (m, v)
+      m_hat, v_hat = m / (1 - b1 ** t[0]), v / (1 - b2 ** t[0])
+      out.append(p - lr * (m_hat / (np.sqrt(v_hat) + eps) + decay * p))
+    return out
+
+  return step
+
+
+@pytest.mark.parametrize("hessian,tx", [("exact", "sgd"), ("autodiff", "sgd"),
+                                        ("finite_difference", "sgd"), ("none", "sgd"),
+                                        ("exact", "adamw")])
+def test_per_fedavg_one_client_matches_numpy(hessian, tx):
+  """τ = 3 meta-steps; with AdamW (a state, and a decay that reads the params) as well as
+  the paper's SGD as the outer optimizer."""
   data = small_data(num_clients=1, sizes=[11])
-  work, alpha, beta = fp.LocalWork(3, steps=2), 0.3, 0.5
-  alg = per_fedavg(logreg(), optax.sgd(beta), optax.sgd(1.0), work, inner_lr=alpha,
+  work, alpha, beta = fp.LocalWork(3, steps=3), 0.3, 0.5
+  client_tx, outer = ((optax.sgd(beta), lambda p, g: [a - beta * b for a, b in zip(p, g)])
+                      if tx == "sgd" else (optax.adamw(0.05, weight_decay=0.5),
+                                           numpy_adamw(0.05, 0.5)))
+  alg = per_fedavg(logreg(), client_tx, optax.sgd(1.0), work, inner_lr=alpha,
                    clients_per_round=1, hessian=hessian, delta=1e-3)
   s0 = alg.init(jax.random.key(0), data)
   s1, m = jax.jit(alg.round)(s0, data)
@@ -242,12 +267,57 @@ def test_per_fedavg_one_client_matches_numpy(hessian):
       hx, hy = step[2]
       hw, hb = numpy_hvp(w, b, hx, hy, vw, vb)
       vw, vb = vw - alpha * hw, vb - alpha * hb
-    w, b = w - beta * vw, b - beta * vb
+    w, b = outer([w, b], [vw, vb])
   tol = 2e-4 if hessian == "finite_difference" else 1e-5
   np.testing.assert_allclose(s1.params["Dense_0"]["kernel"], w, atol=tol)
   np.testing.assert_allclose(s1.params["Dense_0"]["bias"], b, atol=tol)
   np.testing.assert_allclose(m.train_loss, np.mean(query_losses), rtol=1e-5)
 
+
+
+def test_per_fedavg_clients_report_their_labels():
+  """A label weighting sees each client's label histogram: `label_entropy(τ)` gives
+  w_i ∝ n_i exp(τ H(p_i) / log C), computed here from the clients' labels."""
+  data = small_data(num_clients=3, sizes=[5, 9, 7])
+  alg = per_fedavg(logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(2, steps=1),
+                   inner_lr=0.1, clients_per_round=3, weighting=fp.aggregation.label_entropy(2.0))
+  _, m = jax.jit(alg.round)(alg.init(jax.random.key(0), data), data)
+  score = []
+  for i in np.asarray(m.clients):
+    n = int(data.num_examples[i])
+    p = np.bincount(np.asarray(data.y[i])[:n], minlength=3) / n
+    h = -np.sum(p[p > 0] * np.log(p[p > 0])) / np.log(3)
+    score.append(n * np.exp(2.0 * h))
+  np.testing.assert_allclose(m.weights, np.asarray(score) / np.sum(score), rtol=1e-5)
+
+
+def test_each_meta_step_draws_its_own_dropout_keys():
+  """Per-FedAvg's documented keys on a model with dropout: the client's key k (used
+  whole for the batch plan) gives split(fold_in(k, 1), τ), one key per meta-step, each
+  split into one per batch of the step (D, D′, D″). τ = 3: the third step has its own."""
+  from _reference import dropout_logreg
+
+  data = small_data(num_clients=1, sizes=[11])
+  work, alpha, beta = fp.LocalWork(3, steps=3), 0.3, 0.5
+  model = dropout_logreg(rate=0.5)
+  alg = per_fedavg(model, optax.sgd(beta), optax.sgd(1.0), work, inner_lr=alpha,
+                   clients_per_round=1)
+  s0 = alg.init(jax.random.key(0), data)
+  s1, _ = jax.jit(alg.round)(s0, data)
+  plan = engine_plan(s0.rng, data, fp.LocalWork(3, steps=9), split=False)
+  idx, mask = (np.asarray(a).reshape(3, 3, 3) for a in (plan.idx, plan.mask))
+  k_client = jax.random.fold_in(jax.random.split(s0.rng, 3)[2], 0)
+  step_keys = jax.random.split(jax.random.fold_in(k_client, 1), 3)
+  loss_fn, w = batch_loss(model), s0.params
+  for t in range(3):
+    x, y = data.x[0][idx[t]], data.y[0][idx[t]]
+    b = (x, y, jnp.asarray(mask[t]), jax.random.split(step_keys[t], 3))
+    part = lambda s, b=b: jax.tree.map(lambda a: a[s], b)
+    g = meta_gradient(loss_fn, w, alpha, part(slice(0, 1)), part(1), part(slice(2, 3)),
+                      method="hessian_free").params
+    w = jax.tree.map(lambda p, d: p - beta * d, w, g)
+  for got, want in zip(jax.tree.leaves(s1.params), jax.tree.leaves(w), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 def test_per_fedavg_batches_are_disjoint_within_a_step():
   # 24 examples: 6 batches an epoch, so each meta-step's 3 batches lie in one epoch.
