@@ -165,6 +165,13 @@ def test_the_start_phase_stops_on_its_window_or_its_cap():
                [True, True], eta=0.5, sample_fraction=1.0, batch_size=16, threshold=0.0,
                num_pre_loss=pre, max_start_epochs=5, max_examples=9)
   assert int(e) == 5
+  # η = 0: W never moves, every epoch's loss is the same and the window's std exactly 0,
+  # which is not below a threshold of 0 (the rule is strict): the cap again
+  with jax.enable_x64(True):
+    e, _ = ala(logreg(4, 3), params(), state(START), client(), jax.random.key(0),
+               [True, True], eta=0.0, sample_fraction=1.0, batch_size=16, threshold=0.0,
+               num_pre_loss=pre, max_start_epochs=9, max_examples=9)
+  assert int(e) == 9
 
 
 def test_eta_zero_starts_every_client_from_the_global_model_and_is_fedavg():
