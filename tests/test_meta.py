@@ -1,5 +1,7 @@
 """MAML meta-gradients in float64: finite differences, Hessians, NumPy references."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,7 +276,6 @@ def test_per_fedavg_one_client_matches_numpy(hessian, tx):
   np.testing.assert_allclose(m.train_loss, np.mean(query_losses), rtol=1e-5)
 
 
-
 def test_per_fedavg_clients_report_their_labels():
   """A label weighting sees each client's label histogram: `label_entropy(τ)` gives
   w_i ∝ n_i exp(τ H(p_i) / log C), computed here from the clients' labels."""
@@ -318,6 +319,7 @@ def test_each_meta_step_draws_its_own_dropout_keys():
     w = jax.tree.map(lambda p, d: p - beta * d, w, g)
   for got, want in zip(jax.tree.leaves(s1.params), jax.tree.leaves(w), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
 
 def test_per_fedavg_batches_are_disjoint_within_a_step():
   # 24 examples: 6 batches an epoch, so each meta-step's 3 batches lie in one epoch.
@@ -399,11 +401,8 @@ def test_per_fedavg_and_reptile_refuse_bad_numbers():
   reptile(logreg(), optax.sgd(0.1), args[3], outer_lr=1, clients_per_round=2)   # an int
 
 
-
 def test_per_fedavg_refusals_in_full():
   """Each refusal, raised by the factory (before any data) with its whole message."""
-  import re
-
   args = (logreg(), optax.sgd(0.1), optax.sgd(1.0), fp.LocalWork(2, steps=1))
   whole = lambda msg: "^" + re.escape(msg) + "$"
   work = fp.LocalWork(4, epochs=1)
@@ -428,8 +427,6 @@ def test_per_fedavg_defaults_are_the_documented_ones():
   """δ = 1e-3: the default gives the round of an explicit δ = 1e-3 bit for bit (and
   another δ another round); remat is off: only `remat=True` puts a checkpoint in the
   round's program."""
-  import re
-
   data = small_data(num_clients=1, sizes=[11])
   make = lambda **kw: per_fedavg(logreg(), optax.sgd(0.5), optax.sgd(1.0),
                                  fp.LocalWork(3, steps=2), inner_lr=0.3, clients_per_round=1,
@@ -445,6 +442,7 @@ def test_per_fedavg_defaults_are_the_documented_ones():
   remats = lambda **kw: re.findall(r"\b(?:remat\w*|checkpoint)\[", str(
       jax.make_jaxpr(make(hessian="autodiff", **kw).round)(s0, data)))
   assert remats() == remats(remat=False) == [] and remats(remat=True)
+
 
 def test_reptile_round_matches_numpy():
   data = small_data(num_clients=6)
@@ -654,8 +652,6 @@ def test_hessian_free_keeps_the_parameters_dtype():
 
 
 def test_inner_lr_and_method_checks_in_full():
-  import re
-
   from fedjax_pers.personalization._meta import check_inner_lr, check_method
 
   # a scalar α with parameters whose first leaf is a scalar: a scalar rate, not Meta-SGD
